@@ -1,0 +1,17 @@
+"""Parti 20B (16 encoder + 64 decoder layers, d_model 4096, MLP 16384, 64 heads).
+
+  python -m parti_jax.inspect --config configs/parti_20b.py
+About 20.5B parameters. The paper used 16-stage pipelines x 64-way data parallel on
+1024 TPU v4 chips; here the same global batch of 8192 is sharded with FSDP over the
+rest of the devices and tensor=8, with full rematerialisation.
+"""
+
+from parti_jax import config as common
+
+
+def get_config():
+  c = common.base()
+  c.model.update(encoder_layers=16, decoder_layers=64, d_model=4096, mlp_dim=16384, num_heads=64)
+  c.model.remat = "full"
+  c.mesh.update(data=1, fsdp=-1, tensor=8)
+  return c

@@ -1,0 +1,196 @@
+"""Config defaults shared by every Parti config, and the checks run before compiling.
+
+`configs/parti_*.py` call `base()` and set what differs. Every field can be overridden
+on the command line, e.g. `--config.model.d_model=512`. `check()` refuses a config
+that cannot run on the given devices, naming the fields, before anything is compiled.
+"""
+
+import math
+
+import jax
+import ml_collections
+
+# Priority-ordered logical-to-mesh rules: for each array, the rules are tried in order
+# and a mesh axis is used at most once per array. `batch` comes first, so activations
+# (batch, length, embed) shard the batch over data+fsdp and leave `embed` whole, while
+# parameters, which have no batch axis, shard `embed` over fsdp (ZeRO-3 style FSDP).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.global_batch_size = 8192
+  c.grad_accum_steps = 1  # micro-batches per step; gradients are averaged over them
+  c.num_train_steps = 450_000
+
+  m = c.model = ml_collections.ConfigDict()
+  m.text_vocab_size = 16_000  # SentencePiece vocabulary; padded to a multiple of 128
+  m.text_len = 128
+  m.image_grid = 32  # image tokens form an image_grid x image_grid raster
+  m.codebook_size = 8192
+  m.d_model = 1024
+  m.num_heads = 16
+  m.head_dim = -1  # -1: d_model // num_heads
+  m.mlp_dim = 4096
+  m.encoder_layers = 12
+  m.decoder_layers = 12
+  m.dropout_rate = 0.1
+  m.dtype = "bfloat16"  # compute dtype of projections and feed-forward; params are float32
+  m.decoder_attention = "dense"  # "dense" (causal) or "conv" (the paper's conv-shaped local mask)
+  m.conv_kernel_rows = 9  # conv mask: rows above (and including) the query's row
+  m.conv_kernel_cols = 9  # conv mask: columns centred on the query's column
+  m.share_image_embedding = True  # decoder input embedding doubles as the output projection
+  m.remat = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
+  m.attention_impl = "xla"  # "xla" everywhere, "cudnn" for fused attention on NVIDIA GPUs
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.sharding_rules = DEFAULT_RULES
+
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.name = "adafactor"  # or "adamw"
+  o.learning_rate = 4.5e-5
+  o.b1 = 0.9
+  o.b2 = 0.96  # Adafactor: constant second-moment decay, as in the paper
+  o.weight_decay = 4.5e-2  # decoupled: scaled by the learning rate, as in AdamW
+  o.grad_clip_norm = 4.0
+  o.momentum_dtype = "bfloat16"  # first moment kept in low precision
+
+  s = c.schedule = ml_collections.ConfigDict()
+  s.name = "warmup_exponential"  # or "warmup_cosine", "warmup_constant", "warmup_rsqrt"
+  s.warmup_steps = 5000
+  s.decay_start = 85_000  # warmup_exponential: decay begins here ...
+  s.final_ratio = 0.025  # ... and reaches this fraction of the peak at num_train_steps
+  return c
+
+
+def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a model that trains in seconds on a laptop CPU."""
+  m = c.model
+  m.text_vocab_size = 256
+  m.text_len = 16
+  m.image_grid = 4
+  m.codebook_size = 64
+  m.d_model = 64
+  m.num_heads = 4
+  m.mlp_dim = 256
+  m.encoder_layers = 2
+  m.decoder_layers = 2
+  m.dropout_rate = 0.0
+  m.dtype = "float32"
+  c.global_batch_size = 8
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.b2 = 0.99
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.momentum_dtype = "float32"
+  c.schedule.name = "warmup_constant"
+  c.schedule.warmup_steps = 10
+  c.num_train_steps = 200
+  return c
+
+
+# ----------------------------------------------------------------------------- checks
+
+MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_POLICIES = ("none", "full", "dots")
+VOCAB_MULTIPLE = 128  # vocabularies are padded so the logits tile evenly on TPU lanes
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the offending fields."""
+
+
+def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+  return -(-n // multiple) * multiple
+
+
+def head_dim(m: ml_collections.ConfigDict) -> int:
+  return m.head_dim if m.head_dim > 0 else m.d_model // m.num_heads
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves `config.mesh` (a -1 means "the rest") against the number of devices."""
+  sizes = [int(config.mesh[a]) for a in MESH_AXES]
+  fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"at most one mesh axis may be -1; got {', '.join('mesh.' + a for a in fill)}")
+  bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
+  if bad:
+    raise ConfigError(f"mesh axis sizes must be positive or -1: {', '.join(bad)}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if fixed > num_devices or (fill and num_devices % fixed) or (not fill and fixed != num_devices):
+    raise ConfigError(
+        f"mesh ({desc}) needs {fixed}{' x k' if fill else ''} devices but {num_devices} "
+        f"are available")
+  return tuple(num_devices // fixed if s == -1 else s for s in sizes)
+
+
+def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> tuple[int, ...]:
+  """Refuses a config that cannot run, before compiling. Returns the resolved mesh shape."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  m = config.model
+  shape = dict(zip(MESH_AXES, mesh_shape(config, num_devices)))
+  problems = []
+
+  def need(ok, msg):
+    if not ok:
+      problems.append(msg)
+
+  need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}")
+  need(m.decoder_attention in ("dense", "conv"),
+       f"model.decoder_attention={m.decoder_attention!r} is not 'dense' or 'conv'")
+  need(m.attention_impl in ("xla", "cudnn"),
+       f"model.attention_impl={m.attention_impl!r} is not 'xla' or 'cudnn'")
+  need(m.dtype in ("float32", "bfloat16", "float16"),
+       f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
+  need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
+       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
+       "(or set model.head_dim)")
+  need(config.optimizer.name in ("adafactor", "adamw"),
+       f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
+  need(config.schedule.name in SCHEDULES,
+       f"schedule.name={config.schedule.name!r} is not one of {SCHEDULES}")
+  need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
+
+  # Every sharded dimension must split evenly over the mesh axes the rules give it.
+  rules = dict()
+  for logical, mesh_axes in config.sharding_rules:
+    rules.setdefault(logical, mesh_axes)  # first rule wins for these whole-dimension checks
+
+  def ways(logical):
+    axes = rules.get(logical)
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(shape[a] for a in axes), " x ".join(f"mesh.{a}={shape[a]}" for a in axes)
+
+  for field, value, logical in [
+      ("model.num_heads", m.num_heads, "heads"),
+      ("model.mlp_dim", m.mlp_dim, "mlp"),
+      ("model.d_model", m.d_model, "embed"),
+      ("model.text_vocab_size (padded)", round_up(m.text_vocab_size), "vocab"),
+      ("model.codebook_size (padded, with BOS)", round_up(m.codebook_size + 1), "vocab"),
+  ]:
+    n, desc = ways(logical)
+    need(value % n == 0, f"{field}={value} is not divisible by {desc} (logical axis '{logical}')")
+
+  n, desc = ways("batch")
+  per_step = n * config.grad_accum_steps
+  need(config.global_batch_size % per_step == 0,
+       f"global_batch_size={config.global_batch_size} is not divisible by the batch shards "
+       f"({desc or 'none'}) x grad_accum_steps={config.grad_accum_steps} = {per_step}")
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  return tuple(shape[a] for a in MESH_AXES)
+
+
+SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")

@@ -1,0 +1,235 @@
+"""The Parti encoder-decoder: text tokens in, logits over image codebook tokens out.
+
+Encoder: bidirectional self-attention over the text (padding masked). Decoder: causal
+self-attention over the raster of image tokens plus cross-attention to the encoder.
+Pre-LayerNorm blocks, with the extra final LayerNorm at the output of both stacks.
+
+Positions are learned absolute embeddings: one table for the text sequence, and for the
+image grid a row table plus a column table (factorised 2-D), so the decoder knows where
+in the image each token lies without paying for a full grid table.
+
+Layers of each stack are created with `nnx.vmap` (parameters get a leading "layers"
+axis) and run with `nnx.scan`, so compile time does not grow with depth. Parameters
+are float32; matmuls run in `model.dtype`; layer norms, softmax and the output logits
+are float32. Every parameter and the main activations carry logical axis names, which
+`parti_jax.sharding` maps onto the device mesh.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from parti_jax import config as config_lib
+from parti_jax.sharding import constrain
+
+PAD_ID = 0  # text padding; masked out of attention
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dense_init(names):
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+
+def _embed_init(names):
+  return nnx.with_partitioning(nnx.initializers.normal(1.0), names)
+
+
+def _lookup(embed: nnx.Embed, ids):
+  """Embedding lookup from the whole table, gathered like an FSDP weight.
+
+  Gathering rows from a table sharded over vocab and embed would force the partitioner
+  to replicate it anyway (with a warning); all-gathering it first is the clean version.
+  """
+  return jnp.take(constrain(embed.embedding[...], None, None), ids, axis=0)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32, returning the compute dtype."""
+
+  def __init__(self, d_model: int, dtype, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(
+        d_model, dtype=jnp.float32, rngs=rngs,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return self.norm(x.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; keys and values come from `context` (self or cross)."""
+
+  def __init__(self, m: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    heads, dim, dtype = m.num_heads, config_lib.head_dim(m), jnp.dtype(m.dtype)
+    proj = lambda: nnx.LinearGeneral(
+        m.d_model, (heads, dim), use_bias=False, dtype=dtype, rngs=rngs,
+        kernel_init=_dense_init(("embed", "heads", "kv")))
+    self.query, self.key, self.value = proj(), proj(), proj()
+    self.out = nnx.LinearGeneral(
+        (heads, dim), m.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
+        kernel_init=_dense_init(("heads", "kv", "embed")))
+    self.impl = m.attention_impl
+
+  def __call__(self, x, context, mask):
+    q, k, v = self.query(x), self.key(context), self.value(context)
+    q, k, v = (constrain(t, "batch", "length", "heads", "kv") for t in (q, k, v))
+    # jax.nn.dot_product_attention: softmax in float32, fused kernels where available.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+    return constrain(self.out(out), "batch", "length", "embed")
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, m: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    dtype = jnp.dtype(m.dtype)
+    self.up = nnx.Linear(m.d_model, m.mlp_dim, use_bias=False, dtype=dtype, rngs=rngs,
+                         kernel_init=_dense_init(("embed", "mlp")))
+    self.down = nnx.Linear(m.mlp_dim, m.d_model, use_bias=False, dtype=dtype, rngs=rngs,
+                           kernel_init=_dense_init(("mlp", "embed")))
+
+  def __call__(self, x):
+    h = constrain(jax.nn.gelu(self.up(x)), "batch", "length", "mlp")
+    return constrain(self.down(h), "batch", "length", "embed")
+
+
+class Block(nnx.Module):
+  """Pre-LN residual block: self-attention, optional cross-attention, feed-forward."""
+
+  def __init__(self, m: ml_collections.ConfigDict, cross: bool, rngs: nnx.Rngs):
+    dtype = jnp.dtype(m.dtype)
+    self.self_norm, self.self_attn = LayerNorm(m.d_model, dtype, rngs), Attention(m, rngs)
+    if cross:
+      self.cross_norm, self.cross_attn = LayerNorm(m.d_model, dtype, rngs), Attention(m, rngs)
+    self.cross = cross
+    self.mlp_norm, self.mlp = LayerNorm(m.d_model, dtype, rngs), MLP(m, rngs)
+    self.dropout = nnx.Dropout(m.dropout_rate)
+
+  def __call__(self, x, self_mask, context, cross_mask, dropout_key):
+    keys = jax.random.split(dropout_key, 3) if dropout_key is not None else [None] * 3
+    drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
+    h = self.self_norm(x)
+    x = x + drop(self.self_attn(h, h, self_mask), keys[0])
+    if self.cross:
+      x = x + drop(self.cross_attn(self.cross_norm(x), context, cross_mask), keys[1])
+    x = x + drop(self.mlp(self.mlp_norm(x)), keys[2])
+    return constrain(x, "batch", "length", "embed")
+
+
+class Stack(nnx.Module):
+  """`num_layers` Blocks with stacked parameters, run as one scanned (optionally remat) layer."""
+
+  def __init__(self, m: ml_collections.ConfigDict, num_layers: int, cross: bool,
+               rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(m, cross, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.num_layers = num_layers
+    self.remat = m.remat
+    self.final_norm = LayerNorm(m.d_model, jnp.dtype(m.dtype), rngs)  # Parti's extra LN
+
+  def __call__(self, x, self_mask, context=None, cross_mask=None, dropout_key=None):
+    def layer(x, block, key):
+      return block(x, self_mask, context, cross_mask, key)
+
+    if self.remat != "none":
+      layer = nnx.remat(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+    keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, None if keys is None else 0),
+                    out_axes=nnx.Carry)
+    return self.final_norm(scan(x, self.blocks, keys))
+
+
+def decoder_mask(m: ml_collections.ConfigDict) -> jax.Array:
+  """[1, 1, N, N] boolean mask over the image raster: causal, or causal and conv-shaped.
+
+  The conv shape lets a token see the `conv_kernel_rows` rows ending at its own and the
+  `conv_kernel_cols` columns centred on its own (the paper's sparse pattern). It is
+  applied as a dense mask: it changes what is attended, not the compute spent.
+  """
+  n = m.image_grid ** 2
+  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+  mask = j <= i
+  if m.decoder_attention == "conv":
+    rows, cols = i // m.image_grid - j // m.image_grid, i % m.image_grid - j % m.image_grid
+    mask &= (rows < m.conv_kernel_rows) & (jnp.abs(cols) <= m.conv_kernel_cols // 2)
+  return mask[None, None]
+
+
+class Parti(nnx.Module):
+  """Text tokens [B, T] and image tokens [B, N] -> float32 logits [B, N, padded codebook].
+
+  Logits at position i predict image token i from the text and image tokens < i; the
+  decoder input is the image sequence shifted right behind a BOS token (id codebook_size).
+  Logits of padded vocabulary entries are masked to the float32 minimum.
+  """
+
+  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    # Parameters are created without a mesh; the jitted initialiser in
+    # parti_jax.train_step lays them out by their logical names (no eager sharding).
+    with nnx.use_eager_sharding(False):
+      self._build(m, rngs)
+
+  def _build(self, m, rngs):
+    self.config = ml_collections.FrozenConfigDict(m)  # hashable: it lives in the graphdef
+    self.dtype = jnp.dtype(m.dtype)
+    d, grid = m.d_model, m.image_grid
+    self.text_embed = nnx.Embed(config_lib.round_up(m.text_vocab_size), d, rngs=rngs,
+                                embedding_init=_embed_init(("vocab", "embed")))
+    self.image_embed = nnx.Embed(config_lib.round_up(m.codebook_size + 1), d, rngs=rngs,
+                                 embedding_init=_embed_init(("vocab", "embed")))
+    pos = nnx.with_partitioning(nnx.initializers.normal(0.02), ("length", "embed"))
+    self.text_pos = nnx.Param(pos(rngs.params(), (m.text_len, d)))
+    self.row_pos = nnx.Param(pos(rngs.params(), (grid, d)))
+    self.col_pos = nnx.Param(pos(rngs.params(), (grid, d)))
+    self.encoder = Stack(m, m.encoder_layers, cross=False, rngs=rngs)
+    self.decoder = Stack(m, m.decoder_layers, cross=True, rngs=rngs)
+    if not m.share_image_embedding:
+      self.head = nnx.Linear(d, config_lib.round_up(m.codebook_size), use_bias=False, rngs=rngs,
+                             kernel_init=_dense_init(("embed", "vocab")))
+    self.dropout = nnx.Dropout(m.dropout_rate)
+
+  def encode(self, text_tokens, dropout_key=None):
+    """Text tokens [B, T] -> encoder output [B, T, d_model] and key mask [B, 1, 1, T]."""
+    x = _lookup(self.text_embed, text_tokens) + self.text_pos[None, : text_tokens.shape[1]]
+    x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
+    x = constrain(x, "batch", "length", "embed")
+    mask = (text_tokens != PAD_ID)[:, None, None, :]
+    return self.encoder(x, mask, dropout_key=dropout_key), mask
+
+  def decode(self, image_inputs, encoded, text_mask, dropout_key=None):
+    """Decoder input tokens [B, N] (BOS-shifted) -> float32 logits [B, N, V]."""
+    m, n = self.config, image_inputs.shape[1]
+    pos = (self.row_pos[:, None] + self.col_pos[None, :]).reshape(-1, m.d_model)[:n]
+    x = _lookup(self.image_embed, image_inputs) + pos[None]
+    x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
+    x = constrain(x, "batch", "length", "embed")
+    x = self.decoder(x, decoder_mask(m)[..., :n, :n], encoded, text_mask,
+                     dropout_key=dropout_key)
+    x = x.astype(jnp.float32)
+    if m.share_image_embedding:
+      # Tied output projection, scaled so logits start near unit variance.
+      logits = self.image_embed.attend(x * m.d_model ** -0.5)
+    else:
+      logits = x @ self.head.kernel[...]
+    logits = constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+    valid = jnp.arange(logits.shape[-1]) < m.codebook_size
+    return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+
+  def __call__(self, text_tokens, image_tokens, dropout_key=None):
+    """Teacher-forced logits for `image_tokens` given the text; dropout iff a key is given."""
+    enc_key = dec_key = None
+    if dropout_key is not None:
+      enc_key, dec_key = jax.random.split(dropout_key)
+    encoded, text_mask = self.encode(text_tokens, enc_key)
+    bos = jnp.full_like(image_tokens[:, :1], self.config.codebook_size)
+    inputs = jnp.concatenate([bos, image_tokens[:, :-1]], axis=1)
+    return self.decode(inputs, encoded, text_mask, dec_key)

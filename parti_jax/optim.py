@@ -1,0 +1,53 @@
+"""Optimizers and learning-rate schedules from the config (optax throughout)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to the peak, then the configured decay."""
+  s, peak, total = config.schedule, config.optimizer.learning_rate, config.num_train_steps
+  warmup = optax.linear_schedule(0.0, peak, max(s.warmup_steps, 1))
+  after = total - s.warmup_steps
+  if s.name == "warmup_exponential":
+    # Constant until decay_start, then exponential decay reaching final_ratio * peak at
+    # num_train_steps (the paper: decay from step 85k to 0.025x at 450k).
+    decay = optax.exponential_decay(
+        peak, transition_steps=max(total - s.decay_start, 1), decay_rate=s.final_ratio,
+        transition_begin=max(s.decay_start - s.warmup_steps, 0),
+        end_value=peak * s.final_ratio)
+  elif s.name == "warmup_cosine":
+    decay = optax.cosine_decay_schedule(peak, max(after, 1), alpha=s.final_ratio)
+  elif s.name == "warmup_rsqrt":
+    decay = lambda step: peak * jnp.sqrt(max(s.warmup_steps, 1) / (step + max(s.warmup_steps, 1)))
+  else:  # warmup_constant
+    decay = optax.constant_schedule(peak)
+  return optax.join_schedules([warmup, decay], [s.warmup_steps])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and embeddings, not on LayerNorm scales and biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) not in ("scale", "bias"), params)
+
+
+def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The configured optimizer, with global-norm clipping in front."""
+  o, lr = config.optimizer, schedule(config)
+  momentum_dtype = jnp.dtype(o.momentum_dtype)
+  if o.name == "adafactor":
+    # Assembled from optax's parts rather than optax.adafactor because the paper's beta2
+    # is a constant decay (optax.adafactor only offers step**-decay_rate), and its
+    # decoupled weight decay is scaled by the learning rate.
+    tx = optax.chain(
+        optax.scale_by_factored_rms(decay_rate=o.b2, decay_rate_fn=lambda _, rate: rate),
+        optax.clip_by_block_rms(1.0),
+        optax.ema(o.b1, debias=False, accumulator_dtype=momentum_dtype),
+        optax.add_decayed_weights(o.weight_decay, mask=_decay_mask),
+        optax.scale_by_learning_rate(lr))
+  else:
+    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=momentum_dtype,
+                     mask=_decay_mask)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)

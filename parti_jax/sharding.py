@@ -1,0 +1,122 @@
+"""The device mesh and how logical axis names map onto it.
+
+Parameters and activations carry logical axis names ("embed", "heads", "batch", ...).
+`config.sharding_rules` maps them to mesh axes in priority order (flax's
+`logical_to_mesh_axes` semantics: rules are tried in order and each mesh axis is used
+at most once per array). Everything here turns those names into `NamedSharding`s.
+"""
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from flax.core import spmd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from parti_jax import config as config_lib
+
+Rules = Sequence[tuple[str, Any]]
+
+# The mesh activations are constrained to while a step is traced (see `activation_mesh`).
+_ACTIVATION_MESH: list[Mesh] = []
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices, checked against the config first."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = config_lib.check(config, len(devices))
+  # Auto axes: GSPMD propagates shardings between the constraints we set.
+  return jax.make_mesh(shape, config_lib.MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def rules_of(config) -> tuple[tuple[str, Any], ...]:
+  return tuple((logical, tuple(a) if isinstance(a, list) else a)
+               for logical, a in config.sharding_rules)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh, rules: Rules):
+  """While active, `constrain` pins activations to `mesh` by `rules`; a no-op outside."""
+  _ACTIVATION_MESH.append(mesh)
+  try:
+    with spmd.logical_axis_rules(rules):
+      yield
+  finally:
+    _ACTIVATION_MESH.pop()
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """Sharding constraint on an activation by logical axis names (no-op without a mesh)."""
+  if not _ACTIVATION_MESH:
+    return x
+  spec = nn.logical_to_mesh_axes(names, spmd.get_logical_axis_rules())
+  return jax.lax.with_sharding_constraint(x, NamedSharding(_ACTIVATION_MESH[-1], spec))
+
+
+def logical_to_mesh(spec: Sequence[str | None], rules: Rules) -> P:
+  return nn.logical_to_mesh_axes(tuple(spec), rules)
+
+
+def named(mesh: Mesh, logical_specs: Any, rules: Rules) -> Any:
+  """A tree of logical PartitionSpecs -> the same tree of NamedShardings."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh(s, rules)), logical_specs,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  """Inputs: leading axis over the batch mesh axes, the rest whole."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def _drop_dim(spec: P, param_shape, leaf_shape) -> P:
+  """Spec for an optimizer statistic that drops one dimension of its parameter."""
+  entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+  for k in range(len(param_shape)):
+    if tuple(param_shape[:k]) + tuple(param_shape[k + 1:]) == tuple(leaf_shape):
+      return P(*(entries[:k] + entries[k + 1:]))
+  return P()
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, abstract_params,
+                        param_shardings) -> Any:
+  """Shardings for an optimizer state, derived from its parameters' shardings.
+
+  Moments shaped like their parameter take its sharding; Adafactor's factored row and
+  column statistics drop one parameter dimension and keep the sharding of the others;
+  anything else (step counts, placeholders) is replicated. optax.tree_map_params finds
+  which parts of the state mirror the parameter tree.
+  """
+  def leaf(stat, param, sharding):
+    if stat.shape == param.shape:
+      return sharding
+    return NamedSharding(sharding.mesh, _drop_dim(sharding.spec, param.shape, stat.shape))
+
+  some_sharding = jax.tree.leaves(param_shardings)[0]
+  replicated = NamedSharding(some_sharding.mesh, P())
+  return optax.tree_map_params(tx, leaf, abstract_opt_state, abstract_params, param_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+def check_divisible(abstract_params, param_shardings) -> None:
+  """Refuses (naming the parameters) any dimension that would not split evenly."""
+  bad = []
+  def visit(path, p, s):
+    for dim, axes in zip(p.shape, tuple(s.spec)):
+      ways = math.prod(s.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      if dim % ways:
+        bad.append(f"{jax.tree_util.keystr(path)} {p.shape} over {s.spec}")
+  jax.tree_util.tree_map_with_path(visit, abstract_params, param_shardings)
+  if bad:
+    raise config_lib.ConfigError(
+        "parameters that do not split evenly over the mesh:\n  " + "\n  ".join(bad))
+
+
+def shard_bytes(shape, dtype, sharding: NamedSharding) -> int:
+  """Bytes one device holds of an array of `shape` laid out by `sharding`."""
+  shard = sharding.shard_shape(tuple(shape))
+  return math.prod(shard) * np.dtype(dtype).itemsize

@@ -1,0 +1,30 @@
+"""parti_jax: Parti text-to-image training in JAX, from a laptop CPU to a TPU pod."""
+
+import setuptools
+
+setuptools.setup(
+    name="parti_jax",
+    version="0.1.0",
+    description="Parti (ViT-VQGAN + encoder-decoder Transformer) text-to-image training in JAX",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["parti_jax", "parti_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9",
+        "sentencepiece>=0.2",
+        "numpy>=2.0",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+)
