@@ -15,6 +15,8 @@ are float32. Every parameter and the main activations carry logical axis names, 
 `parti_jax.sharding` maps onto the device mesh.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +31,28 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                     out_sharding=None):
+  """`lax.dot_general` for dense layers, computed as one 2-D matrix product.
+
+  A layer contracts the trailing dims of [batch, length, ...] with the leading dims of its
+  kernel. Flattening to [batch*length, k] @ [k, n] is a free reshape on every backend,
+  and it matters on XLA:CPU, where the weight gradient of the unflattened product (two
+  contracting dims) runs about 1.5x slower than the same flattened product.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  n = len(lhs_contract)
+  if (lhs_batch or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out_sharding)
+  lead, k, out = lhs.shape[:-n], math.prod(rhs.shape[:n]), rhs.shape[n:]
+  y = jnp.matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision=precision,
+                 preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
 
 
 def _dense_init(names):
@@ -69,10 +93,12 @@ class Attention(nnx.Module):
     heads, dim, dtype = m.num_heads, config_lib.head_dim(m), jnp.dtype(m.dtype)
     proj = lambda: nnx.LinearGeneral(
         m.d_model, (heads, dim), use_bias=False, dtype=dtype, rngs=rngs,
+        dot_general=flat_dot_general,
         kernel_init=_dense_init(("embed", "heads", "kv")))
     self.query, self.key, self.value = proj(), proj(), proj()
     self.out = nnx.LinearGeneral(
         (heads, dim), m.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
+        dot_general=flat_dot_general,
         kernel_init=_dense_init(("heads", "kv", "embed")))
     self.impl = m.attention_impl
 
@@ -88,10 +114,11 @@ class MLP(nnx.Module):
 
   def __init__(self, m: ml_collections.ConfigDict, rngs: nnx.Rngs):
     dtype = jnp.dtype(m.dtype)
-    self.up = nnx.Linear(m.d_model, m.mlp_dim, use_bias=False, dtype=dtype, rngs=rngs,
-                         kernel_init=_dense_init(("embed", "mlp")))
-    self.down = nnx.Linear(m.mlp_dim, m.d_model, use_bias=False, dtype=dtype, rngs=rngs,
-                           kernel_init=_dense_init(("mlp", "embed")))
+    dense = lambda i, o, names: nnx.Linear(
+        i, o, use_bias=False, dtype=dtype, dot_general=flat_dot_general, rngs=rngs,
+        kernel_init=_dense_init(names))
+    self.up = dense(m.d_model, m.mlp_dim, ("embed", "mlp"))
+    self.down = dense(m.mlp_dim, m.d_model, ("mlp", "embed"))
 
   def __call__(self, x):
     h = constrain(jax.nn.gelu(self.up(x)), "batch", "length", "mlp")
@@ -194,7 +221,7 @@ class Parti(nnx.Module):
     self.decoder = Stack(m, m.decoder_layers, cross=True, rngs=rngs)
     if not m.share_image_embedding:
       self.head = nnx.Linear(d, config_lib.round_up(m.codebook_size), use_bias=False, rngs=rngs,
-                             kernel_init=_dense_init(("embed", "vocab")))
+                             kernel_init=_dense_init(("embed", "vocab")))  # used in decode()
     self.dropout = nnx.Dropout(m.dropout_rate)
 
   def encode(self, text_tokens, dropout_key=None):
@@ -217,10 +244,11 @@ class Parti(nnx.Module):
     x = x.astype(jnp.float32)
     if m.share_image_embedding:
       # Tied output projection, scaled so logits start near unit variance.
-      logits = self.image_embed.attend(x * m.d_model ** -0.5)
+      kernel = self.image_embed.embedding[...].T * m.d_model ** -0.5
     else:
-      logits = x @ self.head.kernel[...]
-    logits = constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+      kernel = self.head.kernel[...]
+    logits = flat_dot_general(x, kernel.astype(jnp.float32), (((2,), (0,)), ((), ())))
+    logits = constrain(logits, "batch", "length", "vocab")
     valid = jnp.arange(logits.shape[-1]) < m.codebook_size
     return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
 

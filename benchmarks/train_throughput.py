@@ -1,0 +1,159 @@
+"""Times the Parti train step after compilation and reports throughput and MFU.
+
+  python benchmarks/train_throughput.py --config configs/parti_cpu512.py --steps 5
+  python benchmarks/train_throughput.py --config configs/parti_350m.py \
+      --config.global_batch_size=64 --find_max_batch --steps 10     # on a GPU
+
+The last line printed is one JSON object. MFU = analytic model FLOPs per second per
+device (parti_jax.flops, 3x forward) / peak per device. The peak on a CPU is a float32
+matrix product measured in this same run (shared between the host's simulated devices);
+on GPU/TPU it is the chip's bf16 spec, looked up by device kind (or --peak_tflops).
+Synthetic random tokens are used: the input pipeline is not part of this measurement.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import app, flags
+from ml_collections import config_flags
+
+from parti_jax import config as config_lib
+from parti_jax import flops
+from parti_jax import train_step as ts
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (overrides lookup).")
+_FIND_MAX_BATCH = flags.DEFINE_bool(
+    "find_max_batch", False, "Double the global batch until it no longer fits; time the largest.")
+
+# bf16 dense peak TFLOP/s per chip, by substring of jax's device_kind.
+SPEC_PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0, "H200": 989.0,
+}
+
+
+def cpu_matmul_peak_tflops(n: int = 2048, reps: int = 20) -> float:
+  """Best float32 matrix-product throughput of this host, in TFLOP/s."""
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32))
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e12
+
+
+def peak_tflops_per_device(cpu_peak_before: float | None) -> tuple[float, str]:
+  if _PEAK.value:
+    return _PEAK.value, "--peak_tflops"
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    # A shared CPU's speed drifts: take the best of a measurement before and one after
+    # the timed steps (the higher peak gives the lower, safer MFU). Simulated CPU
+    # devices share the host's cores, so each gets an equal share.
+    peak = max(cpu_peak_before, cpu_matmul_peak_tflops())
+    return peak / jax.local_device_count(), "measured float32 matmul (best of 2x20)"
+  for name, peak in SPEC_PEAK_TFLOPS.items():
+    if name in device.device_kind:
+      return peak, f"bf16 spec of {name}"
+  sys.exit(f"no peak TFLOP/s known for device kind {device.device_kind!r}; pass --peak_tflops")
+
+
+def synthetic_batch(setup: ts.Setup, batch_size: int) -> dict:
+  """Random tokens, each process building its own rows of the global batch."""
+  m, rng = setup.config.model, np.random.default_rng(jax.process_index())
+  local = batch_size // jax.process_count()
+  text = rng.integers(1, m.text_vocab_size, (local, m.text_len), dtype=np.int32)
+  text[:, m.text_len // 2:] = 0  # half the text is padding, as with real captions
+  image = rng.integers(0, m.codebook_size, (local, m.image_grid ** 2), dtype=np.int32)
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
+          for k, v in dict(text_tokens=text, image_tokens=image).items()}
+
+
+def time_steps(config, steps: int) -> dict:
+  setup = ts.Setup(config)
+  state = setup.init_state()
+  batch = synthetic_batch(setup, config.global_batch_size)
+  step = ts.jit_train_step(setup)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in tqdm.trange(steps, desc="train steps", file=sys.stderr, disable=None):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    sys.exit(f"the benchmark produced a non-finite loss ({loss}); the figures would be meaningless")
+  return dict(step_time_s=float(np.median(times)), compile_s=compile_s, loss=loss)
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    sys.exit("--config is required")
+  try:
+    config_lib.check(config)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+  on_cpu = jax.devices()[0].platform == "cpu"
+  cpu_peak_before = cpu_matmul_peak_tflops() if on_cpu and not _PEAK.value else None
+  result = time_steps(config, _STEPS.value)
+  while _FIND_MAX_BATCH.value:
+    bigger = config.copy_and_resolve_references()
+    bigger.global_batch_size *= 2
+    try:
+      trial = time_steps(bigger, _STEPS.value)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_out_of_memory(e):
+        raise
+      print(f"global batch {bigger.global_batch_size} does not fit; "
+            f"keeping {config.global_batch_size}", file=sys.stderr)
+      break
+    config, result = bigger, trial
+
+  m, n = config.model, jax.device_count()
+  peak, peak_source = peak_tflops_per_device(cpu_peak_before)
+  model_tflops = flops.train_step_flops(config) / result["step_time_s"] / n / 1e12
+  print(json.dumps(dict(
+      image_tokens_per_s=config.global_batch_size * m.image_grid ** 2 / result["step_time_s"],
+      model_tflops_per_s_per_device=model_tflops,
+      peak_tflops_per_device=peak,
+      peak_source=peak_source,
+      mfu=model_tflops / peak,
+      step_time_s=result["step_time_s"],
+      compile_s=result["compile_s"],
+      final_loss=result["loss"],
+      device_kind=jax.devices()[0].device_kind,
+      num_devices=n,
+      global_batch=config.global_batch_size,
+      grad_accum_steps=config.grad_accum_steps,
+      dtype=m.dtype,
+      remat=m.remat,
+      d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+      encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
+      text_len=m.text_len, image_tokens=m.image_grid ** 2,
+      text_vocab=m.text_vocab_size, image_vocab=m.codebook_size)))
+
+
+if __name__ == "__main__":
+  app.run(main)
