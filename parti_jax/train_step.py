@@ -101,7 +101,7 @@ def _forward_loss(setup: Setup, params, batch, dropout_key):
   return loss_and_accuracy(logits, batch["image_tokens"])
 
 
-def _grads(setup: Setup, params, batch, dropout_key):
+def loss_and_grads(setup: Setup, params, batch, dropout_key):
   """Loss, accuracy and gradients, averaged over `grad_accum_steps` micro-batches."""
   grad_fn = jax.value_and_grad(lambda p, b, k: _forward_loss(setup, p, b, k), has_aux=True)
   n = setup.config.grad_accum_steps
@@ -133,10 +133,10 @@ def train_step(setup: Setup, state: TrainState, batch) -> tuple[TrainState, dict
   dropout_key = jax.random.fold_in(state.rng, state.step)
   if setup.config.model.dropout_rate == 0:
     dropout_key = None
-  loss, accuracy, grads = _grads(setup, state.params, batch, dropout_key)
+  loss, accuracy, grads = loss_and_grads(setup, state.params, batch, dropout_key)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss, accuracy=accuracy, grad_norm=optax.global_norm(grads),
+  metrics = dict(loss=loss, accuracy=accuracy, grad_norm=optax.tree.norm(grads),
                  learning_rate=setup.schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -160,6 +160,15 @@ def jit_train_step(setup: Setup):
                  in_shardings=(setup.state_shardings, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, replicated),
                  donate_argnums=0)
+
+
+def jit_loss_and_grads(setup: Setup):
+  """`(params, batch, dropout_key) -> (loss, accuracy, grads)`, jitted on the mesh."""
+  replicated = NamedSharding(setup.mesh, P())
+  params = setup.state_shardings.params
+  return jax.jit(_with_activation_mesh(setup, loss_and_grads),
+                 in_shardings=(params, setup.batch_sharding, replicated),
+                 out_shardings=(replicated, replicated, params))
 
 
 def jit_eval_step(setup: Setup):

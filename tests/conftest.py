@@ -1,0 +1,30 @@
+"""Test setup: 8 simulated CPU devices, so every sharding path really runs."""
+
+import os
+
+# Must happen before jax is imported anywhere; the README and .ci/run set it too.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+  """A fresh copy of configs/NAME.py's get_config()."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _eight_devices():
+  assert jax.device_count() == 8, (
+      "the tests expect 8 simulated CPU devices: run them with "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=8")

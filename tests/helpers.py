@@ -1,0 +1,24 @@
+"""Small shared pieces of the tests."""
+
+import jax
+import numpy as np
+
+from parti_jax import sharding
+from parti_jax import train_step as ts
+
+
+def random_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
+  """Host numpy batch of random text (with padding) and image tokens."""
+  m, rng = config.model, np.random.default_rng(seed)
+  b = batch_size or config.global_batch_size
+  text = rng.integers(1, m.text_vocab_size, (b, m.text_len)).astype(np.int32)
+  lengths = rng.integers(1, m.text_len + 1, b)
+  text[np.arange(m.text_len)[None, :] >= lengths[:, None]] = 0
+  image = rng.integers(0, m.codebook_size, (b, m.image_grid ** 2)).astype(np.int32)
+  return dict(text_tokens=text, image_tokens=image)
+
+
+def setup_on(config, mesh_shape, num_devices) -> ts.Setup:
+  config = config.copy_and_resolve_references()
+  config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
+  return ts.Setup(config, sharding.make_mesh(config, jax.devices()[:num_devices]))

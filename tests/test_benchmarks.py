@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end and report consistent figures."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def _last_json(args):
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_throughput_reports_every_field_consistently():
+  r = _last_json(["benchmarks/train_throughput.py", "--config", "configs/parti_tiny.py",
+                  "--steps", "2", "--config.mesh.fsdp=2", "--config.mesh.data=-1"])
+  for key in ("image_tokens_per_s", "model_tflops_per_s_per_device", "peak_tflops_per_device",
+              "mfu", "device_kind", "num_devices", "global_batch", "d_model", "num_heads",
+              "mlp_dim", "encoder_layers", "decoder_layers", "text_len", "image_tokens",
+              "text_vocab", "image_vocab"):
+    assert key in r, key
+  assert r["num_devices"] == 8 and r["device_kind"] == "cpu"
+  assert (r["global_batch"], r["d_model"], r["image_tokens"]) == (8, 64, 16)
+  assert r["image_tokens_per_s"] == pytest.approx(8 * 16 / r["step_time_s"])
+  assert r["mfu"] == pytest.approx(r["model_tflops_per_s_per_device"] / r["peak_tflops_per_device"])
+  assert 0 < r["mfu"] < 1
+
+
+def test_benchmark_refuses_a_bad_config_with_the_field_named():
+  out = subprocess.run(
+      [sys.executable, "benchmarks/train_throughput.py", "--config", "configs/parti_tiny.py",
+       "--config.global_batch_size=12"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0
+  assert "global_batch_size=12" in out.stderr
+
+
+def test_lowering_time_of_a_deep_config_on_an_abstract_pod():
+  r = _last_json(["benchmarks/lowering_time.py", "--config", "configs/parti_tiny.py",
+                  "--num_devices", "64", "--decoder_layers", "2", "--config.model.decoder_layers=32",
+                  "--config.global_batch_size=64", "--platform", "cpu"])
+  shallow, deep = r["runs"]
+  assert (shallow["decoder_layers"], deep["decoder_layers"]) == (2, 32)
+  assert abs(deep["program_chars"] - shallow["program_chars"]) < 0.05 * shallow["program_chars"]

@@ -1,0 +1,92 @@
+"""The same numbers on one device and on a (2, 2, 2) mesh; state created sharded by the rules."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import load_config
+from helpers import random_batch, setup_on
+from parti_jax import sharding
+from parti_jax import train_step as ts
+
+
+@pytest.fixture(scope="module")
+def config():
+  c = load_config("parti_tiny")
+  c.model.dropout_rate = 0.1  # the dropout masks must not depend on the sharding either
+  c.model.remat = "dots"
+  c.optimizer.name = "adafactor"
+  return c
+
+
+def test_loss_and_grads_on_a_2x2x2_mesh_equal_one_device(config):
+  batch = random_batch(config)
+  results = []
+  for shape, n in [((1, 1, 1), 1), ((2, 2, 2), 8)]:
+    setup = setup_on(config, shape, n)
+    params = setup.init_state().params
+    key = jax.random.key(7)
+    results.append(jax.device_get(ts.jit_loss_and_grads(setup)(params, batch, key)))
+  (loss1, acc1, grads1), (loss8, acc8, grads8) = results
+  # float32 sums in a different order across devices: agreement to ~1e-6 relative.
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  np.testing.assert_allclose(acc8, acc1)
+  for g1, g8 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8)):
+    np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-6)
+
+
+def test_train_steps_on_a_2x2x2_mesh_equal_one_device(config):
+  batch = random_batch(config)
+  finals = []
+  for shape, n in [((1, 1, 1), 1), ((2, 2, 2), 8)]:
+    setup = setup_on(config, shape, n)
+    state, step = setup.init_state(), ts.jit_train_step(setup)
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    finals.append(jax.device_get((state.params, metrics)))
+  (p1, m1), (p8, m8) = finals
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_state_is_created_sharded_as_the_rules_say(config):
+  setup = setup_on(config, (2, 2, 2), 8)
+  state = setup.init_state()
+  flat_state = jax.tree_util.tree_leaves_with_path(state)
+  flat_want = jax.tree.leaves(setup.state_shardings)
+  assert len(flat_state) == len(flat_want)
+  for (path, x), want in zip(flat_state, flat_want):
+    assert x.sharding.is_equivalent_to(want, x.ndim), jax.tree_util.keystr(path)
+    # No device holds more than its shard: the per-device buffer has the shard's shape.
+    for shard in x.addressable_shards:
+      assert shard.data.shape == want.shard_shape(x.shape), jax.tree_util.keystr(path)
+  kernel = state.params["decoder"]["blocks"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+  assert kernel.addressable_shards[0].data.shape == (2, 32, 128)  # (2, 64, 256) / (1, 2, 2)
+
+
+@pytest.mark.parametrize("name, shape", [("parti_350m", (2, 2, 2)), ("parti_3b", (1, 2, 4))])
+def test_every_large_parameter_and_statistic_is_sharded(name, shape):
+  config = load_config(name)
+  setup = setup_on(config, shape, 8)  # shapes only: nothing is allocated
+  rules = sharding.rules_of(config)
+  params = jax.tree_util.tree_leaves_with_path(setup.abstract_params)
+  logical = jax.tree.leaves(setup.logical_specs, is_leaf=lambda s: isinstance(s, P))
+  shardings = jax.tree.leaves(setup.state_shardings.params)
+  checked = 0
+  for (path, p), names, s in zip(params, logical, shardings):
+    if math.prod(p.shape) <= 1_000_000:
+      continue
+    checked += 1
+    assert s.spec == sharding.logical_to_mesh(names, rules), jax.tree_util.keystr(path)
+    assert math.prod(s.shard_shape(p.shape)) < math.prod(p.shape), jax.tree_util.keystr(path)
+  assert checked >= 10
+  abstract_opt = jax.eval_shape(setup.tx.init, setup.abstract_params)
+  for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_opt),
+                          jax.tree.leaves(setup.state_shardings.opt_state)):
+    if math.prod(x.shape) > 1_000_000:
+      assert math.prod(s.shard_shape(x.shape)) < math.prod(x.shape), jax.tree_util.keystr(path)
