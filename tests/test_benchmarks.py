@@ -40,8 +40,10 @@ def test_benchmark_refuses_a_bad_config_with_the_field_named():
 
 def test_lowering_time_of_a_deep_config_on_an_abstract_pod():
   r = _last_json(["benchmarks/lowering_time.py", "--config", "configs/parti_tiny.py",
-                  "--num_devices", "64", "--decoder_layers", "2", "--config.model.decoder_layers=32",
+                  "--num_devices", "64", "--decoder_layers", "3", "--config.model.decoder_layers=32",
                   "--config.global_batch_size=64", "--platform", "cpu"])
   shallow, deep = r["runs"]
-  assert (shallow["decoder_layers"], deep["decoder_layers"]) == (2, 32)
-  assert abs(deep["program_chars"] - shallow["program_chars"]) < 0.05 * shallow["program_chars"]
+  assert (shallow["decoder_layers"], deep["decoder_layers"]) == (3, 32)
+  # One scanned block, whatever the depth. (Both depths differ from the encoder's 2: a
+  # stack as deep as the encoder would share a few helper functions with it.)
+  assert deep["program_lines"] == shallow["program_lines"]
