@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from parti_jax import config as config_lib
-from parti_jax import flops
+from parti_jax import distributed, flops
 from parti_jax import train_step as ts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -69,13 +69,14 @@ def peak_tflops_per_device(cpu_peak_before: float | None) -> tuple[float, str]:
 
 
 def synthetic_batch(setup: ts.Setup, batch_size: int) -> dict:
-  """Random tokens, each process building its own rows of the global batch."""
-  m, rng = setup.config.model, np.random.default_rng(jax.process_index())
-  local = batch_size // jax.process_count()
-  text = rng.integers(1, m.text_vocab_size, (local, m.text_len), dtype=np.int32)
+  """Random tokens: one global batch (seed 0), each process placing its own rows."""
+  m, rng = setup.config.model, np.random.default_rng(0)
+  text = rng.integers(1, m.text_vocab_size, (batch_size, m.text_len), dtype=np.int32)
   text[:, m.text_len // 2:] = 0  # half the text is padding, as with real captions
-  image = rng.integers(0, m.codebook_size, (local, m.image_grid ** 2), dtype=np.int32)
-  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
+  image = rng.integers(0, m.codebook_size, (batch_size, m.image_grid ** 2), dtype=np.int32)
+  local = batch_size // jax.process_count()
+  rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v[rows])
           for k, v in dict(text_tokens=text, image_tokens=image).items()}
 
 
@@ -107,6 +108,7 @@ def _is_out_of_memory(e: Exception) -> bool:
 
 def main(argv):
   del argv
+  distributed.initialize()
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required")
@@ -131,6 +133,8 @@ def main(argv):
       break
     config, result = bigger, trial
 
+  if jax.process_index() != 0:
+    return  # every process timed the same global steps; process 0 reports
   m, n = config.model, jax.device_count()
   peak, peak_source = peak_tflops_per_device(cpu_peak_before)
   model_tflops = flops.train_step_flops(config) / result["step_time_s"] / n / 1e12

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end and report consistent figures."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,22 @@ def test_lowering_time_of_a_deep_config_on_an_abstract_pod():
   # One scanned block, whatever the depth. (Both depths differ from the encoder's 2: a
   # stack as deep as the encoder would share a few helper functions with it.)
   assert deep["program_lines"] == shallow["program_lines"]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """2 processes x 2 devices (gloo) reach the loss of 1 process x 4 devices, same mesh."""
+  bench = ["benchmarks/train_throughput.py", "--config", "configs/parti_tiny.py", "--steps", "3",
+           "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+  single = subprocess.run(
+      [sys.executable, *bench], cwd=ROOT, capture_output=True, text=True,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = json.loads(single.stdout.strip().splitlines()[-1])
+  multi = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes", "2", "--devices_per_process", "2",
+       "--", sys.executable, *bench], cwd=ROOT, capture_output=True, text=True)
+  assert multi.returncode == 0, multi.stdout[-3000:]
+  reports = [l for l in multi.stdout.splitlines() if l.startswith("[0] {")]
+  two = json.loads(reports[-1][len("[0] "):])
+  assert (one["num_devices"], two["num_devices"]) == (4, 4)
+  assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
