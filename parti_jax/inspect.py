@@ -11,7 +11,6 @@ import math
 import sys
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
