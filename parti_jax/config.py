@@ -103,6 +103,7 @@ def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots")
+SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")
 VOCAB_MULTIPLE = 128  # vocabularies are padded so the logits tile evenly on TPU lanes
 
 
@@ -192,5 +193,3 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return tuple(shape[a] for a in MESH_AXES)
 
-
-SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")

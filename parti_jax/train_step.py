@@ -117,14 +117,18 @@ def loss_and_grads(setup: Setup, params, batch, dropout_key):
 
   micro = jax.tree.map(split, batch)
 
+  # The running gradient sum is laid out like the parameters: left to propagation, the
+  # zeros it starts from could come out replicated, a full model copy on every device.
+  pin = lambda grads: jax.lax.with_sharding_constraint(grads, setup.state_shardings.params)
+
   def accumulate(carry, xs):
     micro_batch, j = xs
     key = None if dropout_key is None else jax.random.fold_in(dropout_key, j)
     (loss, acc), grads = grad_fn(params, micro_batch, key)
-    total = jax.tree.map(jnp.add, carry, (loss, acc, grads))
-    return total, None
+    loss_sum, acc_sum, grad_sum = carry
+    return (loss_sum + loss, acc_sum + acc, pin(jax.tree.map(jnp.add, grad_sum, grads))), None
 
-  zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+  zeros = (jnp.zeros(()), jnp.zeros(()), pin(jax.tree.map(jnp.zeros_like, params)))
   total, _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(n)))
   return jax.tree.map(lambda x: x / n, total)
 
