@@ -12,11 +12,11 @@ import json
 import sys
 import time
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from parti_jax import config as config_lib
+from parti_jax import sharding
 from parti_jax import train_step as ts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -26,8 +26,7 @@ _DEPTHS = flags.DEFINE_list("decoder_layers", [], "Decoder depths to compare wit
 
 
 def lower(config, num_devices: int) -> dict:
-  shape = config_lib.check(config, num_devices)
-  mesh = jax.sharding.AbstractMesh(shape, config_lib.MESH_AXES)
+  mesh = sharding.abstract_mesh(config, num_devices)
   start = time.perf_counter()
   setup = ts.Setup(config, mesh)
   state, batch = setup.abstract_state(), setup.abstract_batch()

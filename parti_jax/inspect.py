@@ -25,9 +25,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a tab
 
 def plan(config, num_devices: int) -> dict:
   """Parameter table and per-device bytes of `config` on an abstract mesh of `num_devices`."""
-  shape = config_lib.check(config, num_devices)
-  mesh = jax.sharding.AbstractMesh(shape, config_lib.MESH_AXES)
-  setup = Setup(config, mesh)
+  setup = Setup(config, sharding.abstract_mesh(config, num_devices))
   state = setup.abstract_state()
   rows = []
   for (path, p), (_, logical), (_, s) in zip(
@@ -41,7 +39,7 @@ def plan(config, num_devices: int) -> dict:
       sharding.shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
   return dict(
       num_params=int(sum(math.prod(p.shape) for p in jax.tree.leaves(setup.abstract_params))),
-      mesh=dict(zip(config_lib.MESH_AXES, shape)),
+      mesh=dict(setup.mesh.shape),
       param_bytes_per_device=per_device(state.params),
       opt_state_bytes_per_device=per_device(state.opt_state),
       train_step_tflops=flops.train_step_flops(config) / 1e12,

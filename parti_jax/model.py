@@ -40,7 +40,7 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   A layer contracts the trailing dims of [batch, length, ...] with the leading dims of its
   kernel. Flattening to [batch*length, k] @ [k, n] is a free reshape on every backend,
   and it matters on XLA:CPU, where the weight gradient of the unflattened product (two
-  contracting dims) runs about 1.5x slower than the same flattened product.
+  contracting dims) is markedly slower (train-step times in BENCHMARKS.md).
   """
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
   n = len(lhs_contract)
@@ -221,7 +221,7 @@ class Parti(nnx.Module):
     self.decoder = Stack(m, m.decoder_layers, cross=True, rngs=rngs)
     if not m.share_image_embedding:
       self.head = nnx.Linear(d, config_lib.round_up(m.codebook_size), use_bias=False, rngs=rngs,
-                             kernel_init=_dense_init(("embed", "vocab")))  # used in decode()
+                             kernel_init=_dense_init(("embed", "vocab")))
     self.dropout = nnx.Dropout(m.dropout_rate)
 
   def encode(self, text_tokens, dropout_key=None):

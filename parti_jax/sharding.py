@@ -34,6 +34,11 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
+def abstract_mesh(config, num_devices: int) -> jax.sharding.AbstractMesh:
+  """The config's mesh over `num_devices` devices that need not exist (planning, lowering)."""
+  return jax.sharding.AbstractMesh(config_lib.check(config, num_devices), config_lib.MESH_AXES)
+
+
 def rules_of(config) -> tuple[tuple[str, Any], ...]:
   return tuple((logical, tuple(a) if isinstance(a, list) else a)
                for logical, a in config.sharding_rules)
