@@ -1,0 +1,1 @@
+"""Data: shard sets, ingest, SentencePiece text, grain pipelines, the shapes dataset."""

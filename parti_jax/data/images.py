@@ -1,0 +1,106 @@
+"""Turning stored image bytes into model input, whatever the file holds.
+
+Every decoder failure becomes a `BadRecord` with a reason, so the caller can skip and
+count it. What can be converted is converted: grayscale, palette, CMYK, 16-bit and
+float images become 8-bit RGB; transparency is composited over white; EXIF rotation is
+applied; images of any size down to 1x1 are cropped square and resized.
+"""
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from parti_jax.data.records import BadRecord
+
+# PIL refuses images over ~179M pixels as "decompression bombs" with its own error type;
+# we apply our own, configurable limit instead and report it as a skip reason.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def open_image(data: bytes, target: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+  """Decodes `data` into an upright RGB PIL image.
+
+  `target` lets JPEG decoding shrink by a power of two while staying at least `target`
+  pixels on the short side, which makes large photos cheap to decode.
+  """
+  if not data:
+    raise BadRecord("missing_image", "zero bytes")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # PIL warns on odd but readable files; we only count skips
+      img = Image.open(io.BytesIO(data))
+      if target and img.format == "JPEG":
+        w, h = img.size
+        scale = min(w, h) / target
+        if scale >= 2:
+          img.draft(img.mode, (int(w / scale), int(h / scale)))
+      if img.size[0] * img.size[1] > max_pixels:
+        raise BadRecord("image_too_large", f"{img.size[0]}x{img.size[1]} > {max_pixels} pixels")
+      img.load()
+      return _upright_rgb(img)
+  except BadRecord:
+    raise
+  except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+    raise BadRecord("corrupt_image", f"{type(e).__name__}: {str(e)[:120]}") from None
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+  try:
+    img = ImageOps.exif_transpose(img)
+  except Exception:  # a broken EXIF block does not make the pixels unusable
+    pass
+  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    # convert("RGB") clips these to 255; rescale the full range to 8 bits instead.
+    a = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+    if img.mode == "F":
+      top = max(float(a.max()), 1e-12)
+    img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    img = Image.alpha_composite(background, rgba)
+  return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def crop_box(width: int, height: int, offset: float | None) -> tuple[int, int, int, int]:
+  """The largest centred (offset None) or offset-placed (0..1) square inside the image."""
+  side = min(width, height)
+  frac = 0.5 if offset is None else offset
+  left = int(round((width - side) * frac))
+  top = int(round((height - side) * frac))
+  return left, top, left + side, top + side
+
+
+def square(img: Image.Image, resolution: int, offset: float | None = None) -> np.ndarray:
+  """Resize-shorter-side-and-crop in one resampling step; returns uint8 [R, R, 3].
+
+  Cropping in source coordinates first (PIL's `box`) is the same as resizing and then
+  cropping, but never builds the huge intermediate of a very elongated image.
+  """
+  box = crop_box(*img.size, offset)
+  out = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box,
+                   reducing_gap=3.0)
+  return np.asarray(out, dtype=np.uint8)
+
+
+def to_model_range(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [low, high]."""
+  return pixels.astype(np.float32) * ((high - low) / 255.0) + low
+
+
+def from_model_range(x: np.ndarray, low: float, high: float) -> np.ndarray:
+  """float [low, high] -> uint8 [0, 255], for writing images."""
+  return np.clip((np.asarray(x, np.float32) - low) * (255.0 / (high - low)) + 0.5, 0,
+                 255).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  return buf.getvalue()

@@ -1,0 +1,215 @@
+"""Shard sets: ArrayRecord shards of msgpack records plus one metadata.json.
+
+A shard set is a directory:
+
+  DIR/NAME-00000-of-00064.array_record   one msgpack-encoded dict per record
+  DIR/metadata.json                      name, kind, record counts, fields, how it was made
+
+Image records hold `id` (str), `image` (the file's bytes as stored: JPEG, PNG, ...),
+`captions` (list of str) and optional `extra` (e.g. the shapes scene). Token records, made
+by `parti_jax.data.encode`, hold `id`, `captions`, `text_tokens` (one list of ids per
+caption) and `image_codes` (uint16 bytes, row-major grid), plus `extra`.
+
+msgpack keeps bytes as bytes and str as str without base64 or a schema, and every
+language reads it; ArrayRecord gives grain random access for a global shuffle.
+
+Writes are atomic: a shard is written under a temporary name and renamed when complete,
+so a killed writer never leaves a file that reads as a finished shard.
+"""
+
+import bisect
+import collections
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+import uuid
+
+import msgpack
+from array_record.python import array_record_module
+
+METADATA = "metadata.json"
+FORMAT = "parti_jax.records/1"
+# group_size 1: every record is its own chunk, so a random read decodes one record.
+WRITER_OPTIONS = "group_size:1"
+
+# Why a record was skipped. A fixed order, so counts travel as int vectors through the
+# input pipeline and sum across processes; metrics name them `skipped/<reason>`.
+SKIP_REASONS = (
+    "undecodable_record",  # not a msgpack map: a corrupt or foreign record
+    "missing_image",  # no image field / no image file / empty image
+    "corrupt_image",  # bytes no image decoder accepts, or truncated
+    "image_too_large",  # more pixels than the configured maximum
+    "missing_caption",  # no caption where captions are required
+    "missing_tokens",  # token record without text tokens or image codes of the right size
+)
+
+
+class BadRecord(Exception):
+  """A record that cannot be used; `reason` is one of SKIP_REASONS."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    assert reason in SKIP_REASONS, reason
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+
+class DataError(RuntimeError):
+  """A dataset that cannot be read as asked; the message names the file or shard."""
+
+
+def shard_name(name: str, index: int, num_shards: int) -> str:
+  return f"{name}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def pack(record: dict) -> bytes:
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+  """Decodes one record; raises BadRecord for anything that is not a msgpack map."""
+  try:
+    record = msgpack.unpackb(data, raw=False, unicode_errors="replace", strict_map_key=False)
+  except Exception as e:  # msgpack raises several unrelated types for bad input
+    raise BadRecord("undecodable_record", repr(e)[:200]) from None
+  if not isinstance(record, dict):
+    raise BadRecord("undecodable_record", f"a {type(record).__name__}, not a map")
+  return record
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def write_shard(path: pathlib.Path, records) -> int:
+  """Writes `records` (dicts) to one ArrayRecord shard atomically; returns the count."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+  count = 0
+  try:
+    for record in records:
+      writer.write(pack(record))
+      count += 1
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+def write_metadata(directory, *, name: str, kind: str, shard_counts, fields, made_by: dict,
+                   **extra) -> dict:
+  meta = dict(format=FORMAT, name=name, kind=kind, num_shards=len(shard_counts),
+              count=int(sum(shard_counts)), shard_counts=[int(c) for c in shard_counts],
+              fields=list(fields), made_by=dict(made_by, time=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                            time.gmtime())),
+              **extra)
+  atomic_write_text(pathlib.Path(directory) / METADATA, json.dumps(meta, indent=1) + "\n")
+  return meta
+
+
+def write_shard_set(directory, name: str, kind: str, records, num_shards: int, made_by: dict,
+                    fields=("id", "image", "captions"), **extra) -> dict:
+  """Writes an in-memory list of records as `num_shards` contiguous shards + metadata."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  records = list(records)
+  bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
+  counts = [write_shard(directory / shard_name(name, i, num_shards), records[a:b])
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+  return write_metadata(directory, name=name, kind=kind, shard_counts=counts, fields=fields,
+                        made_by=made_by, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+  """A finished shard set on disk: its metadata and shard paths."""
+  directory: pathlib.Path
+  meta: dict
+
+  @classmethod
+  def open(cls, directory) -> "ShardSet":
+    directory = pathlib.Path(directory)
+    path = directory / METADATA
+    if not path.exists():
+      raise DataError(f"{path} not found: {directory} is not a finished shard set "
+                      "(make one with `python -m parti_jax.data.ingest` or "
+                      "`python -m parti_jax.data.shapes`)")
+    try:
+      meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+      raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    shard_set = cls(directory, meta)
+    missing = [p.name for p in shard_set.paths if not p.exists()]
+    if missing:
+      raise DataError(f"{directory}: {len(missing)} shard(s) listed in {METADATA} are missing, "
+                      f"e.g. {missing[0]}")
+    return shard_set
+
+  @property
+  def kind(self) -> str:
+    return self.meta["kind"]
+
+  @property
+  def paths(self) -> list[pathlib.Path]:
+    n = self.meta["num_shards"]
+    return [self.directory / shard_name(self.meta["name"], i, n) for i in range(n)]
+
+  def __len__(self) -> int:
+    return self.meta["count"]
+
+  def shard_of(self, index: int) -> int:
+    """The shard holding global record `index` (shards are concatenated in order)."""
+    return bisect.bisect_right(self._starts, index) - 1
+
+  @functools.cached_property
+  def _starts(self) -> list[int]:
+    starts, total = [], 0
+    for c in self.meta["shard_counts"]:
+      starts.append(total)
+      total += c
+    return starts
+
+  def read_all(self):
+    """Yields every record, decoded, in order (for small sets, tools and tests)."""
+    for path in self.paths:
+      reader = array_record_module.ArrayRecordReader(str(path))
+      try:
+        for data in reader.read_all():
+          yield unpack(data)
+      finally:
+        reader.close()
+
+
+class Tally:
+  """Counts of written, skipped (by reason) and repaired (by kind) records."""
+
+  def __init__(self, d: dict | None = None):
+    d = d or {}
+    self.written = d.get("written", 0)
+    self.skipped = collections.Counter(d.get("skipped", {}))
+    self.repaired = collections.Counter(d.get("repaired", {}))
+
+  def add(self, other: "Tally") -> None:
+    self.written += other.written
+    self.skipped.update(other.skipped)
+    self.repaired.update(other.repaired)
+
+  def as_dict(self) -> dict:
+    return dict(written=self.written, skipped=dict(sorted(self.skipped.items())),
+                repaired=dict(sorted(self.repaired.items())))
+
+  def summary(self) -> str:
+    lines = [f"records written: {self.written}",
+             f"records skipped: {sum(self.skipped.values())}"]
+    lines += [f"  {reason}: {n}" for reason, n in sorted(self.skipped.items())]
+    if self.repaired:
+      lines.append(f"records repaired: {sum(self.repaired.values())}")
+      lines += [f"  {kind}: {n}" for kind, n in sorted(self.repaired.items())]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""SentencePiece text: train a model on a shard set's captions; the tokenizer used everywhere.
+
+  python -m parti_jax.data.spm --data DIR [--data DIR2 ...] --out PREFIX [--vocab_size 16000]
+
+writes PREFIX.model and PREFIX.vocab. Ids: 0 pad, 1 unk, 2 end of text, then the pieces.
+Parti uses 16,000 pieces; small datasets ask for fewer (a vocabulary larger than the data
+supports is shrunk by SentencePiece, and the size it reached is printed).
+
+`Tokenizer(path, length)` maps a caption to `length` int32 ids: the pieces, the end id,
+then padding. Longer captions are cut at `length` ids. An empty or all-whitespace caption
+maps to the unconditional input `[END, PAD, ...]`, the same input classifier-free
+guidance dropout uses, so training and sampling agree on what "no text" means.
+"""
+
+import argparse
+import pathlib
+import re
+import unicodedata
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, END_ID = 0, 1, 2
+# SentencePiece pieces are at most 16 characters, so the first `length` ids of a caption
+# never depend on characters past 16 * length; cutting there first keeps tokenizing a
+# 10,000-character caption as cheap as a short one without changing its ids.
+MAX_PIECE_CHARS = 16
+MAX_CAPTION_CHARS = 4096  # what ingest keeps of a caption
+
+
+def clean_caption(raw, max_chars: int = MAX_CAPTION_CHARS) -> tuple[str, list[str]]:
+  """A caption as text: (cleaned caption, list of repairs made).
+
+  Bytes that are not UTF-8 are decoded with replacement characters; control characters
+  and runs of whitespace become single spaces; very long captions are cut.
+  """
+  repairs = []
+  if raw is None:
+    return "", repairs
+  if isinstance(raw, (bytes, bytearray)):
+    try:
+      raw = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+      raw = bytes(raw).decode("utf-8", errors="replace")
+      repairs.append("caption_not_utf8")
+  text = unicodedata.normalize("NFC", str(raw))
+  text = re.sub(r"[\s\x00-\x1f\x7f]+", " ", text).strip()
+  if len(text) > max_chars:
+    text = text[:max_chars].rstrip()
+    repairs.append("caption_truncated")
+  return text, repairs
+
+
+class Tokenizer:
+  """Captions -> fixed-length int32 ids; picklable, so grain worker processes can hold it."""
+
+  def __init__(self, model_path, length: int):
+    self.model_path = str(model_path)
+    self.length = length
+    self._proto = pathlib.Path(model_path).read_bytes()
+    self._load()
+
+  def _load(self):
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    if (self._sp.pad_id(), self._sp.unk_id(), self._sp.eos_id()) != (PAD_ID, UNK_ID, END_ID):
+      raise ValueError(f"{self.model_path}: expected pad/unk/end ids {PAD_ID}/{UNK_ID}/{END_ID}, "
+                       f"got {self._sp.pad_id()}/{self._sp.unk_id()}/{self._sp.eos_id()}; train "
+                       "it with `python -m parti_jax.data.spm`")
+
+  def __getstate__(self):
+    return dict(model_path=self.model_path, length=self.length, _proto=self._proto)
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._load()
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def unconditional(self) -> np.ndarray:
+    out = np.zeros(self.length, np.int32)
+    out[0] = END_ID
+    return out
+
+  def ids(self, caption: str) -> list[int]:
+    """Unpadded ids of a caption, end id included, at most `length` of them."""
+    text = caption[:MAX_PIECE_CHARS * self.length].strip()
+    ids = self._sp.encode(text) if text else []
+    return (ids + [END_ID])[:self.length]
+
+  def encode(self, caption: str) -> np.ndarray:
+    return pad(self.ids(caption), self.length)
+
+  def decode(self, ids) -> str:
+    ids = [int(i) for i in ids if int(i) not in (PAD_ID, END_ID)]
+    return self._sp.decode(ids)
+
+
+def pad(ids, length: int) -> np.ndarray:
+  """Ids cut or zero-padded to `length`; an empty list becomes the unconditional input."""
+  out = np.zeros(length, np.int32)
+  ids = list(ids)[:length] or [END_ID]
+  out[:len(ids)] = ids
+  return out
+
+
+def train(captions, out_prefix, vocab_size: int = 16_000,
+          max_sentences: int = 2_000_000) -> int:
+  """Trains a unigram SentencePiece model on an iterable of captions; returns its size."""
+  out_prefix = pathlib.Path(out_prefix)
+  out_prefix.parent.mkdir(parents=True, exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=(c for c in captions if c.strip()),
+      model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="unigram",
+      pad_id=PAD_ID, unk_id=UNK_ID, eos_id=END_ID, bos_id=-1,
+      character_coverage=0.9995, input_sentence_size=max_sentences,
+      shuffle_input_sentence=True, hard_vocab_limit=False,
+      num_threads=2, minloglevel=2)
+  return spm.SentencePieceProcessor(model_file=f"{out_prefix}.model").get_piece_size()
+
+
+def captions_of(directories):
+  """Every caption of every record of the given shard sets."""
+  from parti_jax.data import records  # the CLI imports records only when it is used
+  for d in directories:
+    for record in records.ShardSet.open(d).read_all():
+      for c in record.get("captions") or []:
+        text, _ = clean_caption(c)
+        if text:
+          yield text
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--data", action="append", required=True, help="shard set directory (repeatable)")
+  p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
+  p.add_argument("--vocab_size", type=int, default=16_000)
+  p.add_argument("--max_sentences", type=int, default=2_000_000,
+                 help="captions sampled for training")
+  a = p.parse_args(argv)
+  size = train(captions_of(a.data), a.out, a.vocab_size, a.max_sentences)
+  note = "" if size == a.vocab_size else f" (asked for {a.vocab_size}; the data supports fewer)"
+  print(f"wrote {a.out}.model: {size} pieces{note}")
+
+
+if __name__ == "__main__":
+  main()
