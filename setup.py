@@ -22,6 +22,9 @@ setuptools.setup(
         "ml_collections>=1.0",
         "absl-py>=2.0",
         "tqdm>=4.66",
+        "pillow>=10.0",
+        "array-record>=0.8",
+        "msgpack>=1.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

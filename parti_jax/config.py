@@ -70,7 +70,30 @@ def base() -> ml_collections.ConfigDict:
   s.warmup_steps = 5000
   s.decay_start = 85_000  # warmup_exponential: decay begins here ...
   s.final_ratio = 0.025  # ... and reaches this fraction of the peak at num_train_steps
+
+  c.data = data_defaults()
   return c
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+  """`config.data`: what `parti_jax.data.pipeline` reads; configs set `train` and `eval`."""
+  d = ml_collections.ConfigDict()
+  d.kind = "tokens"  # "tokens" (token shards) or "images" (image shards or a TFDS source)
+  d.train = ""  # shard set directory, or "tfds:NAME/SPLIT" for a prepared TFDS dataset
+  d.eval = ""  # same forms; read once per evaluation, in order, padded to whole batches
+  d.tfds_data_dir = ""  # where TFDS datasets are prepared ("": TFDS's default)
+  d.tfds_image_feature = "image"
+  d.tfds_caption_feature = "caption"
+  d.spm_model = ""  # SentencePiece model (PREFIX.model) that tokenizes captions of image shards
+  d.resolution = 256
+  d.value_range = (-1.0, 1.0)  # pixels are scaled to this range
+  d.caption_dropout = 0.1  # training: caption replaced by the unconditional input (guidance)
+  d.num_threads = 8  # threads reading and decoding records (PIL releases the GIL)
+  d.num_workers = 0  # > 0: batches are made in this many worker processes
+  d.prefetch_batches = 2
+  d.max_bad_fraction = 0.05  # a shard with more bad records than this stops the run
+  d.max_pixels = 100_000_000  # larger images are skipped as image_too_large
+  return d
 
 
 def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

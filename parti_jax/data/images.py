@@ -72,8 +72,8 @@ def crop_box(width: int, height: int, offset: float | None) -> tuple[int, int, i
   """The largest centred (offset None) or offset-placed (0..1) square inside the image."""
   side = min(width, height)
   frac = 0.5 if offset is None else offset
-  left = int(round((width - side) * frac))
-  top = int(round((height - side) * frac))
+  left = round((width - side) * frac)
+  top = round((height - side) * frac)
   return left, top, left + side, top + side
 
 

@@ -85,20 +85,43 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write_shard(path: pathlib.Path, records) -> int:
+class ShardWriter:
+  """Writes one ArrayRecord shard under a temporary name; `close()` renames it into place.
+
+  Used as a context manager, a shard whose writing raised is deleted, never renamed.
+  """
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+    self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
+    self.count = 0
+
+  def write(self, record: dict) -> None:
+    self._writer.write(pack(record))
+    self.count += 1
+
+  def close(self) -> None:
+    self._writer.close()
+    os.replace(self._tmp, self.path)
+
+  def abort(self) -> None:
+    self._writer.close()
+    self._tmp.unlink(missing_ok=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    self.abort() if exc_type else self.close()
+
+
+def write_shard(path, records) -> int:
   """Writes `records` (dicts) to one ArrayRecord shard atomically; returns the count."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-  count = 0
-  try:
+  with ShardWriter(path) as writer:
     for record in records:
-      writer.write(pack(record))
-      count += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
-  return count
+      writer.write(record)
+  return writer.count
 
 
 def write_metadata(directory, *, name: str, kind: str, shard_counts, fields, made_by: dict,

@@ -1,0 +1,355 @@
+"""The input pipeline: grain over shard sets (or a TFDS source) to global batches on the mesh.
+
+One record flows through:
+  source (index, raw) -> global seeded shuffle -> repeat (training) -> this process's part
+  -> preprocess (decode, crop, tokenize, caption dropout; a bad record becomes a marker)
+  -> count and drop bad records -> batch -> prefetch (threads or worker processes)
+  -> jax Arrays sharded over the mesh's batch axes, built from each process's rows.
+
+Two kinds of data (`config.data.kind`):
+  "images": image shards; a batch has `images` float32 [B, R, R, 3] in
+            `config.data.value_range`, and `text_tokens` int32 [B, text_len] when a
+            SentencePiece model is configured.
+  "tokens": token shards from `python -m parti_jax.data.encode`; a batch has
+            `text_tokens` and `image_tokens` int32 [B, image_grid**2], what the Parti
+            train step takes.
+Every batch also has `mask` int32 [B] (0 for eval padding and, in eval, for bad records)
+and `skipped` int32 [B, len(SKIP_REASONS)]: the bad records dropped just before each row,
+so `batch["skipped"].sum(0)` counts them per reason across all processes.
+
+The iterator state (grain's, plus our per-shard counts) is a small JSON-able dict:
+restoring it continues with exactly the batches that would have come next.
+"""
+
+import dataclasses
+import time
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from parti_jax import sharding
+from parti_jax.data import images as image_lib
+from parti_jax.data import records, spm
+
+REASON_INDEX = {r: i for i, r in enumerate(records.SKIP_REASONS)}
+TFDS_PREFIX = "tfds:"
+# A shard's bad fraction is judged once this many of its records (or all of them) were read.
+MIN_RECORDS_TO_JUDGE = 100
+
+
+class Source:
+  """Random access to (index, raw record) pairs, optionally padded with (index, None).
+
+  The index travels with the record so that, after shuffling, a bad record can still be
+  traced to its shard; padding lets every process read the same number of eval batches.
+  """
+
+  def __init__(self, spec: str, data_config):
+    self.spec = spec
+    if spec.startswith(TFDS_PREFIX):
+      from parti_jax.data import ingest  # TFDS is imported only when it is used
+      name, _, split = spec[len(TFDS_PREFIX):].partition("/")
+      self._records = ingest.tfds_records(
+          name, data_config.tfds_data_dir or None, split or "train",
+          data_config.tfds_image_feature, data_config.tfds_caption_feature)
+      self.shard_names = [spec]
+      self.shard_counts = [len(self._records)]
+    else:
+      shard_set = records.ShardSet.open(spec)
+      self._records = grain.sources.ArrayRecordDataSource([str(p) for p in shard_set.paths])
+      self.shard_names = [str(p) for p in shard_set.paths]
+      self.shard_counts = shard_set.meta["shard_counts"]
+      self.shard_set = shard_set
+    self.num_records = int(sum(self.shard_counts))
+    self._starts = np.cumsum([0] + list(self.shard_counts))[:-1]
+    self._length = self.num_records
+
+  def pad_to(self, length: int) -> None:
+    self._length = max(length, self.num_records)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    index = int(index)
+    return index, (self._records[index] if index < self.num_records else None)
+
+  def shard_of(self, index: int) -> int:
+    return int(np.searchsorted(self._starts, index, side="right") - 1)
+
+  def record(self, index: int) -> dict:
+    """One decoded record (for tools that need the whole record, e.g. encode)."""
+    raw = self._records[index]
+    return records.unpack(raw) if isinstance(raw, bytes) else raw
+
+
+@dataclasses.dataclass
+class Preprocess:
+  """Raw record -> one example dict of fixed shapes; a bad record -> a masked marker."""
+  kind: str
+  train: bool
+  resolution: int
+  value_range: tuple[float, float]
+  caption_dropout: float
+  max_pixels: int
+  tokenizer: spm.Tokenizer | None
+  text_len: int
+  image_grid: int
+  codebook_size: int
+  shard_of: object  # index -> shard number
+
+  def __call__(self, item, rng: np.random.Generator) -> dict:
+    index, raw = item
+    example = self._empty(index)
+    if raw is None:  # eval padding: masked, not a bad record
+      return example
+    try:
+      record = records.unpack(raw) if isinstance(raw, bytes) else raw
+      example.update(self._tokens(record, rng) if self.kind == "tokens" else
+                     self._images(record, rng))
+      example["mask"] = np.int32(1)
+    except records.BadRecord as e:
+      example["skipped"][REASON_INDEX[e.reason]] = 1
+    return example
+
+  def _empty(self, index: int) -> dict:
+    example = dict(mask=np.int32(0), index=np.int32(index), shard=np.int32(self.shard_of(index)),
+                   skipped=np.zeros(len(records.SKIP_REASONS), np.int32))
+    if self.kind == "tokens":
+      example["image_tokens"] = np.zeros(self.image_grid ** 2, np.int32)
+    else:
+      example["images"] = np.zeros((self.resolution,) * 2 + (3,), np.float32)
+    if self.kind == "tokens" or self.tokenizer is not None:
+      example["text_tokens"] = spm.pad([], self.text_len)
+    return example
+
+  def _caption_index(self, n: int, rng) -> int:
+    return int(rng.integers(n)) if self.train else 0
+
+  def _dropped(self, rng) -> bool:
+    # Drawn for every record, whether or not it is used, so the random stream of a record
+    # does not depend on its content.
+    return self.train and rng.random() < self.caption_dropout
+
+  def _images(self, record: dict, rng) -> dict:
+    data = record.get("image")
+    if data is None:
+      raise records.BadRecord("missing_image", "no image field")
+    if isinstance(data, np.ndarray):  # TFDS Tensor features arrive decoded
+      img = image_lib.Image.fromarray(data.astype(np.uint8))
+    else:
+      img = image_lib.open_image(bytes(data), self.resolution, self.max_pixels)
+    offset = rng.random() if self.train else None
+    pixels = image_lib.square(img, self.resolution, offset)
+    out = dict(images=image_lib.to_model_range(pixels, *self.value_range))
+    if self.tokenizer is not None:
+      captions = record.get("captions")
+      if not captions:
+        raise records.BadRecord("missing_caption", "no captions field")
+      caption, _ = spm.clean_caption(captions[self._caption_index(len(captions), rng)])
+      dropped = self._dropped(rng)
+      out["text_tokens"] = (self.tokenizer.unconditional if dropped
+                            else self.tokenizer.encode(caption))
+    return out
+
+  def _tokens(self, record: dict, rng) -> dict:
+    text, codes = record.get("text_tokens"), record.get("image_codes")
+    if not text or codes is None:
+      raise records.BadRecord("missing_tokens", "no text_tokens or image_codes")
+    codes = np.frombuffer(bytes(codes), np.uint16).astype(np.int32)
+    if codes.size != self.image_grid ** 2 or codes.max(initial=0) >= self.codebook_size:
+      raise records.BadRecord(
+          "missing_tokens", f"{codes.size} codes (max {codes.max(initial=0)}), expected "
+          f"{self.image_grid ** 2} below {self.codebook_size}")
+    ids = text[self._caption_index(len(text), rng)]
+    dropped = self._dropped(rng)
+    return dict(text_tokens=spm.pad([] if dropped else ids, self.text_len), image_tokens=codes)
+
+
+class _CountBadIterator(grain.DatasetIterator):
+  """Drops (training) or keeps masked (eval) bad records, counting them per shard.
+
+  grain's own filter can stop on a global bad ratio, but cannot say which shard or why;
+  this keeps per-shard tallies in the iterator state and names the shard when one goes
+  over `max_bad_fraction`. A dropped record's reason is added to the next kept example's
+  `skipped` row, so the counts reach the batch without extra state.
+  """
+
+  def __init__(self, parent, drop: bool, shard_names, shard_counts, max_bad_fraction: float):
+    super().__init__(parent)
+    self._drop = drop
+    self._names, self._counts = shard_names, shard_counts
+    self._max = max_bad_fraction
+    self._seen = [0] * len(shard_names)
+    self._bad = [0] * len(shard_names)
+
+  def __next__(self):
+    skipped = None
+    while True:
+      example = next(self._parent)
+      shard = int(example.pop("shard"))
+      if example["mask"] or not example["skipped"].any():  # good record or eval padding
+        if example["mask"]:
+          self._seen[shard] += 1
+        if skipped is not None:
+          example["skipped"] = example["skipped"] + skipped
+        return example
+      self._seen[shard] += 1
+      self._bad[shard] += 1
+      self._judge(shard, example["skipped"])
+      if not self._drop:
+        return example
+      skipped = example["skipped"] if skipped is None else skipped + example["skipped"]
+
+  def _judge(self, shard: int, reasons) -> None:
+    seen, bad = self._seen[shard], self._bad[shard]
+    if seen >= min(MIN_RECORDS_TO_JUDGE, self._counts[shard]) and bad > self._max * seen:
+      reason = records.SKIP_REASONS[int(np.argmax(reasons))]
+      raise records.DataError(
+          f"{self._names[shard]}: {bad} of {seen} records read so far are bad (latest: "
+          f"{reason}), over data.max_bad_fraction={self._max}. Check the shard, or raise "
+          "the limit to train on what is readable.")
+
+  def get_state(self):
+    return dict(parent=self._parent.get_state(), seen=list(self._seen), bad=list(self._bad))
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._seen, self._bad = list(state["seen"]), list(state["bad"])
+
+
+class _CountBad(grain.IterDataset):
+
+  def __init__(self, parent, **kwargs):
+    super().__init__(parent)
+    self._kwargs = kwargs
+
+  def __iter__(self):
+    return _CountBadIterator(self._parent.__iter__(), **self._kwargs)
+
+
+def check(config, train: bool = True) -> None:
+  """Refuses a data config that cannot run, naming the field, before anything is read."""
+  from parti_jax.config import ConfigError
+  d, problems = config.data, []
+  spec = d.train if train else d.eval
+  if d.kind not in ("tokens", "images"):
+    problems.append(f"data.kind={d.kind!r} is not 'tokens' or 'images'")
+  if not spec:
+    problems.append(f"data.{'train' if train else 'eval'} is empty: name a shard set directory "
+                    "or tfds:NAME/SPLIT")
+  if d.kind == "tokens" and spec.startswith(TFDS_PREFIX):
+    problems.append("data.kind='tokens' reads token shards; a TFDS source holds images")
+  if not 0.0 <= d.caption_dropout <= 1.0:
+    problems.append(f"data.caption_dropout={d.caption_dropout} is not in [0, 1]")
+  if not 0.0 <= d.max_bad_fraction <= 1.0:
+    problems.append(f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1]")
+  if d.resolution < 1:
+    problems.append(f"data.resolution={d.resolution} must be positive")
+  if problems:
+    raise ConfigError("invalid data config:\n  " + "\n  ".join(problems))
+
+
+def tokenizer_of(config) -> spm.Tokenizer | None:
+  d = config.data
+  if not d.spm_model:
+    return None
+  tokenizer = spm.Tokenizer(d.spm_model, config.model.text_len)
+  if tokenizer.vocab_size > config.model.text_vocab_size:
+    from parti_jax.config import ConfigError
+    raise ConfigError(f"data.spm_model={d.spm_model} has {tokenizer.vocab_size} pieces, more "
+                      f"than model.text_vocab_size={config.model.text_vocab_size}")
+  return tokenizer
+
+
+def dataset(config, train: bool, batch_size: int, process_index: int | None = None,
+            process_count: int | None = None) -> grain.IterDataset:
+  """This process's grain dataset of `batch_size`-row batches (host numpy)."""
+  check(config, train)
+  d, m = config.data, config.model
+  p = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  spec = d.train if train else d.eval
+  source = Source(spec, d)
+  if not train:  # pad so that every process reads the same number of whole batches
+    per_process = -(-source.num_records // n)
+    source.pad_to(-(-per_process // batch_size) * batch_size * n)
+  ds = grain.MapDataset.source(source)
+  if train:
+    # Shuffle before repeat: each epoch gets its own permutation of the whole set.
+    ds = ds.shuffle(seed=config.seed).repeat(None)
+  ds = ds[p::n]  # one global order, dealt round-robin: disjoint parts that cover it
+  preprocess = Preprocess(
+      kind=d.kind, train=train, resolution=d.resolution, value_range=tuple(d.value_range),
+      caption_dropout=d.caption_dropout, max_pixels=d.max_pixels,
+      tokenizer=tokenizer_of(config) if d.kind == "images" else None, text_len=m.text_len,
+      image_grid=m.image_grid, codebook_size=m.codebook_size, shard_of=source.shard_of)
+  ds = ds.random_map(preprocess, seed=config.seed + 1)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads,
+                                            prefetch_buffer_size=max(2 * batch_size, 16)))
+  it = _CountBad(it, drop=train, shard_names=source.shard_names,
+                 shard_counts=source.shard_counts, max_bad_fraction=d.max_bad_fraction)
+  it = it.batch(batch_size, drop_remainder=True)
+  if d.num_workers > 0:
+    # grain's worker processes read absl flags; our commands parse their own arguments,
+    # so absl's flags are marked parsed (with their defaults) for them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers,
+                                                     per_worker_buffer_size=d.prefetch_batches))
+  elif d.prefetch_batches > 0:
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=d.prefetch_batches)
+  return it
+
+
+class Loader:
+  """Global batches on the mesh from this process's grain iterator; checkpointable.
+
+  `iterator` is the grain DatasetIterator (what an orbax checkpoint saves through
+  `grain.checkpoint`); `get_state`/`set_state` pass through to it. `data_wait_s` adds up
+  the time `__next__` waited for the host pipeline.
+  """
+
+  def __init__(self, config, mesh, train: bool = True, batch_size: int | None = None):
+    self.global_batch = batch_size or config.global_batch_size
+    if self.global_batch % jax.process_count():
+      from parti_jax.config import ConfigError
+      raise ConfigError(f"batch size {self.global_batch} is not divisible by the "
+                        f"{jax.process_count()} processes")
+    rules = sharding.rules_of(config)
+    self._shardings = {n: sharding.batch_sharding(mesh, rules, n) for n in (1, 2, 4)}
+    self._dataset = dataset(config, train, self.global_batch // jax.process_count())
+    self.iterator = iter(self._dataset)
+    self.data_wait_s = 0.0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    start = time.perf_counter()
+    local = next(self.iterator)
+    self.data_wait_s += time.perf_counter() - start
+    return {k: jax.make_array_from_process_local_data(
+        self._shardings[v.ndim], v, (self.global_batch,) + v.shape[1:]) for k, v in local.items()}
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.iterator.set_state(state)
+
+  def close(self) -> None:
+    close = getattr(self.iterator, "close", None)
+    if close:
+      close()
+
+
+def eval_batches(config, mesh, batch_size: int | None = None):
+  """One pass over `config.data.eval` as global batches (padding rows have mask 0)."""
+  loader = Loader(config, mesh, train=False, batch_size=batch_size)
+  try:
+    yield from loader
+  finally:
+    loader.close()

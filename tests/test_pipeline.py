@@ -1,0 +1,223 @@
+"""The grain input pipeline: resume, process coverage, bad records, global arrays, tokens."""
+
+import data_helpers as h
+import numpy as np
+import pytest
+
+from parti_jax import config as common
+from parti_jax import sharding
+from parti_jax.data import encode as encode_lib
+from parti_jax.data import images, pipeline, records, spm
+
+REASONS = records.SKIP_REASONS
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  model = h.spm_model(root)
+  image_set = h.write_set(root / "images", h.image_records(40), num_shards=2)
+  token_set = root / "tokens"
+  encode_lib.encode(image_set, token_set, encode_lib.color_tokenizer(32),
+                    spm.Tokenizer(model, 16), batch_size=16)
+  return dict(root=root, spm=model, images=image_set, tokens=str(token_set))
+
+
+def config_for(data, kind="tokens", **fields):
+  c = common.tiny_model(common.base())
+  c.data.update(kind=kind, train=data.get(kind, ""), eval=data.get(kind, ""), resolution=32, num_threads=2,
+                spm_model=data["spm"] if kind == "images" else "")
+  c.data.update(fields)
+  return c
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@pytest.mark.parametrize("kind,workers", [("tokens", 0), ("images", 0), ("images", 2)])
+def test_restored_iterator_continues_with_the_same_batches(data, kind, workers):
+  c = config_for(data, kind, num_workers=workers)
+  ds = pipeline.dataset(c, train=True, batch_size=4)
+  it = iter(ds)
+  take(it, 7)  # past the first epoch of 40 records at batch 4 x ... (crosses shards)
+  state = it.get_state()
+  expected = take(it, 15)  # crosses the epoch boundary
+  it2 = iter(pipeline.dataset(c, train=True, batch_size=4))
+  it2.set_state(state)
+  assert_same_batches(take(it2, 15), expected)
+  for i in (it, it2):
+    getattr(i, "close", lambda: None)()
+
+
+def test_epochs_are_complete_and_reshuffled(data):
+  it = iter(pipeline.dataset(config_for(data), train=True, batch_size=5))
+  epochs = [np.concatenate([b["index"] for b in take(it, 8)]) for _ in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+  assert list(epochs[0]) != list(epochs[1])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_processes_read_disjoint_parts_that_cover_the_data(data, train):
+  c = config_for(data)
+  seen = []
+  for p in range(2):
+    it = iter(pipeline.dataset(c, train=train, batch_size=4, process_index=p, process_count=2))
+    batches = take(it, 5)  # 2 processes x 5 batches x 4 rows = one epoch of 40 records
+    seen.append({int(i) for b in batches for i, m in zip(b["index"], b["mask"]) if m})
+    assert all(len(b["index"]) == 4 for b in batches)
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(40))
+
+
+def test_eval_is_finite_padded_and_the_same_on_every_process(data, tmp_path):
+  path = h.write_set(tmp_path / "odd", h.image_records(13), num_shards=3)
+  c = config_for(data, "images", eval=path)
+  counts, indices = [], []
+  for p in range(2):
+    batches = list(pipeline.dataset(c, train=False, batch_size=4, process_index=p,
+                                    process_count=2))
+    counts.append(len(batches))
+    indices += [int(i) for b in batches for i, m in zip(b["index"], b["mask"]) if m]
+    again = list(pipeline.dataset(c, train=False, batch_size=4, process_index=p,
+                                  process_count=2))
+    assert_same_batches(batches, again)  # centre crop, first caption: deterministic
+  assert counts == [2, 2]  # 13 records: 7 and 6 per process, each padded to 2 batches of 4
+  assert sorted(indices) == list(range(13))
+
+
+def test_global_batches_are_sharded_over_the_batch_axes(data):
+  c = config_for(data)
+  mesh = sharding.make_mesh(c.copy_and_resolve_references())
+  c.global_batch_size = 16
+  loader = pipeline.Loader(c, mesh)
+  host = next(iter(pipeline.dataset(c, train=True, batch_size=16)))
+  batch = next(loader)
+  assert batch.keys() == host.keys()
+  for k, v in batch.items():
+    assert v.shape[0] == 16 and v.sharding.spec[0] == ("data", "fsdp"), k
+    np.testing.assert_array_equal(np.asarray(v), host[k])
+  assert batch["image_tokens"].shape == (16, c.model.image_grid ** 2)
+  assert loader.data_wait_s > 0
+  loader.close()
+
+
+def test_token_shards_hold_the_tokenizer_codes_of_the_centre_crop(data):
+  tokens = records.ShardSet.open(data["tokens"])
+  assert tokens.kind == "tokens" and len(tokens) == 40
+  assert tokens.meta["tokens"]["grid"] == 4 and tokens.meta["tokens"]["codebook_size"] == 64
+  source = {r["id"]: r for r in records.ShardSet.open(data["images"]).read_all()}
+  tok = spm.Tokenizer(data["spm"], 16)
+  encode = encode_lib.color_tokenizer(32).encode
+  for r in list(tokens.read_all())[:5]:
+    img = images.square(images.open_image(source[r["id"]]["image"]), 32)
+    want = np.asarray(encode(images.to_model_range(img, -1, 1)[None]))[0]
+    np.testing.assert_array_equal(np.frombuffer(r["image_codes"], np.uint16), want)
+    assert r["captions"] == source[r["id"]]["captions"]
+    assert r["text_tokens"] == [tok.ids(c) for c in r["captions"]]
+    assert all(c.startswith(tok.decode(t)) for c, t in zip(r["captions"], r["text_tokens"]))
+
+
+@pytest.mark.parametrize("p,expect", [(0.0, "never"), (1.0, "always")])
+def test_caption_dropout_gives_the_unconditional_input(data, p, expect):
+  for kind in ("tokens", "images"):
+    b = next(iter(pipeline.dataset(config_for(data, kind, caption_dropout=p), True, 8)))
+    unconditional = (b["text_tokens"] == spm.pad([], 16)).all(axis=1)
+    assert unconditional.all() if expect == "always" else not unconditional.any()
+
+
+def test_images_are_cropped_and_scaled_to_the_model_range(data):
+  c = config_for(data, "images", value_range=(0.0, 1.0), resolution=24)
+  b = next(iter(pipeline.dataset(c, True, 4)))
+  assert b["images"].shape == (4, 24, 24, 3) and b["images"].dtype == np.float32
+  assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0 and b["images"].std() > 0.1
+
+
+def bad_set(tmp_path):
+  """Every awkward image and caption, plus records missing fields and non-records."""
+  recs, want_skipped = [], np.zeros(len(REASONS), int)
+  for name, (data, reason) in h.odd_images().items():
+    recs.append(dict(id=name, image=data, captions=["a red circle"]))
+    if reason:
+      want_skipped[REASONS.index(reason)] += 1
+  for name, caption in h.odd_captions().items():
+    recs.append(dict(id=f"caption_{name}", image=h.encoded(h.rgb(8, 8), "PNG"),
+                     captions=[caption]))
+  recs += [dict(id="no_image", captions=["x"]), dict(id="no_captions", image=recs[0]["image"])]
+  want_skipped[REASONS.index("missing_image")] += 1
+  want_skipped[REASONS.index("missing_caption")] += 1
+  path = tmp_path / "bad"
+  h.write_set(path, recs, num_shards=1)
+  # A record that is not msgpack at all, appended as a second shard.
+  name = records.shard_name("test", 1, 2)
+  from array_record.python import array_record_module
+  w = array_record_module.ArrayRecordWriter(str(path / name), records.WRITER_OPTIONS)
+  w.write(b"\xc1\xc1 not msgpack")
+  w.close()
+  (path / records.shard_name("test", 0, 1)).rename(path / records.shard_name("test", 0, 2))
+  records.write_metadata(path, name="test", kind="images", shard_counts=[len(recs), 1],
+                         fields=["id", "image", "captions"], made_by={})
+  want_skipped[REASONS.index("undecodable_record")] += 1
+  return str(path), [r["id"] for r in recs] + ["not_msgpack"], want_skipped
+
+
+def test_bad_records_are_skipped_and_counted_by_reason(data, tmp_path):
+  path, ids, want = bad_set(tmp_path)
+  n, good = len(ids), len(ids) - want.sum()
+  c = config_for(data, "images", train=path, eval=path, max_bad_fraction=1.0)
+  # Eval: one pass, bad records kept as masked rows, so the counts are exact.
+  rows = [r for batch in pipeline.dataset(c, train=False, batch_size=4) for r in
+          zip(batch["index"], batch["mask"], batch["skipped"], batch["images"],
+              batch["text_tokens"])]
+  rows = [r for r in rows if r[0] < n]
+  np.testing.assert_array_equal(sum(r[2] for r in rows), want)
+  assert sum(r[1] for r in rows) == good
+  by_id = {ids[r[0]]: r for r in rows}
+  upright = by_id["exif_rotated_jpeg"][3]  # 20 x 40 upright, blue on top after rotation
+  assert upright[2, 16, 2] > 0.5 and upright[2, 16, 0] < -0.5
+  np.testing.assert_allclose(by_id["png_16bit"][3], 128 / 127.5 - 1, atol=0.02)
+  np.testing.assert_allclose(by_id["rgba_png"][3], 1.0, atol=0.01)  # transparent -> white
+  unconditional = spm.pad([], 16)
+  for name in ("caption_empty", "caption_whitespace"):
+    np.testing.assert_array_equal(by_id[name][4], unconditional)
+  assert (by_id["caption_not_utf8"][4] != unconditional).any()
+  assert by_id["caption_huge"][4].min() > 0  # cut to 16 ids, no padding
+
+
+def test_training_skips_stay_counted_in_the_batches(data, tmp_path):
+  path, ids, want = bad_set(tmp_path)
+  c = config_for(data, "images", train=path, max_bad_fraction=1.0)
+  it = iter(pipeline.dataset(c, train=True, batch_size=2))
+  total = sum(b["skipped"].sum(0) for b in take(it, (len(ids) - want.sum()) // 2 * 3))
+  assert (total >= 2 * want).all() and total.sum() > 0  # 3 epochs read, at least 2 complete
+
+
+def test_too_many_bad_records_stop_the_run_naming_the_shard(data, tmp_path):
+  recs = h.image_records(10)
+  for r in recs[:4]:
+    r["image"] = b"broken"
+  path = h.write_set(tmp_path / "mostly_bad", recs, num_shards=1)
+  c = config_for(data, "images", train=path, max_bad_fraction=0.2)
+  with pytest.raises(records.DataError, match=r"mostly_bad/test-00000-of-00001.*max_bad_fraction"):
+    take(iter(pipeline.dataset(c, train=True, batch_size=2)), 10)
+
+
+def test_bad_data_configs_are_refused_naming_the_field(data):
+  with pytest.raises(common.ConfigError, match="data.kind='pixels'"):
+    c = config_for(data)
+    c.data.kind = "pixels"
+    pipeline.dataset(c, True, 2)
+  with pytest.raises(common.ConfigError, match="data.caption_dropout=1.5"):
+    pipeline.dataset(config_for(data, caption_dropout=1.5), True, 2)
+  with pytest.raises(common.ConfigError, match="data.train is empty"):
+    pipeline.dataset(config_for(data, train=""), True, 2)
+  with pytest.raises(records.DataError, match="metadata.json not found"):
+    pipeline.dataset(config_for(data, train=str(data["root"])), True, 2)
