@@ -1,8 +1,12 @@
 """The grain input pipeline: resume, process coverage, bad records, global arrays, tokens."""
 
+import subprocess
+import sys
+
 import data_helpers as h
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from parti_jax import config as common
 from parti_jax import sharding
@@ -221,3 +225,19 @@ def test_bad_data_configs_are_refused_naming_the_field(data):
     pipeline.dataset(config_for(data, train=""), True, 2)
   with pytest.raises(records.DataError, match="metadata.json not found"):
     pipeline.dataset(config_for(data, train=str(data["root"])), True, 2)
+
+
+def test_two_processes_encode_like_one(data, tmp_path):
+  """2 processes x 2 devices (gloo): each reads its part, builds global batches from its
+  rows and writes its own shard; together they hold exactly the one-process records."""
+  out = tmp_path / "tokens2"
+  run = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes", "2", "--devices_per_process", "2",
+       "--", sys.executable, "-m", "parti_jax.data.encode", "--data", data["images"],
+       "--out", str(out), "--spm", data["spm"], "--resolution", "32", "--text_len", "16",
+       "--batch_size", "8"], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stdout[-3000:]
+  two = records.ShardSet.open(out)
+  assert two.meta["num_shards"] == 2 and all(c > 0 for c in two.meta["shard_counts"])
+  by_id = lambda s: {r["id"]: r for r in s.read_all()}  # noqa: E731
+  assert by_id(two) == by_id(records.ShardSet.open(data["tokens"]))
