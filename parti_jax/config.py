@@ -88,7 +88,9 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.resolution = 256
   d.value_range = (-1.0, 1.0)  # pixels are scaled to this range
   d.caption_dropout = 0.1  # training: caption replaced by the unconditional input (guidance)
-  d.num_threads = 8  # threads reading and decoding records (PIL releases the GIL)
+  # Threads reading and decoding records; -1: 8 for images (PIL releases the GIL while it
+  # decodes), 0 for token records, which are so cheap that a pool only adds overhead.
+  d.num_threads = -1
   d.num_workers = 0  # > 0: batches are made in this many worker processes
   d.prefetch_batches = 2
   d.max_bad_fraction = 0.05  # a shard with more bad records than this stops the run

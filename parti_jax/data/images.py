@@ -104,3 +104,9 @@ def encode_png(pixels: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="PNG")
   return buf.getvalue()
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()

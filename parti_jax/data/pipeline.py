@@ -56,6 +56,7 @@ class Source:
           data_config.tfds_image_feature, data_config.tfds_caption_feature)
       self.shard_names = [spec]
       self.shard_counts = [len(self._records)]
+      self.shard_set = None
     else:
       shard_set = records.ShardSet.open(spec)
       self._records = grain.sources.ArrayRecordDataSource([str(p) for p in shard_set.paths])
@@ -63,7 +64,6 @@ class Source:
       self.shard_counts = shard_set.meta["shard_counts"]
       self.shard_set = shard_set
     self.num_records = int(sum(self.shard_counts))
-    self._starts = np.cumsum([0] + list(self.shard_counts))[:-1]
     self._length = self.num_records
 
   def pad_to(self, length: int) -> None:
@@ -77,7 +77,7 @@ class Source:
     return index, (self._records[index] if index < self.num_records else None)
 
   def shard_of(self, index: int) -> int:
-    return int(np.searchsorted(self._starts, index, side="right") - 1)
+    return self.shard_set.shard_of(index) if self.shard_set else 0
 
   def record(self, index: int) -> dict:
     """One decoded record (for tools that need the whole record, e.g. encode)."""
@@ -102,21 +102,22 @@ class Preprocess:
 
   def __call__(self, item, rng: np.random.Generator) -> dict:
     index, raw = item
-    example = self._empty(index)
+    example = dict(index=np.int32(index), shard=np.int32(self.shard_of(index)),
+                   skipped=np.zeros(len(records.SKIP_REASONS), np.int32), mask=np.int32(0))
     if raw is None:  # eval padding: masked, not a bad record
-      return example
+      return self._blank(example)
     try:
       record = records.unpack(raw) if isinstance(raw, bytes) else raw
       example.update(self._tokens(record, rng) if self.kind == "tokens" else
                      self._images(record, rng))
       example["mask"] = np.int32(1)
+      return example
     except records.BadRecord as e:
       example["skipped"][REASON_INDEX[e.reason]] = 1
-    return example
+      return self._blank(example)
 
-  def _empty(self, index: int) -> dict:
-    example = dict(mask=np.int32(0), index=np.int32(index), shard=np.int32(self.shard_of(index)),
-                   skipped=np.zeros(len(records.SKIP_REASONS), np.int32))
+  def _blank(self, example: dict) -> dict:
+    """Zeros of the right shapes for a masked row."""
     if self.kind == "tokens":
       example["image_tokens"] = np.zeros(self.image_grid ** 2, np.int32)
     else:
@@ -287,7 +288,8 @@ def dataset(config, train: bool, batch_size: int, process_index: int | None = No
       tokenizer=tokenizer_of(config) if d.kind == "images" else None, text_len=m.text_len,
       image_grid=m.image_grid, codebook_size=m.codebook_size, shard_of=source.shard_of)
   ds = ds.random_map(preprocess, seed=config.seed + 1)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads,
+  threads = d.num_threads if d.num_threads >= 0 else (0 if d.kind == "tokens" else 8)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=max(2 * batch_size, 16)))
   it = _CountBad(it, drop=train, shard_names=source.shard_names,
                  shard_counts=source.shard_counts, max_bad_fraction=d.max_bad_fraction)

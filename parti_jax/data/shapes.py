@@ -1,0 +1,619 @@
+"""The built-in compositional "shapes" dataset: colored shapes with grammar captions.
+
+  python -m parti_jax.data.shapes --out DIR --num N [--resolution 32] [--num_validation V]
+      [--num_heldout H] [--seed S] [--num_shards K] [--heldout_pairs red:star,blue:heart]
+      [--heldout_triples circle:above:triangle]
+
+writes three shard sets, DIR/train, DIR/validation and DIR/heldout, of PNG images with one
+caption each. Scenes hold 1 to 4 non-overlapping objects (6 shapes, 8 colors, 2 sizes) on
+a grey background; captions come from a fixed grammar of four kinds:
+
+  single    "a red circle", "a large blue square"
+  count     "three yellow stars"            (2 to 4 objects of one color and shape)
+  binding   "a red circle and a blue square"
+  relation  "a red circle to the left of a blue square"   (also right of, above, below)
+
+Some compositions are held out of train and validation: (color, shape) pairs on any
+object, and (object, relation, object) triples in relation scenes, where an object is a
+shape ("circle") or a colored shape ("red circle"). The converse of a held-out triple
+("a triangle below a circle" for "circle above triangle") shows the same picture, so it
+is held out too. The heldout split holds only scenes built around one of them, so a model
+trained on train can be scored on compositions it never saw.
+
+Every caption parses back (`parse_caption`) into the fields stored with its scene, and
+`caption_matches_scene` checks a caption against a scene's objects and geometry.
+"""
+
+import argparse
+import dataclasses
+import math
+import pathlib
+import time
+
+import numpy as np
+import tqdm
+from PIL import Image, ImageDraw
+
+from parti_jax.data import images, records
+
+BACKGROUND = (128, 128, 128)
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
+PLURALS = {s: s + "s" for s in SHAPES}
+# Largest side of an object as a fraction of the image side: far enough apart to tell
+# apart at a glance, and a small star still has visible points at 32 px.
+SIZES = {"small": 0.22, "large": 0.4}
+KINDS = ("single", "count", "binding", "relation")
+RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above",
+             "below": "below"}
+CONVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+SPLITS = ("train", "validation", "heldout")
+
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, exact flat colors
+BORDER = 0.03  # free margin between objects and the image edge, fraction of the side
+GAP = 0.04  # free space between objects' boxes, fraction of the side
+DOMINANCE = 2.0  # a relation's axis separation is at least this times the other axis'
+SIZE_WORD_PROB = 0.4  # how often a caption names an object's size
+MIN_RESOLUTION = 16
+FIELDS = ("id", "image", "captions", "extra")
+
+
+def _normalized(points) -> np.ndarray:
+  """Outline centred on its bounding box, longest side 1: objects fill their box."""
+  p = np.asarray(points, np.float64)
+  lo, hi = p.min(0), p.max(0)
+  return (p - (lo + hi) / 2) / (hi - lo).max()
+
+
+def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
+  # A fat inner radius keeps the arms distinct from a blob when a small star is 7 px wide.
+  angles = -math.pi / 2 + np.arange(2 * points) * math.pi / points
+  radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+  return np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
+
+
+def _heart(n: int = 64) -> np.ndarray:
+  t = np.linspace(0, 2 * math.pi, n, endpoint=False)
+  x = 16 * np.sin(t) ** 3
+  y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+  return np.stack([x, -y], 1)  # image y points down
+
+
+# Outlines in a unit box (circle is drawn as an ellipse); each shape's centre lies inside it,
+# so the pixel at an object's centre has the object's color.
+OUTLINES = {
+    "square": _normalized([(-1, -1), (1, -1), (1, 1), (-1, 1)]),
+    "triangle": _normalized([(0, -1), (1, 1), (-1, 1)]),
+    "star": _normalized(_star()),
+    "heart": _normalized(_heart()),
+    "diamond": _normalized([(0, -1), (0.8, 0), (0, 1), (-0.8, 0)]),
+}
+# (width, height) of each shape as a fraction of its size.
+EXTENTS = {"circle": (1.0, 1.0),
+           **{s: tuple(float(v) for v in np.ptp(p, 0)) for s, p in OUTLINES.items()}}
+
+
+def _pair(item) -> tuple[str, str]:
+  color, shape = item
+  if color not in COLORS or shape not in SHAPES:
+    raise ValueError(f"held-out pair {item!r}: color must be one of {list(COLORS)} and "
+                     f"shape one of {list(SHAPES)}")
+  return color, shape
+
+
+def _triple(item) -> tuple[str, str, str]:
+  first, relation, second = item
+  if relation not in RELATIONS:
+    raise ValueError(f"held-out triple {item!r}: relation must be one of {list(RELATIONS)}")
+  for obj in (first, second):
+    words = obj.split()
+    if not (len(words) in (1, 2) and words[-1] in SHAPES
+            and (len(words) == 1 or words[0] in COLORS)):
+      raise ValueError(f"held-out triple {item!r}: {obj!r} is not a shape ('circle') or a "
+                       "color and a shape ('red circle')")
+  return " ".join(first.split()), relation, " ".join(second.split())
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What a shapes dataset draws, and which compositions only the heldout split shows."""
+  resolution: int = 32
+  heldout_pairs: tuple = (("red", "star"), ("blue", "heart"))
+  heldout_triples: tuple = (("circle", "above", "triangle"),)
+
+  def __post_init__(self):
+    if self.resolution < MIN_RESOLUTION:
+      raise ValueError(f"resolution {self.resolution} < {MIN_RESOLUTION}: small shapes "
+                       "would be unrecognizable")
+    # Lists (from JSON or a CLI) become tuples, so specs stay hashable and comparable.
+    object.__setattr__(self, "heldout_pairs", tuple(_pair(p) for p in self.heldout_pairs))
+    object.__setattr__(self, "heldout_triples",
+                       tuple(_triple(t) for t in self.heldout_triples))
+
+
+# --- captions ----------------------------------------------------------------------------
+
+def _phrase(obj: dict, article: bool = True) -> str:
+  words = ([obj["size"]] if "size" in obj else []) + [obj["color"], obj["shape"]]
+  if article:
+    words.insert(0, "an" if words[0][0] in "aeiou" else "a")
+  return " ".join(words)
+
+
+def format_caption(fields: dict) -> str:
+  """The caption of `fields` (a scene's "caption_fields"); `parse_caption` inverts it."""
+  kind, objs = fields["kind"], fields["objects"]
+  if kind == "single":
+    return _phrase(objs[0])
+  if kind == "count":
+    *head, shape = _phrase(objs[0], article=False).split()
+    return " ".join([NUMBERS[fields["count"]], *head, PLURALS[shape]])
+  if kind == "binding":
+    return f"{_phrase(objs[0])} and {_phrase(objs[1])}"
+  if kind == "relation":
+    return f"{_phrase(objs[0])} {RELATIONS[fields['relation']]} {_phrase(objs[1])}"
+  raise ValueError(f"unknown caption kind {kind!r}")
+
+
+def _parse_object(words: list[str], i: int, nouns) -> tuple[dict, int]:
+  """One `[size] color shape` at words[i:]; returns (object, index after it)."""
+  obj = {}
+  if i < len(words) and words[i] in SIZES:
+    obj["size"] = words[i]
+    i += 1
+  if i + 1 >= len(words):
+    raise ValueError("caption ends inside an object")
+  if words[i] not in COLORS or words[i + 1] not in nouns:
+    raise ValueError(f"expected a color and a shape at {' '.join(words[i:i + 2])!r}")
+  obj["color"], obj["shape"] = words[i], nouns[words[i + 1]]
+  # Keys in caption order; dicts compare equal regardless, this only keeps printouts tidy.
+  return {k: obj[k] for k in ("size", "color", "shape") if k in obj}, i + 2
+
+
+def parse_caption(caption: str) -> dict:
+  """A caption of the shapes grammar -> its fields; raises ValueError for anything else.
+
+  Fields: kind; objects, a list of {"color", "shape"[, "size"]} ("size" only where the
+  caption names it; one object for a count); "count" for counts; "relation" for relations.
+  """
+  words = caption.split()
+  singular = {s: s for s in SHAPES}
+  try:
+    if words and words[0] in NUMBERS.values():
+      count = next(n for n, w in NUMBERS.items() if w == words[0])
+      obj, i = _parse_object(words, 1, {p: s for s, p in PLURALS.items()})
+      fields = {"kind": "count", "count": count, "objects": [obj]}
+    else:
+      if not words or words[0] not in ("a", "an"):
+        raise ValueError("expected 'a' or 'an' or a number word")
+      first, i = _parse_object(words, 1, singular)
+      fields = {"kind": "single", "objects": [first]}
+      if i < len(words):
+        fields, i = _parse_second(words, i, first, singular)
+    if i != len(words):
+      raise ValueError(f"unexpected words {' '.join(words[i:])!r}")
+  except IndexError:
+    raise ValueError(f"caption {caption!r} ends early") from None
+  except ValueError as e:
+    raise ValueError(f"caption {caption!r} is not in the shapes grammar: {e}") from None
+  return fields
+
+
+def _parse_second(words, i, first, singular) -> tuple[dict, int]:
+  """The rest of a binding ("and a ...") or relation ("above a ...") caption."""
+  if words[i] == "and":
+    kind, relation, i = "binding", None, i + 1
+  else:
+    kind = "relation"
+    relation = next((r for r, phrase in RELATIONS.items()
+                     if words[i:i + len(phrase.split())] == phrase.split()), None)
+    if relation is None:
+      raise ValueError(f"expected 'and' or a relation at {words[i]!r}")
+    i += len(RELATIONS[relation].split())
+  if words[i] not in ("a", "an"):
+    raise ValueError(f"expected 'a' or 'an' at {words[i]!r}")
+  second, i = _parse_object(words, i + 1, singular)
+  fields = {"kind": kind, "objects": [first, second]}
+  if relation:
+    fields["relation"] = relation
+  return fields, i
+
+
+def _describes(desc: dict, obj: dict) -> bool:
+  return all(obj[k] == v for k, v in desc.items())
+
+
+def relation_holds(first: dict, second: dict, relation: str, resolution: int) -> bool:
+  """Whether `first` is clearly `relation` `second` (objects in pixels of `resolution`).
+
+  Clearly: along the relation's axis their boxes are apart by at least half the gap the
+  sampler leaves, and the centres' separation along that axis is DOMINANCE times the one
+  across it, so no pair is both "left of" and "above".
+  """
+  axis = 0 if relation in ("left", "right") else 1
+  a, b = (first, second) if relation in ("left", "above") else (second, first)
+  along = b["center"][axis] - a["center"][axis]
+  across = abs(b["center"][1 - axis] - a["center"][1 - axis])
+  margin = GAP * resolution / 2
+  return a["bbox"][axis + 2] + margin <= b["bbox"][axis] and along >= DOMINANCE * across
+
+
+def caption_matches_scene(caption: str, scene: dict) -> bool:
+  """Whether the caption truly describes the scene: objects, count, sizes, geometry."""
+  try:
+    fields = parse_caption(caption)
+  except ValueError:
+    return False
+  objs, descs = scene["objects"], fields["objects"]
+  if fields["kind"] == "single":
+    return len(objs) == 1 and _describes(descs[0], objs[0])
+  if fields["kind"] == "count":
+    return len(objs) == fields["count"] and all(_describes(descs[0], o) for o in objs)
+  if len(objs) != 2:
+    return False
+  for a, b in (objs, objs[::-1]):
+    if _describes(descs[0], a) and _describes(descs[1], b) and (
+        fields["kind"] == "binding"
+        or relation_holds(a, b, fields["relation"], scene["resolution"])):
+      return True
+  return False
+
+
+# --- held-out compositions ---------------------------------------------------------------
+
+def _names(obj: dict, name: str) -> bool:
+  """Whether a triple's object name ("circle" or "red circle") names `obj`."""
+  words = name.split()
+  return words[-1] == obj["shape"] and (len(words) == 1 or words[0] == obj["color"])
+
+
+def is_heldout(scene: dict, spec: Spec) -> bool:
+  """Whether the scene shows a held-out pair on any object, or a held-out triple."""
+  pairs = set(spec.heldout_pairs)
+  if any((o["color"], o["shape"]) in pairs for o in scene["objects"]):
+    return True
+  if scene["kind"] != "relation":
+    return False
+  a, b = scene["objects"]
+  relation = scene["caption_fields"]["relation"]
+  return any((_names(a, x) and r == relation and _names(b, y))
+             or (_names(b, x) and r == CONVERSE[relation] and _names(a, y))
+             for x, r, y in spec.heldout_triples)
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+def _choice(rng, seq):
+  seq = list(seq)
+  return seq[int(rng.integers(len(seq)))]
+
+
+def _uniform(rng, lo: float, hi: float) -> float:
+  return lo + (hi - lo) * float(rng.random())
+
+
+def _random_object(rng) -> dict:
+  return {"color": _choice(rng, COLORS), "shape": _choice(rng, SHAPES),
+          "size": _choice(rng, SIZES)}
+
+
+def _other_object(rng, obj: dict) -> dict:
+  """A random object with a different color or shape, so two-object captions are unique."""
+  while True:
+    other = _random_object(rng)
+    if (other["color"], other["shape"]) != (obj["color"], obj["shape"]):
+      return other
+
+
+def _half(obj: dict, resolution: int) -> tuple[float, float]:
+  w, h = EXTENTS[obj["shape"]]
+  side = SIZES[obj["size"]] * resolution
+  return w * side / 2, h * side / 2
+
+
+def _round(values) -> list[float]:
+  return [round(float(v), 3) for v in values]  # short floats in msgpack and JSON dumps
+
+
+def _place(obj: dict, x: float, y: float, resolution: int) -> dict:
+  hw, hh = _half(obj, resolution)
+  return dict(obj, center=_round([x, y]), bbox=_round([x - hw, y - hh, x + hw, y + hh]))
+
+
+def _apart(a, b, gap: float) -> bool:
+  """Whether boxes (x0, y0, x1, y1) are at least `gap` apart along some axis."""
+  ax0, ay0, ax1, ay1 = a
+  bx0, by0, bx1, by1 = b
+  return ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0
+
+
+def _scatter(rng, objs: list[dict], resolution: int) -> list[dict]:
+  """Random non-overlapping positions inside the image, by rejection sampling."""
+  border, gap = BORDER * resolution, GAP * resolution
+  for _ in range(100):
+    boxes = []
+    for obj in objs:
+      hw, hh = _half(obj, resolution)
+      for _ in range(100):
+        x = _uniform(rng, hw + border, resolution - hw - border)
+        y = _uniform(rng, hh + border, resolution - hh - border)
+        box = (x - hw, y - hh, x + hw, y + hh)
+        if all(_apart(box, b, gap) for b in boxes):
+          boxes.append(box)
+          break
+      else:
+        break  # crowded: start the scene over
+    if len(boxes) == len(objs):
+      # Rounding moves a box by at most 0.0005 px, far less than the gap.
+      return [_place(o, (x0 + x1) / 2, (y0 + y1) / 2, resolution)
+              for o, (x0, y0, x1, y1) in zip(objs, boxes)]
+  raise RuntimeError(f"could not place {len(objs)} objects without overlap")
+
+
+def _arrange(rng, first: dict, second: dict, relation: str, resolution: int) -> list[dict]:
+  """Positions with `first` clearly `relation` `second`, drawn directly, not rejected.
+
+  The object leading along the axis (the left or top one) goes at p, the other at q, at
+  least both half-extents plus the gap further along; across the axis the second is at
+  most 1/DOMINANCE of that distance away from the first.
+  """
+  axis = 0 if relation in ("left", "right") else 1
+  lead, trail = (first, second) if relation in ("left", "above") else (second, first)
+  border, gap = BORDER * resolution, GAP * resolution
+  hl, ht = _half(lead, resolution), _half(trail, resolution)
+
+  def span(half, along):  # centre range keeping an object inside the image
+    h = half[axis if along else 1 - axis]
+    return h + border, resolution - h - border
+
+  def xy(along, across):
+    return (along, across) if axis == 0 else (across, along)
+
+  min_dist = hl[axis] + ht[axis] + gap
+  (lo_l, hi_l), (lo_t, hi_t) = span(hl, True), span(ht, True)
+  if lo_l > min(hi_l, hi_t - min_dist):
+    raise RuntimeError(f"a {relation} relation does not fit at {resolution} px")
+  for _ in range(100):
+    p = _uniform(rng, lo_l, min(hi_l, hi_t - min_dist))
+    q = _uniform(rng, max(lo_t, p + min_dist), hi_t)
+    p_across = _uniform(rng, *span(hl, False))
+    lo, hi = span(ht, False)
+    reach = (q - p) / DOMINANCE
+    lo, hi = max(lo, p_across - reach), min(hi, p_across + reach)
+    if lo > hi:
+      continue  # the lead hugs an edge the other object cannot reach: draw again
+    a = _place(lead, *xy(p, p_across), resolution)
+    b = _place(trail, *xy(q, _uniform(rng, lo, hi)), resolution)
+    a, b = (a, b) if lead is first else (b, a)
+    # Rounding to 3 decimals can nudge a boundary case; the stored values must hold.
+    if relation_holds(a, b, relation, resolution) and _apart(a["bbox"], b["bbox"], gap * 0.99):
+      return [a, b]
+  raise RuntimeError(f"could not arrange a {relation} relation at {resolution} px")
+
+
+def _caption_object(rng, obj: dict) -> dict:
+  desc = {"color": obj["color"], "shape": obj["shape"]}
+  if rng.random() < SIZE_WORD_PROB:
+    desc = dict(size=obj["size"], **desc)
+  return desc
+
+
+def _build(rng, kind: str, objs: list[dict], resolution: int, relation: str | None = None):
+  """Positions, caption fields and caption for objects already chosen."""
+  if kind == "relation":
+    placed = _arrange(rng, objs[0], objs[1], relation, resolution)
+  else:
+    placed = _scatter(rng, objs, resolution)
+  if kind == "count":
+    # One size word for the group: counted objects always share their size.
+    fields = {"kind": kind, "count": len(objs), "objects": [_caption_object(rng, objs[0])]}
+  else:
+    fields = {"kind": kind, "objects": [_caption_object(rng, o) for o in objs]}
+  if relation:
+    fields["relation"] = relation
+  scene = {"kind": kind, "resolution": resolution, "caption_fields": fields, "objects": placed}
+  return scene, format_caption(fields)
+
+
+def _group(rng, color: str, shape: str) -> list[dict]:
+  n = int(rng.integers(2, 5))
+  # Three or four large objects rarely fit without overlap; two can be either size.
+  size = _choice(rng, SIZES) if n == 2 else "small"
+  return [{"color": color, "shape": shape, "size": size} for _ in range(n)]
+
+
+def _sample_any(rng, resolution: int):
+  kind = _choice(rng, KINDS)
+  first = _random_object(rng)
+  if kind == "single":
+    return _build(rng, kind, [first], resolution)
+  if kind == "count":
+    return _build(rng, kind, _group(rng, first["color"], first["shape"]), resolution)
+  relation = _choice(rng, RELATIONS) if kind == "relation" else None
+  return _build(rng, kind, [first, _other_object(rng, first)], resolution, relation)
+
+
+def _sample_pair(rng, pair: tuple[str, str], resolution: int):
+  """A scene of a random kind with the held-out (color, shape) on one object."""
+  kind = _choice(rng, KINDS)
+  forced = {"color": pair[0], "shape": pair[1], "size": _choice(rng, SIZES)}
+  if kind == "single":
+    return _build(rng, kind, [forced], resolution)
+  if kind == "count":
+    return _build(rng, kind, _group(rng, *pair), resolution)
+  objs = [forced, _other_object(rng, forced)]
+  if rng.random() < 0.5:
+    objs.reverse()
+  relation = _choice(rng, RELATIONS) if kind == "relation" else None
+  return _build(rng, kind, objs, resolution, relation)
+
+
+def _sample_triple(rng, triple: tuple[str, str, str], resolution: int):
+  """A relation scene showing the held-out triple, with random colors where unnamed."""
+  first_name, relation, second_name = triple
+
+  def named(name):
+    words = name.split()
+    color = words[0] if len(words) == 2 else _choice(rng, COLORS)
+    return {"color": color, "shape": words[-1], "size": _choice(rng, SIZES)}
+
+  first = named(first_name)
+  for _ in range(100):
+    second = named(second_name)
+    if (second["color"], second["shape"]) != (first["color"], first["shape"]):
+      break  # a triple naming one colored shape twice keeps its (only) identical pair
+  return _build(rng, "relation", [first, second], resolution, relation)
+
+
+def sample_scene(rng: np.random.Generator, spec: Spec, split: str) -> tuple[dict, str]:
+  """One (scene, caption) of `split`: train and validation never show a held-out
+  composition; heldout always shows one, chosen uniformly among pairs and triples."""
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} is not one of {SPLITS}")
+  if split == "heldout":
+    targets = ([("pair", p) for p in spec.heldout_pairs]
+               + [("triple", t) for t in spec.heldout_triples])
+    if not targets:
+      raise ValueError("the heldout split needs held-out pairs or triples in the spec")
+    what, target = targets[int(rng.integers(len(targets)))]
+    sample = _sample_pair if what == "pair" else _sample_triple
+    scene, caption = sample(rng, target, spec.resolution)
+    assert is_heldout(scene, spec), scene
+    return scene, caption
+  for _ in range(1000):
+    scene, caption = _sample_any(rng, spec.resolution)
+    if not is_heldout(scene, spec):
+      return scene, caption
+  raise RuntimeError("the held-out compositions leave almost nothing to train on")
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+def render_scene(scene: dict, resolution: int | None = None) -> np.ndarray:
+  """The scene as uint8 [R, R, 3]; coordinates are rescaled if R differs from the scene's."""
+  resolution = resolution or scene["resolution"]
+  side = resolution * SUPERSAMPLE
+  scale = side / scene["resolution"]
+  canvas = Image.new("RGB", (side, side), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  for obj in scene["objects"]:
+    fill = COLORS[obj["color"]]
+    x0, y0, x1, y1 = (v * scale for v in obj["bbox"])
+    # PIL truncates coordinates and fills pixels on both ends of a span, so a span
+    # [x0, x1) in pixel edges, rounded, is passed as round(x0) .. round(x1) - 1.
+    if obj["shape"] == "circle":
+      draw.ellipse((round(x0), round(y0), round(x1) - 1, round(y1) - 1), fill=fill)
+    else:
+      # Unrounded vertices truncate to a span half a pixel too wide on each side on
+      # average; drawing the outline one pixel smaller corrects that without a bias.
+      cx, cy = (v * scale for v in obj["center"])
+      pts = OUTLINES[obj["shape"]] * (max(x1 - x0, y1 - y0) - 1) + (cx, cy)
+      draw.polygon([tuple(p) for p in pts.tolist()], fill=fill)
+  # reduce() averages each SUPERSAMPLE x SUPERSAMPLE block: a box filter, no ringing.
+  return np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.uint8)
+
+
+def make_record(spec: Spec, split: str, seed: int, index: int) -> dict:
+  """Record `index` of a split; its own random stream, so any prefix of a split is stable."""
+  rng = np.random.default_rng((seed, SPLITS.index(split), index))
+  scene, caption = sample_scene(rng, spec, split)
+  return {"id": f"shapes-{split}-{index:07d}",
+          "image": images.encode_png(render_scene(scene, spec.resolution)),
+          "captions": [caption], "extra": {"scene": scene}}
+
+
+def make_split(spec: Spec, split: str, num: int, seed: int = 0,
+               progress: bool = False) -> list[dict]:
+  """`num` records of `split`, the same bytes for the same arguments."""
+  return [make_record(spec, split, seed, i)
+          for i in tqdm.tqdm(range(num), desc=f"rendering {split}", unit="img",
+                             disable=not progress)]
+
+
+def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
+          num_heldout: int | None = None, seed: int = 0, num_shards: int = 1,
+          progress: bool = True) -> dict:
+  """Writes OUT/train, OUT/validation and OUT/heldout; returns counts and render speed."""
+  out_dir = pathlib.Path(out_dir)
+  default = max(num // 10, 1)
+  has_heldout = bool(spec.heldout_pairs or spec.heldout_triples)
+  if num_heldout is None:
+    num_heldout = default if has_heldout else 0
+  counts = {"train": num,
+            "validation": default if num_validation is None else num_validation,
+            "heldout": num_heldout}
+  seconds, shards = 0.0, {}
+  for split, count in counts.items():
+    start = time.perf_counter()
+    recs = make_split(spec, split, count, seed, progress)
+    seconds += time.perf_counter() - start
+    # Never an empty shard: a split smaller than num_shards gets one shard per record.
+    shards[split] = max(1, min(num_shards, count))
+    records.write_shard_set(
+        out_dir / split, f"shapes-{split}", "images", recs, shards[split],
+        made_by={"tool": "parti_jax.data.shapes", "num": num, "seed": seed}, fields=FIELDS,
+        split=split, resolution=spec.resolution, seed=seed, background=list(BACKGROUND),
+        colors={k: list(v) for k, v in COLORS.items()}, shapes=list(SHAPES),
+        sizes=dict(SIZES), relations=list(RELATIONS),
+        heldout_pairs=[list(p) for p in spec.heldout_pairs],
+        heldout_triples=[list(t) for t in spec.heldout_triples])
+  total = sum(counts.values())
+  return {"counts": counts, "shards": shards, "seconds": seconds,
+          "images_per_second": total / seconds if seconds else float("nan")}
+
+
+def _split_list(text: str, parts: int, what: str) -> tuple:
+  """"a:b,c:d" -> (("a", "b"), ("c", "d")); underscores stand for spaces ("red_circle")."""
+  items = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    fields = tuple(f.strip().replace("_", " ") for f in item.split(":"))
+    if len(fields) != parts:
+      raise argparse.ArgumentTypeError(f"{what} {item!r} needs {parts} ':'-separated parts")
+    items.append(fields)
+  return tuple(items)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True, help="writes OUT/train, OUT/validation, OUT/heldout")
+  p.add_argument("--num", type=int, required=True, help="training records")
+  p.add_argument("--resolution", type=int, default=32)
+  p.add_argument("--num_validation", type=int, default=None, help="default max(num // 10, 1)")
+  p.add_argument("--num_heldout", type=int, default=None, help="default max(num // 10, 1)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--num_shards", type=int, default=1, help="shards per split")
+  p.add_argument("--heldout_pairs", default="red:star,blue:heart",
+                 type=lambda s: _split_list(s, 2, "held-out pair"),
+                 help="color:shape,... never seen in train ('' for none)")
+  p.add_argument("--heldout_triples", default="circle:above:triangle",
+                 type=lambda s: _split_list(s, 3, "held-out triple"),
+                 help="object:relation:object,... with object 'circle' or 'red_circle'; "
+                      f"relations {', '.join(RELATIONS)} ('' for none)")
+  a = p.parse_args(argv)
+  try:
+    spec = Spec(a.resolution, a.heldout_pairs, a.heldout_triples)
+  except ValueError as e:
+    p.error(str(e))
+  if a.num_heldout and not (spec.heldout_pairs or spec.heldout_triples):
+    p.error("--num_heldout > 0 needs --heldout_pairs or --heldout_triples")
+  result = write(a.out, spec, a.num, a.num_validation, a.num_heldout, a.seed, a.num_shards)
+  for split, count in result["counts"].items():
+    print(f"{pathlib.Path(a.out) / split}: {count} records in {result['shards'][split]} "
+          "shard(s)")
+  total = sum(result["counts"].values())
+  print(f"rendered {total} images at {spec.resolution}x{spec.resolution} in "
+        f"{result['seconds']:.2f} s: {result['images_per_second']:.0f} images/s")
+
+
+if __name__ == "__main__":
+  main()
