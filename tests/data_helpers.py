@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from parti_jax.data import records, spm
@@ -77,3 +78,42 @@ def spm_model(path) -> str:
 def write_set(path, recs, num_shards=2, kind="images") -> str:
   records.write_shard_set(path, "test", kind, recs, num_shards, made_by={"by": "tests"})
   return str(path)
+
+
+# A TFDS dataset made in the tests (the name TFDS gives it: "ingest_tiny_captions").
+
+def tfds_png(i: int) -> bytes:
+  return encoded(Image.new("RGB", (5 + i, 4), (40 * i, 10, 200)), "PNG")
+
+
+def tfds_pixels(i: int) -> np.ndarray:
+  return np.full((4, 4, 3), 30 * i, np.uint8)
+
+
+class IngestTinyCaptions(tfds.core.GeneratorBasedBuilder):
+  """Six examples; number 3 has an empty caption."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        # Images given as PNG bytes: encoding numpy arrays would need TensorFlow.
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "caption": tfds.features.Text(),
+        "pixels": tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8),
+        "alt": tfds.features.Sequence(tfds.features.Text()),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(6):
+      yield i, {"image": tfds_png(i), "caption": "" if i == 3 else f"tfds caption {i}",
+                "pixels": tfds_pixels(i), "alt": [f"alt {i}", f"other {i}"]}
+
+
+def prepare_tfds(data_dir):
+  """Prepares IngestTinyCaptions in array_record format (no TensorFlow needed)."""
+  IngestTinyCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return data_dir

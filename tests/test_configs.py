@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, load_config
+
 from parti_jax import config as config_lib
 from parti_jax import inspect as inspect_lib
 from parti_jax import train_step as ts

@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import load_config
+from flax import nnx
 from helpers import random_batch, setup_on
+
 from parti_jax import model as model_lib
 from parti_jax import train_step as ts
-
 
 _forward = nnx.jit(lambda model, text, image: model(text, image))
 

@@ -11,7 +11,7 @@ from conftest import ROOT
 from parti_jax import config as common
 from parti_jax import sharding
 from parti_jax.data import encode as encode_lib
-from parti_jax.data import images, pipeline, records, spm
+from parti_jax.data import images, pipeline, records, spm, tfds_source
 
 REASONS = records.SKIP_REASONS
 
@@ -241,3 +241,24 @@ def test_two_processes_encode_like_one(data, tmp_path):
   assert two.meta["num_shards"] == 2 and all(c > 0 for c in two.meta["shard_counts"])
   by_id = lambda s: {r["id"]: r for r in s.read_all()}  # noqa: E731
   assert by_id(two) == by_id(records.ShardSet.open(data["tokens"]))
+
+
+def test_a_tfds_source_is_read_directly(data, tmp_path):
+  h.prepare_tfds(tmp_path)
+  c = config_for(data, "images", train="tfds:ingest_tiny_captions/train",
+                 eval="tfds:ingest_tiny_captions/train", tfds_data_dir=str(tmp_path))
+  batches = list(pipeline.dataset(c, train=False, batch_size=4))
+  rows = [(int(i), img, text) for b in batches
+          for i, m, img, text in zip(b["index"], b["mask"], b["images"], b["text_tokens"]) if m]
+  assert sorted(i for i, _, _ in rows) == list(range(6))
+  tok = spm.Tokenizer(data["spm"], 16)
+  source = tfds_source.tfds_records("ingest_tiny_captions", str(tmp_path), "train", "image",
+                                    "caption")
+  for i, img, text in rows:
+    record = source[i]
+    want = images.square(images.open_image(record["image"]), 32)
+    np.testing.assert_allclose(img, images.to_model_range(want, -1, 1), atol=1e-6)
+    np.testing.assert_array_equal(text, tok.encode(spm.clean_caption(record["captions"][0])[0]))
+  c.data.tfds_image_feature = "no_such_feature"
+  with pytest.raises(records.DataError, match="no feature 'no_such_feature'"):
+    pipeline.dataset(c, train=True, batch_size=4)

@@ -5,10 +5,10 @@ import math
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
-
 from conftest import load_config
 from helpers import random_batch, setup_on
+from jax.sharding import PartitionSpec as P
+
 from parti_jax import sharding
 from parti_jax import train_step as ts
 

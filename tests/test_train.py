@@ -2,9 +2,9 @@
 
 import jax
 import numpy as np
-
 from conftest import load_config
 from helpers import random_batch, setup_on
+
 from parti_jax import train_step as ts
 
 

@@ -32,13 +32,12 @@ def open_image(data: bytes, target: int | None = None, max_pixels: int = DEFAULT
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # PIL warns on odd but readable files; we only count skips
       img = Image.open(io.BytesIO(data))
-      if target and img.format == "JPEG":
-        w, h = img.size
+      w, h = img.size
+      if w * h > max_pixels:
+        raise BadRecord("image_too_large", f"{w}x{h} > {max_pixels} pixels")
+      if target and img.format == "JPEG" and min(w, h) >= 2 * target:
         scale = min(w, h) / target
-        if scale >= 2:
-          img.draft(img.mode, (int(w / scale), int(h / scale)))
-      if img.size[0] * img.size[1] > max_pixels:
-        raise BadRecord("image_too_large", f"{img.size[0]}x{img.size[1]} > {max_pixels} pixels")
+        img.draft(img.mode, (int(w / scale), int(h / scale)))
       img.load()
       return _upright_rgb(img)
   except BadRecord:
@@ -110,3 +109,25 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
   return buf.getvalue()
+
+
+def rgb_array(pixels: np.ndarray) -> np.ndarray:
+  """A decoded image array ([H, W], [H, W, 1|3|4], uint8) as uint8 [H, W, 3].
+
+  Alpha is composited over white, as `images.open_image` does for files.
+  """
+  a = np.asarray(pixels)
+  if a.dtype != np.uint8 or a.ndim not in (2, 3) or a.size == 0:
+    raise BadRecord("corrupt_image", f"array {a.dtype}{list(a.shape)} is not uint8 [H, W, C]")
+  if a.ndim == 2:
+    a = a[..., None]
+  channels = a.shape[-1]
+  if channels == 1:
+    return np.repeat(a, 3, axis=-1)
+  if channels == 4:
+    alpha = a[..., 3:].astype(np.float32) / 255.0
+    rgb = a[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+  if channels != 3:
+    raise BadRecord("corrupt_image", f"array with {channels} channels")
+  return a

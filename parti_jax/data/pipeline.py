@@ -31,7 +31,7 @@ from absl import flags
 
 from parti_jax import sharding
 from parti_jax.data import images as image_lib
-from parti_jax.data import records, spm
+from parti_jax.data import records, spm, tfds_source
 
 REASON_INDEX = {r: i for i, r in enumerate(records.SKIP_REASONS)}
 TFDS_PREFIX = "tfds:"
@@ -49,9 +49,8 @@ class Source:
   def __init__(self, spec: str, data_config):
     self.spec = spec
     if spec.startswith(TFDS_PREFIX):
-      from parti_jax.data import ingest  # TFDS is imported only when it is used
       name, _, split = spec[len(TFDS_PREFIX):].partition("/")
-      self._records = ingest.tfds_records(
+      self._records = tfds_source.tfds_records(
           name, data_config.tfds_data_dir or None, split or "train",
           data_config.tfds_image_feature, data_config.tfds_caption_feature)
       self.shard_names = [spec]
@@ -135,11 +134,13 @@ class Preprocess:
     return self.train and rng.random() < self.caption_dropout
 
   def _images(self, record: dict, rng) -> dict:
+    if record.get("error"):  # a TFDS element that could not be read
+      raise records.BadRecord("undecodable_record", record["error"])
     data = record.get("image")
     if data is None:
       raise records.BadRecord("missing_image", "no image field")
     if isinstance(data, np.ndarray):  # TFDS Tensor features arrive decoded
-      img = image_lib.Image.fromarray(data.astype(np.uint8))
+      img = image_lib.Image.fromarray(image_lib.rgb_array(data))
     else:
       img = image_lib.open_image(bytes(data), self.resolution, self.max_pixels)
     offset = rng.random() if self.train else None

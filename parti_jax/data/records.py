@@ -103,6 +103,8 @@ class ShardWriter:
 
   def close(self) -> None:
     self._writer.close()
+    with open(self._tmp, "rb") as f:  # on disk before the name says "finished"
+      os.fsync(f.fileno())
     os.replace(self._tmp, self.path)
 
   def abort(self) -> None:
