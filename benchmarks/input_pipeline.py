@@ -1,6 +1,6 @@
 """Input pipeline throughput on this machine, against what the tiny config's training eats.
 
-  python benchmarks/input_pipeline.py [--images 512] [--batches 20] [--num_threads 8]
+  python benchmarks/input_pipeline.py [--images 512] [--batches 20] [--num_workers 0]
 
 Makes a shard set of photo-like JPEGs (short side 256-512 px, quality 90, a caption of
 10-20 words each), a SentencePiece model and token shards of them (copied up to 16k records; built-in colour
@@ -24,7 +24,6 @@ import numpy as np
 from parti_jax import config as common
 from parti_jax.data import encode, images, pipeline, records, spm
 
-TOKEN_RECORDS = 16_384
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("a photo of red blue green small large dog cat tree house car on the in with near "
          "under over beside two three sunny rainy street field river city old new painting "
@@ -41,7 +40,7 @@ def photo(rng: np.random.Generator) -> np.ndarray:
   return np.clip(base, 0, 255).astype(np.uint8)
 
 
-def make_data(root: str, n: int) -> dict:
+def make_data(root: str, n: int, token_records: int = 16_384) -> dict:
   """JPEG shard set, SentencePiece model and token shards under `root`."""
   rng = np.random.default_rng(0)
   recs = []
@@ -59,7 +58,7 @@ def make_data(root: str, n: int) -> dict:
   # Token records are small and cheap to read, so the timing should not be dominated by a
   # tiny set: grain's index shuffle costs ~45,000/N microseconds per record for N records
   # (350 us at N=128, 7 us past 10,000). Copies of the encoded records make a 16k set.
-  copies = max(1, TOKEN_RECORDS // n)
+  copies = max(1, token_records // n)
   token_recs = [dict(r, id=f"{r['id']}/{k}") for k in range(copies)
                 for r in records.ShardSet.open(encoded).read_all()]
   tokens = os.path.join(root, "tokens")
@@ -95,13 +94,15 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--images", type=int, default=512)
   p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--token_records", type=int, default=16_384, help="size of the token set")
   p.add_argument("--batches", type=int, default=20, help="timed batches (after 3 warm-up)")
-  p.add_argument("--num_threads", type=int, default=8)
+  p.add_argument("--num_threads", type=int, default=-1,
+                 help="data.num_threads; -1: 8 for JPEGs, 0 for token records (the default)")
   p.add_argument("--num_workers", type=int, default=0)
   a = p.parse_args(argv)
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as root:
-    data = make_data(root, a.images)
+    data = make_data(root, a.images, a.token_records)
     c = common.tiny_model(common.base())
     c.data.update(kind="images", train=data["jpeg"], spm_model=data["spm"], resolution=256,
                   num_threads=a.num_threads, num_workers=a.num_workers)

@@ -66,3 +66,14 @@ def test_two_processes_train_like_one(tmp_path):
   two = json.loads(reports[-1][len("[0] "):])
   assert (one["num_devices"], two["num_devices"]) == (4, 4)
   assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
+
+
+def test_input_pipeline_benchmark_reports_consistent_figures():
+  r = _last_json(["benchmarks/input_pipeline.py", "--images", "24", "--batches", "2",
+                  "--batch_size", "8", "--token_records", "1024"])
+  assert r["cores"] >= 1 and r["tiny_training_devices"] >= 1
+  for kind in ("jpeg_256px_images", "token_examples"):
+    assert r[f"{kind}_per_s"] > 0
+    assert r[f"{kind}_per_s_per_core"] == pytest.approx(r[f"{kind}_per_s"] / r["cores"], abs=0.1)
+  assert r["token_pipeline_over_tiny_training"] == pytest.approx(
+      r["token_examples_per_s"] / r["tiny_training_examples_per_s"], rel=0.02)

@@ -84,6 +84,36 @@ class Source:
     return records.unpack(raw) if isinstance(raw, bytes) else raw
 
 
+MASK64 = (1 << 64) - 1
+GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+class Draws:
+  """Uniform draws for one record, from a hash of (seed, position in the global stream).
+
+  grain's `random_map` seeds a numpy Generator for every record, which costs as much as
+  reading a token record; a record needs at most three draws, so they come from a
+  SplitMix64 counter instead. Keyed on the position in the one global order (epoch
+  included), a record's draws do not depend on how many processes read the data.
+  """
+
+  def __init__(self, seed: int, position: int):
+    self._state = (_splitmix(seed & MASK64) + position * GOLDEN64) & MASK64
+
+  def random(self) -> float:
+    self._state = (self._state + GOLDEN64) & MASK64
+    return (_splitmix(self._state) >> 11) * 2.0 ** -53
+
+  def integers(self, n: int) -> int:
+    return min(int(self.random() * n), n - 1)
+
+
+def _splitmix(z: int) -> int:
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+  return z ^ (z >> 31)
+
+
 @dataclasses.dataclass
 class Preprocess:
   """Raw record -> one example dict of fixed shapes; a bad record -> a masked marker."""
@@ -98,9 +128,14 @@ class Preprocess:
   image_grid: int
   codebook_size: int
   shard_of: object  # index -> shard number
+  seed: int
+  process_index: int
+  process_count: int
 
-  def __call__(self, item, rng: np.random.Generator) -> dict:
+  def __call__(self, position: int, item) -> dict:
     index, raw = item
+    # This process reads positions p, p + n, p + 2n, ... of the global order.
+    rng = Draws(self.seed, self.process_index + position * self.process_count)
     example = dict(index=np.int32(index), shard=np.int32(self.shard_of(index)),
                    skipped=np.zeros(len(records.SKIP_REASONS), np.int32), mask=np.int32(0))
     if raw is None:  # eval padding: masked, not a bad record
@@ -287,8 +322,9 @@ def dataset(config, train: bool, batch_size: int, process_index: int | None = No
       kind=d.kind, train=train, resolution=d.resolution, value_range=tuple(d.value_range),
       caption_dropout=d.caption_dropout, max_pixels=d.max_pixels,
       tokenizer=tokenizer_of(config) if d.kind == "images" else None, text_len=m.text_len,
-      image_grid=m.image_grid, codebook_size=m.codebook_size, shard_of=source.shard_of)
-  ds = ds.random_map(preprocess, seed=config.seed + 1)
+      image_grid=m.image_grid, codebook_size=m.codebook_size, shard_of=source.shard_of,
+      seed=config.seed + 1, process_index=p, process_count=n)
+  ds = ds.map_with_index(preprocess)
   threads = d.num_threads if d.num_threads >= 0 else (0 if d.kind == "tokens" else 8)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=max(2 * batch_size, 16)))

@@ -33,7 +33,8 @@ from array_record.python import array_record_module
 METADATA = "metadata.json"
 FORMAT = "parti_jax.records/1"
 # group_size 1: every record is its own chunk, so a random read decodes one record.
-WRITER_OPTIONS = "group_size:1"
+# Uncompressed: images are stored compressed already and token records are tiny.
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 # Why a record was skipped. A fixed order, so counts travel as int vectors through the
 # input pipeline and sum across processes; metrics name them `skipped/<reason>`.
