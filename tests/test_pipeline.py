@@ -262,3 +262,27 @@ def test_a_tfds_source_is_read_directly(data, tmp_path):
   c.data.tfds_image_feature = "no_such_feature"
   with pytest.raises(records.DataError, match="no feature 'no_such_feature'"):
     pipeline.dataset(c, train=True, batch_size=4)
+
+
+def test_random_choices_do_not_depend_on_the_number_of_processes(data):
+  """Caption dropout is drawn per position in the global order, not per process."""
+  c = config_for(data, caption_dropout=0.5)
+  one = next(iter(pipeline.dataset(c, train=True, batch_size=20)))
+  two = [next(iter(pipeline.dataset(c, train=True, batch_size=10, process_index=p,
+                                    process_count=2))) for p in range(2)]
+  # Process p holds global positions p, p + 2, ...: interleave them back.
+  for key in ("index", "text_tokens"):
+    np.testing.assert_array_equal(one[key][0::2], two[0][key])
+    np.testing.assert_array_equal(one[key][1::2], two[1][key])
+  dropped = (one["text_tokens"] == spm.pad([], 16)).all(axis=1).mean()
+  assert 0.15 < dropped < 0.85  # 20 draws at p = 0.5
+
+
+def test_draws_are_uniform_and_keyed_on_seed_and_position():
+  u = np.array([pipeline.Draws(7, i).random() for i in range(4000)])
+  assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
+  assert np.histogram(u, bins=10, range=(0, 1))[0].min() > 300  # 400 expected per bin
+  assert pipeline.Draws(7, 3).random() == pipeline.Draws(7, 3).random()
+  assert pipeline.Draws(7, 3).random() != pipeline.Draws(8, 3).random()
+  ints = [pipeline.Draws(1, i).integers(3) for i in range(300)]
+  assert set(ints) == {0, 1, 2}
