@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import app, flags
@@ -32,26 +31,6 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (overri
 _FIND_MAX_BATCH = flags.DEFINE_bool(
     "find_max_batch", False, "Double the global batch until it no longer fits; time the largest.")
 
-# bf16 dense peak TFLOP/s per chip, by substring of jax's device_kind.
-SPEC_PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0, "H200": 989.0,
-}
-
-
-def cpu_matmul_peak_tflops(n: int = 2048, reps: int = 20) -> float:
-  """Best float32 matrix-product throughput of this host, in TFLOP/s."""
-  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32))
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best / 1e12
-
-
 def peak_tflops_per_device(cpu_peak_before: float | None) -> tuple[float, str]:
   if _PEAK.value:
     return _PEAK.value, "--peak_tflops"
@@ -60,11 +39,11 @@ def peak_tflops_per_device(cpu_peak_before: float | None) -> tuple[float, str]:
     # A shared CPU's speed drifts: take the best of a measurement before and one after
     # the timed steps (the higher peak gives the lower, safer MFU). Simulated CPU
     # devices share the host's cores, so each gets an equal share.
-    peak = max(cpu_peak_before, cpu_matmul_peak_tflops())
+    peak = max(cpu_peak_before, flops.cpu_matmul_peak_tflops())
     return peak / jax.local_device_count(), "measured float32 matmul (best of 2x20)"
-  for name, peak in SPEC_PEAK_TFLOPS.items():
-    if name in device.device_kind:
-      return peak, f"bf16 spec of {name}"
+  spec = flops.spec_peak_tflops(device.device_kind)
+  if spec:
+    return spec
   sys.exit(f"no peak TFLOP/s known for device kind {device.device_kind!r}; pass --peak_tflops")
 
 
@@ -118,7 +97,7 @@ def main(argv):
     sys.exit(f"error: {e}")
 
   on_cpu = jax.devices()[0].platform == "cpu"
-  cpu_peak_before = cpu_matmul_peak_tflops() if on_cpu and not _PEAK.value else None
+  cpu_peak_before = flops.cpu_matmul_peak_tflops() if on_cpu and not _PEAK.value else None
   result = time_steps(config, _STEPS.value)
   while _FIND_MAX_BATCH.value:
     bigger = config.copy_and_resolve_references()

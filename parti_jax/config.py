@@ -28,6 +28,7 @@ DEFAULT_RULES = (
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "parti"  # what the trainer trains (parti_jax.train.TASKS)
   c.seed = 0
   c.global_batch_size = 8192
   c.grad_accum_steps = 1  # micro-batches per step; gradients are averaged over them
@@ -72,7 +73,26 @@ def base() -> ml_collections.ConfigDict:
   s.final_ratio = 0.025  # ... and reaches this fraction of the peak at num_train_steps
 
   c.data = data_defaults()
+  c.train = train_defaults()
+  c.init_from = ""  # a run's workdir (or checkpoint step dir) whose parameters start this one
   return c
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+  """`config.train`: the training loop, checkpoints, faults, metrics."""
+  t = ml_collections.ConfigDict()
+  t.log_every = 100  # steps between metric writes (and progress lines off a terminal)
+  t.eval_every = 5000  # steps between evaluations on data.eval (0: never; always at the end)
+  t.eval_batch_size = 0  # 0: global_batch_size
+  t.checkpoint_every = 1000  # steps between (asynchronous) checkpoints; always at the end
+  t.keep_checkpoints = 3  # the last K are kept ...
+  t.keep_every = 0  # ... and every checkpoint whose step is a multiple of this (0: none)
+  t.async_checkpoints = True
+  t.nan_policy = "skip"  # a non-finite loss or gradient: "skip" the update, or "halt"
+  t.max_consecutive_skips = 20  # this many skipped updates in a row stop the run
+  t.inject_nan_steps = ()  # fault injection (tests): these steps get a NaN loss
+  t.profile_steps = ()  # (first, last): capture a jax.profiler trace of these steps
+  return t
 
 
 def data_defaults() -> ml_collections.ConfigDict:
@@ -121,6 +141,7 @@ def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.schedule.name = "warmup_constant"
   c.schedule.warmup_steps = 10
   c.num_train_steps = 200
+  c.train.update(log_every=10, eval_every=100, checkpoint_every=50)
   return c
 
 

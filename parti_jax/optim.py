@@ -50,4 +50,12 @@ def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   else:
     tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=momentum_dtype,
                      mask=_decay_mask)
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  # A step whose gradients are not finite leaves parameters and optimizer state as they
+  # were; optax counts such steps in the state (notfinite_count, total_notfinite). The
+  # trainer stops the run after `train.max_consecutive_skips` of them in a row, so
+  # optax's own limit, after which it would apply non-finite updates, is never reached.
+  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx),
+                               max_consecutive_errors=NEVER)
+
+
+NEVER = 2 ** 31 - 1

@@ -73,9 +73,9 @@ def named(mesh: Mesh, logical_specs: Any, rules: Rules) -> Any:
                       is_leaf=lambda s: isinstance(s, P))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  """Inputs: leading axis over the batch mesh axes, the rest whole."""
-  return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), rules))
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Inputs of any rank: the leading (batch) axis over the batch mesh axes, the rest whole."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
 
 
 def _drop_dim(spec: P, param_shape, leaf_shape) -> P:

@@ -134,20 +134,39 @@ def loss_and_grads(setup: Setup, params, batch, dropout_key):
 
 
 def train_step(setup: Setup, state: TrainState, batch) -> tuple[TrainState, dict]:
+  """One update. Non-finite gradients skip it (optax.apply_if_finite in `optim.make`):
+  parameters and optimizer state stay as they were, so a NaN never reaches a checkpoint."""
   dropout_key = jax.random.fold_in(state.rng, state.step)
   if setup.config.model.dropout_rate == 0:
     dropout_key = None
   loss, accuracy, grads = loss_and_grads(setup, state.params, batch, dropout_key)
+  injected = setup.config.train.inject_nan_steps
+  if injected:  # fault injection, for the tests of the guard
+    poison = jnp.where(jnp.isin(state.step, jnp.asarray(injected)), jnp.nan, 1.0)
+    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(loss=loss, accuracy=accuracy, grad_norm=optax.tree.norm(grads),
-                 learning_rate=setup.schedule(state.step))
+                 learning_rate=setup.schedule(state.step),
+                 update_skipped=1 - opt_state.last_finite.astype(jnp.int32),
+                 consecutive_skips=opt_state.notfinite_count)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(setup: Setup, params, batch) -> dict:
-  loss, accuracy = _forward_loss(setup, params, batch, None)
-  return dict(loss=loss, accuracy=accuracy)
+  """Loss and accuracy over the rows whose `mask` is 1 (all rows without a mask).
+
+  `weight` is the number of rows counted, so that batches combine into a weighted mean.
+  """
+  logits = setup.model(params)(batch["text_tokens"], batch["image_tokens"], None)
+  targets = batch["image_tokens"]
+  mask = batch.get("mask", jnp.ones(targets.shape[:1], jnp.int32)).astype(jnp.float32)
+  per_row_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(-1)
+  per_row_acc = (jnp.argmax(logits, -1) == targets).mean(-1)
+  weight = mask.sum()
+  safe = jnp.maximum(weight, 1.0)
+  return dict(loss=(per_row_loss * mask).sum() / safe,
+              accuracy=(per_row_acc * mask).sum() / safe, weight=weight)
 
 
 def _with_activation_mesh(setup: Setup, fn: Callable) -> Callable:

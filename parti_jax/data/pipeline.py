@@ -358,7 +358,7 @@ class Loader:
       raise ConfigError(f"batch size {self.global_batch} is not divisible by the "
                         f"{jax.process_count()} processes")
     rules = sharding.rules_of(config)
-    self._shardings = {n: sharding.batch_sharding(mesh, rules, n) for n in (1, 2, 4)}
+    self._sharding = sharding.batch_sharding(mesh, rules)
     self._dataset = dataset(config, train, self.global_batch // jax.process_count())
     self.iterator = iter(self._dataset)
     self.data_wait_s = 0.0
@@ -371,7 +371,7 @@ class Loader:
     local = next(self.iterator)
     self.data_wait_s += time.perf_counter() - start
     return {k: jax.make_array_from_process_local_data(
-        self._shardings[v.ndim], v, (self.global_batch,) + v.shape[1:]) for k, v in local.items()}
+        self._sharding, v, (self.global_batch,) + v.shape[1:]) for k, v in local.items()}
 
   def get_state(self) -> dict:
     return self.iterator.get_state()

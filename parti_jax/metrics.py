@@ -1,0 +1,75 @@
+"""What a run reports: TensorBoard event files, a JSONL log, and progress on the terminal.
+
+Only process 0 writes. WORKDIR/metrics.jsonl holds one JSON object per write (`step`
+plus the scalars); WORKDIR/tensorboard/ holds the event files (`tensorboard --logdir
+WORKDIR`). On an interactive terminal a tqdm bar shows progress and the latest loss;
+otherwise (logs of a pod job) each write is also printed as one plain line.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from etils import epath
+
+
+class Writer:
+
+  def __init__(self, workdir, total_steps: int, start_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self._interactive = sys.stderr.isatty()
+    self._tb = None
+    self._bar = None
+    if not self.enabled:
+      return
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = (workdir / "metrics.jsonl").open("a")
+    from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+    self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
+    if self._interactive:
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps(dict(step=step, time=time.time(), **values)) + "\n")
+    self._jsonl.flush()
+    if not self._interactive:
+      shown = " ".join(f"{k}={_short(v)}" for k, v in values.items() if "/" not in k or
+                       k.startswith("eval/"))
+      print(f"step {step}: {shown}", flush=True)
+
+  def image(self, step: int, name: str, pixels: np.ndarray) -> None:
+    """A uint8 [H, W, 3] image (e.g. a grid of samples) in TensorBoard."""
+    if self.enabled:
+      self._tb.add_image(name, pixels, step, dataformats="HWC")
+
+  def progress(self, step: int, **postfix) -> None:
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=True)
+
+  def log(self, message: str) -> None:
+    """A line for the person running the job (process 0 only), clear of the progress bar."""
+    if self.enabled:
+      tqdm.tqdm.write(message, file=sys.stderr)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def _short(v) -> str:
+  v = float(v)
+  return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"

@@ -1,0 +1,292 @@
+"""The trainer.
+
+  python -m parti_jax.train --config configs/NAME.py --workdir DIR [--config.FIELD=VALUE ...]
+
+Starting in a work directory that holds checkpoints resumes from the newest readable one
+(model, optimizer, step, RNG and every process's data iterator), so an interrupted run
+continues exactly as if it had not stopped. The first start saves the resolved config
+as DIR/config.json; a restart that changes a field the checkpoints' shapes depend on is
+refused. `--config.init_from=RUN_DIR` starts from another run's parameters.
+
+SIGTERM (a TPU preemption) or Ctrl-C: the step in flight finishes, a checkpoint is
+written and the process exits with status 75 (EX_TEMPFAIL: "stopped, start me again").
+An update whose gradients are not finite is skipped and counted; `train.nan_policy="halt"`
+stops at the first one instead, and `train.max_consecutive_skips` in a row stop the run.
+
+Process 0 writes DIR/metrics.jsonl and TensorBoard event files under DIR/tensorboard:
+loss, accuracy, learning rate, gradient norm, step time, image tokens/s, TFLOP/s per
+device and MFU (as benchmarks/train_throughput.py computes them), skipped records (by
+reason) and updates, data-wait time, and evaluation loss and accuracy on `data.eval`.
+"""
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from parti_jax import checkpoints, distributed, flops, sharding
+from parti_jax import config as config_lib
+from parti_jax import metrics as metrics_lib
+from parti_jax import train_step as ts
+from parti_jax.data import pipeline, records
+
+PREEMPTED_EXIT_CODE = os.EX_TEMPFAIL  # 75
+
+
+class Preempted(Exception):
+  """Stopped by SIGTERM or Ctrl-C after saving a checkpoint."""
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (non-finite updates); the message says why and where."""
+
+
+@dataclasses.dataclass
+class Task:
+  """What the loop needs from a model family; one trainer serves every stage.
+
+  `inputs`: the batch fields the steps take. `train_step(state, batch) -> (state, metrics)`
+  and `eval_step(params, batch) -> metrics` (weighted by `weight`) are jitted on the mesh.
+  """
+  setup: ts.Setup
+  inputs: tuple[str, ...]
+  train_step: Callable
+  eval_step: Callable
+  step_flops: float  # model FLOPs of one train step (the numerator of MFU)
+  tokens_per_example: int  # image tokens predicted per example
+
+
+def parti_task(config, mesh) -> Task:
+  setup = ts.Setup(config, mesh)
+  return Task(setup, ("text_tokens", "image_tokens"), ts.jit_train_step(setup),
+              ts.jit_eval_step(setup), flops.train_step_flops(config),
+              config.model.image_grid ** 2)
+
+
+TASKS = {"parti": parti_task}
+
+
+class StopRequest:
+  """Turns SIGTERM and the first Ctrl-C into a request the loop honours between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.requested = True
+
+  def __exit__(self, *_):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self) -> bool:
+    """True on every process once any process was asked to stop (they stop together)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
+
+def peak_tflops_per_device() -> tuple[float, str]:
+  device = jax.devices()[0]
+  spec = flops.spec_peak_tflops(device.device_kind)
+  if spec:
+    return spec
+  # A CPU (or an accelerator without a known spec): measure a float32 matrix product once,
+  # shared by the host's simulated devices.
+  return (flops.cpu_matmul_peak_tflops(n=1024, reps=10) / jax.local_device_count(),
+          "measured float32 matmul")
+
+
+def evaluate(config, task: Task, params) -> dict:
+  """Loss and accuracy over the whole of `data.eval` (padding rows masked out)."""
+  batch_size = config.train.eval_batch_size or config.global_batch_size
+  results = [task.eval_step(params, {k: b[k] for k in (*task.inputs, "mask")})
+             for b in pipeline.eval_batches(config, task.setup.mesh, batch_size)]
+  results = jax.device_get(results)
+  weight = sum(float(r["weight"]) for r in results)
+  return {f"eval/{k}": sum(float(r[k]) * float(r["weight"]) for r in results) / max(weight, 1)
+          for k in results[0] if k != "weight"} | {"eval/examples": weight}
+
+
+def train(config: ml_collections.ConfigDict, workdir, devices=None,
+          stop_after_step: int | None = None) -> dict:
+  """Trains to `config.num_train_steps` (or `stop_after_step`, to test interruptions).
+
+  Returns the last metrics written. Raises Preempted after saving on SIGTERM/Ctrl-C.
+  """
+  devices = devices or jax.devices()
+  if "://" not in str(workdir):  # orbax wants absolute local paths; buckets stay as given
+    workdir = os.path.abspath(workdir)
+  config_lib.check(config, len(devices))
+  pipeline.check(config)
+  t = config.train
+  mesh = sharding.make_mesh(config, devices)
+  task = TASKS[config.task](config, mesh)
+  checkpoints.check_config(workdir, config)
+  ckpt = checkpoints.Checkpoints(workdir, config)
+  loader = pipeline.Loader(config, mesh, train=True)
+  total = config.num_train_steps
+  writer = metrics_lib.Writer(workdir, total)
+  state, start = ckpt.restore_latest(task.setup.abstract_state(), loader.iterator, writer.log)
+  if state is None:
+    state = task.setup.init_state()
+    if config.init_from:
+      params = checkpoints.load_params(config.init_from, task.setup.abstract_state().params)
+      state = state.replace(params=params)
+      writer.log(f"parameters from {config.init_from}")
+  else:
+    writer.log(f"resumed from {ckpt.directory / str(start)}")
+  writer.progress(start)
+
+  start_time = time.perf_counter()
+  train_step = task.train_step.lower(task.setup.abstract_state(),
+                                     task.setup.abstract_batch()).compile()
+  writer.log(f"train step compiled in {time.perf_counter() - start_time:.1f} s")
+  peak, peak_source = peak_tflops_per_device()
+  replicated = NamedSharding(mesh, P())
+  count_skipped = jax.jit(lambda s: s.sum(0), out_shardings=replicated)
+  skipped_records = jnp.zeros(len(records.SKIP_REASONS), jnp.int32)
+  window, window_start, wait_start = [], time.perf_counter(), loader.data_wait_s
+  saved = start
+  profiler = Profiler(t.profile_steps, workdir)
+  last = {}
+  try:
+    with StopRequest() as stop:
+      for step in range(start, total):
+        profiler.before(step)
+        batch = next(loader)
+        state, step_metrics = train_step(state, {k: batch[k] for k in task.inputs})
+        profiler.after(step, step_metrics)
+        skipped_records = skipped_records + count_skipped(batch["skipped"])
+        window.append(step_metrics)
+        done = step + 1
+        if done % t.log_every == 0 or done == total or done == stop_after_step:
+          elapsed = time.perf_counter() - window_start
+          last = _report(config, task, writer, done, window, elapsed,
+                         loader.data_wait_s - wait_start, skipped_records, state, peak)
+          window = []
+        if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
+          last |= evaluate(config, task, state.params)
+          writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
+        if ckpt.save(done, state, loader.iterator, force=done == total):
+          saved = done
+        if not window:  # a report was made: time the next window from here
+          window_start, wait_start = time.perf_counter(), loader.data_wait_s
+        if done == stop_after_step:
+          break
+        if stop.agreed():
+          if saved != done:
+            ckpt.save(done, state, loader.iterator, force=True)
+          ckpt.wait()
+          writer.log(f"stopped at step {done}; checkpoint saved in {ckpt.directory / str(done)}")
+          raise Preempted(done)
+  finally:
+    profiler.stop()
+    ckpt.wait()
+    ckpt.close()
+    loader.close()
+    writer.close()
+  last["peak_tflops_source"] = peak_source
+  return last
+
+
+def _report(config, task: Task, writer, step, window, elapsed, data_wait, skipped_records,
+            state, peak) -> dict:
+  window = jax.device_get(window)
+  skipped = [int(m["update_skipped"]) for m in window]
+  t = config.train
+  if any(skipped) and t.nan_policy == "halt":
+    first = step - len(window) + skipped.index(1)
+    raise TrainingError(f"step {first}: loss or gradients are not finite "
+                        "(train.nan_policy='halt'); the last checkpoint holds no NaN")
+  streak = max(int(m["consecutive_skips"]) for m in window)
+  if streak >= t.max_consecutive_skips:
+    raise TrainingError(f"{streak} updates in a row skipped for non-finite loss or gradients, "
+                        f"up to step {step} (train.max_consecutive_skips="
+                        f"{t.max_consecutive_skips}): check the data and the learning rate")
+  finite = [m for m, s in zip(window, skipped) if not s] or window
+  step_time = elapsed / len(window)
+  tflops = task.step_flops / step_time / jax.device_count() / 1e12
+  values = dict(
+      loss=np.mean([m["loss"] for m in finite]), accuracy=np.mean([m["accuracy"] for m in finite]),
+      grad_norm=np.mean([m["grad_norm"] for m in finite]),
+      learning_rate=window[-1]["learning_rate"], step_time_s=step_time,
+      image_tokens_per_s=config.global_batch_size * task.tokens_per_example / step_time,
+      tflops_per_device=tflops, mfu=tflops / peak, data_wait_s=data_wait / len(window),
+      skipped_updates=sum(skipped),
+      skipped_updates_total=int(jax.device_get(state.opt_state.total_notfinite)))
+  counts = jax.device_get(skipped_records)
+  values |= {f"skipped_records/{r}": int(c) for r, c in zip(records.SKIP_REASONS, counts)}
+  writer.scalars(step, values)
+  writer.progress(step, loss=values["loss"])
+  return values
+
+
+class Profiler:
+  """A jax.profiler trace of steps first..last (`train.profile_steps`) in WORKDIR/profile."""
+
+  def __init__(self, profile_steps, workdir):
+    self._steps = tuple(profile_steps) if len(profile_steps) == 2 else None
+    self._directory = str(epath.Path(workdir) / "profile")
+    self._active = False
+
+  def before(self, step: int) -> None:
+    if self._steps and step == self._steps[0]:
+      jax.profiler.start_trace(self._directory)
+      self._active = True
+
+  def after(self, step: int, outputs) -> None:
+    if self._active and step == self._steps[1]:
+      self.stop(outputs)
+
+  def stop(self, outputs=None) -> None:
+    if self._active:
+      jax.block_until_ready(outputs)  # the traced steps' device work included
+      jax.profiler.stop_trace()
+      self._active = False
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, config.")
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  if _CONFIG.value is None or not _WORKDIR.value:
+    sys.exit("error: --config and --workdir are required")
+  try:
+    summary = train(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, records.DataError, TrainingError) as e:
+    sys.exit(f"error: {e}")
+  except Preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)
+  if jax.process_index() == 0:
+    shown = {k: round(float(v), 4) for k, v in summary.items()
+             if k in ("loss", "accuracy", "eval/loss", "eval/accuracy")}
+    print(f"done: {_CONFIG.value.num_train_steps} steps; {shown}")
+
+
+if __name__ == "__main__":
+  app.run(main)

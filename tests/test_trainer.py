@@ -1,0 +1,251 @@
+"""The trainer: exact resume, preemption, unreadable checkpoints, other meshes, NaNs,
+config changes, init_from, metrics, and two processes training like one."""
+
+import json
+import pathlib
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from orbax import checkpoint as ocp
+
+from conftest import ROOT, load_config
+from parti_jax import checkpoints, sharding
+from parti_jax import config as common
+from parti_jax import train as trainer
+from parti_jax import train_step as ts
+from parti_jax.data import encode, shapes, spm
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """Shapes at 32 px -> SentencePiece -> colour-code token shards (4x4, codebook 64)."""
+  root = tmp_path_factory.mktemp("trainer_data")
+  shapes.write(root / "shapes", shapes.Spec(), num=256, num_validation=40, num_heldout=0,
+               progress=False)
+  spm.train(spm.captions_of([root / "shapes" / "train"]), root / "spm", vocab_size=128)
+  tokenizer = spm.Tokenizer(root / "spm.model", 16)
+  for split in ("train", "validation"):
+    encode.encode(root / "shapes" / split, root / "tokens" / split,
+                  encode.color_tokenizer(32), tokenizer, batch_size=64)
+  return root
+
+
+def tiny(data, **train_fields):
+  c = load_config("parti_tiny")
+  c.data.update(train=str(data / "tokens" / "train"), eval=str(data / "tokens" / "validation"))
+  c.num_train_steps = 12
+  c.train.update(log_every=2, checkpoint_every=4, eval_every=6)
+  c.train.update(train_fields)
+  return c
+
+
+def final_params(workdir, config, devices=None):
+  """The parameters of the run's last checkpoint, on the host."""
+  setup = ts.Setup(config, sharding.make_mesh(config, devices or jax.devices()))
+  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints", item_names=("state",))
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(setup.abstract_state()))).state
+  manager.close()
+  return step, jax.device_get(state.params)
+
+
+def logged(workdir, key="loss") -> dict[int, float]:
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+  return {r["step"]: r[key] for r in rows if key in r}
+
+
+def assert_same_params(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  summary = trainer.train(tiny(data), workdir)
+  return workdir, summary
+
+
+def test_a_run_trains_evaluates_and_reports(uninterrupted):
+  workdir, summary = uninterrupted
+  losses = logged(workdir)
+  assert sorted(losses) == [2, 4, 6, 8, 10, 12]
+  assert losses[12] < losses[2]
+  assert 0 < summary["mfu"] < 1 and summary["image_tokens_per_s"] > 0
+  assert summary["eval/examples"] == 40 and np.isfinite(summary["eval/loss"])
+  assert sorted(logged(workdir, "eval/loss")) == [6, 12]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8, 12]
+  tags = tensorboard_tags(workdir / "tensorboard")
+  for tag in ("loss", "accuracy", "learning_rate", "grad_norm", "step_time_s",
+              "image_tokens_per_s", "tflops_per_device", "mfu", "data_wait_s",
+              "skipped_updates", "skipped_records/corrupt_image", "eval/loss"):
+    assert tag in tags, tag
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["d_model"] == 64
+
+
+def tensorboard_tags(directory) -> set[str]:
+  """Scalar tags in TensorBoard event files (TFRecord framing of Event protos)."""
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in pathlib.Path(directory).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (length,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      tags |= {v.tag for v in event.summary.value}
+      i += 12 + length + 4
+  return tags
+
+
+def test_an_interrupted_run_resumes_exactly(data, uninterrupted, tmp_path):
+  stop = random.choice([5, 6, 7, 9, 10, 11])  # a random step between checkpoints
+  trainer.train(tiny(data), tmp_path, stop_after_step=stop)
+  trainer.train(tiny(data), tmp_path)
+  reference, _ = uninterrupted
+  after = {s: v for s, v in logged(tmp_path).items() if s > stop}
+  assert after == {s: v for s, v in logged(reference).items() if s > stop}, f"stopped at {stop}"
+  assert_same_params(final_params(tmp_path, tiny(data))[1],
+                     final_params(reference, tiny(data))[1])
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(data, uninterrupted,
+                                                                     tmp_path, capsys):
+  trainer.train(tiny(data), tmp_path, stop_after_step=8)
+  files = sorted((p for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*")
+                  if p.is_file()), key=lambda p: p.stat().st_size)
+  victim = files[-1]  # the biggest file: array data
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+  trainer.train(tiny(data), tmp_path)
+  err = capsys.readouterr().err
+  assert "checkpoints/8 cannot be restored" in err and "resumed from" in err
+  assert (tmp_path / "checkpoints_unreadable" / "8").is_dir()
+  assert_same_params(final_params(tmp_path, tiny(data))[1],
+                     final_params(uninterrupted[0], tiny(data))[1])
+
+
+def test_a_run_saved_on_one_mesh_resumes_on_another(data, tmp_path):
+  on_eight = tiny(data)
+  on_eight.mesh.update(data=2, fsdp=2, tensor=2)
+  trainer.train(on_eight, tmp_path, stop_after_step=4)
+  on_four = tiny(data)
+  on_four.mesh.update(data=1, fsdp=4, tensor=1)
+  setup = ts.Setup(on_four, sharding.make_mesh(on_four, jax.devices()[:4]))
+  ckpts = checkpoints.Checkpoints(tmp_path, on_four)
+  from parti_jax.data import pipeline
+  loader = pipeline.Loader(on_four, setup.mesh)
+  state, step = ckpts.restore_latest(setup.abstract_state(), loader.iterator)
+  ckpts.close()
+  loader.close()
+  assert step == 4 and int(state.step) == 4
+  kernel = state.params["decoder"]["blocks"]["mlp"]["up"]["kernel"]
+  assert dict(kernel.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert_same_params(jax.device_get(state.params), final_params(tmp_path, on_eight)[1])
+  summary = trainer.train(on_four, tmp_path, devices=jax.devices()[:4])
+  assert np.isfinite(summary["loss"])
+  assert final_params(tmp_path, on_four, jax.devices()[:4])[0] == 12
+
+
+def test_non_finite_updates_are_skipped_counted_and_never_saved(data, tmp_path):
+  summary = trainer.train(tiny(data, inject_nan_steps=(2, 3)), tmp_path)
+  assert summary["skipped_updates_total"] == 2 and np.isfinite(summary["loss"])
+  assert sum(logged(tmp_path, "skipped_updates").values()) == 2
+  for leaf in jax.tree.leaves(final_params(tmp_path, tiny(data))[1]):
+    assert np.isfinite(leaf).all()
+
+
+def test_non_finite_updates_can_halt_the_run(data, tmp_path):
+  with pytest.raises(trainer.TrainingError, match="step 2: loss or gradients are not finite"):
+    trainer.train(tiny(data, inject_nan_steps=(2,), nan_policy="halt"), tmp_path)
+  with pytest.raises(trainer.TrainingError, match="4 updates in a row skipped"):
+    trainer.train(tiny(data, inject_nan_steps=tuple(range(12)), max_consecutive_skips=4),
+                  tmp_path / "streak")
+
+
+def test_a_restart_that_changes_shapes_is_refused(data, tmp_path):
+  trainer.train(tiny(data, profile_steps=(0, 1)), tmp_path, stop_after_step=2)
+  assert list((tmp_path / "profile").rglob("*.xplane.pb")), "profiler trace missing"
+  wider = tiny(data)
+  wider.model.d_model = 128
+  with pytest.raises(common.ConfigError, match="model.d_model: 64 in .*config.json, now 128"):
+    trainer.train(wider, tmp_path)
+  longer = tiny(data)
+  longer.num_train_steps = 14  # not a shape field: accepted, the run goes on
+  assert trainer.train(longer, tmp_path)["image_tokens_per_s"] > 0
+
+
+def test_init_from_starts_from_another_runs_parameters(data, uninterrupted, tmp_path):
+  other = tiny(data)
+  other.optimizer.name = "adafactor"  # another optimizer: only the parameters are read
+  setup = ts.Setup(other)
+  params = checkpoints.load_params(uninterrupted[0], setup.abstract_state().params)
+  assert_same_params(jax.device_get(params), final_params(uninterrupted[0], tiny(data))[1])
+  other.init_from = str(uninterrupted[0])
+  other.num_train_steps = 2
+  fresh = tiny(data)
+  fresh.num_train_steps = 2
+  assert (trainer.train(other, tmp_path / "init")["loss"]
+          < trainer.train(fresh, tmp_path / "fresh")["loss"])
+
+
+def run_cli(workdir, data, *extra, processes=1, timeout=300):
+  command = [sys.executable, "-m", "parti_jax.train", "--config", "configs/parti_tiny.py",
+             "--workdir", str(workdir), f"--config.data.train={data / 'tokens' / 'train'}",
+             f"--config.data.eval={data / 'tokens' / 'validation'}", *extra]
+  if processes > 1:
+    command = [sys.executable, "launch/local.py", "--num_processes", str(processes),
+               "--devices_per_process", str(8 // processes), "--", *command]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_start_resumes(data, tmp_path):
+  command = [sys.executable, "-m", "parti_jax.train", "--config", "configs/parti_tiny.py",
+             "--workdir", str(tmp_path), f"--config.data.train={data / 'tokens' / 'train'}",
+             "--config.num_train_steps=100000", "--config.train.checkpoint_every=100000",
+             "--config.train.log_every=1"]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 120
+  while not logged_ok(tmp_path) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == trainer.PREEMPTED_EXIT_CODE, err[-3000:]
+  (step,) = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+  assert step >= 3 and f"stopped at step {step}" in err
+  again = run_cli(tmp_path, data, f"--config.num_train_steps={step + 2}",
+                  "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from {tmp_path / 'checkpoints' / str(step)}" in again.stderr
+  assert max(logged(tmp_path)) == step + 2
+
+
+def logged_ok(workdir) -> bool:
+  path = workdir / "metrics.jsonl"
+  return path.exists() and len(path.read_text().splitlines()) >= 3
+
+
+def test_two_processes_train_like_one_and_resume(data, uninterrupted, tmp_path):
+  """2 processes x 4 devices (gloo) reach the losses of 1 process x 8 devices."""
+  run = run_cli(tmp_path, data, "--config.num_train_steps=12", "--config.train.log_every=2",
+                "--config.train.checkpoint_every=4", "--config.train.eval_every=6", processes=2)
+  assert run.returncode == 0, run.stdout[-3000:]
+  reference = logged(uninterrupted[0])
+  two = logged(tmp_path)
+  assert sorted(two) == sorted(reference)
+  for step in reference:  # row order differs (each process's rows), so sums may round apart
+    assert two[step] == pytest.approx(reference[step], rel=1e-5), step
+  # The two-process run resumes from its own checkpoint and goes on.
+  more = run_cli(tmp_path, data, "--config.num_train_steps=14", "--config.train.log_every=2",
+                 "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
+                 processes=2)
+  assert more.returncode == 0, more.stdout[-3000:]
+  assert "resumed from" in more.stdout and 14 in logged(tmp_path)
