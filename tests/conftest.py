@@ -5,6 +5,10 @@ import os
 # Must happen before jax is imported anywhere; the README and .ci/run set it too.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and their subprocesses, which inherit this) compile the same tiny programs:
+# JAX's persistent compilation cache compiles each once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/parti_jax_test_compilation_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
