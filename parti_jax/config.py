@@ -111,7 +111,9 @@ def data_defaults() -> ml_collections.ConfigDict:
   # Threads reading and decoding records; -1: 8 for images (PIL releases the GIL while it
   # decodes), 0 for token records, which are so cheap that a pool only adds overhead.
   d.num_threads = -1
-  d.num_workers = 0  # > 0: batches are made in this many worker processes
+  # > 0: batches are made in this many worker processes. The order of batches depends on
+  # it (grain deals records to workers), so resume with the count you saved with.
+  d.num_workers = 0
   d.prefetch_batches = 2
   d.max_bad_fraction = 0.05  # a shard with more bad records than this stops the run
   d.max_pixels = 100_000_000  # larger images are skipped as image_too_large

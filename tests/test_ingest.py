@@ -10,13 +10,13 @@ import sys
 import tarfile
 
 import data_helpers as h
+from conftest import ROOT
 import numpy as np
 import pytest
 from PIL import Image
 
 from parti_jax.data import images, ingest, records, spm, tfds_source
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rgb(size=(12, 8), color=(200, 40, 40)) -> Image.Image:
@@ -36,7 +36,10 @@ def write(path, data) -> bytes:
 
 def run(capsys, *argv):
   """Runs the CLI in this process; returns (its return value, what it printed)."""
-  result = ingest.main([str(a) for a in argv] + ["--no_progress"])
+  argv = [str(a) for a in argv]
+  if "--max_bad_fraction" not in argv:  # these small sets are mostly bad on purpose
+    argv += ["--max_bad_fraction", "1"]
+  result = ingest.main(argv + ["--no_progress"])
   return result, capsys.readouterr().out
 
 
@@ -242,7 +245,7 @@ def test_tfds_tensor_images_and_sequence_captions(tfds_dir, tmp_path, capsys):
 
 
 def test_tfds_records_gives_random_access_for_the_pipeline(tfds_dir):
-  source = tfds_source.tfds_records("ingest_tiny_captions", str(tfds_dir), "train", "image",
+  source = tfds_source.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train", "image",
                                "caption")
   assert len(source) == 6
   copy = pickle.loads(pickle.dumps(source))  # grain workers receive a pickled copy
@@ -253,7 +256,7 @@ def test_tfds_records_gives_random_access_for_the_pipeline(tfds_dir):
     if captions != [""]:
       i = int(captions[0].split()[-1])
       assert captions == [f"tfds caption {i}"] and record["image"] == h.tfds_png(i)
-  pixels = tfds_source.tfds_records("ingest_tiny_captions", str(tfds_dir), "train[2:]", "pixels",
+  pixels = tfds_source.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train[2:]", "pixels",
                                "alt")
   assert len(pixels) == 4
   i = int(spm.clean_caption(pixels[0]["captions"][0])[0].split()[-1])
@@ -268,9 +271,9 @@ def test_tfds_wrong_feature_names_the_available_ones(tfds_dir, tmp_path, capsys)
   assert "no feature 'picture'" in message
   assert all(name in message for name in ("image", "caption", "pixels", "alt"))
   with pytest.raises(records.DataError, match="not text"):
-    tfds_source.tfds_records("ingest_tiny_captions", str(tfds_dir), "train", "image", "pixels")
+    tfds_source.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train", "image", "pixels")
   with pytest.raises(records.DataError, match="not found"):
-    tfds_source.tfds_records("no_such_dataset_here", str(tmp_path), "train", "image", "caption")
+    tfds_source.TfdsRecords("no_such_dataset_here", str(tmp_path), "train", "image", "caption")
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,3 +379,72 @@ def test_processes_that_listed_different_inputs_are_caught(tmp_path, capsys):
   with pytest.raises(records.DataError, match="different inputs"):
     run(capsys, *argv, "--process_index", "1")
   assert not (out / "metadata.json").exists()
+
+
+def test_two_processes_ingest_at_the_same_time(tmp_path):
+  src = tmp_path / "images"
+  for i in range(12):
+    write(src / f"img{i:02d}.png", h.encoded(h.rgb(16, 16, i), "PNG"))
+    write(src / f"img{i:02d}.txt", f"picture {i}")
+  out = tmp_path / "together"
+  command = [sys.executable, "-m", "parti_jax.data.ingest", "folder", "--images", str(src),
+             "--out", str(out), "--num_shards", "4", "--num_processes", "2", "--no_progress"]
+  running = [subprocess.Popen(command + ["--process_index", str(p)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for p in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in running]
+  assert [p.returncode for p in running] == [0, 0], outputs
+  meta = records.ShardSet.open(out).meta
+  assert meta["count"] == 12 and meta["num_shards"] == 4
+  assert sorted(r["id"] for r in records.ShardSet.open(out).read_all()) == [
+      f"img{i:02d}.png" for i in range(12)]
+
+
+def test_a_failure_inside_a_shard_leaves_no_shard_and_a_rerun_completes(tmp_path, capsys,
+                                                                      monkeypatch):
+  src = tmp_path / "images"
+  for i in range(6):
+    write(src / f"img{i}.png", h.encoded(h.rgb(8, 8, i), "PNG"))
+    write(src / f"img{i}.txt", f"image {i}")
+  out = tmp_path / "crash"
+  argv = ["folder", "--images", src, "--out", out, "--num_shards", "2", "--num_threads", "1"]
+  real, calls = ingest.check_record, []
+
+  def dies_on_the_fifth(*args, **kwargs):  # as if the machine went away mid-shard
+    calls.append(1)
+    if len(calls) == 5:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ingest, "check_record", dies_on_the_fifth)
+  with pytest.raises(KeyboardInterrupt):
+    run(capsys, *argv)
+  names = sorted(p.name for p in out.iterdir())
+  assert records.shard_name("crash", 0, 2) in names  # finished before the failure
+  assert records.shard_name("crash", 1, 2) not in names  # never reads as complete
+  assert not [n for n in names if n.endswith(".tmp")] and "metadata.json" not in names
+  monkeypatch.setattr(ingest, "check_record", real)
+  meta, printed = run(capsys, *argv)
+  assert "resuming: 1 of 2 shards already done" in printed and meta["count"] == 6
+
+
+def test_a_mostly_unreadable_shard_stops_the_ingest_naming_it(tmp_path, capsys):
+  src = tmp_path / "images"
+  for i in range(4):
+    write(src / f"img{i}.png", b"not a png" if i else h.encoded(h.rgb(8, 8), "PNG"))
+    write(src / f"img{i}.txt", f"image {i}")
+  out = tmp_path / "broken"
+  with pytest.raises(records.DataError, match=r"shard 0 of 1 \(broken-00000-of-00001"
+                     r".array_record\): 3 of 4 records skipped \(corrupt_image 3"):
+    run(capsys, "folder", "--images", src, "--out", out, "--max_bad_fraction", "0.5")
+  assert not (out / records.shard_name("broken", 0, 1)).exists()
+
+
+def test_file_names_that_are_not_utf8_are_kept(tmp_path, capsys):
+  src = tmp_path / "images"
+  name = os.fsdecode(b"caf\xe9")
+  write(src / f"{name}.png", h.encoded(h.rgb(8, 8), "PNG"))
+  write(src / f"{name}.txt", "a cafe")
+  meta, _ = run(capsys, "folder", "--images", src, "--out", tmp_path / "names")
+  (record,) = records.ShardSet.open(tmp_path / "names").read_all()
+  assert record["id"] == "caf\ufffd.png" and meta["count"] == 1

@@ -87,7 +87,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 def token_record(record: dict, codes: np.ndarray, text_tokenizer: spm.Tokenizer) -> dict:
-  captions = [spm.clean_caption(c)[0] for c in record.get("captions") or []]
+  captions, _ = spm.clean_captions(record.get("captions"))
   return dict(id=str(record.get("id", "")), captions=captions,
               text_tokens=[text_tokenizer.ids(c) for c in captions] or [[spm.END_ID]],
               image_codes=codes.astype(np.uint16).tobytes(), extra=record.get("extra") or {})
@@ -97,6 +97,8 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
            batch_size: int = 64, shards_per_process: int = 1, mesh=None,
            made_by: dict | None = None) -> dict | None:
   """Writes the token shard set; returns its metadata on process 0 (None elsewhere)."""
+  if tokenizer.codebook_size > 2 ** 16:
+    raise ValueError(f"codebook of {tokenizer.codebook_size} codes: token shards store uint16")
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   config = common.base()
@@ -142,18 +144,15 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
   multihost_utils.sync_global_devices("parti_jax.data.encode: shards written")
   if p != 0:
     return None
-  from array_record.python import array_record_module
-  counts = []
-  for i in range(total):
-    reader = array_record_module.ArrayRecordReader(str(out_dir / records.shard_name(name, i, total)))
-    counts.append(reader.num_records())
-    reader.close()
+  counts = [records.num_records(out_dir / records.shard_name(name, i, total))
+            for i in range(total)]
   return records.write_metadata(
       out_dir, name=name, kind="tokens", shard_counts=counts, fields=TOKEN_FIELDS,
       made_by=made_by or {}, source=str(data_dir),
       skipped={r: int(c) for r, c in zip(records.SKIP_REASONS, skipped) if c},
       tokens=dict(tokenizer=tokenizer.name, resolution=tokenizer.resolution, grid=tokenizer.grid,
                   codebook_size=tokenizer.codebook_size, text_len=text_tokenizer.length,
+                  text_vocab_size=text_tokenizer.vocab_size,
                   spm_model=text_tokenizer.model_path))
 
 

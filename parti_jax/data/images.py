@@ -20,12 +20,22 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
-def open_image(data: bytes, target: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
-  """Decodes `data` into an upright RGB PIL image.
+def open_image(data, target: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+  """Decodes stored image bytes (or a decoded uint8 array) into an upright RGB PIL image.
 
   `target` lets JPEG decoding shrink by a power of two while staying at least `target`
   pixels on the short side, which makes large photos cheap to decode.
   """
+  if isinstance(data, np.ndarray):  # e.g. a TFDS Tensor feature
+    pixels = rgb_array(data)
+    if pixels.shape[0] * pixels.shape[1] > max_pixels:
+      raise BadRecord("image_too_large", f"{pixels.shape[1]}x{pixels.shape[0]} > {max_pixels}")
+    return Image.fromarray(pixels)
+  if data is None:
+    raise BadRecord("missing_image", "no image")
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise BadRecord("corrupt_image", f"a {type(data).__name__}, not image bytes")
+  data = bytes(data)
   if not data:
     raise BadRecord("missing_image", "zero bytes")
   try:
@@ -91,12 +101,6 @@ def square(img: Image.Image, resolution: int, offset: float | None = None) -> np
 def to_model_range(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
   """uint8 [0, 255] -> float32 [low, high]."""
   return pixels.astype(np.float32) * ((high - low) / 255.0) + low
-
-
-def from_model_range(x: np.ndarray, low: float, high: float) -> np.ndarray:
-  """float [low, high] -> uint8 [0, 255], for writing images."""
-  return np.clip((np.asarray(x, np.float32) - low) * (255.0 / (high - low)) + 0.5, 0,
-                 255).astype(np.uint8)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -28,7 +28,7 @@ filesystem. A shard file that exists is finished (written atomically, its tally 
 first under OUT/.stats/), so a rerun resumes; whichever process finds all shards present
 writes metadata.json.
 
-`tfds_source.tfds_records(...)` gives the grain pipeline the same records straight from TFDS.
+`tfds_source.TfdsRecords` gives the grain pipeline the same records straight from TFDS.
 """
 
 import argparse
@@ -50,7 +50,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import tqdm
-from array_record.python import array_record_module
 
 from parti_jax.data import images, records, spm, tfds_source
 from parti_jax.data.records import BadRecord, DataError
@@ -63,6 +62,8 @@ DECODE_TARGET = 256  # JPEGs are checked at reduced size: a full decode proves n
 STATS_DIR = ".stats"
 FIELDS = ("id", "image", "captions")
 MAX_EXAMPLES = 3  # skipped records named per reason, to show what went wrong
+# Web-scraped data loses a few records; losing most of a shard means something is wrong.
+DEFAULT_MAX_BAD_FRACTION = 0.5
 # Options that differ between processes or machines but not in what is written; left
 # out of made_by so that every process writes the same metadata.json.
 PER_PROCESS_OPTIONS = ("--process_index", "--num_processes", "--num_threads", "--no_progress")
@@ -97,39 +98,21 @@ def check_record(raw: dict, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> tupl
   """
   if raw.get("image") is None:
     raise BadRecord("missing_image", "no image")
-  captions, repairs = clean_captions(raw.get("captions"))
+  captions, repairs = spm.clean_captions(raw.get("captions"))
   if not captions:
     raise BadRecord("missing_caption", "no non-empty caption")
   data = _image_bytes(raw["image"], max_pixels)
-  return {"id": str(raw["id"]), "image": data, "captions": captions}, repairs
-
-
-def clean_captions(raw_captions) -> tuple[list[str], list[str]]:
-  """Cleaned, non-empty, distinct captions and the set of repairs made, in order."""
-  if isinstance(raw_captions, (str, bytes)):
-    raw_captions = [raw_captions]
-  captions, repairs = [], []
-  for raw in raw_captions or ():
-    text, fixes = spm.clean_caption(raw)
-    if text and text not in captions:
-      captions.append(text)
-      repairs += [f for f in fixes if f not in repairs]
-  return captions, repairs
+  # File and member names may hold bytes that are not UTF-8 (surrogate escapes in str).
+  record_id = os.fsencode(str(raw["id"])).decode("utf-8", "replace")
+  return {"id": record_id, "image": data, "captions": captions}, repairs
 
 
 def _image_bytes(image, max_pixels: int) -> bytes:
+  """The bytes to store: a file's bytes as they are (once they decode), arrays as PNG."""
   if isinstance(image, np.ndarray) and image.dtype.kind in "OSV" and image.size == 1:
     image = image.item()  # bytes held in a numpy scalar array
-  if isinstance(image, np.ndarray):
-    pixels = images.rgb_array(image)
-    if pixels.shape[0] * pixels.shape[1] > max_pixels:
-      raise BadRecord("image_too_large", f"{pixels.shape[1]}x{pixels.shape[0]} > {max_pixels}")
-    return images.encode_png(pixels)
-  if not isinstance(image, (bytes, bytearray, memoryview)):
-    raise BadRecord("corrupt_image", f"a {type(image).__name__}, not image bytes")
-  data = bytes(image)
-  images.open_image(data, target=DECODE_TARGET, max_pixels=max_pixels)  # raises BadRecord
-  return data
+  img = images.open_image(image, target=DECODE_TARGET, max_pixels=max_pixels)
+  return images.encode_png(np.asarray(img)) if isinstance(image, np.ndarray) else bytes(image)
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,15 +398,6 @@ def _sample_raw(sample: dict) -> dict:
   return {"id": sample["key"], "image": image, "captions": captions}
 
 
-def _tfds_raw(source: tfds_source.TfdsRecords, index: int) -> dict:
-  try:
-    element = source.element(index)
-  except Exception as e:  # noqa: BLE001  array_record and the decoders raise many types
-    raise BadRecord("undecodable_record", f"{type(e).__name__}: {str(e)[:120]}") from None
-  return tfds_source.tfds_element_to_record(element, index, source.image_feature,
-                                             source.caption_feature)
-
-
 # ------------------------------------------------------------------------------------------
 # Sources as shard plans
 
@@ -479,14 +453,14 @@ def webdataset_plan(patterns, num_shards: int | None) -> Plan:
 
 
 def tfds_plan(name, data_dir, split, image_feature, caption_feature, num_shards) -> Plan:
-  source = tfds_source.tfds_records(name, data_dir, split, image_feature, caption_feature)
+  source = tfds_source.TfdsRecords(name, data_dir, split, image_feature, caption_feature)
   n = len(source)
   k = num_shards or default_num_shards(n)
 
   def jobs(shard, errors):
     del errors
     for i in shard_range(shard, n, k):
-      yield str(i), functools.partial(_tfds_raw, source, i)
+      yield str(i), lambda i=i: records.as_record(source[i])
 
   made_by = {"source": "tfds", "paths": [os.path.abspath(data_dir)] if data_dir else [],
              "tfds_name": name, "split": split, "image_feature": image_feature,
@@ -501,7 +475,8 @@ def tfds_plan(name, data_dir, split, image_feature, caption_feature, num_shards)
 
 def ingest(plan: Plan, out, name: str, *, process_index: int = 0, num_processes: int = 1,
            max_pixels: int = images.DEFAULT_MAX_PIXELS, num_threads: int = 1,
-           command: str = "", progress: bool = True) -> dict | None:
+           max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, command: str = "",
+           progress: bool = True) -> dict | None:
   """Writes this process's unfinished shards; returns the metadata once all K exist."""
   out = pathlib.Path(out)
   (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
@@ -520,7 +495,8 @@ def ingest(plan: Plan, out, name: str, *, process_index: int = 0, num_processes:
   with tqdm.tqdm(total=total, unit=" records", disable=not (progress and todo),
                  mininterval=1.0) as bar:
     for s in todo:
-      run_tally.add(_write_one(plan, out, name, s, max_pixels, num_threads, bar))
+      run_tally.add(_write_one(plan, out, name, s, max_pixels, num_threads, max_bad_fraction,
+                               bar))
   if todo:
     print(f"this process wrote {len(todo)} shards:\n{run_tally.summary()}")
   return _finish(plan, out, name, command)
@@ -539,19 +515,16 @@ def _remove_temps(out: pathlib.Path, shard_names: list[str]) -> None:
   """Deletes temp files a killed run left for these shards or their stats.
 
   Only this process's own shards: another process may be writing its temp files now.
-  Temp names are ".<final name>.<uuid>.tmp" (records.write_shard, atomic_write_text).
   """
   finals = set(shard_names) | {n.removesuffix(".array_record") + ".json" for n in shard_names}
   for directory in (out, out / STATS_DIR):
     for leftover in directory.iterdir():
-      name = leftover.name
-      if name.startswith(".") and name.endswith(".tmp") and (
-          name[1:].rsplit(".", 2)[0] in finals):
+      if records.is_temp_of(leftover.name, finals):
         leftover.unlink(missing_ok=True)
 
 
 def _write_one(plan: Plan, out: pathlib.Path, name: str, shard: int, max_pixels: int,
-               num_threads: int, bar) -> records.Tally:
+               num_threads: int, max_bad_fraction: float, bar) -> records.Tally:
   tally, errors = records.Tally(), []
   examples = collections.defaultdict(list)
   k = plan.num_shards
@@ -570,7 +543,16 @@ def _write_one(plan: Plan, out: pathlib.Path, name: str, shard: int, max_pixels:
       tally.repaired.update(repairs)
       yield record
     # Still inside write_shard, before it renames the shard into place: a shard file
-    # that exists therefore always has its tally beside it.
+    # that exists therefore always has its tally beside it, and a shard that is mostly
+    # unreadable is never written (raising here makes write_shard discard it).
+    skipped = sum(tally.skipped.values())
+    if skipped > max_bad_fraction * (skipped + tally.written):
+      reasons = ", ".join(f"{r} {n}" for r, n in tally.skipped.most_common())
+      raise DataError(
+          f"shard {shard} of {k} ({_shard_path(out, name, shard, k).name}): {skipped} of "
+          f"{skipped + tally.written} records skipped ({reasons}; e.g. "
+          f"{'; '.join(next(iter(examples.values())))}), over --max_bad_fraction="
+          f"{max_bad_fraction}. A wrong feature name or file layout is the usual cause.")
     fingerprint = _fingerprint(plan.fingerprint, max_pixels)  # max_pixels changes the content
     stats = {"shard": shard, "num_shards": k, "fingerprint": fingerprint,
              "tally": tally.as_dict(), "examples": dict(examples), "errors": errors}
@@ -650,11 +632,7 @@ def _read_stats(out: pathlib.Path, name: str, shard: int, k: int) -> dict:
     return json.loads(path.read_text())
   except (OSError, ValueError):
     # A shard without its tally (copied in by hand, or stats deleted): count its records.
-    reader = array_record_module.ArrayRecordReader(str(_shard_path(out, name, shard, k)))
-    try:
-      count = reader.num_records()
-    finally:
-      reader.close()
+    count = records.num_records(_shard_path(out, name, shard, k))
     print(f"warning: {path} missing; counting {count} records in the shard itself")
     return {"tally": {"written": count}}
 
@@ -728,6 +706,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num_processes", type=int, default=_env_int("PARTI_NUM_PROCESSES", 1))
     s.add_argument("--max_pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                    help="images with more pixels are skipped as image_too_large")
+    s.add_argument("--max_bad_fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="a shard with more skipped records than this stops the ingest")
     s.add_argument("--num_threads", type=int, default=min(8, os.cpu_count() or 1))
     s.add_argument("--no_progress", action="store_true", help="no progress bar")
   return p
@@ -770,7 +750,8 @@ def main(argv=None) -> dict | None:
                      a.num_shards)
   return ingest(plan, a.out, _set_name(a), process_index=a.process_index,
                 num_processes=a.num_processes, max_pixels=a.max_pixels,
-                num_threads=a.num_threads, command=_command(argv), progress=not a.no_progress)
+                num_threads=a.num_threads, max_bad_fraction=a.max_bad_fraction,
+                command=_command(argv), progress=not a.no_progress)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class Source:
     self.spec = spec
     if spec.startswith(TFDS_PREFIX):
       name, _, split = spec[len(TFDS_PREFIX):].partition("/")
-      self._records = tfds_source.tfds_records(
+      self._records = tfds_source.TfdsRecords(
           name, data_config.tfds_data_dir or None, split or "train",
           data_config.tfds_image_feature, data_config.tfds_caption_feature)
       self.shard_names = [spec]
@@ -58,6 +58,7 @@ class Source:
       self.shard_set = None
     else:
       shard_set = records.ShardSet.open(spec)
+      shard_set.verify_counts()  # a wrong count would surface as an unexplained read error
       self._records = grain.sources.ArrayRecordDataSource([str(p) for p in shard_set.paths])
       self.shard_names = [str(p) for p in shard_set.paths]
       self.shard_counts = shard_set.meta["shard_counts"]
@@ -80,8 +81,7 @@ class Source:
 
   def record(self, index: int) -> dict:
     """One decoded record (for tools that need the whole record, e.g. encode)."""
-    raw = self._records[index]
-    return records.unpack(raw) if isinstance(raw, bytes) else raw
+    return records.as_record(self._records[index])
 
 
 MASK64 = (1 << 64) - 1
@@ -98,7 +98,9 @@ class Draws:
   """
 
   def __init__(self, seed: int, position: int):
-    self._state = (_splitmix(seed & MASK64) + position * GOLDEN64) & MASK64
+    # The start is hashed, not just offset by the position: offsets of one step would
+    # make a record's second draw its neighbour's first.
+    self._state = _splitmix((_splitmix(seed & MASK64) + position * GOLDEN64) & MASK64)
 
   def random(self) -> float:
     self._state = (self._state + GOLDEN64) & MASK64
@@ -125,6 +127,7 @@ class Preprocess:
   max_pixels: int
   tokenizer: spm.Tokenizer | None
   text_len: int
+  text_vocab_size: int
   image_grid: int
   codebook_size: int
   shard_of: object  # index -> shard number
@@ -141,9 +144,14 @@ class Preprocess:
     if raw is None:  # eval padding: masked, not a bad record
       return self._blank(example)
     try:
-      record = records.unpack(raw) if isinstance(raw, bytes) else raw
-      example.update(self._tokens(record, rng) if self.kind == "tokens" else
-                     self._images(record, rng))
+      record = records.as_record(raw)
+      try:
+        example.update(self._tokens(record, rng) if self.kind == "tokens" else
+                       self._images(record, rng))
+      except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as e:
+        # Fields of the wrong type or size (a foreign or damaged record) are bad records
+        # too; what the code above checks by name gets a more specific reason.
+        raise records.BadRecord("undecodable_record", f"{type(e).__name__}: {e}") from None
       example["mask"] = np.int32(1)
       return example
     except records.BadRecord as e:
@@ -169,20 +177,13 @@ class Preprocess:
     return self.train and rng.random() < self.caption_dropout
 
   def _images(self, record: dict, rng) -> dict:
-    if record.get("error"):  # a TFDS element that could not be read
-      raise records.BadRecord("undecodable_record", record["error"])
-    data = record.get("image")
-    if data is None:
-      raise records.BadRecord("missing_image", "no image field")
-    if isinstance(data, np.ndarray):  # TFDS Tensor features arrive decoded
-      img = image_lib.Image.fromarray(image_lib.rgb_array(data))
-    else:
-      img = image_lib.open_image(bytes(data), self.resolution, self.max_pixels)
+    img = image_lib.open_image(record.get("image"), self.resolution, self.max_pixels)
     offset = rng.random() if self.train else None
     pixels = image_lib.square(img, self.resolution, offset)
     out = dict(images=image_lib.to_model_range(pixels, *self.value_range))
     if self.tokenizer is not None:
       captions = record.get("captions")
+      captions = [captions] if isinstance(captions, (str, bytes)) else captions
       if not captions:
         raise records.BadRecord("missing_caption", "no captions field")
       caption, _ = spm.clean_caption(captions[self._caption_index(len(captions), rng)])
@@ -200,7 +201,9 @@ class Preprocess:
       raise records.BadRecord(
           "missing_tokens", f"{codes.size} codes (max {codes.max(initial=0)}), expected "
           f"{self.image_grid ** 2} below {self.codebook_size}")
-    ids = text[self._caption_index(len(text), rng)]
+    ids = np.asarray(text[self._caption_index(len(text), rng)], np.int64)
+    if ids.ndim != 1 or ids.size and (ids.min() < 0 or ids.max() >= self.text_vocab_size):
+      raise records.BadRecord("missing_tokens", f"text ids outside [0, {self.text_vocab_size})")
     dropped = self._dropped(rng)
     return dict(text_tokens=spm.pad([] if dropped else ids, self.text_len), image_tokens=codes)
 
@@ -281,12 +284,28 @@ def check(config, train: bool = True) -> None:
     problems.append("data.kind='tokens' reads token shards; a TFDS source holds images")
   if not 0.0 <= d.caption_dropout <= 1.0:
     problems.append(f"data.caption_dropout={d.caption_dropout} is not in [0, 1]")
-  if not 0.0 <= d.max_bad_fraction <= 1.0:
-    problems.append(f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1]")
+  if not 0.0 <= d.max_bad_fraction < 1.0:
+    # At 1.0 a set of nothing but bad records would be read forever, never a batch.
+    problems.append(f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1)")
   if d.resolution < 1:
     problems.append(f"data.resolution={d.resolution} must be positive")
+  if d.kind == "tokens" and spec and not spec.startswith(TFDS_PREFIX):
+    problems += _token_set_problems(spec, config.model)
   if problems:
     raise ConfigError("invalid data config:\n  " + "\n  ".join(problems))
+
+
+def _token_set_problems(spec: str, m) -> list[str]:
+  """Token shards made for another model shape would turn every record into a skip."""
+  made = records.ShardSet.open(spec).meta.get("tokens", {})
+  problems = []
+  for key, field, ok in (("grid", "image_grid", lambda a, b: a == b),
+                         ("codebook_size", "codebook_size", lambda a, b: a <= b),
+                         ("text_vocab_size", "text_vocab_size", lambda a, b: a <= b)):
+    if key in made and not ok(made[key], m[field]):
+      problems.append(f"model.{field}={m[field]} does not fit the token shards in {spec} "
+                      f"({key} {made[key]})")
+  return problems
 
 
 def tokenizer_of(config) -> spm.Tokenizer | None:
@@ -322,6 +341,7 @@ def dataset(config, train: bool, batch_size: int, process_index: int | None = No
       kind=d.kind, train=train, resolution=d.resolution, value_range=tuple(d.value_range),
       caption_dropout=d.caption_dropout, max_pixels=d.max_pixels,
       tokenizer=tokenizer_of(config) if d.kind == "images" else None, text_len=m.text_len,
+      text_vocab_size=m.text_vocab_size,
       image_grid=m.image_grid, codebook_size=m.codebook_size, shard_of=source.shard_of,
       seed=config.seed + 1, process_index=p, process_count=n)
   ds = ds.map_with_index(preprocess)

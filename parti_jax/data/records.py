@@ -80,8 +80,39 @@ def unpack(data: bytes) -> dict:
   return record
 
 
+def as_record(raw) -> dict:
+  """A record from a source: msgpack bytes are decoded, dicts (TFDS) pass through.
+
+  A TFDS element that could not be read arrives as a dict with an "error".
+  """
+  if isinstance(raw, bytes):
+    return unpack(raw)
+  if raw.get("error"):
+    raise BadRecord("undecodable_record", raw["error"])
+  return raw
+
+
+def temp_path(path: pathlib.Path) -> pathlib.Path:
+  """Where `path` is written before the rename that makes it final (hidden, unique)."""
+  return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def is_temp_of(name: str, final_names) -> bool:
+  """Whether a file name is a `temp_path` of one of `final_names`."""
+  return (name.startswith(".") and name.endswith(".tmp")
+          and name[1:].rsplit(".", 2)[0] in set(final_names))
+
+
+def num_records(path) -> int:
+  reader = array_record_module.ArrayRecordReader(str(path))
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  tmp = temp_path(path)
   tmp.write_text(text)
   os.replace(tmp, path)
 
@@ -94,7 +125,7 @@ class ShardWriter:
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
-    self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+    self._tmp = temp_path(self.path)
     self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
     self.count = 0
 
@@ -177,6 +208,14 @@ class ShardSet:
       raise DataError(f"{directory}: {len(missing)} shard(s) listed in {METADATA} are missing, "
                       f"e.g. {missing[0]}")
     return shard_set
+
+  def verify_counts(self) -> None:
+    """Checks every shard holds the number of records metadata.json says."""
+    for path, want in zip(self.paths, self.meta["shard_counts"]):
+      have = num_records(path)
+      if have != want:
+        raise DataError(f"{path}: {have} records, but {self.directory / METADATA} says {want}; "
+                        "the shard was replaced or the metadata is stale")
 
   @property
   def kind(self) -> str:

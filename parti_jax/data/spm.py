@@ -51,6 +51,19 @@ def clean_caption(raw, max_chars: int = MAX_CAPTION_CHARS) -> tuple[str, list[st
   return text, repairs
 
 
+def clean_captions(raw_captions) -> tuple[list[str], list[str]]:
+  """Cleaned, non-empty, distinct captions and the set of repairs made, in order."""
+  if isinstance(raw_captions, (str, bytes)):
+    raw_captions = [raw_captions]
+  captions, repairs = [], []
+  for raw in raw_captions or ():
+    text, fixes = clean_caption(raw)
+    if text and text not in captions:
+      captions.append(text)
+      repairs += [f for f in fixes if f not in repairs]
+  return captions, repairs
+
+
 class Tokenizer:
   """Captions -> fixed-length int32 ids; picklable, so grain worker processes can hold it."""
 
@@ -126,10 +139,7 @@ def captions_of(directories):
   from parti_jax.data import records  # the CLI imports records only when it is used
   for d in directories:
     for record in records.ShardSet.open(d).read_all():
-      for c in record.get("captions") or []:
-        text, _ = clean_caption(c)
-        if text:
-          yield text
+      yield from clean_captions(record.get("captions"))[0]
 
 
 def main(argv=None):

@@ -9,8 +9,7 @@ directly (`config.data.train = "tfds:NAME/SPLIT"`).
 
 import numpy as np
 
-from parti_jax.data import images
-from parti_jax.data.records import BadRecord, DataError
+from parti_jax.data.records import DataError
 
 
 def tfds_element_to_record(element: dict, index: int, image_feature: str,
@@ -18,24 +17,15 @@ def tfds_element_to_record(element: dict, index: int, image_feature: str,
   """A TFDS element (as `tfds.data_source` returns it) -> dict(id, image, captions).
 
   `image` is the stored encoded bytes (an Image feature read with SkipDecoding), or a
-  uint8 [H, W, 3] array (a Tensor feature; grayscale and alpha are converted); None if
+  uint8 array as stored (a Tensor feature; `images.open_image` converts it); None if
   absent. `captions` is a list of str or bytes as stored; clean them with
   `spm.clean_caption`. Features may be nested: "a/b" is element["a"]["b"].
   """
   image = _lookup(element, image_feature)
   if isinstance(image, np.ndarray) and image.dtype.kind in "OSV":
     image = image.item() if image.size == 1 else None
-  if isinstance(image, np.ndarray):
-    image = _rgb_or_as_is(image)
   captions = _text_values(_lookup(element, caption_feature))
   return {"id": str(index), "image": image, "captions": captions}
-
-
-def _rgb_or_as_is(pixels: np.ndarray) -> np.ndarray:
-  try:
-    return images.rgb_array(pixels)
-  except BadRecord:
-    return pixels  # left as stored: check_record, or the pipeline, counts it as bad
 
 
 def _lookup(element, path: str):
@@ -75,9 +65,6 @@ class TfdsRecords:
   def __len__(self) -> int:
     return len(self.source)
 
-  def element(self, index: int) -> dict:
-    return self.source[index]
-
   def __getitem__(self, index: int) -> dict:
     index = int(index)
     try:
@@ -86,12 +73,6 @@ class TfdsRecords:
       return {"id": str(index), "image": None, "captions": [],
               "error": f"{type(e).__name__}: {e}"}
     return tfds_element_to_record(element, index, self.image_feature, self.caption_feature)
-
-
-def tfds_records(name: str, data_dir, split: str, image_feature: str,
-                 caption_feature: str) -> TfdsRecords:
-  """Random access (len, [i]) to a prepared TFDS split as dict(id, image, captions)."""
-  return TfdsRecords(name, data_dir, split, image_feature, caption_feature)
 
 
 def _tfds_features(name, data_dir, image_feature, caption_feature):
