@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -273,6 +273,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, me
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   distributed.initialize()
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("error: --config and --workdir are required")

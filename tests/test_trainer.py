@@ -155,7 +155,11 @@ def test_a_run_saved_on_one_mesh_resumes_on_another(data, tmp_path):
 
 
 def test_non_finite_updates_are_skipped_counted_and_never_saved(data, tmp_path):
-  summary = trainer.train(tiny(data, inject_nan_steps=(2, 3)), tmp_path)
+  config = tiny(data, inject_nan_steps=(2, 3), checkpoint_every=2, keep_checkpoints=2,
+                keep_every=4)
+  summary = trainer.train(config, tmp_path)
+  # Checkpoints: the last 2, and every 4th step's.
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 8, 10, 12]
   assert summary["skipped_updates_total"] == 2 and np.isfinite(summary["loss"])
   assert sum(logged(tmp_path, "skipped_updates").values()) == 2
   for leaf in jax.tree.leaves(final_params(tmp_path, tiny(data))[1]):
