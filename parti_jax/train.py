@@ -267,19 +267,16 @@ class Profiler:
       self._active = False
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, config.")
-
-
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   distributed.initialize()
-  if _CONFIG.value is None or not _WORKDIR.value:
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None or not workdir:
     sys.exit("error: --config and --workdir are required")
   try:
-    summary = train(_CONFIG.value, _WORKDIR.value)
+    summary = train(config, workdir)
   except (config_lib.ConfigError, records.DataError, TrainingError) as e:
     sys.exit(f"error: {e}")
   except Preempted:
@@ -287,8 +284,11 @@ def main(argv):
   if jax.process_index() == 0:
     shown = {k: round(float(v), 4) for k, v in summary.items()
              if k in ("loss", "accuracy", "eval/loss", "eval/accuracy")}
-    print(f"done: {_CONFIG.value.num_train_steps} steps; {shown}")
+    print(f"done: {config.num_train_steps} steps; {shown}")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: the module is imported by tests and other tools.
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+  flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, config.")
   app.run(main)
