@@ -15,8 +15,9 @@ stops at the first one instead, and `train.max_consecutive_skips` in a row stop 
 
 Process 0 writes DIR/metrics.jsonl and TensorBoard event files under DIR/tensorboard:
 loss, accuracy, learning rate, gradient norm, step time, image tokens/s, TFLOP/s per
-device and MFU (as benchmarks/train_throughput.py computes them), skipped records (by
-reason) and updates, data-wait time, and evaluation loss and accuracy on `data.eval`.
+device and MFU (as benchmarks/train_throughput.py computes them), records skipped since
+the last write (`skipped_records/REASON`), skipped updates (in the window and in total),
+data-wait time, and evaluation loss and accuracy on `data.eval`.
 """
 
 import dataclasses
@@ -148,11 +149,12 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   loader = pipeline.Loader(config, mesh, train=True)
   total = config.num_train_steps
   writer = metrics_lib.Writer(workdir, total)
-  state, start = ckpt.restore_latest(task.setup.abstract_state(), loader.iterator, writer.log)
+  abstract_state = task.setup.abstract_state()
+  state, start = ckpt.restore_latest(abstract_state, loader.iterator, writer.log)
   if state is None:
     state = task.setup.init_state()
     if config.init_from:
-      params = checkpoints.load_params(config.init_from, task.setup.abstract_state().params)
+      params = checkpoints.load_params(config.init_from, abstract_state.params)
       state = state.replace(params=params)
       writer.log(f"parameters from {config.init_from}")
   else:
@@ -160,8 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   writer.progress(start)
 
   start_time = time.perf_counter()
-  train_step = task.train_step.lower(task.setup.abstract_state(),
-                                     task.setup.abstract_batch()).compile()
+  train_step = task.train_step.lower(abstract_state, task.setup.abstract_batch()).compile()
   writer.log(f"train step compiled in {time.perf_counter() - start_time:.1f} s")
   peak, peak_source = peak_tflops_per_device()
   replicated = NamedSharding(mesh, P())
@@ -185,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
           elapsed = time.perf_counter() - window_start
           last = _report(config, task, writer, done, window, elapsed,
                          loader.data_wait_s - wait_start, skipped_records, state, peak)
-          window = []
+          window, skipped_records = [], jnp.zeros_like(skipped_records)
         if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
           last |= evaluate(config, task, state.params)
           writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})

@@ -253,3 +253,17 @@ def test_two_processes_train_like_one_and_resume(data, uninterrupted, tmp_path):
                  processes=2)
   assert more.returncode == 0, more.stdout[-3000:]
   assert "resumed from" in more.stdout and 14 in logged(tmp_path)
+
+
+def test_skipped_records_reach_the_metrics(data, tmp_path):
+  from parti_jax.data import records
+  good = list(records.ShardSet.open(data / "tokens" / "train").read_all())[:20]
+  damaged = [dict(good[0], image_codes=b""), dict(good[1], text_tokens=[])]
+  records.write_shard_set(tmp_path / "set", "set", "tokens", good + damaged, 1, made_by={},
+                          fields=encode.TOKEN_FIELDS,
+                          tokens=records.ShardSet.open(data / "tokens" / "train").meta["tokens"])
+  config = tiny(data, eval_every=0)
+  config.data.update(train=str(tmp_path / "set"), max_bad_fraction=0.2)
+  trainer.train(config, tmp_path / "run")
+  skipped = sum(logged(tmp_path / "run", "skipped_records/missing_tokens").values())
+  assert skipped >= 2 * 4  # 12 steps x 8 rows read the 22 records 4 times or more
