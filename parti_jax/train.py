@@ -43,6 +43,7 @@ from parti_jax import train_step as ts
 from parti_jax.data import pipeline, records
 
 PREEMPTED_EXIT_CODE = os.EX_TEMPFAIL  # 75
+MULTI_PROCESS_STOP_CHECK = 10
 
 
 class Preempted(Exception):
@@ -100,10 +101,17 @@ class StopRequest:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def agreed(self) -> bool:
-    """True on every process once any process was asked to stop (they stop together)."""
+  def agreed(self, step: int) -> bool:
+    """True on every process once any process was asked to stop (they stop together).
+
+    With several processes, agreeing is a collective that waits for the device, so it
+    runs every MULTI_PROCESS_STOP_CHECK steps rather than every step: a preempted pod
+    stops within that many steps of the signal.
+    """
     if jax.process_count() == 1:
       return self.requested
+    if step % MULTI_PROCESS_STOP_CHECK:
+      return False
     from jax.experimental import multihost_utils
     return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
 
@@ -196,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
           window_start, wait_start = time.perf_counter(), loader.data_wait_s
         if done == stop_after_step:
           break
-        if stop.agreed():
+        if stop.agreed(done):
           if saved != done:
             ckpt.save(done, state, loader.iterator, force=True)
           ckpt.wait()

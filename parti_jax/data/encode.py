@@ -109,13 +109,13 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
   mesh = mesh or sharding.make_mesh(config)
   batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows on every device
   loader = pipeline.Loader(config, mesh, train=False, batch_size=batch_size)
-  source = pipeline.Source(str(data_dir), config.data)
+  source = loader.source  # the whole records, for the fields batches do not carry
   batch_spec = sharding.batch_sharding(mesh, sharding.rules_of(config))
   run = jax.jit(tokenizer.encode, in_shardings=batch_spec, out_shardings=batch_spec)
   count_skipped = jax.jit(lambda s: s.sum(0), out_shardings=NamedSharding(mesh, P()))
 
   p, n = jax.process_index(), jax.process_count()
-  name = records.ShardSet.open(data_dir).meta["name"]
+  name = source.shard_set.meta["name"]
   total = n * shards_per_process
   writers = [records.ShardWriter(out_dir / records.shard_name(name, p * shards_per_process + j,
                                                               total))

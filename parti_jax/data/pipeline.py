@@ -321,14 +321,13 @@ def tokenizer_of(config) -> spm.Tokenizer | None:
 
 
 def dataset(config, train: bool, batch_size: int, process_index: int | None = None,
-            process_count: int | None = None) -> grain.IterDataset:
+            process_count: int | None = None, source: Source | None = None) -> grain.IterDataset:
   """This process's grain dataset of `batch_size`-row batches (host numpy)."""
   check(config, train)
   d, m = config.data, config.model
   p = jax.process_index() if process_index is None else process_index
   n = jax.process_count() if process_count is None else process_count
-  spec = d.train if train else d.eval
-  source = Source(spec, d)
+  source = source or Source(d.train if train else d.eval, d)
   if not train:  # pad so that every process reads the same number of whole batches
     per_process = -(-source.num_records // n)
     source.pad_to(-(-per_process // batch_size) * batch_size * n)
@@ -379,7 +378,11 @@ class Loader:
                         f"{jax.process_count()} processes")
     rules = sharding.rules_of(config)
     self._sharding = sharding.batch_sharding(mesh, rules)
-    self._dataset = dataset(config, train, self.global_batch // jax.process_count())
+    spec = config.data.train if train else config.data.eval
+    check(config, train)
+    self.source = Source(spec, config.data)  # also random access to whole records
+    self._dataset = dataset(config, train, self.global_batch // jax.process_count(),
+                            source=self.source)
     self.iterator = iter(self._dataset)
     self.data_wait_s = 0.0
 
