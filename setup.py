@@ -25,6 +25,8 @@ setuptools.setup(
         "pillow>=10.0",
         "array-record>=0.8",
         "msgpack>=1.0",
+        "tensorboardX>=2.6",
+        "etils[epath]>=1.5",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
