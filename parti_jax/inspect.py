@@ -18,9 +18,6 @@ from parti_jax import config as config_lib
 from parti_jax import flops, sharding
 from parti_jax.train_step import Setup
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Plan for this many devices.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
 def plan(config, num_devices: int) -> dict:
@@ -66,18 +63,22 @@ def _print_table(p: dict) -> None:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     sys.exit("--config is required, e.g. --config configs/parti_350m.py")
   try:
-    p = plan(config, _NUM_DEVICES.value or jax.device_count())
+    p = plan(config, flags.FLAGS.num_devices or jax.device_count())
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
-  if _JSON.value:
+  if flags.FLAGS.json:
     print(json.dumps(p))
   else:
     _print_table(p)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that other modules can import `plan`.
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_integer("num_devices", None, "Plan for this many devices.")
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
   app.run(main)
