@@ -53,9 +53,11 @@ class Writer:
       self._tb.add_image(name, pixels, step, dataformats="HWC")
 
   def progress(self, step: int, **postfix) -> None:
+    """Moves the bar to `step` (cheap: tqdm redraws at most every 0.1 s)."""
     if self._bar is not None:
-      self._bar.n = step
-      self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=True)
+      if postfix:
+        self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+      self._bar.update(step - self._bar.n)
 
   def log(self, message: str) -> None:
     """A line for the person running the job (process 0 only), clear of the progress bar."""

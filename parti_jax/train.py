@@ -190,6 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
         skipped_records = skipped_records + count_skipped(batch["skipped"])
         window.append(step_metrics)
         done = step + 1
+        writer.progress(done)
         if done % t.log_every == 0 or done == total or done == stop_after_step:
           elapsed = time.perf_counter() - window_start
           last = _report(config, task, writer, done, window, elapsed,
