@@ -147,6 +147,42 @@ def tiny_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def vitvqgan_base() -> ml_collections.ConfigDict:
+  """Defaults of the ViT-VQGAN image tokenizer (stage 1): the paper's Small-Small."""
+  c = ml_collections.ConfigDict()
+  c.task = "vitvqgan"
+  c.seed = 0
+  c.global_batch_size = 256
+  c.num_train_steps = 500_000
+  m = c.model = ml_collections.ConfigDict()
+  m.resolution = 256
+  m.patch_size = 8  # 256 px -> 32x32 codes
+  m.codebook_size = 8192
+  m.code_dim = 32  # factorized lookup space
+  m.commitment = 0.25
+  m.logit_laplace = True  # decoder also predicts per-pixel scales (Parti's decoder: False)
+  m.encoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
+  m.decoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
+  m.dtype = "bfloat16"
+  m.dropout_rate = 0.0
+  m.remat = "none"
+  m.attention_impl = "xla"
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.sharding_rules = DEFAULT_RULES + (("patch", None), ("code", None), ("codes", None))
+  c.data = data_defaults()
+  c.data.kind = "images"
+  c.train = train_defaults()
+  c.init_from = ""
+  return c
+
+
+def vit_size(name: str) -> dict:
+  """One side (encoder or decoder) of the paper's ViT-VQGAN sizes."""
+  return {"small": dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8),
+          "base": dict(d_model=768, num_heads=12, mlp_dim=3072, layers=12),
+          "large": dict(d_model=1280, num_heads=16, mlp_dim=5120, layers=32)}[name]
+
+
 # ----------------------------------------------------------------------------- checks
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -188,6 +224,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> tuple[int, ...]:
   """Refuses a config that cannot run, before compiling. Returns the resolved mesh shape."""
   num_devices = jax.device_count() if num_devices is None else num_devices
+  if config.get("task", "parti") == "vitvqgan":
+    return _check_vitvqgan(config, mesh_shape(config, num_devices))
   m = config.model
   shape = dict(zip(MESH_AXES, mesh_shape(config, num_devices)))
   problems = []
@@ -240,4 +278,26 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return tuple(shape[a] for a in MESH_AXES)
+
+
+def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
+  m, sizes, problems = config.model, dict(zip(MESH_AXES, shape)), []
+  if m.resolution % m.patch_size:
+    problems.append(f"model.resolution={m.resolution} is not a multiple of "
+                    f"model.patch_size={m.patch_size}")
+  for side in ("encoder", "decoder"):
+    s = m[side]
+    if s.d_model % s.num_heads:
+      problems.append(f"model.{side}.d_model={s.d_model} is not divisible by "
+                      f"model.{side}.num_heads={s.num_heads}")
+    if s.num_heads % sizes["tensor"] or s.mlp_dim % sizes["tensor"]:
+      problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
+                      f"divisible by mesh.tensor={sizes['tensor']}")
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if config.global_batch_size % batch_shards:
+    problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "
+                    f"batch shards (mesh.data x mesh.fsdp = {batch_shards})")
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  return shape
 

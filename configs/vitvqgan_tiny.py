@@ -1,0 +1,19 @@
+"""A tiny ViT-VQGAN for CPU runs and tests: 32 px images -> 4x4 codes from a codebook of 64.
+
+Matches configs/parti_tiny.py (image_grid 4, codebook_size 64), so its codes can feed the
+tiny Parti model. Width 64, 2 blocks per side, float32.
+"""
+
+from parti_jax import config as common
+
+
+def get_config():
+  c = common.vitvqgan_base()
+  m = c.model
+  m.update(resolution=32, patch_size=8, codebook_size=64, dtype="float32")
+  for side in (m.encoder, m.decoder):
+    side.update(d_model=64, num_heads=4, mlp_dim=256, layers=2)
+  c.data.resolution = 32
+  c.global_batch_size = 16
+  c.num_train_steps = 500
+  return c

@@ -1,0 +1,101 @@
+"""The ViT-VQGAN model: sizes, codes, the straight-through estimator, losses, metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load_config
+from parti_jax import sharding, vqgan
+
+
+def count(module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("name,paper_millions,tolerance", [
+    ("small", 32, 0.15), ("base", 91, 0.01), ("large", 599, 0.1)])
+def test_sizes_per_side_are_the_papers(name, paper_millions, tolerance):
+  m = load_config(f"vitvqgan_{name}").model
+  model = nnx.eval_shape(lambda: vqgan.ViTVQGAN(m, rngs=nnx.Rngs(0)))
+  encoder = count(model.patch_in) + count(model.encoder) + count(model.to_code)
+  decoder = count(model.from_code) + count(model.decoder) + count(model.to_pixels)
+  for side in (encoder, decoder):
+    assert side / 1e6 == pytest.approx(paper_millions, rel=tolerance)
+  assert model.grid == 32 and model.codebook.shape == (8192, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  m = load_config("vitvqgan_tiny").model
+  return vqgan.ViTVQGAN(m, rngs=nnx.Rngs(0)), m
+
+
+def images(n=4, seed=1):
+  return jax.random.uniform(jax.random.key(seed), (n, 32, 32, 3), minval=-1, maxval=1)
+
+
+def test_codes_are_the_nearest_normalized_entries(tiny):
+  model, m = tiny
+  x = images()
+  codes = model.encode(x)
+  assert codes.shape == (4, 16) and codes.dtype == jnp.int32
+  z, book = model.latents(x), model.normalized_codebook()
+  np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(book, axis=-1), 1.0, atol=1e-5)
+  distances = jnp.sum((z[:, :, None, :] - book[None, None]) ** 2, -1)
+  np.testing.assert_array_equal(codes, jnp.argmin(distances, -1))
+  decoded = model.decode(codes)
+  assert decoded.shape == (4, 32, 32, 3)
+  np.testing.assert_allclose(decoded, model(x)["reconstruction"], atol=1e-5)
+
+
+def test_gradients_reach_the_encoder_through_the_quantizer(tiny):
+  model, _ = tiny
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(p):
+    out = nnx.merge(graphdef, p)(images())
+    return jnp.mean((out["reconstruction"] - images()) ** 2)
+
+  grads = nnx.to_pure_dict(jax.grad(loss)(params))
+  encoder_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
+  assert encoder_norm > 0  # straight-through: the decoder's gradient passes to the encoder
+  assert float(jnp.abs(grads["codebook"]).sum()) == 0  # entries move by the codebook loss
+
+
+def test_quantizer_losses_and_metrics(tiny):
+  model, m = tiny
+  out = model(images())
+  assert float(out["codebook_loss"]) == pytest.approx(float(out["commitment_loss"]), rel=1e-5)
+  assert 0 < float(out["codebook_loss"]) <= 4.0  # unit vectors: squared distance <= 4
+  used, perplexity = vqgan.codebook_usage(jnp.array([[0, 0, 1, 2]]), 4)
+  assert float(used) == 0.75
+  assert float(perplexity) == pytest.approx(np.exp(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25))))
+  x = images()
+  assert float(vqgan.psnr(x, x)[0]) == pytest.approx(10 * np.log10(4 / 1e-10))  # capped
+  assert float(vqgan.psnr(x + 0.1, x)[0]) == pytest.approx(10 * np.log10(4 / 0.01), rel=1e-4)
+  assert out["output"].shape[-1] == 6 and np.isfinite(float(
+      vqgan.logit_laplace_nll(out["output"], x)))
+
+
+def test_logit_laplace_prefers_the_right_location_and_scale():
+  x = jnp.full((1, 2, 2, 3), 0.3)
+  at = lambda loc, log_scale: jnp.concatenate(
+      [jnp.full((1, 2, 2, 3), loc), jnp.full((1, 2, 2, 3), log_scale)], -1)
+  right = vqgan.logit_laplace_nll(at(0.3, -3.0), x)
+  assert right < vqgan.logit_laplace_nll(at(-0.5, -3.0), x)
+  assert right < vqgan.logit_laplace_nll(at(0.3, 1.0), x)
+
+
+def test_parameters_carry_logical_names_that_shard_on_the_mesh(tiny):
+  config = load_config("vitvqgan_tiny")
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  model = nnx.eval_shape(lambda: vqgan.ViTVQGAN(config.model, rngs=nnx.Rngs(0)))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+  mesh = sharding.make_mesh(config)
+  shardings = sharding.named(mesh, specs, sharding.rules_of(config))
+  kernel = shardings["encoder"]["stack"]["blocks"]["mlp"]["up"]["kernel"]
+  assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert shardings["codebook"].spec == jax.sharding.PartitionSpec(None, None)
