@@ -30,6 +30,9 @@ SHAPE_FIELDS = (
     "model.d_model", "model.num_heads", "model.head_dim", "model.mlp_dim",
     "model.encoder_layers", "model.decoder_layers", "model.share_image_embedding",
     "optimizer.name", "optimizer.momentum_dtype",
+    # the image tokenizer's
+    "model.resolution", "model.patch_size", "model.code_dim", "model.logit_laplace",
+    "model.encoder", "model.decoder",
 )
 
 

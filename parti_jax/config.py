@@ -167,6 +167,13 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.0
   m.remat = "none"
   m.attention_impl = "xla"
+  c.loss = ml_collections.ConfigDict(dict(l2=1.0, logit_laplace=0.1))
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.name, o.learning_rate, o.b1, o.b2 = "adamw", 1e-4, 0.9, 0.99
+  o.weight_decay, o.grad_clip_norm, o.momentum_dtype = 1e-4, 1.0, "float32"
+  # 50k warm-up steps to 1e-4, then cosine to 5e-5 at the end.
+  c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=50_000,
+                                              decay_start=0, final_ratio=0.5))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.sharding_rules = DEFAULT_RULES + (("patch", None), ("code", None), ("codes", None))
   c.data = data_defaults()

@@ -76,7 +76,16 @@ def parti_task(config, mesh) -> Task:
               config.model.image_grid ** 2)
 
 
-TASKS = {"parti": parti_task}
+def vitvqgan_task(config, mesh) -> Task:
+  from parti_jax import vqgan_train  # the image tokenizer's losses and steps
+  setup = vqgan_train.Setup(config, mesh)
+  return Task(setup, ("images",), ts.jit_train_step(setup, vqgan_train.train_step),
+              ts.jit_eval_step(setup, vqgan_train.eval_step),
+              vqgan_train.train_step_flops(config),
+              (config.model.resolution // config.model.patch_size) ** 2)
+
+
+TASKS = {"parti": parti_task, "vitvqgan": vitvqgan_task}
 
 
 class StopRequest:
@@ -238,9 +247,10 @@ def _report(config, task: Task, writer, step, window, elapsed, data_wait, skippe
   finite = [m for m, s in zip(window, skipped) if not s] or window
   step_time = elapsed / len(window)
   tflops = task.step_flops / step_time / jax.device_count() / 1e12
-  values = dict(
-      loss=np.mean([m["loss"] for m in finite]), accuracy=np.mean([m["accuracy"] for m in finite]),
-      grad_norm=np.mean([m["grad_norm"] for m in finite]),
+  # Every per-step metric of the task is averaged over the window's finite steps.
+  special = ("learning_rate", "update_skipped", "consecutive_skips")
+  values = {k: np.mean([m[k] for m in finite]) for k in window[0] if k not in special}
+  values |= dict(
       learning_rate=window[-1]["learning_rate"], step_time_s=step_time,
       image_tokens_per_s=config.global_batch_size * task.tokens_per_example / step_time,
       tflops_per_device=tflops, mfu=tflops / peak, data_wait_s=data_wait / len(window),

@@ -35,6 +35,8 @@ class Setup:
   laptop allocates nothing. `init_state()` then creates the state directly sharded.
   """
 
+  model_class = Parti  # a subclass sets another model (the image tokenizer's setup)
+
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
     self.config = config
     if mesh is None:
@@ -44,7 +46,7 @@ class Setup:
           f"the mesh {dict(mesh.shape)} does not match the config's mesh {dict(config.mesh)}")
     self.mesh = mesh
     self.rules = sharding.rules_of(config)
-    abstract_model = nnx.eval_shape(lambda: Parti(config.model, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: self.model_class(config.model, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     self.logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     self.abstract_params = nnx.to_pure_dict(abstract_params)
@@ -62,7 +64,7 @@ class Setup:
         rng=replicated)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
 
-  def model(self, params) -> Parti:
+  def model(self, params):
     return nnx.merge(self.graphdef, params)
 
   def abstract_state(self) -> TrainState:
@@ -73,7 +75,7 @@ class Setup:
 
   def _init(self, key) -> TrainState:
     params_key, rng = jax.random.split(key)
-    model = Parti(self.config.model, rngs=nnx.Rngs(params=params_key))
+    model = self.model_class(self.config.model, rngs=nnx.Rngs(params=params_key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=rng)
@@ -176,10 +178,10 @@ def _with_activation_mesh(setup: Setup, fn: Callable) -> Callable:
   return wrapped
 
 
-def jit_train_step(setup: Setup):
+def jit_train_step(setup: Setup, step_fn: Callable = train_step):
   """`(state, batch) -> (state, metrics)`, jitted with explicit shardings; state is donated."""
   replicated = NamedSharding(setup.mesh, P())
-  return jax.jit(_with_activation_mesh(setup, train_step),
+  return jax.jit(_with_activation_mesh(setup, step_fn),
                  in_shardings=(setup.state_shardings, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, replicated),
                  donate_argnums=0)
@@ -194,9 +196,9 @@ def jit_loss_and_grads(setup: Setup):
                  out_shardings=(replicated, replicated, params))
 
 
-def jit_eval_step(setup: Setup):
+def jit_eval_step(setup: Setup, eval_fn: Callable = eval_step):
   """`(params, batch) -> metrics`, jitted with explicit shardings."""
   replicated = NamedSharding(setup.mesh, P())
-  return jax.jit(_with_activation_mesh(setup, eval_step),
+  return jax.jit(_with_activation_mesh(setup, eval_fn),
                  in_shardings=(setup.state_shardings.params, setup.batch_sharding),
                  out_shardings=replicated)

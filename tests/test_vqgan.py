@@ -99,3 +99,26 @@ def test_parameters_carry_logical_names_that_shard_on_the_mesh(tiny):
   kernel = shardings["encoder"]["stack"]["blocks"]["mlp"]["up"]["kernel"]
   assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert shardings["codebook"].spec == jax.sharding.PartitionSpec(None, None)
+
+
+def test_the_trainer_trains_the_tokenizer(tmp_path):
+  """Same command, same checkpoints and metrics: the tokenizer plugs into the trainer."""
+  import json
+
+  from parti_jax import train as trainer
+  from parti_jax.data import shapes
+  shapes.write(tmp_path / "shapes", shapes.Spec(), num=64, num_validation=16, num_heldout=0,
+               progress=False)
+  config = load_config("vitvqgan_tiny")
+  config.data.update(train=str(tmp_path / "shapes" / "train"),
+                     eval=str(tmp_path / "shapes" / "validation"))
+  config.num_train_steps = 20
+  config.train.update(log_every=10, eval_every=20, checkpoint_every=20)
+  summary = trainer.train(config, tmp_path / "run")
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  train_rows = [r for r in rows if "l2" in r]
+  assert train_rows[-1]["l2"] < train_rows[0]["l2"]
+  for key in ("psnr", "codebook_usage", "codebook_perplexity", "logit_laplace", "mfu"):
+    assert key in train_rows[-1], key
+  assert summary["eval/examples"] == 16 and summary["eval/psnr"] > 10
+  assert (tmp_path / "run" / "checkpoints" / "20").is_dir()

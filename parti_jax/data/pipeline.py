@@ -339,9 +339,11 @@ def dataset(config, train: bool, batch_size: int, process_index: int | None = No
   preprocess = Preprocess(
       kind=d.kind, train=train, resolution=d.resolution, value_range=tuple(d.value_range),
       caption_dropout=d.caption_dropout, max_pixels=d.max_pixels,
-      tokenizer=tokenizer_of(config) if d.kind == "images" else None, text_len=m.text_len,
-      text_vocab_size=m.text_vocab_size,
-      image_grid=m.image_grid, codebook_size=m.codebook_size, shard_of=source.shard_of,
+      tokenizer=tokenizer_of(config) if d.kind == "images" else None,
+      # Text and code fields belong to the Parti model; the image tokenizer has none.
+      text_len=m.get("text_len", 0), text_vocab_size=m.get("text_vocab_size", 0),
+      image_grid=m.get("image_grid", 0), codebook_size=m.codebook_size,
+      shard_of=source.shard_of,
       seed=config.seed + 1, process_index=p, process_count=n)
   ds = ds.map_with_index(preprocess)
   threads = d.num_threads if d.num_threads >= 0 else (0 if d.kind == "tokens" else 8)
