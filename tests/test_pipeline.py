@@ -122,7 +122,7 @@ def test_token_shards_hold_the_tokenizer_codes_of_the_centre_crop(data):
   encode = encode_lib.color_tokenizer(32).encode
   for r in list(tokens.read_all())[:5]:
     img = images.square(images.open_image(source[r["id"]]["image"]), 32)
-    want = np.asarray(encode(images.to_model_range(img, -1, 1)[None]))[0]
+    want = np.asarray(encode(None, images.to_model_range(img, -1, 1)[None]))[0]
     np.testing.assert_array_equal(np.frombuffer(r["image_codes"], np.uint16), want)
     assert r["captions"] == source[r["id"]]["captions"]
     assert r["text_tokens"] == [tok.ids(c) for c in r["captions"]]

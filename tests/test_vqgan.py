@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from parti_jax import sharding, vqgan
+from parti_jax import sharding, vqgan, vqgan_train
 
 
 def count(module) -> int:
@@ -122,3 +122,20 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
     assert key in train_rows[-1], key
   assert summary["eval/examples"] == 16 and summary["eval/psnr"] > 10
   assert (tmp_path / "run" / "checkpoints" / "20").is_dir()
+
+  # Its codes: data.encode with --tokenizer vitvqgan:RUN_DIR gives the model's own codes.
+  from parti_jax.data import encode, images, records, spm
+  spm.train(spm.captions_of([tmp_path / "shapes" / "train"]), tmp_path / "spm", 64)
+  tokenizer = encode.load_tokenizer(f"vitvqgan:{tmp_path / 'run'}", resolution=0)
+  assert (tokenizer.resolution, tokenizer.grid, tokenizer.codebook_size) == (32, 4, 64)
+  meta = encode.encode(tmp_path / "shapes" / "validation", tmp_path / "tokens", tokenizer,
+                       spm.Tokenizer(tmp_path / "spm.model", 16), batch_size=8)
+  assert meta["count"] == 16 and meta["tokens"]["grid"] == 4
+  record = next(records.ShardSet.open(tmp_path / "tokens").read_all())
+  source = {r["id"]: r for r in records.ShardSet.open(tmp_path / "shapes" / "validation")
+            .read_all()}
+  pixels = images.to_model_range(images.square(images.open_image(
+      source[record["id"]]["image"]), 32), -1, 1)
+  model = vqgan_train.Setup(config).model(tokenizer.params)
+  np.testing.assert_array_equal(np.frombuffer(record["image_codes"], np.uint16),
+                                np.asarray(model.encode(pixels[None]))[0])

@@ -11,6 +11,8 @@ A token record keeps the source record's `id`, `captions` and `extra`, adds `tex
 bytes of the grid, row-major). Training reads them with `config.data.kind = "tokens"`.
 
 Tokenizers (`--tokenizer`):
+  vitvqgan:RUN_DIR       a ViT-VQGAN trained with `python -m parti_jax.train` (its latest
+                         checkpoint; its own resolution)
   color                  built in: each PATCHxPATCH patch becomes its mean colour quantized
                          to LEVELS per channel (codebook LEVELS**3); `color:patch=8,levels=4`
   MODULE:FUNCTION        FUNCTION(resolution=R) returning an `ImageTokenizer`
@@ -21,13 +23,17 @@ made and tested before an image tokenizer has been trained.
 import argparse
 import dataclasses
 import importlib
+import json
 import pathlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -42,12 +48,17 @@ TOKEN_FIELDS = ("id", "captions", "text_tokens", "image_codes", "extra")
 
 @dataclasses.dataclass(frozen=True)
 class ImageTokenizer:
-  """`encode(images [B, R, R, 3] in [-1, 1]) -> codes int32 [B, grid * grid]` and its shape."""
-  encode: Callable[[jax.Array], jax.Array]
+  """`encode(params, images [B, R, R, 3] in [-1, 1]) -> codes int32 [B, grid * grid]`.
+
+  `params` (None for the colour tokenizer) are passed to the jitted `encode` as an
+  argument, so a large model's weights stay sharded arrays, not compiled-in constants.
+  """
+  encode: Callable[[Any, jax.Array], jax.Array]
   resolution: int
   grid: int
   codebook_size: int
   name: str
+  params: Any = None
 
 
 def color_tokenizer(resolution: int, patch: int = 8, levels: int = 4) -> ImageTokenizer:
@@ -55,7 +66,8 @@ def color_tokenizer(resolution: int, patch: int = 8, levels: int = 4) -> ImageTo
     raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch}")
   grid = resolution // patch
 
-  def encode(images):
+  def encode(params, images):
+    del params
     b = images.shape[0]
     patches = images.reshape(b, grid, patch, grid, patch, 3).mean(axis=(2, 4))
     q = jnp.clip(jnp.round((patches + 1) / 2 * (levels - 1)), 0, levels - 1).astype(jnp.int32)
@@ -64,8 +76,27 @@ def color_tokenizer(resolution: int, patch: int = 8, levels: int = 4) -> ImageTo
   return ImageTokenizer(encode, resolution, grid, levels ** 3, f"color:patch={patch},levels={levels}")
 
 
+def vitvqgan_tokenizer(workdir, mesh=None) -> ImageTokenizer:
+  """The ViT-VQGAN trained in `workdir` (its config.json and latest checkpoint)."""
+  from parti_jax import checkpoints, vqgan_train  # the model only when it is asked for
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise ValueError(f"--tokenizer=vitvqgan:{workdir}: no config.json; not a training run")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)  # this machine's devices, whatever it trained on
+  setup = vqgan_train.Setup(config, mesh)
+  params = checkpoints.load_params(workdir, setup.abstract_state().params)
+  m = config.model
+  return ImageTokenizer(lambda p, images: setup.model(p).encode(images), m.resolution,
+                        m.resolution // m.patch_size, m.codebook_size, f"vitvqgan:{workdir}",
+                        params)
+
+
 def load_tokenizer(spec: str, resolution: int) -> ImageTokenizer:
   name, _, args = spec.partition(":")
+  if name == "vitvqgan":
+    return vitvqgan_tokenizer(args)
   if name == "color":
     kwargs = dict(kv.split("=") for kv in args.split(",") if kv)
     return color_tokenizer(resolution, **{k: int(v) for k, v in kwargs.items()})
@@ -111,7 +142,7 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
   loader = pipeline.Loader(config, mesh, train=False, batch_size=batch_size)
   source = loader.source  # the whole records, for the fields batches do not carry
   batch_spec = sharding.batch_sharding(mesh, sharding.rules_of(config))
-  run = jax.jit(tokenizer.encode, in_shardings=batch_spec, out_shardings=batch_spec)
+  run = jax.jit(tokenizer.encode, out_shardings=batch_spec)
   count_skipped = jax.jit(lambda s: s.sum(0), out_shardings=NamedSharding(mesh, P()))
 
   p, n = jax.process_index(), jax.process_count()
@@ -126,7 +157,7 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
   try:
     for batch in tqdm(loader, total=num_batches, desc="encode", unit="batch",
                       disable=p != 0):
-      codes = local_rows(run(batch["images"]))
+      codes = local_rows(run(tokenizer.params, batch["images"]))
       skipped += np.asarray(count_skipped(batch["skipped"]))
       for index, mask, row in zip(local_rows(batch["index"]), local_rows(batch["mask"]), codes):
         if mask:
@@ -162,7 +193,8 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="output token shard set directory")
   p.add_argument("--spm", required=True, help="SentencePiece model (PREFIX.model)")
   p.add_argument("--tokenizer", default="color", help="'color[:patch=8,levels=4]' or MODULE:FUNCTION")
-  p.add_argument("--resolution", type=int, default=256)
+  p.add_argument("--resolution", type=int, default=256,
+                 help="for the colour or a MODULE:FUNCTION tokenizer; a ViT-VQGAN uses its own")
   p.add_argument("--text_len", type=int, default=128)
   p.add_argument("--batch_size", type=int, default=64, help="global batch")
   p.add_argument("--shards_per_process", type=int, default=1)
