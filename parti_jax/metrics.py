@@ -15,6 +15,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from parti_jax.data import images
+
 
 class Writer:
 
@@ -25,7 +27,7 @@ class Writer:
     self._bar = None
     if not self.enabled:
       return
-    workdir = epath.Path(workdir)
+    workdir = self._workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     self._jsonl = (workdir / "metrics.jsonl").open("a")
     from tensorboardX import SummaryWriter  # writes event files without TensorFlow
@@ -47,10 +49,13 @@ class Writer:
                        k.startswith("eval/"))
       print(f"step {step}: {shown}", flush=True)
 
-  def image(self, step: int, name: str, pixels: np.ndarray) -> None:
-    """A uint8 [H, W, 3] image (e.g. a grid of samples) in TensorBoard."""
+  def picture(self, step: int, name: str, pixels: np.ndarray) -> None:
+    """A uint8 [H, W, 3] picture (a grid of samples): TensorBoard and a PNG file."""
     if self.enabled:
       self._tb.add_image(name, pixels, step, dataformats="HWC")
+      path = self._workdir / "pictures" / f"{name.replace('/', '_')}_{step:08d}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(images.encode_png(pixels))
 
   def progress(self, step: int, **postfix) -> None:
     """Moves the bar to `step` (cheap: tqdm redraws at most every 0.1 s)."""

@@ -67,6 +67,8 @@ class Task:
   eval_step: Callable
   step_flops: float  # model FLOPs of one train step (the numerator of MFU)
   tokens_per_example: int  # image tokens predicted per example
+  # (params, eval batch) -> uint8 [H, W, 3], a picture written at each evaluation
+  picture: Callable | None = None
 
 
 def parti_task(config, mesh) -> Task:
@@ -82,7 +84,9 @@ def vitvqgan_task(config, mesh) -> Task:
   return Task(setup, ("images",), ts.jit_train_step(setup, vqgan_train.train_step),
               ts.jit_eval_step(setup, vqgan_train.eval_step),
               vqgan_train.train_step_flops(config),
-              (config.model.resolution // config.model.patch_size) ** 2)
+              (config.model.resolution // config.model.patch_size) ** 2,
+              picture=lambda params, batch: vqgan_train.reconstruction_grid(
+                  setup, params, batch["images"]))
 
 
 TASKS = {"parti": parti_task, "vitvqgan": vitvqgan_task}
@@ -136,11 +140,15 @@ def peak_tflops_per_device() -> tuple[float, str]:
           "measured float32 matmul")
 
 
-def evaluate(config, task: Task, params) -> dict:
-  """Loss and accuracy over the whole of `data.eval` (padding rows masked out)."""
+def evaluate(config, task: Task, params, writer=None, step: int = 0) -> dict:
+  """The task's metrics over the whole of `data.eval` (padding rows masked out), and its
+  picture of the first batch (PNG in WORKDIR/pictures/ and a TensorBoard image)."""
   batch_size = config.train.eval_batch_size or config.global_batch_size
-  results = [task.eval_step(params, {k: b[k] for k in (*task.inputs, "mask")})
-             for b in pipeline.eval_batches(config, task.setup.mesh, batch_size)]
+  results = []
+  for i, b in enumerate(pipeline.eval_batches(config, task.setup.mesh, batch_size)):
+    results.append(task.eval_step(params, {k: b[k] for k in (*task.inputs, "mask")}))
+    if i == 0 and task.picture is not None and writer is not None:
+      writer.picture(step, "eval/picture", task.picture(params, b))
   results = jax.device_get(results)
   weight = sum(float(r["weight"]) for r in results)
   return {f"eval/{k}": sum(float(r[k]) * float(r["weight"]) for r in results) / max(weight, 1)
@@ -206,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
                          loader.data_wait_s - wait_start, skipped_records, state, peak)
           window, skipped_records = [], jnp.zeros_like(skipped_records)
         if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
-          last |= evaluate(config, task, state.params)
+          last |= evaluate(config, task, state.params, writer, done)
           writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
         if ckpt.save(done, state, loader.iterator, force=done == total):
           saved = done

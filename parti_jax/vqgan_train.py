@@ -18,10 +18,12 @@ dead codes from recent encoder outputs and the adversarial term are the next ste
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from parti_jax import train_step as ts
 from parti_jax import vqgan
+from parti_jax.data import images as image_lib
 
 
 class Setup(ts.Setup):
@@ -98,3 +100,11 @@ def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:
 
 def train_step_flops(config) -> float:
   return 3 * forward_flops_per_example(config.model) * config.global_batch_size
+
+
+def reconstruction_grid(setup: Setup, params, images, count: int = 8) -> np.ndarray:
+  """uint8 [2R, count*R, 3]: `count` images above their reconstructions."""
+  images = images[:count]
+  recon = jax.jit(lambda p, x: setup.model(p).decode(setup.model(p).encode(x)))(params, images)
+  rows = [np.concatenate(list(np.asarray(jax.device_get(x))), axis=1) for x in (images, recon)]
+  return image_lib.to_uint8(np.concatenate(rows, axis=0), -1.0, 1.0)

@@ -106,7 +106,7 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   import json
 
   from parti_jax import train as trainer
-  from parti_jax.data import shapes
+  from parti_jax.data import images, shapes
   shapes.write(tmp_path / "shapes", shapes.Spec(), num=64, num_validation=16, num_heldout=0,
                progress=False)
   config = load_config("vitvqgan_tiny")
@@ -122,9 +122,11 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
     assert key in train_rows[-1], key
   assert summary["eval/examples"] == 16 and summary["eval/psnr"] > 10
   assert (tmp_path / "run" / "checkpoints" / "20").is_dir()
+  (picture,) = (tmp_path / "run" / "pictures").iterdir()  # originals above reconstructions
+  assert images.open_image(picture.read_bytes()).size == (8 * 32, 2 * 32)
 
   # Its codes: data.encode with --tokenizer vitvqgan:RUN_DIR gives the model's own codes.
-  from parti_jax.data import encode, images, records, spm
+  from parti_jax.data import encode, records, spm
   spm.train(spm.captions_of([tmp_path / "shapes" / "train"]), tmp_path / "spm", 64)
   tokenizer = encode.load_tokenizer(f"vitvqgan:{tmp_path / 'run'}", resolution=0)
   assert (tokenizer.resolution, tokenizer.grid, tokenizer.codebook_size) == (32, 4, 64)

@@ -103,6 +103,12 @@ def to_model_range(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
   return pixels.astype(np.float32) * ((high - low) / 255.0) + low
 
 
+def to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
+  """float [low, high] -> uint8 [0, 255] (model outputs to pictures)."""
+  return np.clip((np.asarray(x, np.float32) - low) * (255.0 / (high - low)) + 0.5, 0,
+                 255).astype(np.uint8)
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="PNG")
