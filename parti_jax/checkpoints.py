@@ -14,6 +14,7 @@ one mesh or device count resumes on another.
 """
 
 import json
+import os
 
 import grain
 import jax
@@ -42,6 +43,11 @@ def _lookup(config_dict: dict, dotted: str):
       return None
     config_dict = config_dict[part]
   return config_dict
+
+
+def absolute(path) -> epath.Path:
+  """orbax wants absolute local paths; bucket paths (gs://...) stay as given."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 def check_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -126,7 +132,7 @@ def load_params(path, abstract_params):
   Only the parameters are read (orbax partial restore), with the shardings of
   `abstract_params`, so a run can start from one with another optimizer or mesh.
   """
-  path = epath.Path(path)
+  path = absolute(path)
   if (path / "checkpoints").exists():
     steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
     if not steps:

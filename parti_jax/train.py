@@ -162,8 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   Returns the last metrics written. Raises Preempted after saving on SIGTERM/Ctrl-C.
   """
   devices = devices or jax.devices()
-  if "://" not in str(workdir):  # orbax wants absolute local paths; buckets stay as given
-    workdir = os.path.abspath(workdir)
+  workdir = checkpoints.absolute(workdir)
   config_lib.check(config, len(devices))
   pipeline.check(config)
   t = config.train
