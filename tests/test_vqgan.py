@@ -141,3 +141,21 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   model = vqgan_train.Setup(config).model(tokenizer.params)
   np.testing.assert_array_equal(np.frombuffer(record["image_codes"], np.uint16),
                                 np.asarray(model.encode(pixels[None]))[0])
+
+
+def test_evaluation_ignores_padding_rows():
+  config = load_config("vitvqgan_tiny")
+  setup = vqgan_train.Setup(config)
+  params = setup.init_state().params
+  x = np.array(images(8))
+  x[4:] = 0.0  # padding rows, as the eval pipeline fills them
+  mask = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.int32)
+  batch = {"images": jnp.asarray(x), "mask": jnp.asarray(mask)}
+  got = jax.device_get(vqgan_train.eval_step(setup, params, batch))
+  model = setup.model(params)
+  real = jnp.asarray(x[:4])
+  used, _ = vqgan.codebook_usage(model.encode(real), config.model.codebook_size)
+  assert float(got["weight"]) == 4
+  assert float(got["codebook_usage"]) == pytest.approx(float(used))
+  recon = model(real)["reconstruction"]
+  assert float(got["psnr"]) == pytest.approx(float(jnp.mean(vqgan.psnr(recon, real))), rel=1e-5)
