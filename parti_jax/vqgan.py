@@ -175,9 +175,15 @@ def psnr(reconstruction, images, data_range: float = 2.0):
   return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-10))
 
 
-def codebook_usage(codes, codebook_size: int):
-  """(fraction of entries used, perplexity) of a batch of codes."""
-  counts = jnp.zeros(codebook_size, jnp.float32).at[codes.reshape(-1)].add(1.0)
+def codebook_usage(codes, codebook_size: int, row_mask=None):
+  """(fraction of entries used, perplexity) of a batch of codes [B, N].
+
+  Rows whose `row_mask` is 0 (evaluation padding) are not counted.
+  """
+  weights = jnp.ones(codes.shape, jnp.float32)
+  if row_mask is not None:
+    weights = weights * row_mask.astype(jnp.float32)[:, None]
+  counts = jnp.zeros(codebook_size, jnp.float32).at[codes.reshape(-1)].add(weights.reshape(-1))
   p = counts / counts.sum()
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return jnp.mean(counts > 0), jnp.exp(entropy)

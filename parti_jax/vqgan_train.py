@@ -74,13 +74,9 @@ def eval_step(setup: Setup, params, batch) -> dict:
   mask = batch["mask"].astype(jnp.float32)
   weight = jnp.maximum(mask.sum(), 1.0)
   per_row_l2 = jnp.mean((out["reconstruction"] - batch["images"]) ** 2, axis=(1, 2, 3))
-  # Padding rows point past the codebook, where the usage count drops them.
-  size = setup.config.model.codebook_size
-  codes = jnp.where(mask[:, None] > 0, out["codes"], size)
-  counts = jnp.zeros(size).at[codes.reshape(-1)].add(1.0, mode="drop")
+  usage, _ = vqgan.codebook_usage(out["codes"], setup.config.model.codebook_size, mask)
   return dict(psnr=jnp.sum(vqgan.psnr(out["reconstruction"], batch["images"]) * mask) / weight,
-              l2=jnp.sum(per_row_l2 * mask) / weight,
-              codebook_usage=jnp.mean(counts > 0), weight=mask.sum())
+              l2=jnp.sum(per_row_l2 * mask) / weight, codebook_usage=usage, weight=mask.sum())
 
 
 def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:

@@ -72,6 +72,8 @@ def test_quantizer_losses_and_metrics(tiny):
   assert 0 < float(out["codebook_loss"]) <= 4.0  # unit vectors: squared distance <= 4
   used, perplexity = vqgan.codebook_usage(jnp.array([[0, 0, 1, 2]]), 4)
   assert float(used) == 0.75
+  masked, _ = vqgan.codebook_usage(jnp.array([[0, 0], [3, 3]]), 4, jnp.array([1, 0]))
+  assert float(masked) == 0.25  # the padding row's code 3 is not a use
   assert float(perplexity) == pytest.approx(np.exp(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25))))
   x = images()
   assert float(vqgan.psnr(x, x)[0]) == pytest.approx(10 * np.log10(4 / 1e-10))  # capped
