@@ -126,11 +126,13 @@ class Checkpoints:
     self._manager.close()
 
 
-def load_params(path, abstract_params):
+def load_params(path, abstract_params, groups=()):
   """Parameters of another run (its workdir: the latest checkpoint; or a STEP directory).
 
   Only the parameters are read (orbax partial restore), with the shardings of
-  `abstract_params`, so a run can start from one with another optimizer or mesh.
+  `abstract_params`, so a run can start from one with another optimizer or mesh. With
+  `groups`, only those top-level groups are read (e.g. a tokenizer's encoder and codebook
+  for a run whose decoder has another size).
   """
   path = absolute(path)
   if (path / "checkpoints").exists():
@@ -141,6 +143,8 @@ def load_params(path, abstract_params):
   if not (path / "state").exists():
     raise FileNotFoundError(f"init_from={path}: not a run directory or a checkpoint step "
                             "directory (no state/ inside)")
+  if groups:
+    abstract_params = {g: abstract_params[g] for g in groups}
   target = {"params": abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
       path / "state", args=ocp.args.PyTreeRestore(

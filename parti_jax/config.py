@@ -180,6 +180,8 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   c.data.kind = "images"
   c.train = train_defaults()
   c.init_from = ""
+  c.init_from_groups = ()  # only these top-level parameter groups from init_from (empty: all)
+  c.optimizer.frozen = ()  # top-level parameter groups that are not trained
   return c
 
 

@@ -33,8 +33,11 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) not in ("scale", "bias"), params)
 
 
-def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The configured optimizer, with global-norm clipping in front."""
+def make(config: ml_collections.ConfigDict, params=None) -> optax.GradientTransformation:
+  """The configured optimizer, with global-norm clipping in front.
+
+  `params` (any tree shaped like the parameters) is needed for `optimizer.frozen`.
+  """
   o, lr = config.optimizer, schedule(config)
   momentum_dtype = jnp.dtype(o.momentum_dtype)
   if o.name == "adafactor":
@@ -50,12 +53,27 @@ def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   else:
     tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=momentum_dtype,
                      mask=_decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  frozen = tuple(o.get("frozen", ()))
+  if frozen:
+    # Top-level parameter groups that keep their values (e.g. a fine-tuned tokenizer's
+    # encoder and codebook): their updates are zero and they hold no optimizer state.
+    # The labels are a concrete tree (not a function of the parameters) so that
+    # optax.tree_map_params can lay out the optimizer state from them.
+    if params is None:
+      raise ValueError("optimizer.frozen needs the parameter tree: optim.make(config, params)")
+    unknown = sorted(set(frozen) - set(params))
+    if unknown:
+      raise ValueError(f"optimizer.frozen names {unknown}, which are not parameter groups; "
+                       f"the groups are {sorted(params)}")
+    labels = {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
+              for k, v in params.items()}
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   # A step whose gradients are not finite leaves parameters and optimizer state as they
   # were; optax counts such steps in the state (notfinite_count, total_notfinite). The
   # trainer stops the run after `train.max_consecutive_skips` of them in a row, so
   # optax's own limit, after which it would apply non-finite updates, is never reached.
-  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx),
-                               max_consecutive_errors=NEVER)
+  return optax.apply_if_finite(tx, max_consecutive_errors=NEVER)
 
 
 NEVER = 2 ** 31 - 1

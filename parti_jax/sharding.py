@@ -97,6 +97,8 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, ab
   which parts of the state mirror the parameter tree.
   """
   def leaf(stat, param, sharding):
+    if isinstance(stat, optax.MaskedNode):  # a frozen group (optimizer.frozen): no state
+      return stat
     if stat.shape == param.shape:
       return sharding
     return NamedSharding(sharding.mesh, _drop_dim(sharding.spec, param.shape, stat.shape))
@@ -104,7 +106,8 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, ab
   some_sharding = jax.tree.leaves(param_shardings)[0]
   replicated = NamedSharding(some_sharding.mesh, P())
   return optax.tree_map_params(tx, leaf, abstract_opt_state, abstract_params, param_shardings,
-                               transform_non_params=lambda _: replicated)
+                               transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def check_divisible(abstract_params, param_shardings) -> None:

@@ -165,6 +165,10 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   workdir = checkpoints.absolute(workdir)
   config_lib.check(config, len(devices))
   pipeline.check(config)
+  if config.optimizer.get("frozen") and not config.init_from:
+    raise config_lib.ConfigError(
+        f"optimizer.frozen={tuple(config.optimizer.frozen)} without init_from: the frozen "
+        "groups would keep their random initial values")
   t = config.train
   mesh = sharding.make_mesh(config, devices)
   task = TASKS[config.task](config, mesh)
@@ -178,9 +182,10 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   if state is None:
     state = task.setup.init_state()
     if config.init_from:
-      params = checkpoints.load_params(config.init_from, abstract_state.params)
-      state = state.replace(params=params)
-      writer.log(f"parameters from {config.init_from}")
+      groups = tuple(config.get("init_from_groups", ()))
+      loaded = checkpoints.load_params(config.init_from, abstract_state.params, groups)
+      state = state.replace(params={**state.params, **loaded})
+      writer.log(f"parameters {', '.join(groups) or 'all'} from {config.init_from}")
   else:
     writer.log(f"resumed from {ckpt.directory / str(start)}")
   writer.progress(start)

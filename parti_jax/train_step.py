@@ -50,7 +50,7 @@ class Setup:
     self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     self.logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     self.abstract_params = nnx.to_pure_dict(abstract_params)
-    self.tx = optim.make(config)
+    self.tx = optim.make(config, self.abstract_params)
     self.schedule = optim.schedule(config)
 
     param_shardings = sharding.named(self.mesh, self.logical_specs, self.rules)

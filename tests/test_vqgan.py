@@ -144,6 +144,25 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   np.testing.assert_array_equal(np.frombuffer(record["image_codes"], np.uint16),
                                 np.asarray(model.encode(pixels[None]))[0])
 
+  # Parti's recipe: keep this encoder and codebook, frozen; train a bigger decoder.
+  mix = load_config("vitvqgan_tiny")
+  mix.data.update(config.data)
+  mix.model.decoder.update(d_model=96, mlp_dim=192)
+  mix.update(init_from=str(tmp_path / "run"), num_train_steps=4,
+             init_from_groups=load_config("vitvqgan_small_large").init_from_groups)
+  mix.optimizer.frozen = mix.init_from_groups
+  mix.train.update(log_every=2, eval_every=0, checkpoint_every=4)
+  trainer.train(mix, tmp_path / "mix")
+  tuned = encode.vitvqgan_tokenizer(tmp_path / "mix")
+  for group in mix.optimizer.frozen:
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuned.params[group]),
+                 jax.device_get(tokenizer.params[group]))
+  assert tuned.params["decoder"]["stack"]["final_norm"]["norm"]["scale"].shape == (96,)
+  unfrozen = load_config("vitvqgan_small_large")
+  unfrozen.data.train = config.data.train
+  with pytest.raises(trainer.config_lib.ConfigError, match="without init_from"):
+    trainer.train(unfrozen, tmp_path / "nothing")
+
 
 def test_evaluation_ignores_padding_rows():
   config = load_config("vitvqgan_tiny")
