@@ -15,9 +15,7 @@ ENCODER_SIDE = ("patch_in", "encoder", "to_code", "codebook")
 
 
 def get_config():
-  c = common.vitvqgan_base()
-  c.model.encoder.update(common.vit_size("small"))
-  c.model.decoder.update(common.vit_size("large"))
+  c = common.vitvqgan("small", "large")
   c.model.logit_laplace = False
   c.loss.logit_laplace = 0.0
   c.init_from_groups = ENCODER_SIDE

@@ -192,6 +192,14 @@ def vit_size(name: str) -> dict:
           "large": dict(d_model=1280, num_heads=16, mlp_dim=5120, layers=32)}[name]
 
 
+def vitvqgan(encoder: str, decoder: str) -> ml_collections.ConfigDict:
+  """`vitvqgan_base()` with the paper's named sizes for the two sides."""
+  c = vitvqgan_base()
+  c.model.encoder.update(vit_size(encoder))
+  c.model.decoder.update(vit_size(decoder))
+  return c
+
+
 # ----------------------------------------------------------------------------- checks
 
 MESH_AXES = ("data", "fsdp", "tensor")
