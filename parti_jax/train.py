@@ -81,12 +81,13 @@ def parti_task(config, mesh) -> Task:
 def vitvqgan_task(config, mesh) -> Task:
   from parti_jax import vqgan_train  # the image tokenizer's losses and steps
   setup = vqgan_train.Setup(config, mesh)
+  reconstruct = vqgan_train.reconstruct_fn(setup)
   return Task(setup, ("images",), ts.jit_train_step(setup, vqgan_train.train_step),
               ts.jit_eval_step(setup, vqgan_train.eval_step),
               vqgan_train.train_step_flops(config),
               (config.model.resolution // config.model.patch_size) ** 2,
               picture=lambda params, batch: vqgan_train.reconstruction_grid(
-                  setup, params, batch["images"]))
+                  reconstruct, params, batch["images"]))
 
 
 TASKS = {"parti": parti_task, "vitvqgan": vitvqgan_task}

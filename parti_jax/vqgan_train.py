@@ -98,9 +98,14 @@ def train_step_flops(config) -> float:
   return 3 * forward_flops_per_example(config.model) * config.global_batch_size
 
 
-def reconstruction_grid(setup: Setup, params, images, count: int = 8) -> np.ndarray:
+def reconstruct_fn(setup: Setup):
+  """`(params, images) -> images` through the codes, jitted once."""
+  return jax.jit(lambda p, x: setup.model(p).decode(setup.model(p).encode(x)))
+
+
+def reconstruction_grid(reconstruct, params, images, count: int = 8) -> np.ndarray:
   """uint8 [2R, count*R, 3]: `count` images above their reconstructions."""
   images = images[:count]
-  recon = jax.jit(lambda p, x: setup.model(p).decode(setup.model(p).encode(x)))(params, images)
+  recon = reconstruct(params, images)
   rows = [np.concatenate(list(np.asarray(jax.device_get(x))), axis=1) for x in (images, recon)]
   return image_lib.to_uint8(np.concatenate(rows, axis=0), -1.0, 1.0)
