@@ -47,7 +47,6 @@ class Source:
   """
 
   def __init__(self, spec: str, data_config):
-    self.spec = spec
     if spec.startswith(TFDS_PREFIX):
       name, _, split = spec[len(TFDS_PREFIX):].partition("/")
       self._records = tfds_source.TfdsRecords(
