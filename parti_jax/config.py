@@ -9,6 +9,7 @@ import math
 
 import jax
 import ml_collections
+from etils import epath
 
 # Priority-ordered logical-to-mesh rules: for each array, the rules are tried in order
 # and a mesh axis is used at most once per array. `batch` comes first, so activations
@@ -160,6 +161,9 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.codebook_size = 8192
   m.code_dim = 32  # factorized lookup space
   m.commitment = 0.25
+  # Off by default: every N steps, entries unused in that step's global batch restart from
+  # random latents of the batch (parti_jax/vqgan_train.py: restart_dead_codes).
+  m.dead_code_restart_every = 0
   m.logit_laplace = True  # decoder also predicts per-pixel scales (Parti's decoder: False)
   m.encoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
   m.decoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
@@ -167,15 +171,35 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.0
   m.remat = "none"
   m.attention_impl = "xla"
-  c.loss = ml_collections.ConfigDict(dict(l2=1.0, logit_laplace=0.1))
+  # StyleGAN-style discriminator (parti_jax/discriminator.py): channels at full resolution,
+  # doubling per halving up to max_channels. channels=0: no discriminator.
+  m.discriminator = ml_collections.ConfigDict(dict(channels=64, max_channels=512))
+  c.loss = ml_collections.ConfigDict()
+  c.loss.l2 = 1.0
+  c.loss.logit_laplace = 0.1
+  # LPIPS-style VGG-16 distance; its weights come from `python -m parti_jax.convert.vgg16`.
+  # Without a file the term is off, with a warning ("random:SEED" is for tests only).
+  c.loss.perceptual = 0.1
+  c.loss.perceptual_weights = ""
+  # Non-saturating GAN loss, from adversarial_start on (our choice: after the warm-up, once
+  # reconstructions are reasonable); r1 is the gamma of the R1 penalty (0: off).
+  c.loss.adversarial = 0.1
+  c.loss.adversarial_start = 50_000
+  c.loss.r1 = 0.0
   o = c.optimizer = ml_collections.ConfigDict()
   o.name, o.learning_rate, o.b1, o.b2 = "adamw", 1e-4, 0.9, 0.99
   o.weight_decay, o.grad_clip_norm, o.momentum_dtype = 1e-4, 1.0, "float32"
+  # The discriminator's own Adam, on the same schedule shape with its own peak.
+  c.discriminator_optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-4, grad_clip_norm=1.0))
   # 50k warm-up steps to 1e-4, then cosine to 5e-5 at the end.
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=50_000,
                                               decay_start=0, final_ratio=0.5))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.sharding_rules = DEFAULT_RULES + (("patch", None), ("code", None), ("codes", None))
+  # The discriminator's convolutions ("channels") are replicated: it is small next to the
+  # tokenizer.
+  c.sharding_rules = DEFAULT_RULES + (("patch", None), ("code", None), ("codes", None),
+                                      ("channels", None), ("channels_in", None))
   c.data = data_defaults()
   c.data.kind = "images"
   c.train = train_defaults()
@@ -310,6 +334,18 @@ def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
     if s.num_heads % sizes["tensor"] or s.mlp_dim % sizes["tensor"]:
       problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
+  w = config.loss
+  if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
+    problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "
+                    "model.discriminator.channels is 0")
+  if w.get("adversarial", 0) and m.resolution & (m.resolution - 1):
+    problems.append(f"loss.adversarial={w.adversarial}: the discriminator needs a power-of-two "
+                    f"model.resolution, not {m.resolution}")
+  weights = w.get("perceptual_weights", "")
+  if w.get("perceptual", 0) and weights and not weights.startswith("random:") \
+      and not epath.Path(weights).exists():
+    problems.append(f"loss.perceptual_weights={weights!r} does not exist (convert VGG-16 "
+                    "weights with python -m parti_jax.convert.vgg16)")
   batch_shards = sizes["data"] * sizes["fsdp"]
   if config.global_batch_size % batch_shards:
     problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "

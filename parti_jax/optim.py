@@ -6,9 +6,10 @@ import ml_collections
 import optax
 
 
-def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up to the peak, then the configured decay."""
-  s, peak, total = config.schedule, config.optimizer.learning_rate, config.num_train_steps
+def schedule(config: ml_collections.ConfigDict, peak: float | None = None) -> optax.Schedule:
+  """Linear warm-up to the peak (`optimizer.learning_rate` unless given), then the decay."""
+  s, total = config.schedule, config.num_train_steps
+  peak = config.optimizer.learning_rate if peak is None else peak
   warmup = optax.linear_schedule(0.0, peak, max(s.warmup_steps, 1))
   after = total - s.warmup_steps
   if s.name == "warmup_exponential":
@@ -33,13 +34,9 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) not in ("scale", "bias"), params)
 
 
-def make(config: ml_collections.ConfigDict, params=None) -> optax.GradientTransformation:
-  """The configured optimizer, with global-norm clipping in front.
-
-  `params` (any tree shaped like the parameters) is needed for `optimizer.frozen`.
-  """
-  o, lr = config.optimizer, schedule(config)
-  momentum_dtype = jnp.dtype(o.momentum_dtype)
+def _optimizer(o: ml_collections.ConfigDict, lr) -> optax.GradientTransformation:
+  """One optimizer section (`optimizer` or `discriminator_optimizer`) with its clipping."""
+  momentum_dtype = jnp.dtype(o.get("momentum_dtype", "float32"))
   if o.name == "adafactor":
     # Assembled from optax's parts rather than optax.adafactor because the paper's beta2
     # is a constant decay (optax.adafactor only offers step**-decay_rate), and its
@@ -53,22 +50,38 @@ def make(config: ml_collections.ConfigDict, params=None) -> optax.GradientTransf
   else:
     tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=momentum_dtype,
                      mask=_decay_mask)
-  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-  frozen = tuple(o.get("frozen", ()))
-  if frozen:
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+
+
+def make(config: ml_collections.ConfigDict, params=None) -> optax.GradientTransformation:
+  """The configured optimizer, with global-norm clipping in front.
+
+  `params` (any tree shaped like the parameters) is needed for `optimizer.frozen` and for a
+  `discriminator` parameter group, which gets its own optimizer (`discriminator_optimizer`,
+  same schedule shape, its own peak): its own state, updated only by its own gradients.
+  """
+  tx = _optimizer(config.optimizer, schedule(config))
+  frozen = tuple(config.optimizer.get("frozen", ()))
+  has_discriminator = params is not None and "discriminator" in params
+  if frozen or has_discriminator:
     # Top-level parameter groups that keep their values (e.g. a fine-tuned tokenizer's
-    # encoder and codebook): their updates are zero and they hold no optimizer state.
-    # The labels are a concrete tree (not a function of the parameters) so that
-    # optax.tree_map_params can lay out the optimizer state from them.
+    # encoder and codebook) get zero updates and hold no optimizer state. The labels are a
+    # concrete tree (not a function of the parameters) so that optax.tree_map_params can
+    # lay out the optimizer state from them.
     if params is None:
       raise ValueError("optimizer.frozen needs the parameter tree: optim.make(config, params)")
     unknown = sorted(set(frozen) - set(params))
     if unknown:
       raise ValueError(f"optimizer.frozen names {unknown}, which are not parameter groups; "
                        f"the groups are {sorted(params)}")
-    labels = {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
-              for k, v in params.items()}
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    label = lambda k: "frozen" if k in frozen else "discriminator" if k == "discriminator" \
+        else "train"
+    labels = {k: jax.tree.map(lambda _, k=k: label(k), v) for k, v in params.items()}
+    transforms = {"train": tx, "frozen": optax.set_to_zero()}
+    if has_discriminator:
+      d = config.discriminator_optimizer
+      transforms["discriminator"] = _optimizer(d, schedule(config, peak=d.learning_rate))
+    tx = optax.multi_transform(transforms, labels)
   # A step whose gradients are not finite leaves parameters and optimizer state as they
   # were; optax counts such steps in the state (notfinite_count, total_notfinite). The
   # trainer stops the run after `train.max_consecutive_skips` of them in a row, so

@@ -82,7 +82,7 @@ def vitvqgan_task(config, mesh) -> Task:
   from parti_jax import vqgan_train  # the image tokenizer's losses and steps
   setup = vqgan_train.Setup(config, mesh)
   reconstruct = vqgan_train.reconstruct_fn(setup)
-  return Task(setup, ("images",), ts.jit_train_step(setup, vqgan_train.train_step),
+  return Task(setup, ("images",), vqgan_train.jit_train_step(setup),
               ts.jit_eval_step(setup, vqgan_train.eval_step),
               vqgan_train.train_step_flops(config),
               (config.model.resolution // config.model.patch_size) ** 2,

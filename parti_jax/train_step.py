@@ -187,6 +187,27 @@ def jit_train_step(setup: Setup, step_fn: Callable = train_step):
                  donate_argnums=0)
 
 
+class BoundStep:
+  """A jitted step with trailing arguments bound, callable, traceable and lowerable as
+  `(state, batch)` like the others.
+
+  Frozen networks a loss needs (the tokenizer's perceptual VGG-16) travel as arguments:
+  closed over, their weights would be compiled into the program as constants.
+  """
+
+  def __init__(self, jitted, *bound):
+    self.jitted, self.bound = jitted, bound
+
+  def __call__(self, *args):
+    return self.jitted(*args, *self.bound)
+
+  def trace(self, *args):
+    return self.jitted.trace(*args, *self.bound)
+
+  def lower(self, *args, **kwargs):
+    return self.jitted.lower(*args, *self.bound, **kwargs)
+
+
 def jit_loss_and_grads(setup: Setup):
   """`(params, batch, dropout_key) -> (loss, accuracy, grads)`, jitted on the mesh."""
   replicated = NamedSharding(setup.mesh, P())

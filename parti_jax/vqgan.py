@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from parti_jax.discriminator import Discriminator
 from parti_jax.model import Stack, _dense_init, flat_dot_general
 from parti_jax.sharding import constrain
 
@@ -99,14 +100,21 @@ class ViTVQGAN(nnx.Module):
     self.patch_in = _linear(pixels, enc.d_model, ("patch", "embed"), dtype, rngs)
     self.encoder = ViT(enc, m.encoder.layers, n, rngs)
     self.to_code = _linear(enc.d_model, m.code_dim, ("embed", "code"), jnp.float32, rngs)
+    # Entries start near unit length, the length of the latents they are compared with, so
+    # that Adam's steps turn their directions as fast as the latents' (with std 1 entries
+    # are ~sqrt(code_dim) long and turn that many times slower).
     self.codebook = nnx.Param(
-        nnx.initializers.normal(1.0)(rngs.params(), (m.codebook_size, m.code_dim)),
+        nnx.initializers.normal(m.code_dim ** -0.5)(rngs.params(), (m.codebook_size, m.code_dim)),
         out_sharding=("codes", "code"))
     self.from_code = _linear(m.code_dim, dec.d_model, ("code", "embed"), dtype, rngs)
     self.decoder = ViT(dec, m.decoder.layers, n, rngs)
     self.out_channels = 6 if m.logit_laplace else 3  # location (and log-scale) per pixel
     self.to_pixels = _linear(dec.d_model, m.patch_size ** 2 * self.out_channels,
                              ("embed", "patch"), jnp.float32, rngs)
+    # The adversary trains beside the tokenizer (its own optimizer, parti_jax/optim.py) and
+    # lives in its parameters so that it is sharded, checkpointed and resumed with them.
+    if m.get("discriminator", {}).get("channels", 0):
+      self.discriminator = Discriminator(m, rngs)
 
   def latents(self, images, dropout_key=None):
     """l2-normalized latents [B, N, code_dim] (float32)."""
@@ -147,7 +155,7 @@ class ViTVQGAN(nnx.Module):
     out = self.decode_quantized(z + jax.lax.stop_gradient(zq - z), keys[1])
     codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - zq) ** 2, -1))
     commitment_loss = jnp.mean(jnp.sum((z - jax.lax.stop_gradient(zq)) ** 2, -1))
-    return dict(reconstruction=out[..., :3], output=out, codes=codes,
+    return dict(reconstruction=out[..., :3], output=out, codes=codes, latents=z,
                 codebook_loss=codebook_loss, commitment_loss=commitment_loss)
 
 

@@ -20,7 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
 
+from parti_jax import discriminator, perceptual
 from parti_jax import train_step as ts
 from parti_jax import vqgan
 from parti_jax.data import images as image_lib
@@ -35,8 +39,8 @@ class Setup(ts.Setup):
                                             sharding=self.batch_sharding))
 
 
-def losses(config: ml_collections.ConfigDict, out: dict, images) -> dict:
-  """Every loss term (unweighted) and the weighted total, `loss`."""
+def losses(config: ml_collections.ConfigDict, out: dict, images, perceptual_weights) -> dict:
+  """Every reconstruction loss term (unweighted) and their weighted total, `loss`."""
   w, m = config.loss, config.model
   terms = dict(l2=jnp.mean((out["reconstruction"] - images) ** 2),
                codebook=out["codebook_loss"], commitment=out["commitment_loss"])
@@ -44,28 +48,110 @@ def losses(config: ml_collections.ConfigDict, out: dict, images) -> dict:
   if m.logit_laplace:
     terms["logit_laplace"] = vqgan.logit_laplace_nll(out["output"], images)
     total = total + w.logit_laplace * terms["logit_laplace"]
+  if perceptual_weights:
+    terms["perceptual"] = jnp.mean(perceptual.distance(
+        perceptual_weights, out["reconstruction"], images, jnp.dtype(m.dtype)))
+    total = total + w.perceptual * terms["perceptual"]
   return dict(terms, loss=total)
 
 
-def train_step(setup: Setup, state: ts.TrainState, batch) -> tuple[ts.TrainState, dict]:
-  config = setup.config
+def adversarial_on(config, step) -> jax.Array:
+  return (step >= config.loss.adversarial_start) & (config.loss.adversarial > 0)
+
+
+def discriminator_grads(config, model, disc_params, images, fake, on) -> tuple[dict, dict]:
+  """Gradients of the discriminator's loss (zero before `loss.adversarial_start`), metrics."""
+  graphdef = nnx.graphdef(model.discriminator)
+
+  def loss_fn(p):
+    d = nnx.merge(graphdef, p)
+    real_logits, fake_logits = d(images), d(fake)
+    terms = dict(discriminator=discriminator.discriminator_loss(real_logits, fake_logits),
+                 real_logit=jnp.mean(real_logits), fake_logit=jnp.mean(fake_logits))
+    total = terms["discriminator"]
+    if config.loss.r1:
+      terms["r1"] = discriminator.r1_penalty(d, images)
+      total = total + config.loss.r1 / 2 * terms["r1"]
+    return total, terms
+
+  def train(p):
+    return jax.grad(loss_fn, has_aux=True)(p)
+
+  def wait(p):  # before the start: no discriminator work at all
+    zeros = dict(discriminator=0.0, real_logit=0.0, fake_logit=0.0)
+    if config.loss.r1:
+      zeros["r1"] = 0.0
+    return jax.tree.map(jnp.zeros_like, p), jax.tree.map(jnp.float32, zeros)
+
+  return jax.lax.cond(on, train, wait, disc_params)
+
+
+def train_step(setup: Setup, state: ts.TrainState, batch,
+               perceptual_weights=None) -> tuple[ts.TrainState, dict]:
+  """One generator update and one discriminator update, each by its own optimizer.
+
+  The generator's loss sees the discriminator as it was before this step; the
+  discriminator's loss sees this step's reconstructions (detached) against the real images.
+  Both updates come from one `tx.update`: the optimizer (parti_jax/optim.py) gives the
+  `discriminator` group its own Adam, which only its own loss's gradients reach.
+  """
+  config, images = setup.config, batch["images"]
   key = jax.random.fold_in(state.rng, state.step) if config.model.dropout_rate else None
+  with_discriminator = "discriminator" in state.params
+  on = adversarial_on(config, state.step)
 
   def loss_fn(params):
-    out = setup.model(params)(batch["images"], key)
-    terms = losses(config, out, batch["images"])
+    model = setup.model(params)
+    out = model(images, key)
+    terms = losses(config, out, images, perceptual_weights)
+    if with_discriminator and config.loss.adversarial:
+      recon = out["reconstruction"]
+      g_adv = jax.lax.cond(
+          on, lambda: discriminator.generator_loss(model.discriminator(recon)),
+          lambda: jnp.zeros((), jnp.float32))
+      terms["generator_adversarial"] = g_adv
+      terms["loss"] = terms["loss"] + config.loss.adversarial * g_adv
     return terms["loss"], (terms, out)
 
   (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if with_discriminator:
+    d_grads, d_terms = discriminator_grads(
+        config, setup.model(state.params), state.params["discriminator"], images,
+        jax.lax.stop_gradient(out["reconstruction"]), on)
+    grads = dict(grads, discriminator=d_grads)
+    terms.update(d_terms, adversarial_on=on.astype(jnp.float32))
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   usage, perplexity = vqgan.codebook_usage(out["codes"], config.model.codebook_size)
-  metrics = dict(terms, psnr=jnp.mean(vqgan.psnr(out["reconstruction"], batch["images"])),
+  metrics = dict(terms, psnr=jnp.mean(vqgan.psnr(out["reconstruction"], images)),
                  codebook_usage=usage, codebook_perplexity=perplexity,
                  grad_norm=optax.tree.norm(grads), learning_rate=setup.schedule(state.step),
                  update_skipped=1 - opt_state.last_finite.astype(jnp.int32),
                  consecutive_skips=opt_state.notfinite_count)
   params = optax.apply_updates(state.params, updates)
+  if config.model.dead_code_restart_every:
+    params, metrics["codes_restarted"] = restart_dead_codes(config, state, params, out)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict, jax.Array]:
+  """Every `model.dead_code_restart_every` steps, entries no latent of this global batch
+  chose are replaced by latents drawn at random from the batch.
+
+  A dead entry gets no gradient from the codebook loss, so it stays dead; restarting it on
+  the data brings it back into use. "Unused in one global batch" needs no usage statistics
+  in the state, and with a batch of many more latents than entries it only catches entries
+  that are rare, not merely unlucky. The new entry is a unit latent, the scale the codebook is
+  initialized at.
+  """
+  m = config.model
+  counts = jnp.zeros(m.codebook_size, jnp.int32).at[out["codes"].reshape(-1)].add(1)
+  due = (state.step + 1) % m.dead_code_restart_every == 0
+  dead = (counts == 0) & due
+  latents = out["latents"].reshape(-1, m.code_dim)
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0xC0DE)
+  fresh = latents[jax.random.randint(key, (m.codebook_size,), 0, latents.shape[0])]
+  codebook = jnp.where(dead[:, None], jax.lax.stop_gradient(fresh), params["codebook"])
+  return dict(params, codebook=codebook), dead.sum()
 
 
 def eval_step(setup: Setup, params, batch) -> dict:
@@ -77,6 +163,36 @@ def eval_step(setup: Setup, params, batch) -> dict:
   usage, _ = vqgan.codebook_usage(out["codes"], setup.config.model.codebook_size, mask)
   return dict(psnr=jnp.sum(vqgan.psnr(out["reconstruction"], batch["images"]) * mask) / weight,
               l2=jnp.sum(per_row_l2 * mask) / weight, codebook_usage=usage, weight=mask.sum())
+
+
+def load_perceptual_weights(config) -> dict:
+  """The VGG-16 weights of the perceptual loss as host arrays, or {} when the term is off."""
+  w = config.loss
+  if not w.get("perceptual", 0):
+    return {}
+  path = w.get("perceptual_weights", "")
+  if not path:
+    logging.warning(
+        "loss.perceptual=%s but loss.perceptual_weights is empty: the perceptual loss is OFF. "
+        "Convert VGG-16 weights you have with `python -m parti_jax.convert.vgg16 --vgg16 "
+        "vgg16-397923af.pth [--lpips vgg.pth] --out vgg16_lpips.npz` and pass "
+        "--config.loss.perceptual_weights=vgg16_lpips.npz.", w.perceptual)
+    return {}
+  if path.startswith("random:"):  # for tests: the network's shape without real features
+    logging.warning("loss.perceptual_weights=%s: random VGG-16 weights (tests only)", path)
+    return perceptual.random_weights(int(path.split(":", 1)[1]))
+  return perceptual.load_weights(path)
+
+
+def jit_train_step(setup: Setup):
+  """`(state, batch) -> (state, metrics)` as in `train_step.jit_train_step`, the perceptual
+  network's frozen weights bound as a third, replicated argument."""
+  replicated = NamedSharding(setup.mesh, P())
+  weights = jax.device_put(load_perceptual_weights(setup.config), replicated)
+  jitted = jax.jit(ts._with_activation_mesh(setup, train_step),
+                   in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
+                   out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+  return ts.BoundStep(jitted, weights)
 
 
 def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:
