@@ -3,8 +3,8 @@
   python -m parti_jax.train --config configs/vitvqgan_tiny.py --workdir runs/vq \
       --config.data.train=data/shapes/train --config.data.eval=data/shapes/validation
 
-Restarts dead codes every 10 steps (without, the codebook collapses to a few codes within
-~100 steps). Trains without the adversary and the perceptual loss, to stay fast on a CPU;
+Restarts dead codes every 10 steps for the first 80% of the run (without, the codebook
+collapses to a few codes within ~100 steps). Trains without the adversary and the perceptual loss, to stay fast on a CPU;
 `--config.loss.adversarial=0.1 --config.model.discriminator.channels=16` adds the former,
 `--config.loss.perceptual=0.1 --config.loss.perceptual_weights=vgg16_lpips.npz` the latter.
 
@@ -27,6 +27,7 @@ def get_config():
   c.data.resolution = 32
   c.global_batch_size = 16
   c.num_train_steps = 500
+  m.dead_code_restart_until = c.get_ref("num_train_steps") * 4 // 5
   c.optimizer.learning_rate = 1e-3
   c.schedule.warmup_steps = 20
   c.train.update(log_every=10, eval_every=100, checkpoint_every=100)

@@ -164,6 +164,7 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   # Off by default: every N steps, entries unused in that step's global batch restart from
   # random latents of the batch (parti_jax/vqgan_train.py: restart_dead_codes).
   m.dead_code_restart_every = 0
+  m.dead_code_restart_until = -1  # no restarts from this step on (-1: restarts to the end)
   m.logit_laplace = True  # decoder also predicts per-pixel scales (Parti's decoder: False)
   m.encoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
   m.decoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))

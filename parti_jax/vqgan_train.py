@@ -141,11 +141,15 @@ def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict,
   the data brings it back into use. "Unused in one global batch" needs no usage statistics
   in the state, and with a batch of many more latents than entries it only catches entries
   that are rare, not merely unlucky. The new entry is a unit latent, the scale the codebook is
-  initialized at.
+  initialized at. A restarted entry takes over the latents nearest to it, which the decoder
+  has to learn anew: `model.dead_code_restart_until` (a step; -1: never) stops restarts
+  so that the run ends on a settled codebook.
   """
   m = config.model
   counts = jnp.zeros(m.codebook_size, jnp.int32).at[out["codes"].reshape(-1)].add(1)
   due = (state.step + 1) % m.dead_code_restart_every == 0
+  if m.get("dead_code_restart_until", -1) >= 0:
+    due = due & (state.step < m.dead_code_restart_until)
   dead = (counts == 0) & due
   latents = out["latents"].reshape(-1, m.code_dim)
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0xC0DE)

@@ -77,3 +77,12 @@ def test_input_pipeline_benchmark_reports_consistent_figures():
     assert r[f"{kind}_per_s_per_core"] == pytest.approx(r[f"{kind}_per_s"] / r["cores"], abs=0.1)
   assert r["token_pipeline_over_tiny_training"] == pytest.approx(
       r["token_examples_per_s"] / r["tiny_training_examples_per_s"], rel=0.02)
+
+
+def test_tokenizer_throughput_reports_encode_decode_and_train_step():
+  r = _last_json(["benchmarks/tokenizer_throughput.py", "--config", "configs/vitvqgan_tiny.py",
+                  "--steps", "2", "--config.global_batch_size=8"])
+  assert (r["global_batch"], r["resolution"], r["grid"], r["num_devices"]) == (8, 32, 4, 8)
+  assert r["encode_images_per_s"] == pytest.approx(8 / r["encode_s"])
+  assert r["train_images_per_s"] == pytest.approx(8 / r["train_step_s"])
+  assert r["losses"] == ["l2", "logit_laplace"]
