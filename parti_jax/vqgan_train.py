@@ -4,15 +4,18 @@
       --config.data.train=data/shapes/train --config.data.eval=data/shapes/validation
 
 The state, sharding, optimizer, checkpoints, resume and metrics are the Parti trainer's
-(`parti_jax.train_step.Setup` with this model). Losses so far: L2 (`loss.l2`), the
-logit-laplace likelihood (`loss.logit_laplace`, with `model.logit_laplace`), the codebook
-loss and the commitment loss (`model.commitment`). The perceptual and adversarial terms
-of the paper are not implemented yet. Evaluation reports PSNR, L2 and codebook usage.
+(`parti_jax.train_step.Setup` with this model). Loss terms, each weighted in `loss`:
+  L2 (`loss.l2`); logit-laplace likelihood (`loss.logit_laplace`, with `model.logit_laplace`);
+  codebook and commitment (`model.commitment`); LPIPS-style VGG-16 perceptual distance
+  (`loss.perceptual`, weights from `loss.perceptual_weights`; off with a warning without);
+  non-saturating adversarial loss against a StyleGAN-style discriminator
+  (`loss.adversarial` from step `loss.adversarial_start`, R1 penalty `loss.r1`).
+The discriminator is a parameter group with its own optimizer (`discriminator_optimizer`).
+Evaluation reports PSNR, L2 and codebook usage on the held-out split.
 
-Known limitation: on the shapes data the tiny config's codebook collapses to one or two
-codes within ~100 steps (usage ~1.6%, PSNR ~20 dB: the decoder draws the background), at
-learning rates 1e-3, 3e-4 and 1e-4 and with or without the logit-laplace term. Restarting
-dead codes from recent encoder outputs and the adversarial term are the next steps.
+Codebook collapse: without help the tiny config's codebook falls to a few codes within ~100
+steps on the shapes data. `model.dead_code_restart_every` restarts unused entries from the
+batch's latents (the tiny config does; the paper's configs leave it off).
 """
 
 import jax
