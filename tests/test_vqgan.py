@@ -213,3 +213,20 @@ def test_a_tiny_tokenizer_overfits_a_handful_of_photographs():
   print(f"tiny tokenizer on 4 photographs, {config.num_train_steps} steps: PSNR {psnr:.1f} dB, "
         f"codebook usage {float(metrics['codebook_usage']):.2f}")
   assert psnr > 30
+
+
+def test_sharded_encode_and_decode_equal_unsharded():
+  config = load_config("vitvqgan_tiny")
+  config.mesh.update(data=2, fsdp=4, tensor=1)
+  setup = vqgan_train.Setup(config)
+  params = setup.init_state().params
+  x = images(8, seed=3)
+  sharded_x = jax.device_put(x, setup.batch_sharding)
+  encode = jax.jit(lambda p, v: setup.model(p).encode(v), out_shardings=setup.batch_sharding)
+  decode = jax.jit(lambda p, c: setup.model(p).decode(c), out_shardings=setup.batch_sharding)
+  codes = encode(params, sharded_x)
+  assert codes.sharding.spec[0] == ("data", "fsdp")
+  host = setup.model(jax.device_put(jax.device_get(params), jax.devices()[0]))
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(host.encode(x)))
+  np.testing.assert_allclose(np.asarray(decode(params, codes)), np.asarray(host.decode(np.asarray(codes))),
+                             atol=1e-5)
