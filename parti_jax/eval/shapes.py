@@ -1,0 +1,245 @@
+"""Compositional evaluation on the shapes domain: does each image show what its prompt says?
+
+  python -m parti_jax.eval.shapes --images SAMPLES_DIR [--out report.json]
+  python -m parti_jax.eval.shapes --shards data/shapes/validation      # the detector on renders
+
+A deterministic detector finds the objects in an image: each pixel takes the nearest palette
+color (or none, when it is far from all of them), same-colored pixels form connected
+components, and each component large enough to be an object gets a size (from its longest
+side) and a shape (the shape whose rendering at that place and size overlaps it best). The
+prompt is parsed with the dataset's grammar (`parti_jax.data.shapes.parse_caption`) and
+checked against the detected objects: kinds, colors, shapes, sizes the prompt names, counts
+and relations. Accuracy is reported overall and per kind (single object, counting, color
+binding, spatial relation), separately for seen and held-out compositions.
+
+Input: a sampler output directory (its `samples.json` lists each PNG with its prompt), or
+`--shards` with an image shard set of the shapes dataset (ground truth: the detector's own
+check). Images are judged at their own resolution.
+"""
+
+import argparse
+import collections
+import functools
+import json
+import pathlib
+import sys
+
+import numpy as np
+import scipy.ndimage
+import tqdm
+
+from parti_jax.data import images as image_lib
+from parti_jax.data import records
+from parti_jax.data import shapes
+
+PALETTE = np.array([shapes.BACKGROUND, *shapes.COLORS.values()], np.float32)
+COLOR_NAMES = ("background", *shapes.COLORS)
+# A pixel farther than this (RGB distance) from every palette color is nobody's: blended
+# edges and generation noise do not form objects of a third color.
+MAX_COLOR_DISTANCE = 60.0
+MIN_AREA_FRACTION = 0.3  # of the smallest object's area at the image's resolution
+
+
+def classify_pixels(image: np.ndarray) -> np.ndarray:
+  """[H, W] palette index per pixel (0 background), -1 where no color is near."""
+  d = np.linalg.norm(image[:, :, None, :].astype(np.float32) - PALETTE, axis=-1)
+  labels = np.argmin(d, -1)
+  return np.where(np.min(d, -1) <= MAX_COLOR_DISTANCE, labels, -1)
+
+
+@functools.cache
+def _shape_geometry(shape: str) -> tuple[float, float, float]:
+  """(area, centroid x, centroid y) of `shape` with longest side 1, about its box centre."""
+  n = 64  # rendered large, so the numbers are exact to a fraction of a percent
+  alpha = _coverage_of(shape, (n / 2, n / 2), n * 0.75, n)
+  ys, xs = np.mgrid[0:n, 0:n] + 0.5
+  area = alpha.sum()
+  side = n * 0.75
+  return (area / side ** 2, ((alpha * xs).sum() / area - n / 2) / side,
+          ((alpha * ys).sum() / area - n / 2) / side)
+
+
+def _box(shape: str, center, side: float) -> list[float]:
+  w, h = shapes.EXTENTS[shape]
+  cx, cy = center
+  return [cx - w * side / 2, cy - h * side / 2, cx + w * side / 2, cy + h * side / 2]
+
+
+def _coverage_of(shape: str, center, side: float, resolution: int) -> np.ndarray:
+  """Fraction of each pixel the dataset's renderer covers with `shape` (box centre, side)."""
+  obj = {"color": "white", "shape": shape, "center": list(center),
+         "bbox": _box(shape, center, side)}
+  white = shapes.render_scene({"resolution": resolution, "objects": [obj]})[..., 0]
+  background, full = shapes.BACKGROUND[0], shapes.COLORS["white"][0]
+  return np.clip((white.astype(np.float32) - background) / (full - background), 0, 1)
+
+
+def coverage(image: np.ndarray, color: str) -> np.ndarray:
+  """How much of each pixel `color` covers, reading the pixel as a blend with the background."""
+  bg = np.asarray(shapes.BACKGROUND, np.float32)
+  direction = np.asarray(shapes.COLORS[color], np.float32) - bg
+  alpha = (image.astype(np.float32) - bg) @ direction / (direction @ direction)
+  return np.clip(alpha, 0, 1)
+
+
+def fit_shape(alpha: np.ndarray) -> dict:
+  """The shape, centre and side whose rendering best explains one object's coverage.
+
+  For each shape the area gives the side, and the centroid with the shape's known centroid
+  offset gives the box centre; the shape whose rendering is closest (sum of squared
+  differences) wins. Blended edge pixels count by how much they are covered, which is what
+  tells a small circle from a small square or star at 32 px.
+  """
+  resolution = alpha.shape[0]
+  ys, xs = np.mgrid[0:resolution, 0:resolution] + 0.5
+  area = alpha.sum()
+  centroid = np.array([(alpha * xs).sum() / area, (alpha * ys).sum() / area])
+  best = None
+  for shape in shapes.SHAPES:
+    unit_area, dx, dy = _shape_geometry(shape)
+    side = float(np.sqrt(area / unit_area))
+    center = centroid - np.array([dx, dy]) * side
+    error = float(np.sum((_coverage_of(shape, center, side, resolution) - alpha) ** 2))
+    if best is None or error < best[0]:
+      best = (error, shape, side, center)
+  _, shape, side, center = best
+  return dict(shape=shape, side=side, center=[float(center[0]), float(center[1])],
+              bbox=_box(shape, center, side))
+
+
+def detect(image: np.ndarray) -> list[dict]:
+  """Objects in a uint8 [R, R, 3] image: color, shape, size, center and bbox in pixels."""
+  resolution = image.shape[0]
+  pixels = classify_pixels(image)
+  smallest = (shapes.SIZES["small"] * resolution) ** 2 * 0.4  # about a small star's area
+  threshold = (shapes.SIZES["small"] + shapes.SIZES["large"]) / 2 * resolution
+  found = []
+  for index, color in enumerate(COLOR_NAMES[1:], start=1):
+    components, count = scipy.ndimage.label(pixels == index)
+    for label in range(1, count + 1):
+      mask = components == label
+      if mask.sum() < MIN_AREA_FRACTION * smallest:
+        continue
+      # The object's blended edge: one pixel around the component, read as partial cover.
+      around = scipy.ndimage.binary_dilation(mask) & ((pixels == 0) | (pixels == -1) | mask)
+      fit = fit_shape(np.where(around, coverage(image, color), 0.0))
+      found.append(dict(color=color, shape=fit["shape"],
+                        size="large" if fit["side"] >= threshold else "small",
+                        center=fit["center"], bbox=fit["bbox"]))
+  return found
+
+
+def _relation_holds(a: dict, b: dict, relation: str) -> bool:
+  """`a` is `relation` `b`: apart along the axis and mostly along it (pixel boxes)."""
+  axis = 0 if relation in ("left", "right") else 1
+  first, second = (a, b) if relation in ("left", "above") else (b, a)
+  along = second["center"][axis] - first["center"][axis]
+  across = abs(second["center"][1 - axis] - first["center"][1 - axis])
+  return first["bbox"][axis + 2] <= second["bbox"][axis] + 0.5 and along > across
+
+
+def _describes(desc: dict, obj: dict) -> bool:
+  return all(obj[k] == v for k, v in desc.items())
+
+
+def judge(prompt: str, objects: list[dict]) -> bool:
+  """Whether detected `objects` satisfy the prompt exactly (no missing or extra objects)."""
+  fields = shapes.parse_caption(prompt)
+  descs = fields["objects"]
+  if fields["kind"] == "single":
+    return len(objects) == 1 and _describes(descs[0], objects[0])
+  if fields["kind"] == "count":
+    return len(objects) == fields["count"] and all(_describes(descs[0], o) for o in objects)
+  if len(objects) != 2:
+    return False
+  return any(_describes(descs[0], a) and _describes(descs[1], b) and (
+      fields["kind"] == "binding" or _relation_holds(a, b, fields["relation"]))
+      for a, b in (objects, objects[::-1]))
+
+
+def prompt_is_heldout(prompt: str, spec: shapes.Spec) -> bool:
+  """Whether the prompt asks for a held-out (color, shape) pair or relation triple."""
+  fields = shapes.parse_caption(prompt)
+  pairs = set(spec.heldout_pairs)
+  if any((o["color"], o["shape"]) in pairs for o in fields["objects"]):
+    return True
+  if fields["kind"] != "relation":
+    return False
+  a, b = fields["objects"]
+  names = lambda o, name: shapes._names(o, name)  # pylint: disable=protected-access
+  r = fields["relation"]
+  return any((names(a, x) and rel == r and names(b, y))
+             or (names(b, x) and rel == shapes.CONVERSE[r] and names(a, y))
+             for x, rel, y in spec.heldout_triples)
+
+
+def evaluate(items, spec: shapes.Spec, progress: bool = True) -> dict:
+  """items: (prompt, uint8 image) pairs -> accuracy overall, per kind, seen and held out."""
+  tallies = collections.defaultdict(lambda: [0, 0])  # group -> [correct, total]
+  rows = []
+  for prompt, image in tqdm.tqdm(items, desc="judging", unit="img", disable=not progress):
+    fields = shapes.parse_caption(prompt)
+    ok = judge(prompt, detect(image))
+    split = "heldout" if prompt_is_heldout(prompt, spec) else "seen"
+    for group in ("all", split, f"{split}/{fields['kind']}", f"all/{fields['kind']}"):
+      tallies[group][0] += ok
+      tallies[group][1] += 1
+    rows.append(dict(prompt=prompt, correct=bool(ok), split=split, kind=fields["kind"]))
+  accuracy = {g: c / n for g, (c, n) in sorted(tallies.items())}
+  counts = {g: n for g, (_, n) in sorted(tallies.items())}
+  return dict(accuracy=accuracy, counts=counts, judged=rows)
+
+
+def samples_of(directory) -> tuple[list, shapes.Spec | None]:
+  """(prompt, image) pairs of a sampler output directory (its samples.json)."""
+  directory = pathlib.Path(directory)
+  index = directory / "samples.json"
+  if not index.exists():
+    raise FileNotFoundError(f"{index} not found: --images must be a sampler output directory")
+  meta = json.loads(index.read_text())
+  items = [(s["prompt"], np.asarray(image_lib.rgb_array(
+      image_lib.open_image((directory / s["file"]).read_bytes())))) for s in meta["samples"]]
+  return items, None
+
+
+def spec_of(shard_set: records.ShardSet) -> shapes.Spec:
+  """The held-out compositions a shapes shard set was made with."""
+  meta = shard_set.meta
+  return shapes.Spec(meta.get("resolution", 32), meta.get("heldout_pairs", ()),
+                     meta.get("heldout_triples", ()))
+
+
+def shard_items(directory) -> tuple[list, shapes.Spec]:
+  """(caption, rendered image) pairs of a shapes shard set, and its held-out spec."""
+  shard_set = records.ShardSet.open(directory)
+  items = [(r["captions"][0], np.asarray(image_lib.rgb_array(image_lib.open_image(r["image"]))))
+           for r in shard_set.read_all()]
+  return items, spec_of(shard_set)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--images", help="a sampler output directory (with samples.json)")
+  source.add_argument("--shards", help="a shapes image shard set (ground-truth renders)")
+  p.add_argument("--heldout_from", help="a shapes shard set whose metadata names the held-out "
+                 "compositions (default: the dataset's defaults)")
+  p.add_argument("--out", help="also write the report (JSON) here")
+  a = p.parse_args(argv)
+  try:
+    items, spec = shard_items(a.shards) if a.shards else samples_of(a.images)
+    if a.heldout_from:
+      spec = spec_of(records.ShardSet.open(a.heldout_from))
+  except (FileNotFoundError, ValueError, KeyError, records.DataError) as e:
+    sys.exit(f"error: {e}")
+  report = evaluate(items, spec or shapes.Spec())
+  text = json.dumps({k: v for k, v in report.items() if k != "judged"})
+  if a.out:
+    pathlib.Path(a.out).write_text(json.dumps(report, indent=1))
+  print(text)
+
+
+
+
+if __name__ == "__main__":
+  main()

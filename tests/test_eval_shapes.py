@@ -1,0 +1,70 @@
+"""The shapes evaluator: its detector on ground-truth renders, and its verdicts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from parti_jax.data import images, records, shapes
+from parti_jax.eval import shapes as evaluator
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory):
+  out = tmp_path_factory.mktemp("shapes")
+  shapes.write(out, shapes.Spec(), num=4, num_validation=160, num_heldout=80, seed=7,
+               progress=False)
+  return out
+
+
+def test_ground_truth_renders_are_judged_correct(renders):
+  for split in ("validation", "heldout"):
+    items, spec = evaluator.shard_items(renders / split)
+    report = evaluator.evaluate(items, spec, progress=False)
+    assert report["accuracy"]["all"] >= 0.98, (split, report["accuracy"])
+    other = "seen" if split == "heldout" else "heldout"
+    assert report["counts"]["all"] == len(items) and other not in report["counts"]
+    for kind in shapes.KINDS:
+      assert f"all/{kind}" in report["counts"], kind
+
+
+def test_a_render_of_another_scene_is_judged_wrong(renders):
+  recs = list(records.ShardSet.open(renders / "validation").read_all())[:60]
+  wrong = checked = 0
+  for a, b in zip(recs, recs[1:]):
+    if shapes.caption_matches_scene(a["captions"][0], b["extra"]["scene"]):
+      continue  # b's picture happens to satisfy a's caption too
+    image = np.asarray(images.rgb_array(images.open_image(b["image"])))
+    checked += 1
+    wrong += not evaluator.judge(a["captions"][0], evaluator.detect(image))
+  assert checked > 50 and wrong == checked
+
+
+def test_detector_reads_objects_back():
+  rng = np.random.default_rng(3)
+  scene, caption = shapes.sample_scene(rng, shapes.Spec(), "validation")
+  image = shapes.render_scene(scene)
+  found = sorted(evaluator.detect(image), key=lambda o: o["center"])
+  truth = sorted(scene["objects"], key=lambda o: o["center"])
+  assert [(o["color"], o["shape"], o["size"]) for o in found] == \
+      [(o["color"], o["shape"], o["size"]) for o in truth]
+  for f, t in zip(found, truth):
+    np.testing.assert_allclose(f["center"], t["center"], atol=0.5)
+  assert not evaluator.detect(np.full((32, 32, 3), shapes.BACKGROUND, np.uint8))
+
+
+def test_heldout_prompts_are_recognized():
+  spec = shapes.Spec()
+  assert evaluator.prompt_is_heldout("a red star", spec)
+  assert evaluator.prompt_is_heldout("a green circle above a large blue triangle", spec)
+  assert evaluator.prompt_is_heldout("a blue triangle below a green circle", spec)  # converse
+  assert not evaluator.prompt_is_heldout("a red circle above a blue square", spec)
+
+
+def test_command_line_on_a_shard_set(renders, tmp_path, capsys):
+  evaluator.main(["--shards", str(renders / "heldout"), "--out", str(tmp_path / "r.json")])
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  saved = json.loads((tmp_path / "r.json").read_text())
+  assert printed["accuracy"] == saved["accuracy"] and len(saved["judged"]) == 80
+  with pytest.raises(SystemExit, match="samples.json"):
+    evaluator.main(["--images", str(tmp_path)])
