@@ -202,10 +202,27 @@ class BoundStep:
     return self.jitted(*args, *self.bound)
 
   def trace(self, *args):
-    return self.jitted.trace(*args, *self.bound)
+    return _Bound(self.jitted.trace(*args, *self.bound), self.bound)
 
   def lower(self, *args, **kwargs):
-    return self.jitted.lower(*args, *self.bound, **kwargs)
+    return _Bound(self.jitted.lower(*args, *self.bound, **kwargs), self.bound)
+
+
+class _Bound:
+  """A traced or lowered stage of a BoundStep: `lower()` and `compile()` stay bound, and
+  everything else (cost_analysis, memory_analysis, as_text, ...) is the stage's own."""
+
+  def __init__(self, stage, bound):
+    self._stage, self._bound = stage, bound
+
+  def lower(self, *args, **kwargs):
+    return _Bound(self._stage.lower(*args, **kwargs), self._bound)
+
+  def compile(self, *args, **kwargs):
+    return BoundStep(self._stage.compile(*args, **kwargs), *self._bound)
+
+  def __getattr__(self, name):
+    return getattr(self._stage, name)
 
 
 def jit_loss_and_grads(setup: Setup):
