@@ -27,9 +27,10 @@ setuptools.setup(
         "msgpack>=1.0",
         "tensorboardX>=2.6",
         "etils[epath]>=1.5",
+        "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.22"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
 )
