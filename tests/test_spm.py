@@ -70,3 +70,13 @@ def test_foreign_models_and_oversized_vocabularies_are_refused(tmp_path, tokeniz
   c.model.text_vocab_size = 8
   with pytest.raises(common.ConfigError, match="more than model.text_vocab_size=8"):
     pipeline.tokenizer_of(c)
+
+
+def test_bpe_keeps_whole_words_of_a_small_vocabulary(tmp_path):
+  from parti_jax.data import shapes
+  captions = [shapes.sample_scene(np.random.default_rng(i), shapes.Spec(), "train")[1]
+              for i in range(1500)]
+  spm.train(captions, tmp_path / "bpe", 128, model_type="bpe")
+  tokenizer = spm.Tokenizer(tmp_path / "bpe.model", 16)
+  # Every caption fits in 16 tokens: one per word, plus END.
+  assert max(len(tokenizer.ids(c)) for c in captions) <= 13

@@ -120,13 +120,18 @@ def pad(ids, length: int) -> np.ndarray:
 
 
 def train(captions, out_prefix, vocab_size: int = 16_000,
-          max_sentences: int = 2_000_000) -> int:
-  """Trains a unigram SentencePiece model on an iterable of captions; returns its size."""
+          max_sentences: int = 2_000_000, model_type: str = "unigram") -> int:
+  """Trains a SentencePiece model on an iterable of captions; returns its size.
+
+  Unigram is the default. On a small, repetitive vocabulary (the shapes captions) unigram
+  training prunes to a few dozen pieces, most words spelled letter by letter; BPE keeps
+  whole words there, so the demo asks for it.
+  """
   out_prefix = pathlib.Path(out_prefix)
   out_prefix.parent.mkdir(parents=True, exist_ok=True)
   spm.SentencePieceTrainer.train(
       sentence_iterator=(c for c in captions if c.strip()),
-      model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="unigram",
+      model_prefix=str(out_prefix), vocab_size=vocab_size, model_type=model_type,
       pad_id=PAD_ID, unk_id=UNK_ID, eos_id=END_ID, bos_id=-1,
       character_coverage=0.9995, input_sentence_size=max_sentences,
       shuffle_input_sentence=True, hard_vocab_limit=False,
@@ -149,8 +154,9 @@ def main(argv=None):
   p.add_argument("--vocab_size", type=int, default=16_000)
   p.add_argument("--max_sentences", type=int, default=2_000_000,
                  help="captions sampled for training")
+  p.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
   a = p.parse_args(argv)
-  size = train(captions_of(a.data), a.out, a.vocab_size, a.max_sentences)
+  size = train(captions_of(a.data), a.out, a.vocab_size, a.max_sentences, a.model_type)
   note = "" if size == a.vocab_size else f" (asked for {a.vocab_size}; the data supports fewer)"
   print(f"wrote {a.out}.model: {size} pieces{note}")
 

@@ -12,7 +12,7 @@ checked against the detected objects: kinds, colors, shapes, sizes the prompt na
 and relations. Accuracy is reported overall and per kind (single object, counting, color
 binding, spatial relation), separately for seen and held-out compositions.
 
-Input: a sampler output directory (its `samples.json` lists each PNG with its prompt), or
+Input: a sampler output directory (its `samples.json` lists each prompt with its PNGs), or
 `--shards` with an image shard set of the shapes dataset (ground truth: the detector's own
 check). Images are judged at their own resolution.
 """
@@ -197,8 +197,9 @@ def samples_of(directory) -> tuple[list, shapes.Spec | None]:
   if not index.exists():
     raise FileNotFoundError(f"{index} not found: --images must be a sampler output directory")
   meta = json.loads(index.read_text())
-  items = [(s["prompt"], np.asarray(image_lib.rgb_array(
-      image_lib.open_image((directory / s["file"]).read_bytes())))) for s in meta["samples"]]
+  items = [(entry["prompt"], np.asarray(image_lib.rgb_array(
+      image_lib.open_image((directory / name).read_bytes()))))
+      for entry in meta["prompts"] for name in entry["files"]]
   return items, None
 
 

@@ -1,0 +1,27 @@
+"""The demo's Parti model: shapes captions -> 8x8 image codes of configs/demo_tokenizer.py.
+
+  python -m parti_jax.train --config configs/demo_parti.py --workdir runs/demo/parti \
+      --config.data.train=runs/demo/tokens/train --config.data.eval=runs/demo/tokens/validation \
+      --config.data.spm_model=runs/demo/spm.model
+
+Stage 5 of `python -m parti_jax.demo`. Width 128, 3 encoder and 3 decoder blocks, 16 text
+tokens (the demo's SentencePiece model: 128 BPE pieces, whole words), 64 image tokens from 256 codes.
+Caption dropout 0.1 trains the unconditional input that classifier-free guidance needs.
+"""
+
+from parti_jax import config as common
+
+
+def get_config():
+  c = common.tiny_model(common.base())
+  m = c.model
+  m.update(text_vocab_size=128, text_len=16, image_grid=8, codebook_size=256, d_model=128,
+           num_heads=4, mlp_dim=512, encoder_layers=3, decoder_layers=3)
+  c.data.kind = "tokens"
+  c.data.caption_dropout = 0.1
+  c.global_batch_size = 32
+  c.num_train_steps = 3000
+  c.optimizer.learning_rate = 1e-3
+  c.schedule.update(name="warmup_cosine", warmup_steps=100, final_ratio=0.05)
+  c.train.update(log_every=50, eval_every=1000, checkpoint_every=500, eval_batch_size=64)
+  return c

@@ -1,0 +1,243 @@
+"""The whole Parti system on a laptop CPU, end to end, in one command.
+
+  python -m parti_jax.demo --workdir runs/demo
+
+Seven stages, each an ordinary command of the package that the demo only chains (it prints
+each command before running it, so the same steps can be run by hand on a user's own data):
+
+  1. shapes     render the shapes dataset: train (held-out compositions left out),
+                validation, and heldout (only held-out compositions)
+  2. spm        train the SentencePiece model on the train captions
+  3. tokenizer  train a tiny ViT-VQGAN on the train images (the real trainer)
+  4. encode     turn train and validation images into token shards
+  5. parti      train a tiny Parti model on the tokens (the real trainer; caption dropout on
+                for classifier-free guidance)
+  6. sample     draw images for validation and held-out prompts, with guidance
+  7. evaluate   judge the samples with the shapes evaluator; write report.md and report.json
+
+Each finished stage leaves WORKDIR/stages/NAME.json (its time and results); a rerun skips
+finished stages, and an interrupted training stage resumes from its last checkpoint. The
+sizes below suit a 2-core CPU; `--train_images`, `--tokenizer_steps`, `--parti_steps` and
+`--eval_prompts` scale the run (the test suite runs a much smaller one).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from parti_jax.data import records
+
+STAGES = ("shapes", "spm", "tokenizer", "encode", "parti", "sample", "evaluate")
+
+
+def python(*args) -> list[str]:
+  return [sys.executable, "-m", *map(str, args)]
+
+
+class Demo:
+
+  def __init__(self, a):
+    self.a = a
+    self.dir = pathlib.Path(a.workdir).absolute()
+    self.data = self.dir / "data"
+    self.tokens = self.dir / "tokens"
+    self.samples = self.dir / "samples"
+
+  # --- the commands -----------------------------------------------------------------------
+
+  def shapes(self):
+    a = self.a
+    return [python("parti_jax.data.shapes", "--out", self.data, "--num", a.train_images,
+                   "--num_validation", a.eval_prompts, "--num_heldout", a.eval_prompts,
+                   "--resolution", 32, "--seed", a.seed)]
+
+  def spm(self):
+    return [python("parti_jax.data.spm", "--data", self.data / "train",
+                   "--out", self.dir / "spm", "--vocab_size", 128, "--model_type", "bpe")]
+
+  def tokenizer(self):
+    a = self.a
+    return [python("parti_jax.train", "--config", a.configs / "demo_tokenizer.py",
+                   "--workdir", self.dir / "tokenizer",
+                   f"--config.data.train={self.data / 'train'}",
+                   f"--config.data.eval={self.data / 'validation'}",
+                   f"--config.num_train_steps={a.tokenizer_steps}")]
+
+  def encode(self):
+    return [python("parti_jax.data.encode", "--data", self.data / split,
+                   "--out", self.tokens / split, "--tokenizer", f"vitvqgan:{self.dir / 'tokenizer'}",
+                   "--spm", self.dir / "spm.model", "--text_len", 16, "--batch_size", 64)
+            for split in ("train", "validation")]
+
+  def parti(self):
+    a = self.a
+    return [python("parti_jax.train", "--config", a.configs / "demo_parti.py",
+                   "--workdir", self.dir / "parti",
+                   f"--config.data.train={self.tokens / 'train'}",
+                   f"--config.data.eval={self.tokens / 'validation'}",
+                   f"--config.data.spm_model={self.dir / 'spm.model'}",
+                   f"--config.num_train_steps={a.parti_steps}")]
+
+  def sample(self):
+    a = self.a
+    return [python("parti_jax.sample", "--workdir", self.dir / "parti",
+                   "--prompts", self.dir / f"prompts_{split}.txt", "--num_samples", 1,
+                   "--out", self.samples / split, "--guidance", a.guidance,
+                   "--seed", a.seed, "--batch_size", 64)
+            for split in ("validation", "heldout")]
+
+  def evaluate(self):
+    return [python("parti_jax.eval.shapes", "--images", self.samples / split,
+                   "--heldout_from", self.data / "heldout",
+                   "--out", self.dir / f"eval_{split}.json")
+            for split in ("validation", "heldout")]
+
+  # --- running ----------------------------------------------------------------------------
+
+  def before(self, stage: str):
+    """Files a stage's commands read that no command writes."""
+    if stage == "sample":  # the prompts: one caption per line, from each split
+      for split in ("validation", "heldout"):
+        captions = [r["captions"][0] for r in records.ShardSet.open(self.data / split).read_all()]
+        (self.dir / f"prompts_{split}.txt").write_text("\n".join(captions) + "\n")
+
+  def run(self) -> dict:
+    self.dir.mkdir(parents=True, exist_ok=True)
+    (self.dir / "stages").mkdir(exist_ok=True)
+    times = {}
+    start = time.perf_counter()
+    for number, stage in enumerate(STAGES, 1):
+      marker = self.dir / "stages" / f"{stage}.json"
+      if marker.exists():
+        times[stage] = json.loads(marker.read_text())["seconds"]
+        print(f"[{number}/{len(STAGES)}] {stage}: done before ({times[stage]:.0f} s), skipped",
+              flush=True)
+        continue
+      stage_start = time.perf_counter()
+      self.before(stage)
+      commands = getattr(self, stage)()
+      for command in commands:
+        shown = " ".join(shlex.quote(c) for c in ["python", *command[1:]])
+        print(f"\n[{number}/{len(STAGES)}] {stage}: {shown}", flush=True)
+        done = subprocess.run(command, env=self.env())
+        if done.returncode:
+          sys.exit(f"demo: stage {stage} failed (exit {done.returncode}); fix the cause and "
+                   "rerun the same command: finished stages are skipped, training resumes")
+      times[stage] = time.perf_counter() - stage_start
+      marker.write_text(json.dumps(dict(seconds=times[stage], commands=[
+          " ".join(shlex.quote(c) for c in ["python", *c[1:]]) for c in commands])))
+    report = self.report(times)
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s (this run); "
+          f"report: {self.dir / 'report.md'}")
+    print(self.summary_table(report))
+    return report
+
+  def env(self) -> dict:
+    env = dict(os.environ)
+    # Stages compile the same small programs on a rerun: cache them.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.dir / "compilation_cache"))
+    return env
+
+  # --- the report -------------------------------------------------------------------------
+
+  def report(self, times: dict) -> dict:
+    evals = {split: json.loads((self.dir / f"eval_{split}.json").read_text())
+             for split in ("validation", "heldout")}
+    tokenizer = _last_eval(self.dir / "tokenizer" / "metrics.jsonl")
+    parti = _last_eval(self.dir / "parti" / "metrics.jsonl")
+    report = dict(
+        accuracy=dict(validation=evals["validation"]["accuracy"],
+                      heldout=evals["heldout"]["accuracy"]),
+        prompts=dict(validation=evals["validation"]["counts"].get("all", 0),
+                     heldout=evals["heldout"]["counts"].get("all", 0)),
+        tokenizer=dict(eval_psnr=tokenizer.get("eval/psnr"),
+                       eval_codebook_usage=tokenizer.get("eval/codebook_usage")),
+        parti=dict(eval_loss=parti.get("eval/loss"), eval_accuracy=parti.get("eval/accuracy")),
+        stage_seconds=times, total_seconds=sum(times.values()),
+        settings=dict(vars(self.a), workdir=str(self.dir), configs=str(self.a.configs)),
+        grids={split: self.overview(split) for split in ("validation", "heldout")})
+    (self.dir / "report.json").write_text(json.dumps(report, indent=1))
+    (self.dir / "report.md").write_text(self.markdown(report))
+    return report
+
+  def overview(self, split: str, count: int = 32) -> str:
+    """One PNG of the first `count` samples of a split, 8 to a row; its path in the workdir."""
+    meta = json.loads((self.samples / split / "samples.json").read_text())
+    files = [self.samples / split / f for e in meta["prompts"] for f in e["files"]][:count]
+    pictures = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    pictures += [np.zeros_like(pictures[0])] * (-len(pictures) % 8)
+    rows = [np.concatenate(pictures[i:i + 8], 1) for i in range(0, len(pictures), 8)]
+    name = f"samples_{split}.png"
+    Image.fromarray(np.concatenate(rows, 0)).save(self.dir / name)
+    return name
+
+  def summary_table(self, r: dict) -> str:
+    seen = r["accuracy"]["validation"].get("seen", 0.0)
+    held = r["accuracy"]["heldout"].get("heldout", 0.0)
+    lines = [f"  validation prompts (seen compositions): {seen:.1%}",
+             f"  held-out compositions:                 {held:.1%}",
+             f"  tokenizer PSNR: {r['tokenizer']['eval_psnr'] or float('nan'):.1f} dB"]
+    lines += [f"  {stage:<10} {seconds:7.1f} s" for stage, seconds in r["stage_seconds"].items()]
+    return "\n".join(lines)
+
+  def markdown(self, r: dict) -> str:
+    kinds = ("single", "count", "binding", "relation")
+    v, h = r["accuracy"]["validation"], r["accuracy"]["heldout"]
+    out = ["# parti_jax demo report", "",
+           "Accuracy of generated images, judged by `python -m parti_jax.eval.shapes`.", "",
+           "| prompts | all | " + " | ".join(kinds) + " |",
+           "|---|---|" + "---|" * len(kinds)]
+    for name, acc, key in (("validation (seen)", v, "seen"), ("held-out", h, "heldout")):
+      cells = [f"{acc.get(f'{key}/{k}', float('nan')):.1%}" for k in kinds]
+      out.append(f"| {name} | {acc.get(key, float('nan')):.1%} | " + " | ".join(cells) + " |")
+    t = r["tokenizer"]
+    out += ["", f"Prompts: {r['prompts']['validation']} validation, {r['prompts']['heldout']} "
+            "held-out.",
+            f"Tokenizer reconstruction PSNR (validation): {t['eval_psnr'] or float('nan'):.2f} dB, "
+            f"codebook usage {t['eval_codebook_usage'] or float('nan'):.1%}.",
+            f"Parti validation token accuracy: "
+            f"{r['parti']['eval_accuracy'] or float('nan'):.3f}.", "",
+            "| stage | seconds |", "|---|---|"]
+    out += [f"| {s} | {sec:.1f} |" for s, sec in r["stage_seconds"].items()]
+    out += [f"| total | {r['total_seconds']:.1f} |", ""]
+    for split, grid in r["grids"].items():
+      out += [f"{split} prompts, first samples:", "", f"![{split} samples]({grid})", ""]
+    return "\n".join(out) + "\n"
+
+
+def _last_eval(path: pathlib.Path) -> dict:
+  """The last row of a run's metrics.jsonl that has evaluation metrics."""
+  last = {}
+  if path.exists():
+    for line in path.open():
+      row = json.loads(line)
+      if any(k.startswith("eval/") for k in row):
+        last = row
+  return last
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True, help="everything the demo makes goes here")
+  p.add_argument("--train_images", type=int, default=8000)
+  p.add_argument("--eval_prompts", type=int, default=200, help="validation and held-out each")
+  p.add_argument("--tokenizer_steps", type=int, default=1500)
+  p.add_argument("--parti_steps", type=int, default=3000)
+  p.add_argument("--guidance", type=float, default=3.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--configs", type=pathlib.Path,
+                 default=pathlib.Path(__file__).resolve().parents[1] / "configs",
+                 help="directory with demo_tokenizer.py and demo_parti.py")
+  Demo(p.parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,43 @@
+"""The built-in demo end to end, at a much smaller setting than its default."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from parti_jax import demo
+
+
+def run_demo(workdir, *extra):
+  env = dict(os.environ, XLA_FLAGS="")  # the demo runs on the machine's own devices
+  return subprocess.run(
+      [sys.executable, "-m", "parti_jax.demo", "--workdir", str(workdir), "--train_images", "96",
+       "--eval_prompts", "8", "--tokenizer_steps", "20", "--parti_steps", "20", *extra],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
+  done = run_demo(tmp_path)
+  assert done.returncode == 0, done.stderr[-4000:]
+  for stage in demo.STAGES:
+    marker = json.loads((tmp_path / "stages" / f"{stage}.json").read_text())
+    assert marker["seconds"] > 0 and marker["commands"][0].startswith("python -m parti_jax.")
+  report = json.loads((tmp_path / "report.json").read_text())
+  for split in ("validation", "heldout"):
+    judged = json.loads((tmp_path / f"eval_{split}.json").read_text())
+    assert report["accuracy"][split] == judged["accuracy"]
+    assert report["prompts"][split] == 8 == len(judged["judged"])
+  assert set(report["stage_seconds"]) == set(demo.STAGES)
+  assert report["tokenizer"]["eval_psnr"] > 0
+  markdown = (tmp_path / "report.md").read_text()
+  assert f"{report['accuracy']['validation']['seen']:.1%}" in markdown
+  assert "python -m parti_jax.train --config" in done.stdout  # each stage's command is shown
+  for split in ("validation", "heldout"):
+    assert (tmp_path / report["grids"][split]).exists()
+
+  # A rerun finds every stage done and only rewrites the report.
+  again = run_demo(tmp_path)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert again.stdout.count("skipped") == len(demo.STAGES)
