@@ -26,6 +26,8 @@ from parti_jax import config as config_lib
 from parti_jax.sharding import constrain
 
 PAD_ID = 0  # text padding; masked out of attention
+# Logical axes of the decoding caches' keys and values [layers, batch, length, heads, kv].
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
@@ -103,10 +105,19 @@ class Attention(nnx.Module):
     self.impl = m.attention_impl
 
   def __call__(self, x, context, mask):
-    q, k, v = self.query(x), self.key(context), self.value(context)
-    q, k, v = (constrain(t, "batch", "length", "heads", "kv") for t in (q, k, v))
+    return self.attend(self.queries(x), *self.keys_values(context), mask)
+
+  def queries(self, x):
+    return constrain(self.query(x), "batch", "length", "heads", "kv")
+
+  def keys_values(self, context):
+    k, v = self.key(context), self.value(context)
+    return tuple(constrain(t, "batch", "length", "heads", "kv") for t in (k, v))
+
+  def attend(self, q, k, v, mask, impl=None):
+    """Queries [B, S, H, D] over keys and values [B, S_kv, H, D] -> [B, S, d_model]."""
     # jax.nn.dot_product_attention: softmax in float32, fused kernels where available.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl or self.impl)
     return constrain(self.out(out), "batch", "length", "embed")
 
 
@@ -147,6 +158,47 @@ class Block(nnx.Module):
     x = x + drop(self.mlp(self.mlp_norm(x)), keys[2])
     return constrain(x, "batch", "length", "embed")
 
+  def decode_cached(self, x, cache, layer, positions, self_mask, cross_kv, cross_mask):
+    """The block for S new decoder inputs per row, at `positions` [B, S], against caches.
+
+    Their keys and values are first written into `cache` = (keys, values), each
+    [layers, B, cache_length, H, D], at (`layer`, row, positions); a row's positions are
+    consecutive and must fit in the cache (a start past cache_length - S is moved back,
+    which only a finished row may see). The queries then
+    attend over the whole cache row, `self_mask` [B, 1, S, cache_length] choosing what
+    each sees. `cross_kv`: this layer's keys and values of the encoder output.
+    Returns (x, cache). Dropout is off: this is inference.
+    """
+    h = self.self_norm(x)
+    cache = tuple(_write_rows(c, new, layer, positions[:, 0])
+                  for c, new in zip(cache, self.self_attn.keys_values(h)))
+    # Decoding attends with XLA's kernel: a fused one gains nothing for a few queries.
+    x = x + self.self_attn.attend(self.self_attn.queries(h), cache[0][layer], cache[1][layer],
+                                  self_mask, impl="xla")
+    q = self.cross_attn.queries(self.cross_norm(x))
+    x = x + self.cross_attn.attend(q, *cross_kv, cross_mask, impl="xla")
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, "batch", "length", "embed"), cache
+
+
+def _write_rows(cache, new, layer, start):
+  """cache [layers, B, L, H, D] with row b's `new` [B, S, H, D] at (layer, start[b]).
+
+  One scatter whose batch dimension is declared as such: each device updates its own
+  rows in place (a plain scatter would gather every row's values to every device, and a
+  vmapped update would transpose, hence copy, the whole cache at every layer). A start
+  past L - S is moved back so the slice fits, as in `lax.dynamic_update_slice`.
+  """
+  b = new.shape[0]
+  index = jnp.stack([jnp.full((b,), layer, jnp.int32), start.astype(jnp.int32)], -1)
+  numbers = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
+      scatter_dims_to_operand_dims=(0, 2), operand_batching_dims=(1,),
+      scatter_indices_batching_dims=(0,))
+  return jax.lax.scatter(cache, index, new.astype(cache.dtype), numbers,
+                         indices_are_sorted=True, unique_indices=True,
+                         mode=jax.lax.GatherScatterMode.CLIP)
+
 
 class Stack(nnx.Module):
   """`num_layers` Blocks with stacked parameters, run as one scanned (optionally remat) layer."""
@@ -174,21 +226,46 @@ class Stack(nnx.Module):
                     out_axes=nnx.Carry)
     return self.final_norm(scan(x, self.blocks, keys))
 
+  def cross_keys_values(self, context):
+    """Every layer's cross-attention keys and values of `context`: two [layers, B, T, H, D]."""
+    @nnx.vmap(in_axes=(0, None), out_axes=0)
+    def per_layer(block, context):
+      return block.cross_attn.keys_values(context)
+    return per_layer(self.blocks, context)
 
-def decoder_mask(m: ml_collections.ConfigDict) -> jax.Array:
-  """[1, 1, N, N] boolean mask over the image raster: causal, or causal and conv-shaped.
+  def decode_cached(self, x, cache, positions, self_mask, cross_kv, cross_mask):
+    """`Block.decode_cached` through every layer (scanned); returns (x, updated cache)."""
+    def layer(carry, block, index, cross_k, cross_v):
+      return block.decode_cached(carry[0], carry[1], index, positions, self_mask,
+                                 (cross_k, cross_v), cross_mask)
+
+    # The cache rides in the carry and is updated in place at each layer's index: as a
+    # scanned output it would be copied whole at every step.
+    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=nnx.Carry)
+    x, cache = scan((x, cache), self.blocks, jnp.arange(self.num_layers), *cross_kv)
+    return self.final_norm(x), cache
+
+
+def _visible(m: ml_collections.ConfigDict, i, j):
+  """Whether image position i may attend to position j: causal, and conv-shaped if set.
 
   The conv shape lets a token see the `conv_kernel_rows` rows ending at its own and the
-  `conv_kernel_cols` columns centred on its own (the paper's sparse pattern). It is
-  applied as a dense mask: it changes what is attended, not the compute spent.
+  `conv_kernel_cols` columns centred on its own (the paper's sparse pattern).
   """
-  n = m.image_grid ** 2
-  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   mask = j <= i
   if m.decoder_attention == "conv":
     rows, cols = i // m.image_grid - j // m.image_grid, i % m.image_grid - j % m.image_grid
     mask &= (rows < m.conv_kernel_rows) & (jnp.abs(cols) <= m.conv_kernel_cols // 2)
-  return mask[None, None]
+  return mask
+
+
+def decoder_mask(m: ml_collections.ConfigDict) -> jax.Array:
+  """[1, 1, N, N] boolean mask over the image raster (see `_visible`).
+
+  It is applied as a dense mask: it changes what is attended, not the compute spent.
+  """
+  n = m.image_grid ** 2
+  return _visible(m, jnp.arange(n)[:, None], jnp.arange(n)[None, :])[None, None]
 
 
 class Parti(nnx.Module):
@@ -232,15 +309,25 @@ class Parti(nnx.Module):
     mask = (text_tokens != PAD_ID)[:, None, None, :]
     return self.encoder(x, mask, dropout_key=dropout_key), mask
 
+  def _image_positions(self):
+    """[N, d_model]: the row plus column embedding of each raster position."""
+    d = self.config.d_model
+    return (self.row_pos[:, None] + self.col_pos[None, :]).reshape(-1, d)
+
   def decode(self, image_inputs, encoded, text_mask, dropout_key=None):
     """Decoder input tokens [B, N] (BOS-shifted) -> float32 logits [B, N, V]."""
     m, n = self.config, image_inputs.shape[1]
-    pos = (self.row_pos[:, None] + self.col_pos[None, :]).reshape(-1, m.d_model)[:n]
+    pos = self._image_positions()[:n]
     x = _lookup(self.image_embed, image_inputs) + pos[None]
     x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
     x = constrain(x, "batch", "length", "embed")
     x = self.decoder(x, decoder_mask(m)[..., :n, :n], encoded, text_mask,
                      dropout_key=dropout_key)
+    return self._logits(x)
+
+  def _logits(self, x):
+    """Decoder output [B, S, d_model] -> float32 logits, padded entries at the minimum."""
+    m = self.config
     x = x.astype(jnp.float32)
     if m.share_image_embedding:
       # Tied output projection, scaled so logits start near unit variance.
@@ -251,6 +338,45 @@ class Parti(nnx.Module):
     logits = constrain(logits, "batch", "length", "vocab")
     valid = jnp.arange(logits.shape[-1]) < m.codebook_size
     return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+
+  # ----------------------------------------------------------- cached decoding (sampling)
+
+  def init_cache(self, encoded, text_mask, cache_length: int) -> dict:
+    """The decoding cache of a batch of encoded texts (`encode`'s outputs).
+
+    Cross-attention keys and values are computed here, once; self-attention keys and
+    values start empty in a fixed-size buffer of `cache_length` positions (at least the
+    image length; more leaves room for a window of positions past the last token).
+    """
+    m, b = self.config, encoded.shape[0]
+    shape = (m.decoder_layers, b, cache_length, m.num_heads, config_lib.head_dim(m))
+    empty = constrain(jnp.zeros(shape, self.dtype), *CACHE_AXES)
+    cross_k, cross_v = self.decoder.cross_keys_values(encoded)
+    return dict(self_k=empty, self_v=empty, cross_k=constrain(cross_k, *CACHE_AXES),
+                cross_v=constrain(cross_v, *CACHE_AXES), text_mask=text_mask)
+
+  def decode_cached(self, inputs, start, cache: dict):
+    """Decoder inputs [B, S] at positions start[b] .. start[b] + S - 1 of each row.
+
+    Returns float32 logits [B, S, V] (what `decode` gives at those positions) and the
+    cache with the inputs' keys and values added. Each row has its own `start` [B], so
+    rows may advance at different speeds. Positions past the image (up to the cache
+    length) are allowed and their logits meaningless: they let a window run off the end.
+    """
+    m, s = self.config, inputs.shape[1]
+    n, cache_length = m.image_grid ** 2, cache["self_k"].shape[2]
+    positions = start[:, None] + jnp.arange(s)[None, :]
+    table = constrain(self._image_positions(), None, None)  # gathered whole, as in _lookup
+    pos = jnp.take(table, jnp.minimum(positions, n - 1), axis=0)
+    x = constrain((_lookup(self.image_embed, inputs) + pos).astype(self.dtype),
+                  "batch", "length", "embed")
+    mask = _visible(m, positions[:, :, None], jnp.arange(cache_length)[None, None, :])
+    x, (self_k, self_v) = self.decoder.decode_cached(
+        x, (cache["self_k"], cache["self_v"]), positions, mask[:, None],
+        (cache["cross_k"], cache["cross_v"]), cache["text_mask"])
+    cache = dict(cache, self_k=constrain(self_k, *CACHE_AXES),
+                 self_v=constrain(self_v, *CACHE_AXES))
+    return self._logits(x), cache
 
   def __call__(self, text_tokens, image_tokens, dropout_key=None):
     """Teacher-forced logits for `image_tokens` given the text; dropout iff a key is given."""

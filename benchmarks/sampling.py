@@ -1,0 +1,227 @@
+"""Times sampling: cached decoding with and without guidance, and speculative Jacobi decoding.
+
+  python benchmarks/sampling.py --config configs/parti_tiny.py          # random weights
+  python benchmarks/sampling.py --workdir runs/tiny                     # a trained run
+  python benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64   # a GPU
+
+The last line printed is one JSON object. For each batch size (1, 8, 64: those that fit)
+and guidance off (scale 1) and on (`--guidance`, rows doubled), token-by-token decoding
+gives ms per decode step ((generate - prefill) / image tokens), image tokens/s and
+images/s, next to the memory-bandwidth floor of a step: every weight and the whole KV
+cache (self- and cross-attention) read once, at the chip's HBM bandwidth (the spec of a
+known accelerator, measured on a CPU, or --hbm_gbps). Speculative Jacobi decoding runs
+`--sjd_images` images in batches of the same size and reports the forward passes each
+image took (a batch takes as many as its slowest row; `row_forwards_per_image` is what
+each row needed on its own) and its wall time relative to token-by-token decoding.
+
+SJD forward counts only mean something for a trained model: pass `--workdir` (prompts
+are then the captions of the run's token shards; with `--config` alone they are random
+tokens). Weights are cast to the model's dtype for sampling, as `parti_jax.sample` does.
+"""
+
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from parti_jax import checkpoints, decoding, sharding
+from parti_jax import config as config_lib
+from parti_jax import train_step as ts
+from parti_jax.data import records, spm
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (random weights).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run: its config and weights.")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch sizes (prompts).")
+_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "The guidance scale of the guided runs.")
+_WINDOW = flags.DEFINE_integer("sjd_window", 16, "Draft tokens per SJD forward.")
+_SJD_IMAGES = flags.DEFINE_integer("sjd_images", 64, "Images SJD statistics are taken over.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (median) after one warm-up.")
+_HBM = flags.DEFINE_float("hbm_gbps", None, "HBM bandwidth per device in GB/s (overrides).")
+
+# HBM bandwidth per chip in GB/s, by substring of jax's device_kind (first match wins).
+SPEC_HBM_GBPS = {
+    "H100 PCIe": 2000.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0,
+    "TPU v4": 1200.0, "TPU v5 lite": 819.0, "TPU v5e": 819.0, "TPU v5p": 2765.0,
+    "TPU v5": 2765.0, "TPU v6 lite": 1640.0, "TPU v6e": 1640.0,
+}
+
+
+def hbm_gbps() -> tuple[float, str]:
+  if _HBM.value:
+    return _HBM.value, "--hbm_gbps"
+  kind = jax.devices()[0].device_kind
+  for name, gbps in SPEC_HBM_GBPS.items():
+    if name in kind:
+      return gbps, f"spec of {name}"
+  # A CPU: the best of a few reductions over a 256 MiB array (a read-bound job).
+  x = jnp.ones((64, 1024, 1024), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(5))
+  return x.nbytes / best / 1e9, "measured: reduction over 256 MiB"
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def load_config():
+  if _WORKDIR.value:
+    from parti_jax import sample  # reads a run's config.json
+    return sample.read_config(_WORKDIR.value)
+  if _CONFIG.value is None:
+    sys.exit("--config or --workdir is required")
+  return _CONFIG.value
+
+
+def prompt_tokens(config, count: int) -> np.ndarray:
+  """[count, text_len] prompts: the run's captions, or random tokens without a run."""
+  m = config.model
+  if _WORKDIR.value and config.data.train:
+    rows = []
+    for record in records.ShardSet.open(config.data.train).read_all():
+      rows.append(spm.pad(record["text_tokens"][0], m.text_len))
+      if len(rows) == count:
+        return np.stack(rows)
+  rng = np.random.default_rng(0)
+  text = rng.integers(3, m.text_vocab_size, (count, m.text_len), dtype=np.int32)
+  text[:, m.text_len // 2:] = spm.PAD_ID
+  return text
+
+
+def setup_for(config, batch_size: int):
+  """The model on as many devices as divide the batch (batch over `data`)."""
+  devices = jax.devices()[:math.gcd(batch_size, jax.device_count())]
+  config = config.copy_and_resolve_references()
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  config.global_batch_size = len(devices)
+  setup = ts.Setup(config, sharding.make_mesh(config, devices))
+  if _WORKDIR.value:
+    params = checkpoints.load_params(_WORKDIR.value, setup.abstract_state().params)
+  else:
+    params = setup.init_state().params
+  if config.model.dtype != "float32":
+    params = jax.jit(lambda p: decoding.cast_params(p, config.model.dtype))(params)
+  return setup, params
+
+
+def floor(setup, params, batch_size: int, guided: bool, bandwidth_gbps: float) -> dict:
+  """The bytes one device reads in a decode step, at least, and the time that takes."""
+  m, n = setup.config.model, setup.mesh.size
+  weights = sum(x.nbytes for x in jax.tree.leaves(params))  # replicated: every device reads all
+  rows = batch_size * (2 if guided else 1)
+  itemsize = jnp.dtype(m.dtype).itemsize
+  per_layer = 2 * rows * config_lib.head_dim(m) * m.num_heads * itemsize  # keys and values
+  kv = m.decoder_layers * per_layer * (m.image_grid ** 2 + m.text_len) // n
+  ms = (weights + kv) / (bandwidth_gbps * 1e9) * 1e3
+  return dict(floor_ms_per_step=ms, weight_bytes=weights, kv_cache_bytes_per_device=kv,
+              floor_arithmetic=f"(weights {weights / 1e9:.4g} GB + KV cache {kv / 1e9:.4g} GB) "
+                               f"/ {bandwidth_gbps:.4g} GB/s = {ms:.4g} ms")
+
+
+def compiled(setup, params, settings: decoding.Settings, batch_size: int):
+  """(generate, prefill) of a Sampler, compiled, and the seconds generate took to compile."""
+  sampler = decoding.Sampler(setup, settings, batch_size)
+  _, text, keys = sampler.abstract_inputs()
+  start = time.perf_counter()
+  generate = sampler.generate.lower(params, text, keys).compile()
+  compile_s = time.perf_counter() - start
+  return generate, sampler.prefill.lower(params, text, keys).compile(), compile_s
+
+
+def median_s(fn, *args) -> float:
+  """Median seconds of `fn(*args)` over --reps calls, after a warm-up call."""
+  jax.block_until_ready(fn(*args))
+  return float(np.median([_timed(lambda: jax.block_until_ready(fn(*args)))
+                          for _ in range(_REPS.value)]))
+
+
+def run_batch(config, batch_size: int, prompts: np.ndarray, bandwidth: float) -> list[dict]:
+  setup, params = setup_for(config, batch_size)
+  n = config.model.image_grid ** 2
+  results = []
+  for guidance in (1.0, _GUIDANCE.value):
+    text = prompts[:batch_size]
+    keys = decoding.row_keys(0, np.arange(batch_size), np.zeros(batch_size))
+    generate, prefill, compile_s = compiled(setup, params, decoding.Settings(guidance=guidance),
+                                            batch_size)
+    gen_s, prefill_s = median_s(generate, params, text, keys), median_s(prefill, params, text, keys)
+    step_ms = (gen_s - prefill_s) / n * 1e3
+    entry = dict(batch=batch_size, guidance=guidance, devices=setup.mesh.size,
+                 ms_per_step=step_ms, prefill_ms=prefill_s * 1e3, generate_ms=gen_s * 1e3,
+                 image_tokens_per_s=batch_size * n / gen_s, images_per_s=batch_size / gen_s,
+                 compile_s=compile_s)
+    entry |= floor(setup, params, batch_size, guidance != 1.0, bandwidth)
+    entry["step_over_floor"] = step_ms / entry["floor_ms_per_step"]
+
+    settings = decoding.Settings(guidance=guidance, sjd_window=_WINDOW.value)
+    generate, _, _ = compiled(setup, params, settings, batch_size)
+    jax.block_until_ready(generate(params, text, keys))  # warm-up
+    forwards, row_forwards, times = [], [], []
+    for b in range(max(1, _SJD_IMAGES.value // batch_size)):
+      rows = np.arange(b * batch_size, (b + 1) * batch_size) % len(prompts)
+      keys = decoding.row_keys(0, rows, np.zeros(batch_size))
+      start = time.perf_counter()
+      out = jax.device_get(generate(params, prompts[rows], keys))
+      times.append(time.perf_counter() - start)
+      forwards.append(int(out.forwards))
+      row_forwards += list(out.done_at)
+    per_image = float(np.mean(forwards))
+    entry["sjd"] = dict(
+        window=_WINDOW.value, images=len(row_forwards), forwards_per_image=per_image,
+        token_forwards_per_image=n, forward_ratio=n / per_image,
+        row_forwards_per_image=float(np.mean(row_forwards)),
+        wall_ms_per_batch=float(np.mean(times)) * 1e3,
+        ms_per_forward=(float(np.mean(times)) - prefill_s) / per_image * 1e3,
+        wall_vs_token=float(np.mean(times)) / gen_s)
+    results.append(entry)
+    print(json.dumps(entry), file=sys.stderr)
+  return results
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
+    logging.set_verbosity(logging.WARNING)
+  config = load_config()
+  m = config.model
+  bandwidth, bandwidth_source = hbm_gbps()
+  batch_sizes = [int(b) for b in _BATCHES.value]
+  prompts = prompt_tokens(config, max(max(batch_sizes), _SJD_IMAGES.value))
+  runs = []
+  for batch_size in batch_sizes:
+    try:
+      runs += run_batch(config, batch_size, prompts, bandwidth)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_out_of_memory(e):
+        raise
+      print(f"batch {batch_size} does not fit; skipped", file=sys.stderr)
+  goals = {}
+  for r in runs:
+    tag = f"b{r['batch']}_{'guided' if r['guidance'] != 1 else 'unguided'}"
+    goals[f"sjd_forward_ratio_{tag}"] = r["sjd"]["forward_ratio"]
+    goals[f"step_over_floor_{tag}"] = r["step_over_floor"]
+  print(json.dumps(dict(
+      device_kind=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+      weights=f"{_WORKDIR.value} (trained)" if _WORKDIR.value else "random init",
+      hbm_gbps=bandwidth, hbm_source=bandwidth_source, dtype=m.dtype,
+      d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+      encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers, text_len=m.text_len,
+      image_tokens=m.image_grid ** 2, codebook=m.codebook_size, guidance=_GUIDANCE.value,
+      goals=goals, runs=runs)))
+
+
+if __name__ == "__main__":
+  app.run(main)
