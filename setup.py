@@ -30,7 +30,8 @@ setuptools.setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.22"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.22", "nbclient>=0.10",
+                 "nbformat>=5.9", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
 )
