@@ -35,6 +35,7 @@ from PIL import Image
 
 from parti_jax.data import records
 
+PREEMPTED_EXIT_CODE = 75  # the trainer's exit code after SIGTERM or Ctrl-C (it saved first)
 STAGES = ("shapes", "spm", "tokenizer", "encode", "parti", "sample", "evaluate")
 
 
@@ -128,6 +129,9 @@ class Demo:
         shown = " ".join(shlex.quote(c) for c in ["python", *command[1:]])
         print(f"\n[{number}/{len(STAGES)}] {stage}: {shown}", flush=True)
         done = subprocess.run(command, env=self.env())
+        if done.returncode == PREEMPTED_EXIT_CODE:
+          sys.exit(f"demo: stage {stage} was stopped and saved a checkpoint; rerun the same "
+                   "command to resume it")
         if done.returncode:
           sys.exit(f"demo: stage {stage} failed (exit {done.returncode}); fix the cause and "
                    "rerun the same command: finished stages are skipped, training resumes")
@@ -229,8 +233,8 @@ def main(argv=None):
   p.add_argument("--workdir", required=True, help="everything the demo makes goes here")
   p.add_argument("--train_images", type=int, default=8000)
   p.add_argument("--eval_prompts", type=int, default=200, help="validation and held-out each")
-  p.add_argument("--tokenizer_steps", type=int, default=1500)
-  p.add_argument("--parti_steps", type=int, default=3000)
+  p.add_argument("--tokenizer_steps", type=int, default=1200)
+  p.add_argument("--parti_steps", type=int, default=1200)
   p.add_argument("--guidance", type=float, default=3.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--configs", type=pathlib.Path,
