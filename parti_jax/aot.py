@@ -1,0 +1,272 @@
+"""Plans a run before renting the pod: compiles the trainer's step for a TPU slice, here.
+
+  python -m parti_jax.aot --config configs/parti_20b.py --topology v4-512 \
+      [--config.FIELD=VALUE ...] [--json]
+
+No TPU is needed, only libtpu (`pip install -e '.[tpu]'`): the TPU compiler builds the
+program for abstract devices laid out as the named slice (parti_jax.topologies). What
+is compiled is what `parti_jax.train` runs: the same jitted step, shardings and donated
+state, so the memory the compiler reserves on each device is the memory the run needs.
+
+Prints the per-device memory (arguments, outputs, temporaries, generated code, their
+total against the chip's HBM), the compiler's FLOPs per step next to the analytic count
+behind MFU, the compile time and a verdict. Exit status: 0 fits, 1 does not fit (the
+sizes that overflow are named), 2 the config or topology is refused before compiling.
+
+Another program plugs in as a mode: MODES[name](config, mesh) returns a Program, the
+jitted function and its abstract arguments (ShapeDtypeStructs with shardings).
+"""
+
+import json
+import re
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from parti_jax import config as config_lib
+from parti_jax import sharding, topologies
+
+FITS, DOES_NOT_FIT, REFUSED = 0, 1, 2
+# Without remat, the compiler's count exceeds the analytic one by the elementwise work
+# and the masked half of causal attention that the analytic count leaves out (a few
+# percent at the paper's sizes, 7% on the tiny test config). Remat adds most of a
+# forward: 1.27x the analytic count for 20B with remat=full.
+FLOPS_TOLERANCE = 0.25
+
+
+class Program(NamedTuple):
+  fn: Any  # jitted, with its in/out shardings and donation
+  args: tuple  # abstract arguments
+  flops: float | None = None  # analytic FLOPs of one call, all devices together
+
+
+def train_program(config: ml_collections.ConfigDict, mesh) -> Program:
+  """The step `parti_jax.train` compiles, with the state and batch it is called with."""
+  from parti_jax import train  # the trainer's tasks: one step function per model family
+  task = train.TASKS[config.task](config, mesh)
+  return Program(task.train_step, (task.setup.abstract_state(), task.setup.abstract_batch()),
+                 task.step_flops)
+
+
+MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {"train": train_program}
+
+
+def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train") -> dict:
+  """Compiles `mode` of `config` for the slice named `topology`; the report as a dict.
+
+  Raises topologies.UnknownTopology and config_lib.ConfigError before compiling.
+  """
+  tpu = topologies.get(topology)
+  config_lib.check(config, tpu.chips)
+  devices = tpu.devices()
+  try:
+    mesh = sharding.make_mesh(config, devices)
+  except NotImplementedError as e:  # as on the slice itself: the trainer builds this mesh
+    raise config_lib.ConfigError(
+        f"the mesh {dict(config.mesh)} cannot be laid out on the {tpu.name} torus "
+        f"{'x'.join(map(str, tpu.grid))}: every mesh axis must be a product of torus "
+        f"dimensions ({_first_line(e)})") from e
+  program = MODES[mode](config, mesh)
+  report = dict(
+      mode=mode, topology=tpu.name, compiler_topology=tpu.topology, chips=tpu.chips,
+      device_kind=devices[0].device_kind, hbm_bytes=tpu.hbm_bytes, mesh=dict(mesh.shape),
+      global_batch_size=config.global_batch_size,
+      grad_accum_steps=config.get("grad_accum_steps", 1),
+      remat=config.model.get("remat"), memory={}, overflow=[],
+      argument_bytes_estimate=_argument_bytes(program.args),
+      analytic_flops_per_device=program.flops and program.flops / tpu.chips)
+  lowered = program.fn.lower(*program.args)
+  # Counted on the program as handed to XLA: in the TPU-optimised program batched matmuls
+  # become dilated convolutions, which XLA's cost model counts at well above their cost.
+  hlo = lowered.as_text(dialect="hlo")
+  report["compiler_flops_per_device"] = loop_aware_flops(hlo) / tpu.chips
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The compiler refuses a program that cannot fit; its message says by how much.
+    report.update(compile_s=time.perf_counter() - start, fits=False, overflow=[_first_line(e)])
+    return report
+  report["compile_s"] = time.perf_counter() - start
+  report["memory"] = memory = _memory(compiled.memory_analysis())
+  report["overflow"] = overflow(memory, tpu.hbm_bytes)
+  report["fits"] = not report["overflow"]
+  return report
+
+
+def overflow(memory: dict, hbm_bytes: int) -> list[str]:
+  """What does not fit in one chip's HBM (empty when everything does)."""
+  if memory["total"] <= hbm_bytes:
+    return []
+  parts = ", ".join(f"{k} {_gib(memory[k])}" for k in ("arguments", "outputs", "temporaries")
+                    if memory[k])
+  return [f"total {_gib(memory['total'])} exceeds the HBM of a chip ({_gib(hbm_bytes)}) by "
+          f"{_gib(memory['total'] - hbm_bytes)}: {parts}"]
+
+
+def _memory(stats) -> dict:
+  """Per-device bytes from the compiler's buffer assignment."""
+  m = dict(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+           aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+           generated_code=stats.generated_code_size_in_bytes)
+  # Donated arguments share their buffers with the outputs: count those bytes once.
+  m["total"] = (m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+                + m["generated_code"])
+  return m
+
+
+def _argument_bytes(args) -> int:
+  def shard(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return 8  # a replicated RNG key
+    return sharding.shard_bytes(x.shape, x.dtype, x.sharding)
+  return sum(shard(x) for x in jax.tree.leaves(args))
+
+
+def _first_line(error: Exception) -> str:
+  return str(error).strip().splitlines()[0]
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2 ** 30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+_WHILE = re.compile(r" while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+                    r"|branch_computations=\{([^}]*)\}")
+
+
+def loop_aware_flops(hlo_text: str) -> float:
+  """XLA's FLOPs of an HLO module, with every loop body counted once per iteration.
+
+  XLA's cost analysis counts a while loop's body once, and the layers run in scanned
+  loops (inside the micro-batch loop with gradient accumulation). So each loop body is
+  costed on its own, by the same analysis, and multiplied by its trip count: the bound
+  of the loop's `counter < N` condition (jax's scan), else 1.
+  """
+  from jaxlib import _hlo, _jax  # XLA's HLO parser and cost analysis
+  text = re.sub(r", metadata=\{[^}]*\}", "", hlo_text)  # source locations: not needed
+  computations, entry = _split_computations(text)
+  client = jax.devices("cpu")[0].client
+  costs = {}
+
+  def cost(name):  # XLA's count for one computation (its loops' bodies once)
+    if name not in costs:
+      module = "\n\n".join(("ENTRY " if n == name else "") + t for n, t in computations.items())
+      module = _hlo.hlo_module_from_text("HloModule part\n\n" + module)
+      costs[name] = _jax.hlo_module_cost_analysis(client, module).get("flops", 0.0)
+    return costs[name]
+
+  def trip_count(condition):
+    bounds = re.findall(r"constant\((\d+)\)", computations[condition])
+    lt = "direction=LT" in computations[condition]
+    return int(bounds[0]) if lt and len(bounds) == 1 else 1
+
+  def loops(name, seen):  # the while loops `name` runs, outside other loops' bodies
+    found = []
+    for line in computations[name].splitlines():
+      if w := _WHILE.search(line):
+        found.append(w.groups())
+        continue
+      for m in _CALLS.finditer(line):
+        for callee in [m[1]] if m[1] else re.findall(r"[\w.\-]+", m[2]):
+          if callee in computations and callee not in seen:
+            seen.add(callee)
+            found += loops(callee, seen)
+    return found
+
+  def counted(name):
+    return cost(name) + sum(trip_count(c) * counted(b) - cost(b) for c, b in loops(name, {name}))
+
+  return counted(entry)
+
+
+def _split_computations(text: str) -> tuple[dict[str, str], str]:
+  """HLO module text -> ({computation name: its text without ENTRY}, the entry's name)."""
+  computations, entry, name, lines = {}, None, None, []
+  for line in text.splitlines():
+    if name is None and line.endswith("{") and not line.startswith((" ", "HloModule")):
+      header = line.removeprefix("ENTRY ")
+      name = header.split(" ", 1)[0].lstrip("%")
+      entry = name if header != line else entry
+      lines = [header]
+    elif name is not None:
+      lines.append(line)
+      if line == "}":
+        computations[name], name = "\n".join(lines), None
+  return computations, entry
+
+
+# ----------------------------------------------------------------------------- report
+
+def print_report(r: dict, config_name: str) -> None:
+  gib = _gib
+  print(f"{config_name} ({r['mode']}) on {r['topology']}: {r['chips']} chips of "
+        f"{r['device_kind']}, {gib(r['hbm_bytes'])} HBM each (libtpu topology "
+        f"{r['compiler_topology']})")
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  micro = r["global_batch_size"] // r["grad_accum_steps"]
+  per_chip = micro // (r["mesh"]["data"] * r["mesh"]["fsdp"])
+  print(f"mesh {mesh}; global batch {r['global_batch_size']} in {r['grad_accum_steps']} "
+        f"micro-batch(es) of {micro} ({per_chip} per chip); remat {r['remat']}")
+  m = r["memory"]
+  if m:
+    print("per-device memory:")
+    for key, why in [("arguments", "state and batch"), ("outputs", "new state and metrics"),
+                     ("aliased", "donated: arguments reused as outputs, counted once"),
+                     ("temporaries", "activations, gradients, collectives"),
+                     ("generated_code", "")]:
+      sign = "-" if key == "aliased" else " "
+      print(f"  {key.replace('_', ' '):<15}{sign}{gib(m[key]):>12}  {why}")
+    print(f"  {'total':<15} {gib(m['total']):>12}  of {gib(r['hbm_bytes'])} HBM "
+          f"({100 * m['total'] / r['hbm_bytes']:.1f}%)")
+  else:
+    print(f"per-device memory: arguments {gib(r['argument_bytes_estimate'])} (from the shardings); "
+          "the compiler stopped before planning the rest")
+  compiler, analytic = r["compiler_flops_per_device"], r["analytic_flops_per_device"]
+  if compiler and analytic:
+    print(f"FLOPs per device and step: compiler {compiler:.3e} (XLA's count of the lowered "
+          f"step), analytic {analytic:.3e} (MFU's); compiler / analytic {compiler / analytic:.2f}")
+  print(f"compile time {r['compile_s']:.1f} s")
+  if r["fits"]:
+    print(f"verdict: fits, {gib(r['hbm_bytes'] - m['total'])} to spare per chip")
+  else:
+    print("verdict: does NOT fit: " + "; ".join(r["overflow"]))
+
+
+def main(argv):
+  del argv
+  # The host's own accelerators (if any) are not needed: only the compiler is.
+  jax.config.update("jax_platforms", "cpu")
+  config, f = flags.FLAGS.config, flags.FLAGS
+  if config is None or not f.topology:
+    sys.exit("error: --config and --topology are required")
+  try:
+    report = plan(config, f.topology, f.mode)
+  except (topologies.UnknownTopology, config_lib.ConfigError) as e:
+    if f.json:
+      print(json.dumps(dict(topology=f.topology, refused=str(e))))
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(REFUSED)
+  if f.json:
+    print(json.dumps(report))
+  else:
+    print_report(report, config_flags.get_config_filename(flags.FLAGS["config"]))
+  sys.exit(FITS if report["fits"] else DOES_NOT_FIT)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+  flags.DEFINE_string("topology", None, f"TPU slice, one of: {', '.join(topologies.names())}")
+  flags.DEFINE_enum("mode", "train", list(MODES), "Which program to plan.")
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+  app.run(main)

@@ -1,0 +1,90 @@
+"""The ahead-of-time planner: slice names, the verdict, and real TPU compiles of a tiny config.
+
+The compiles need libtpu (`pip install -e '.[tpu]'`) and are skipped without it.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import load_config
+from parti_jax import aot, topologies
+from parti_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+
+def test_slice_names_follow_cloud_tpu():
+  v5p = topologies.get("v5p-256")  # v5p names count TensorCores: 128 chips
+  assert (v5p.chips, v5p.topology, v5p.hbm_bytes) == (128, "v5:4x4x8", 95 * 2 ** 30)
+  assert topologies.get("v4-8").topology == "v4:2x2x1"
+  assert topologies.get("v4-1024").chips == 512
+  assert topologies.get("v5e-16").topology == "v5e:4x4"  # v5e and v6e names count chips
+  assert topologies.get("v5litepod-16") == topologies.get("v5e-16")
+  assert topologies.get("v6e-256").topology == "v6e:16x16"
+
+
+@pytest.mark.parametrize("name", ["v7-8", "v5p-6", "v4-3", "tpu"])
+def test_unknown_slices_are_refused_with_the_known_ones(name):
+  with pytest.raises(topologies.UnknownTopology, match="known: .*v5p-256"):
+    topologies.get(name)
+
+
+def test_verdict_names_the_overflow():
+  gib = 2 ** 30
+  memory = dict(arguments=2 * gib, outputs=2 * gib, aliased=2 * gib, temporaries=30 * gib,
+                generated_code=0, total=32 * gib)
+  assert aot.overflow(memory, 32 * gib) == []
+  [message] = aot.overflow(memory, 16 * gib)
+  assert "exceeds" in message and "16.00 GiB" in message and "temporaries 30.00 GiB" in message
+
+
+@needs_libtpu
+# The tests' persistent compilation cache (conftest) keeps executables it can load only
+# onto real devices; for a compile-only TPU program it warns and compiles again.
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_tiny_config_fits_a_small_slice_and_flops_agree():
+  report = aot.plan(load_config("parti_tiny"), "v5e-8")
+  assert report["fits"] and report["overflow"] == []
+  assert report["mesh"] == dict(data=1, fsdp=8, tensor=1)
+  memory = report["memory"]
+  assert 0 < memory["total"] <= report["hbm_bytes"] == 16 * 2 ** 30
+  # The state is donated: the new state reuses its buffers.
+  assert memory["aliased"] > 0.9 * memory["arguments"] - 2 ** 16
+  # Loop bodies (the scanned layers) counted per iteration: the compiler's FLOPs are the
+  # analytic ones plus elementwise work and the masked half of causal attention. (Each
+  # loop body counted once, as XLA's own total does, would give about 0.6.)
+  ratio = report["compiler_flops_per_device"] / report["analytic_flops_per_device"]
+  assert 1 - aot.FLOPS_TOLERANCE < ratio < 1 + aot.FLOPS_TOLERANCE, ratio
+
+
+@needs_libtpu
+def test_a_config_that_cannot_fit_exits_non_zero_naming_the_overflow():
+  # A 16.8M-entry text vocabulary at width 512: 8.6B embedding parameters, over 100 GB
+  # with their AdamW moments and gradients, on one v5e chip of 16 GiB. The compiler
+  # refuses it, and the planner reports the compiler's sizes.
+  done = subprocess.run(
+      [sys.executable, "-m", "parti_jax.aot", "--config=configs/parti_tiny.py",
+       "--topology=v5e-1", "--json", "--config.model.text_vocab_size=16777216",
+       "--config.model.d_model=512"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == aot.DOES_NOT_FIT, done.stderr[-2000:]
+  report = json.loads(done.stdout.splitlines()[-1])
+  assert report["fits"] is False and report["chips"] == 1
+  assert "HBM" in report["overflow"][0] and "G)" in report["overflow"][0], report["overflow"]
+
+
+def test_refused_before_compiling():
+  config = load_config("parti_tiny")
+  config.mesh.tensor = 3
+  with pytest.raises(config_lib.ConfigError, match="mesh"):
+    aot.plan(config, "v5e-8")
+  with pytest.raises(topologies.UnknownTopology):
+    aot.plan(load_config("parti_tiny"), "v5e-12")
