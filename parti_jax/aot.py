@@ -53,7 +53,18 @@ def train_program(config: ml_collections.ConfigDict, mesh) -> Program:
                  task.step_flops)
 
 
-MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {"train": train_program}
+def sample_program(config: ml_collections.ConfigDict, mesh) -> Program:
+  """The sampler's decode step (`parti_jax.decoding`) for `global_batch_size` prompts with
+  classifier-free guidance (twice the rows) and its full-length KV cache; the donated
+  decoding state is what the cache costs per chip."""
+  from parti_jax import decoding  # the sampler's programs, only when asked
+  step, args = decoding.decode_step_and_args(config, mesh, config.global_batch_size,
+                                             decoding.Settings(guidance=3.0))
+  return Program(step, args)
+
+
+MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
+    "train": train_program, "sample": sample_program}
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train") -> dict:

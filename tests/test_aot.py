@@ -66,6 +66,14 @@ def test_tiny_config_fits_a_small_slice_and_flops_agree():
 
 
 @needs_libtpu
+def test_the_sampler_decode_step_plans_the_same_way():
+  report = aot.plan(load_config("parti_tiny"), "v5e-8", mode="sample")
+  assert report["mode"] == "sample" and report["fits"]
+  assert 0 < report["memory"]["total"] <= report["hbm_bytes"]
+  assert report["memory"]["aliased"] > 0  # the decoding state (the KV cache) is donated
+
+
+@needs_libtpu
 def test_a_config_that_cannot_fit_exits_non_zero_naming_the_overflow():
   # A 16.8M-entry text vocabulary at width 512: 8.6B embedding parameters, over 100 GB
   # with their AdamW moments and gradients, on one v5e chip of 16 GiB. The compiler
