@@ -59,7 +59,8 @@ def losses(config: ml_collections.ConfigDict, out: dict, images, perceptual_weig
 
 
 def adversarial_on(config, step) -> jax.Array:
-  return (step >= config.loss.adversarial_start) & (config.loss.adversarial > 0)
+  w = config.loss  # runs made before these fields existed have neither
+  return (step >= w.get("adversarial_start", 0)) & (w.get("adversarial", 0.0) > 0)
 
 
 def discriminator_grads(config, model, disc_params, images, fake, on) -> tuple[dict, dict]:
