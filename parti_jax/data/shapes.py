@@ -21,7 +21,8 @@ is held out too. The heldout split holds only scenes built around one of them, s
 trained on train can be scored on compositions it never saw.
 
 Every caption parses back (`parse_caption`) into the fields stored with its scene, and
-`caption_matches_scene` checks a caption against a scene's objects and geometry.
+`caption_matches_scene` checks a caption against a scene's objects and geometry
+(`caption_matches` against any objects, such as those a detector finds).
 """
 
 import argparse
@@ -248,25 +249,29 @@ def relation_holds(first: dict, second: dict, relation: str, resolution: int) ->
   return a["bbox"][axis + 2] + margin <= b["bbox"][axis] and along >= DOMINANCE * across
 
 
+def caption_matches(fields: dict, objects: list[dict], relation_test) -> bool:
+  """Whether `objects` are exactly what parsed caption `fields` asks for: no object missing
+  or extra, each as described, and `relation_test(a, b, relation)` for a relation."""
+  descs = fields["objects"]
+  if fields["kind"] == "single":
+    return len(objects) == 1 and _describes(descs[0], objects[0])
+  if fields["kind"] == "count":
+    return len(objects) == fields["count"] and all(_describes(descs[0], o) for o in objects)
+  if len(objects) != 2:
+    return False
+  return any(_describes(descs[0], a) and _describes(descs[1], b) and (
+      fields["kind"] == "binding" or relation_test(a, b, fields["relation"]))
+      for a, b in (objects, objects[::-1]))
+
+
 def caption_matches_scene(caption: str, scene: dict) -> bool:
   """Whether the caption truly describes the scene: objects, count, sizes, geometry."""
   try:
     fields = parse_caption(caption)
   except ValueError:
     return False
-  objs, descs = scene["objects"], fields["objects"]
-  if fields["kind"] == "single":
-    return len(objs) == 1 and _describes(descs[0], objs[0])
-  if fields["kind"] == "count":
-    return len(objs) == fields["count"] and all(_describes(descs[0], o) for o in objs)
-  if len(objs) != 2:
-    return False
-  for a, b in (objs, objs[::-1]):
-    if _describes(descs[0], a) and _describes(descs[1], b) and (
-        fields["kind"] == "binding"
-        or relation_holds(a, b, fields["relation"], scene["resolution"])):
-      return True
-  return False
+  return caption_matches(fields, scene["objects"], lambda a, b, relation: relation_holds(
+      a, b, relation, scene["resolution"]))
 
 
 # --- held-out compositions ---------------------------------------------------------------
@@ -277,18 +282,25 @@ def _names(obj: dict, name: str) -> bool:
   return words[-1] == obj["shape"] and (len(words) == 1 or words[0] == obj["color"])
 
 
-def is_heldout(scene: dict, spec: Spec) -> bool:
-  """Whether the scene shows a held-out pair on any object, or a held-out triple."""
+def composition_is_heldout(fields: dict, spec: Spec) -> bool:
+  """Whether caption fields (kind, objects, relation) name a held-out pair on any object or
+  a held-out triple (or its converse)."""
   pairs = set(spec.heldout_pairs)
-  if any((o["color"], o["shape"]) in pairs for o in scene["objects"]):
+  if any((o["color"], o["shape"]) in pairs for o in fields["objects"]):
     return True
-  if scene["kind"] != "relation":
+  if fields["kind"] != "relation":
     return False
-  a, b = scene["objects"]
-  relation = scene["caption_fields"]["relation"]
+  a, b = fields["objects"]
+  relation = fields["relation"]
   return any((_names(a, x) and r == relation and _names(b, y))
              or (_names(b, x) and r == CONVERSE[relation] and _names(a, y))
              for x, r, y in spec.heldout_triples)
+
+
+def is_heldout(scene: dict, spec: Spec) -> bool:
+  """Whether the scene shows a held-out pair on any object, or a held-out triple."""
+  return composition_is_heldout(
+      dict(scene["caption_fields"], kind=scene["kind"], objects=scene["objects"]), spec)
 
 
 # --- sampling ----------------------------------------------------------------------------

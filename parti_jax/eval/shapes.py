@@ -138,39 +138,14 @@ def _relation_holds(a: dict, b: dict, relation: str) -> bool:
   return first["bbox"][axis + 2] <= second["bbox"][axis] + 0.5 and along > across
 
 
-def _describes(desc: dict, obj: dict) -> bool:
-  return all(obj[k] == v for k, v in desc.items())
-
-
 def judge(prompt: str, objects: list[dict]) -> bool:
   """Whether detected `objects` satisfy the prompt exactly (no missing or extra objects)."""
-  fields = shapes.parse_caption(prompt)
-  descs = fields["objects"]
-  if fields["kind"] == "single":
-    return len(objects) == 1 and _describes(descs[0], objects[0])
-  if fields["kind"] == "count":
-    return len(objects) == fields["count"] and all(_describes(descs[0], o) for o in objects)
-  if len(objects) != 2:
-    return False
-  return any(_describes(descs[0], a) and _describes(descs[1], b) and (
-      fields["kind"] == "binding" or _relation_holds(a, b, fields["relation"]))
-      for a, b in (objects, objects[::-1]))
+  return shapes.caption_matches(shapes.parse_caption(prompt), objects, _relation_holds)
 
 
 def prompt_is_heldout(prompt: str, spec: shapes.Spec) -> bool:
   """Whether the prompt asks for a held-out (color, shape) pair or relation triple."""
-  fields = shapes.parse_caption(prompt)
-  pairs = set(spec.heldout_pairs)
-  if any((o["color"], o["shape"]) in pairs for o in fields["objects"]):
-    return True
-  if fields["kind"] != "relation":
-    return False
-  a, b = fields["objects"]
-  names = lambda o, name: shapes._names(o, name)  # pylint: disable=protected-access
-  r = fields["relation"]
-  return any((names(a, x) and rel == r and names(b, y))
-             or (names(b, x) and rel == shapes.CONVERSE[r] and names(a, y))
-             for x, rel, y in spec.heldout_triples)
+  return shapes.composition_is_heldout(shapes.parse_caption(prompt), spec)
 
 
 def evaluate(items, spec: shapes.Spec, progress: bool = True) -> dict:
