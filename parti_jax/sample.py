@@ -106,11 +106,11 @@ def color_decoder(resolution: int, patch: int = 8, levels: int = 4) -> ImageDeco
 def vitvqgan_decoder(workdir, mesh) -> ImageDecoder:
   """The decoder of a ViT-VQGAN run (its config.json and latest checkpoint)."""
   from parti_jax import vqgan_train  # the tokenizer's model only when it is asked for
-  config = read_config(workdir)
-  config.mesh.update(dict(zip(config_lib.MESH_AXES, mesh.devices.shape)))
-  setup = vqgan_train.Setup(config, mesh)
-  params = checkpoints.load_params(workdir, setup.abstract_state().params)
-  m = config.model
+  try:
+    setup, params = vqgan_train.load_run(workdir, mesh)
+  except (ValueError, FileNotFoundError) as e:
+    raise SampleError(f"image tokenizer vitvqgan:{workdir}: {e}") from None
+  m = setup.config.model
   run = jax.jit(lambda p, codes: setup.model(p).decode(codes))
 
   def decode(codes):

@@ -18,16 +18,20 @@ steps on the shapes data. `model.dead_code_restart_every` restarts unused entrie
 batch's latents (the tiny config does; the paper's configs leave it off).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
-from parti_jax import discriminator, perceptual
+from parti_jax import checkpoints, discriminator, perceptual
+from parti_jax import config as config_lib
 from parti_jax import train_step as ts
 from parti_jax import vqgan
 from parti_jax.data import images as image_lib
@@ -233,3 +237,22 @@ def reconstruction_grid(reconstruct, params, images, count: int = 8) -> np.ndarr
   recon = reconstruct(params, images)
   rows = [np.concatenate(list(np.asarray(jax.device_get(x))), axis=1) for x in (images, recon)]
   return image_lib.to_uint8(np.concatenate(rows, axis=0), -1.0, 1.0)
+
+
+def load_run(workdir, mesh=None) -> tuple[Setup, dict]:
+  """(setup, params) of the ViT-VQGAN trained in `workdir`: its config.json and latest
+  checkpoint, laid out on `mesh` (default: this machine's devices over fsdp), whatever mesh
+  it trained on. Raises ValueError or FileNotFoundError naming what is wrong."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise ValueError(f"{workdir}: no config.json; not a training run directory")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if config.get("task") != "vitvqgan":
+    raise ValueError(f"{path} has task {config.get('task')!r}, not a ViT-VQGAN run")
+  config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
+  if mesh is None:
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+  else:
+    config.mesh.update(dict(zip(config_lib.MESH_AXES, mesh.devices.shape)))
+  setup = Setup(config, mesh)
+  return setup, checkpoints.load_params(workdir, setup.abstract_state().params)

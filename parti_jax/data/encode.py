@@ -23,7 +23,6 @@ made and tested before an image tokenizer has been trained.
 import argparse
 import dataclasses
 import importlib
-import json
 import pathlib
 import sys
 from collections.abc import Callable
@@ -31,9 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -78,16 +75,12 @@ def color_tokenizer(resolution: int, patch: int = 8, levels: int = 4) -> ImageTo
 
 def vitvqgan_tokenizer(workdir, mesh=None) -> ImageTokenizer:
   """The ViT-VQGAN trained in `workdir` (its config.json and latest checkpoint)."""
-  from parti_jax import checkpoints, vqgan_train  # the model only when it is asked for
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise ValueError(f"--tokenizer=vitvqgan:{workdir}: no config.json; not a training run")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
-  config.mesh.update(data=1, fsdp=-1, tensor=1)  # this machine's devices, whatever it trained on
-  setup = vqgan_train.Setup(config, mesh)
-  params = checkpoints.load_params(workdir, setup.abstract_state().params)
-  m = config.model
+  from parti_jax import vqgan_train  # the model only when it is asked for
+  try:
+    setup, params = vqgan_train.load_run(workdir, mesh)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"--tokenizer=vitvqgan:{workdir}: {e}") from None
+  m = setup.config.model
   return ImageTokenizer(lambda p, images: setup.model(p).encode(images), m.resolution,
                         m.resolution // m.patch_size, m.codebook_size, f"vitvqgan:{workdir}",
                         params)

@@ -39,10 +39,8 @@ from concurrent import futures
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import scipy.linalg
-from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -230,25 +228,14 @@ def _image_set(x) -> ImageSet:
 
 def load_vitvqgan(spec: str):
   """(setup, params) of the ViT-VQGAN run named by `vitvqgan:RUN_DIR` (latest checkpoint)."""
-  from parti_jax import checkpoints, vqgan_train  # the model only when it is asked for
+  from parti_jax import vqgan_train  # the model only when it is asked for
   kind, _, workdir = spec.partition(":")
   if kind != "vitvqgan" or not workdir:
     raise FidError(f"--tokenizer={spec}: expected vitvqgan:RUN_DIR")
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FidError(f"--tokenizer={spec}: no {path}; not a training run")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if config.get("task") != "vitvqgan":
-    raise FidError(f"--tokenizer={spec}: {path} has task {config.get('task')!r}, not a "
-                   "ViT-VQGAN run")
-  config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
-  config.mesh.update(data=1, fsdp=-1, tensor=1)  # this machine's devices, whatever it trained on
-  setup = vqgan_train.Setup(config)
   try:
-    params = checkpoints.load_params(workdir, setup.abstract_state().params)
-  except FileNotFoundError as e:
+    return vqgan_train.load_run(workdir)
+  except (ValueError, FileNotFoundError) as e:
     raise FidError(f"--tokenizer={spec}: {e}") from None
-  return setup, params
 
 
 def reconstruction_features(setup):
