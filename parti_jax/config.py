@@ -165,6 +165,10 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   # random latents of the batch (parti_jax/vqgan_train.py: restart_dead_codes).
   m.dead_code_restart_every = 0
   m.dead_code_restart_until = -1  # no restarts from this step on (-1: restarts to the end)
+  # Steps at the start in which the decoder sees the encoder's continuous latents, not their
+  # codes, while the codebook follows the latents (its loss and restarts): see
+  # parti_jax/vqgan.py. 0: quantized from the first step, as in the paper.
+  m.quantize_start = 0
   m.logit_laplace = True  # decoder also predicts per-pixel scales (Parti's decoder: False)
   m.encoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
   m.decoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))

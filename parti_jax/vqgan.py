@@ -11,6 +11,12 @@ each latent takes its nearest entry (largest cosine). The straight-through estim
 passes gradients from the decoder to the encoder; the codebook loss pulls entries toward
 latents and the commitment loss (weight `model.commitment`, 0.25) latents toward entries.
 
+Quantizing late (`model.quantize_start`, 0 by default): for its first steps the decoder sees
+the continuous latents, so encoder and decoder first learn an autoencoder whose latents carry
+each patch's detail, while the codebook loss (and any dead-code restarts) moves the entries
+onto those latents, an online k-means. Quantized from the first step, a small tokenizer on
+the shapes data settles on codes that name little more than a patch's mean color.
+
 With `model.logit_laplace` the decoder predicts, for each pixel, a location and a
 log-scale, and the logit-laplace likelihood is one more loss term; the image is the
 location either way. Pixels are in [-1, 1].
@@ -146,13 +152,18 @@ class ViTVQGAN(nnx.Module):
     zq = jnp.take(self.normalized_codebook(), codes, axis=0)
     return self.decode_quantized(zq)[..., :3]
 
-  def __call__(self, images, dropout_key=None) -> dict:
-    """Reconstruction and everything the losses and metrics need."""
+  def __call__(self, images, dropout_key=None, quantized=True) -> dict:
+    """Reconstruction and everything the losses and metrics need.
+
+    `quantized` (a bool, possibly traced) False: the decoder sees the continuous latents
+    (`model.quantize_start`); the codebook and commitment losses are computed either way.
+    """
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     z = self.latents(images, keys[0])
     codes, zq = self.quantize(z)
     # Straight-through: the decoder sees the entries, gradients flow to the latents.
-    out = self.decode_quantized(z + jax.lax.stop_gradient(zq - z), keys[1])
+    decoder_input = jnp.where(quantized, z + jax.lax.stop_gradient(zq - z), z)
+    out = self.decode_quantized(decoder_input, keys[1])
     codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - zq) ** 2, -1))
     commitment_loss = jnp.mean(jnp.sum((z - jax.lax.stop_gradient(zq)) ** 2, -1))
     return dict(reconstruction=out[..., :3], output=out, codes=codes, latents=z,

@@ -108,9 +108,11 @@ def train_step(setup: Setup, state: ts.TrainState, batch,
   with_discriminator = "discriminator" in state.params
   on = adversarial_on(config, state.step)
 
+  quantized = state.step >= config.model.get("quantize_start", 0)
+
   def loss_fn(params):
     model = setup.model(params)
-    out = model(images, key)
+    out = model(images, key, quantized)
     terms = losses(config, out, images, perceptual_weights)
     if with_discriminator and config.loss.adversarial:
       recon = out["reconstruction"]
@@ -133,6 +135,7 @@ def train_step(setup: Setup, state: ts.TrainState, batch,
   metrics = dict(terms, psnr=jnp.mean(vqgan.psnr(out["reconstruction"], images)),
                  codebook_usage=usage, codebook_perplexity=perplexity,
                  grad_norm=optax.tree.norm(grads), learning_rate=setup.schedule(state.step),
+                 quantized=quantized.astype(jnp.float32),
                  update_skipped=1 - opt_state.last_finite.astype(jnp.int32),
                  consecutive_skips=opt_state.notfinite_count)
   params = optax.apply_updates(state.params, updates)
@@ -143,15 +146,17 @@ def train_step(setup: Setup, state: ts.TrainState, batch,
 
 def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict, jax.Array]:
   """Every `model.dead_code_restart_every` steps, entries no latent of this global batch
-  chose are replaced by latents drawn at random from the batch.
+  chose are replaced by the batch's latents that their nearest entries fit worst.
 
   A dead entry gets no gradient from the codebook loss, so it stays dead; restarting it on
   the data brings it back into use. "Unused in one global batch" needs no usage statistics
   in the state, and with a batch of many more latents than entries it only catches entries
-  that are rare, not merely unlucky. The new entry is a unit latent, the scale the codebook is
-  initialized at. A restarted entry takes over the latents nearest to it, which the decoder
-  has to learn anew: `model.dead_code_restart_until` (a step; -1: never) stops restarts
-  so that the run ends on a settled codebook.
+  that are rare, not merely unlucky. Restarting at the worst-fitted latents, not at random
+  ones, puts new entries where the codebook is short: on the shapes data most patches are
+  plain background, so random latents would mostly restart entries there. The new entry is
+  a unit latent, the scale the codebook is initialized at. A restarted entry takes over the
+  latents nearest to it, which the decoder has to learn anew: `model.dead_code_restart_until`
+  (a step; -1: never) stops restarts so that the run ends on a settled codebook.
   """
   m = config.model
   counts = jnp.zeros(m.codebook_size, jnp.int32).at[out["codes"].reshape(-1)].add(1)
@@ -159,9 +164,13 @@ def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict,
   if m.get("dead_code_restart_until", -1) >= 0:
     due = due & (state.step < m.dead_code_restart_until)
   dead = (counts == 0) & due
-  latents = out["latents"].reshape(-1, m.code_dim)
-  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0xC0DE)
-  fresh = latents[jax.random.randint(key, (m.codebook_size,), 0, latents.shape[0])]
+  latents = out["latents"].reshape(-1, m.code_dim)  # unit vectors
+  book = params["codebook"] / jnp.linalg.norm(params["codebook"], axis=-1, keepdims=True)
+  misfit = 1 - jnp.max(latents @ book.T, axis=-1)
+  # The i-th dead entry takes the i-th worst latent (distinct latents for distinct entries).
+  _, worst = jax.lax.top_k(misfit, min(m.codebook_size, latents.shape[0]))
+  rank = jnp.clip(jnp.cumsum(dead) - 1, 0, worst.shape[0] - 1)
+  fresh = latents[worst[rank]]
   codebook = jnp.where(dead[:, None], jax.lax.stop_gradient(fresh), params["codebook"])
   return dict(params, codebook=codebook), dead.sum()
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import load_config
 from parti_jax import config as config_lib
-from parti_jax import sharding, vqgan_train
+from parti_jax import vqgan_train
 
 
 def gan_config(**loss):
@@ -107,3 +107,41 @@ def test_dead_codes_restart_from_the_batch():
   # Restarted entries are latents of that batch (the encoder has moved one step since).
   nearest = np.max(book @ z.T / np.linalg.norm(book, axis=1, keepdims=True), axis=1)
   assert np.mean(nearest > 0.9) > 0.7
+
+
+def test_dead_codes_restart_at_the_worst_fitted_latents():
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(model=dict(
+      codebook_size=4, code_dim=2, dead_code_restart_every=1, dead_code_restart_until=-1)))
+  codebook = jnp.array([[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [1.0, 0.05]])
+  # Six latents sit on entry 0; two lie far from every entry, the one opposite farthest.
+  latents = jnp.array([[1.0, 0.0]] * 6 + [[0.0, 1.0], [-1.0, 0.0]])
+  out = {"latents": latents[None], "codes": jnp.zeros((1, 8), jnp.int32)}
+  state = type("State", (), dict(step=jnp.int32(0), rng=jax.random.key(0)))
+  params, restarted = vqgan_train.restart_dead_codes(config, state, {"codebook": codebook}, out)
+  assert int(restarted) == 3
+  book = np.asarray(params["codebook"])
+  np.testing.assert_array_equal(book[0], [1.0, 0.0])  # in use: kept
+  np.testing.assert_array_equal(book[1:], [[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+
+
+def test_decoder_sees_latents_until_quantize_start():
+  config = load_config("vitvqgan_tiny")
+  config.model.update(quantize_start=2, dead_code_restart_every=0)
+  setup = vqgan_train.Setup(config)
+  state = setup.init_state()
+  model = setup.model(state.params)
+  x = batch(0, 2)["images"]
+  nudged = x + 1e-3  # too little to change a code, enough to move a latent
+  np.testing.assert_array_equal(model.encode(x), model.encode(nudged))
+  quantized = [model(i, None, True)["reconstruction"] for i in (x, nudged)]
+  continuous = [model(i, None, False)["reconstruction"] for i in (x, nudged)]
+  # Same codes, same picture (to float rounding: the straight-through sum z + (zq - z)).
+  np.testing.assert_allclose(*quantized, atol=1e-5)
+  assert np.max(np.abs(continuous[0] - continuous[1])) > 1e-4
+  step = vqgan_train.jit_train_step(setup)
+  flags = []
+  for i in range(3):
+    state, metrics = step(state, batch(i, config.global_batch_size))
+    flags.append(float(metrics["quantized"]))
+  assert flags == [0.0, 0.0, 1.0]
