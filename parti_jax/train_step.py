@@ -171,7 +171,10 @@ def eval_step(setup: Setup, params, batch) -> dict:
               accuracy=(per_row_acc * mask).sum() / safe, weight=weight)
 
 
-def _with_activation_mesh(setup: Setup, fn: Callable) -> Callable:
+def with_activation_mesh(setup: Setup, fn: Callable) -> Callable:
+  """`fn(setup, *args)` as `(*args)`, traced with the setup's mesh and logical rules active, so
+  that activation constraints inside the model resolve (for any step to `jax.jit`)."""
+
   def wrapped(*args):
     with sharding.activation_mesh(setup.mesh, setup.rules):
       return fn(setup, *args)
@@ -181,7 +184,7 @@ def _with_activation_mesh(setup: Setup, fn: Callable) -> Callable:
 def jit_train_step(setup: Setup, step_fn: Callable = train_step):
   """`(state, batch) -> (state, metrics)`, jitted with explicit shardings; state is donated."""
   replicated = NamedSharding(setup.mesh, P())
-  return jax.jit(_with_activation_mesh(setup, step_fn),
+  return jax.jit(with_activation_mesh(setup, step_fn),
                  in_shardings=(setup.state_shardings, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, replicated),
                  donate_argnums=0)
@@ -229,7 +232,7 @@ def jit_loss_and_grads(setup: Setup):
   """`(params, batch, dropout_key) -> (loss, accuracy, grads)`, jitted on the mesh."""
   replicated = NamedSharding(setup.mesh, P())
   params = setup.state_shardings.params
-  return jax.jit(_with_activation_mesh(setup, loss_and_grads),
+  return jax.jit(with_activation_mesh(setup, loss_and_grads),
                  in_shardings=(params, setup.batch_sharding, replicated),
                  out_shardings=(replicated, replicated, params))
 
@@ -237,6 +240,6 @@ def jit_loss_and_grads(setup: Setup):
 def jit_eval_step(setup: Setup, eval_fn: Callable = eval_step):
   """`(params, batch) -> metrics`, jitted with explicit shardings."""
   replicated = NamedSharding(setup.mesh, P())
-  return jax.jit(_with_activation_mesh(setup, eval_fn),
+  return jax.jit(with_activation_mesh(setup, eval_fn),
                  in_shardings=(setup.state_shardings.params, setup.batch_sharding),
                  out_shardings=replicated)

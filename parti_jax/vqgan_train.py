@@ -210,7 +210,7 @@ def jit_train_step(setup: Setup):
   network's frozen weights bound as a third, replicated argument."""
   replicated = NamedSharding(setup.mesh, P())
   weights = jax.device_put(load_perceptual_weights(setup.config), replicated)
-  jitted = jax.jit(ts._with_activation_mesh(setup, train_step),
+  jitted = jax.jit(ts.with_activation_mesh(setup, train_step),
                    in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
   return ts.BoundStep(jitted, weights)
