@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from parti_jax import config as config_lib
-from parti_jax import distributed, vqgan_train
+from parti_jax import distributed, sharding, vqgan_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls of each function (after a warm-up).")
@@ -45,9 +45,7 @@ def timed(fn, *args, steps: int, desc: str):
 def synthetic_images(setup, batch_size: int):
   r, rng = setup.config.model.resolution, np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch_size, r, r, 3)).astype(np.float32)
-  local = batch_size // jax.process_count()
-  rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-  return jax.make_array_from_process_local_data(setup.batch_sharding, images[rows])
+  return sharding.place_global_batch(setup.batch_sharding, images)
 
 
 def main(argv):

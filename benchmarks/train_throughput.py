@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from parti_jax import config as config_lib
-from parti_jax import distributed, flops
+from parti_jax import distributed, flops, sharding
 from parti_jax import train_step as ts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -53,10 +53,8 @@ def synthetic_batch(setup: ts.Setup, batch_size: int) -> dict:
   text = rng.integers(1, m.text_vocab_size, (batch_size, m.text_len), dtype=np.int32)
   text[:, m.text_len // 2:] = 0  # half the text is padding, as with real captions
   image = rng.integers(0, m.codebook_size, (batch_size, m.image_grid ** 2), dtype=np.int32)
-  local = batch_size // jax.process_count()
-  rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v[rows])
-          for k, v in dict(text_tokens=text, image_tokens=image).items()}
+  return sharding.place_global_batch(setup.batch_sharding,
+                                     dict(text_tokens=text, image_tokens=image))
 
 
 def time_steps(config, steps: int) -> dict:

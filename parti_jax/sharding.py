@@ -78,6 +78,16 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
 
 
+def place_global_batch(sharding: NamedSharding, batch: Any) -> Any:
+  """Global arrays of a batch that every process holds whole (synthetic data, a fixed test
+  batch): each process contributes its own contiguous share of the rows."""
+  def place(x):
+    local = x.shape[0] // jax.process_count()
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x)[rows])
+  return jax.tree.map(place, batch)
+
+
 def _drop_dim(spec: P, param_shape, leaf_shape) -> P:
   """Spec for an optimizer statistic that drops one dimension of its parameter."""
   entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))

@@ -90,3 +90,14 @@ def test_every_large_parameter_and_statistic_is_sharded(name, shape):
                           jax.tree.leaves(setup.state_shardings.opt_state)):
     if math.prod(x.shape) > 1_000_000:
       assert math.prod(s.shard_shape(x.shape)) < math.prod(x.shape), jax.tree_util.keystr(path)
+
+
+def test_place_global_batch_splits_the_rows_over_the_batch_axes(config):
+  setup = setup_on(config, (2, 2, 2), 8)
+  host = random_batch(config, seed=3, batch_size=8)
+  placed = sharding.place_global_batch(setup.batch_sharding, host)
+  for key, x in placed.items():
+    np.testing.assert_array_equal(np.asarray(x), host[key])
+    # data x fsdp = 4 shards of 2 rows, each on the 2 devices of the tensor axis
+    rows = sorted({s.index[0].start for s in x.addressable_shards})
+    assert rows == [0, 2, 4, 6] and len(x.addressable_shards) == 8
