@@ -22,3 +22,24 @@ def setup_on(config, mesh_shape, num_devices) -> ts.Setup:
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
   return ts.Setup(config, sharding.make_mesh(config, jax.devices()[:num_devices]))
+
+
+def vitvqgan_run(workdir):
+  """A tiny untrained ViT-VQGAN laid out as a run: config.json, checkpoints/0/state."""
+  import orbax.checkpoint as ocp
+
+  from conftest import load_config
+  from parti_jax import checkpoints, vqgan_train
+  config = load_config("vitvqgan_tiny")
+  checkpoints.check_config(workdir, config)
+  setup = vqgan_train.Setup(config)
+  # Random values of the right shapes: initializing the model compiles for ~20 s.
+  rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: (np.ones(s.shape) if "scale" in jax.tree_util.keystr(path)
+                       else rng.normal(size=s.shape) * 0.1).astype(s.dtype),
+      setup.abstract_params)
+  # Only the parameters: all that `checkpoints.load_params` reads of a trainer's state.
+  ocp.PyTreeCheckpointer().save(checkpoints.absolute(workdir / "checkpoints" / "0" / "state"),
+                                {"params": params})
+  return setup, params

@@ -68,3 +68,22 @@ def test_command_line_on_a_shard_set(renders, tmp_path, capsys):
   assert printed["accuracy"] == saved["accuracy"] and len(saved["judged"]) == 80
   with pytest.raises(SystemExit, match="samples.json"):
     evaluator.main(["--images", str(tmp_path)])
+
+
+def test_reconstruct_judges_the_renders_after_a_tokenizer_round_trip(renders, tmp_path):
+  import helpers
+  helpers.vitvqgan_run(tmp_path / "run")  # untrained: its reconstructions show no shapes
+  items, spec = evaluator.shard_items(renders / "validation")
+  items = items[:20]
+  round_trip = evaluator.reconstruct(items, f"vitvqgan:{tmp_path / 'run'}", batch_size=8)
+  assert [p for p, _ in round_trip] == [p for p, _ in items]
+  assert all(a.shape == b.shape and a.dtype == b.dtype == np.uint8
+             for (_, a), (_, b) in zip(items, round_trip))
+  assert evaluator.evaluate(items, spec, progress=False)["accuracy"]["all"] == 1.0
+  assert evaluator.evaluate(round_trip, spec, progress=False)["accuracy"]["all"] < 0.5
+  with pytest.raises(ValueError, match="expected vitvqgan:RUN_DIR"):
+    evaluator.reconstruct(items, "color:patch=4")
+  with pytest.raises(ValueError, match="no config.json"):
+    evaluator.reconstruct(items, f"vitvqgan:{tmp_path}")
+  with pytest.raises(SystemExit):  # --reconstruct reconstructs renders, not samples
+    evaluator.main(["--images", str(tmp_path), "--reconstruct", f"vitvqgan:{tmp_path / 'run'}"])

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
+
 from parti_jax.convert import inception as convert_inception
 from parti_jax.data import images as image_lib
 from parti_jax.data import records
@@ -337,31 +339,10 @@ def test_cli_names_what_is_missing(tmp_path):
     fid.main(args + [str(folder), str(folder)])
 
 
-def vitvqgan_run(workdir):
-  """A tiny untrained ViT-VQGAN laid out as a run: config.json, checkpoints/0/state."""
-  import orbax.checkpoint as ocp
-
-  from conftest import load_config
-  from parti_jax import checkpoints, vqgan_train
-  config = load_config("vitvqgan_tiny")
-  checkpoints.check_config(workdir, config)
-  setup = vqgan_train.Setup(config)
-  # Random values of the right shapes: initializing the model compiles for ~20 s.
-  rng = np.random.default_rng(5)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, s: (np.ones(s.shape) if "scale" in jax.tree_util.keystr(path)
-                       else rng.normal(size=s.shape) * 0.1).astype(s.dtype),
-      setup.abstract_params)
-  # Only the parameters: all that `checkpoints.load_params` reads of a trainer's state.
-  ocp.PyTreeCheckpointer().save(checkpoints.absolute(workdir / "checkpoints" / "0" / "state"),
-                                {"params": params})
-  return setup, params
-
-
 def test_cli_rfid_compares_a_tokenizers_reconstructions_with_the_originals(
     tmp_path, monkeypatch, capsys):
   from parti_jax import vqgan_train
-  setup, params = vitvqgan_run(tmp_path / "run")
+  setup, params = helpers.vitvqgan_run(tmp_path / "run")
   rng = np.random.default_rng(4)
   pixels = rng.integers(0, 256, (6, 32, 32, 3), np.uint8)
   recs = [dict(id=str(i), image=image_lib.encode_png(p), captions=["x"])

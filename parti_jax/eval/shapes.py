@@ -2,6 +2,7 @@
 
   python -m parti_jax.eval.shapes --images SAMPLES_DIR [--out report.json]
   python -m parti_jax.eval.shapes --shards data/shapes/validation      # the detector on renders
+  python -m parti_jax.eval.shapes --shards data/shapes/validation --reconstruct vitvqgan:RUN
 
 A deterministic detector finds the objects in an image: each pixel takes the nearest palette
 color (or none, when it is far from all of them), same-colored pixels form connected
@@ -14,7 +15,9 @@ binding, spatial relation), separately for seen and held-out compositions.
 
 Input: a sampler output directory (its `samples.json` lists each prompt with its PNGs), or
 `--shards` with an image shard set of the shapes dataset (ground truth: the detector's own
-check). Images are judged at their own resolution.
+check). Images are judged at their own resolution. With `--reconstruct vitvqgan:RUN_DIR` the
+renders are first encoded and decoded by that image tokenizer: the score of its
+reconstructions is roughly the most a Parti model that generates its codes can reach.
 """
 
 import argparse
@@ -24,6 +27,8 @@ import json
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 import tqdm
@@ -193,6 +198,36 @@ def shard_items(directory) -> tuple[list, shapes.Spec]:
   return items, spec_of(shard_set)
 
 
+def reconstruct(items, tokenizer: str, batch_size: int = 50) -> list:
+  """The (prompt, image) items with each image replaced by its round trip through the image
+  tokenizer `vitvqgan:RUN_DIR` (codes, then pixels, rounded to 8 bits as the sampler saves)."""
+  from parti_jax import vqgan_train  # the model only when it is asked for
+  kind, _, run_dir = tokenizer.partition(":")
+  if kind != "vitvqgan" or not run_dir:
+    raise ValueError(f"--reconstruct={tokenizer}: expected vitvqgan:RUN_DIR")
+  setup, params = vqgan_train.load_run(run_dir)
+  resolution = setup.config.model.resolution
+  if items and items[0][1].shape[0] != resolution:
+    raise ValueError(f"--reconstruct={tokenizer}: the tokenizer takes {resolution} px images, "
+                     f"the renders are {items[0][1].shape[0]} px")
+  low, high = setup.config.data.value_range
+
+  @jax.jit
+  def round_trip(p, pixels):
+    model = setup.model(p)
+    out = model.decode(model.encode(pixels.astype(jnp.float32) * ((high - low) / 255) + low))
+    return jnp.clip(jnp.floor((out - low) * (255 / (high - low)) + 0.5), 0, 255).astype(jnp.uint8)
+
+  pixels = np.stack([image for _, image in items])
+  outs = []
+  for start in tqdm.trange(0, len(pixels), batch_size, desc="reconstructing", unit="batch"):
+    chunk = pixels[start:start + batch_size]
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
+                                             chunk.dtype)])  # one compiled shape
+    outs.append(np.asarray(round_trip(params, padded))[:len(chunk)])
+  return [(prompt, image) for (prompt, _), image in zip(items, np.concatenate(outs))]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   source = p.add_mutually_exclusive_group(required=True)
@@ -200,10 +235,17 @@ def main(argv=None):
   source.add_argument("--shards", help="a shapes image shard set (ground-truth renders)")
   p.add_argument("--heldout_from", help="a shapes shard set whose metadata names the held-out "
                  "compositions (default: the dataset's defaults)")
+  p.add_argument("--reconstruct", metavar="vitvqgan:RUN_DIR",
+                 help="with --shards: judge the renders after a round trip through this image "
+                 "tokenizer (what its codes can show at best)")
   p.add_argument("--out", help="also write the report (JSON) here")
   a = p.parse_args(argv)
+  if a.reconstruct and not a.shards:
+    p.error("--reconstruct needs --shards (renders to reconstruct)")
   try:
     items, spec = shard_items(a.shards) if a.shards else samples_of(a.images)
+    if a.reconstruct:
+      items = reconstruct(items, a.reconstruct)
     if a.heldout_from:
       spec = spec_of(records.ShardSet.open(a.heldout_from))
   except (FileNotFoundError, ValueError, KeyError, records.DataError) as e:
