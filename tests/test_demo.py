@@ -31,6 +31,10 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
     assert report["prompts"][split] == 8 == len(judged["judged"])
   assert set(report["stage_seconds"]) == set(demo.STAGES)
   assert report["tokenizer"]["eval_psnr"] > 0
+  # The bound the tokenizer sets: the validation renders judged after its round trip.
+  ceiling = json.loads((tmp_path / "eval_reconstructions.json").read_text())
+  assert report["tokenizer"]["reconstruction_accuracy"] == ceiling["accuracy"]
+  assert len(ceiling["judged"]) == 8
   markdown = (tmp_path / "report.md").read_text()
   assert f"{report['accuracy']['validation']['seen']:.1%}" in markdown
   assert "python -m parti_jax.train --config" in done.stdout  # each stage's command is shown
