@@ -162,7 +162,7 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.code_dim = 32  # factorized lookup space
   m.commitment = 0.25
   # Off by default: every N steps, entries unused in that step's global batch restart from
-  # random latents of the batch (parti_jax/vqgan_train.py: restart_dead_codes).
+  # the batch's worst-fitted latents (parti_jax/vqgan_train.py: restart_dead_codes).
   m.dead_code_restart_every = 0
   m.dead_code_restart_until = -1  # no restarts from this step on (-1: restarts to the end)
   # Steps at the start in which the decoder sees the encoder's continuous latents, not their
