@@ -168,8 +168,7 @@ class Demo:
                      heldout=evals["heldout"]["counts"].get("all", 0)),
         tokenizer=dict(eval_psnr=tokenizer.get("eval/psnr"),
                        eval_codebook_usage=tokenizer.get("eval/codebook_usage"),
-                       reconstruction_accuracy=json.loads(
-                           (self.dir / "eval_reconstructions.json").read_text())["accuracy"]),
+                       reconstruction_accuracy=_accuracy(self.dir / "eval_reconstructions.json")),
         parti=dict(eval_loss=parti.get("eval/loss"), eval_accuracy=parti.get("eval/accuracy")),
         stage_seconds=times, total_seconds=sum(times.values()),
         settings=dict(vars(self.a), workdir=str(self.dir), configs=str(self.a.configs)),
@@ -196,7 +195,7 @@ class Demo:
              f"  held-out compositions:                 {held:.1%}",
              f"  tokenizer PSNR: {r['tokenizer']['eval_psnr'] or float('nan'):.1f} dB; its "
              "reconstructions of validation renders judged right: "
-             f"{r['tokenizer']['reconstruction_accuracy']['all']:.1%}"]
+             f"{r['tokenizer']['reconstruction_accuracy'].get('all', float('nan')):.1%}"]
     lines += [f"  {stage:<10} {seconds:7.1f} s" for stage, seconds in r["stage_seconds"].items()]
     return "\n".join(lines)
 
@@ -216,7 +215,7 @@ class Demo:
             f"Tokenizer reconstruction PSNR (validation): {t['eval_psnr'] or float('nan'):.2f} dB, "
             f"codebook usage {t['eval_codebook_usage'] or float('nan'):.1%}. The evaluator "
             "judges its reconstructions of the validation renders right for "
-            f"{t['reconstruction_accuracy']['all']:.1%} of prompts ("
+            f"{t['reconstruction_accuracy'].get('all', float('nan')):.1%} of prompts ("
             + ", ".join(f"{k} {t['reconstruction_accuracy'].get(f'all/{k}', float('nan')):.1%}"
                         for k in kinds)
             + "), roughly the most a Parti model that generates its codes can score.",
@@ -228,6 +227,11 @@ class Demo:
     for split, grid in r["grids"].items():
       out += [f"{split} prompts, first samples:", "", f"![{split} samples]({grid})", ""]
     return "\n".join(out) + "\n"
+
+
+def _accuracy(path: pathlib.Path) -> dict:
+  """The accuracies of an evaluator report; {} if there is none (a workdir of an older demo)."""
+  return json.loads(path.read_text())["accuracy"] if path.exists() else {}
 
 
 def _last_eval(path: pathlib.Path) -> dict:
