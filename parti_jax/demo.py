@@ -73,8 +73,9 @@ class Demo:
                    f"--config.num_train_steps={a.tokenizer_steps}")]
 
   def encode(self):
+    tokenizer = f"vitvqgan:{self.dir / 'tokenizer'}"
     return [python("parti_jax.data.encode", "--data", self.data / split,
-                   "--out", self.tokens / split, "--tokenizer", f"vitvqgan:{self.dir / 'tokenizer'}",
+                   "--out", self.tokens / split, "--tokenizer", tokenizer,
                    "--spm", self.dir / "spm.model", "--text_len", 16, "--batch_size", 64)
             for split in ("train", "validation")]
 
