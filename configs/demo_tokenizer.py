@@ -7,8 +7,8 @@ Stage 3 of `python -m parti_jax.demo`. The tiny ViT-VQGAN (width 64, 2 blocks pe
 4x4 patches, so an object of the shapes dataset spans several codes, trained on L2 alone
 (as Parti's decoder) with dead-code restarts. Its decoder sees the continuous latents for
 the first 65% of the steps (`model.quantize_start`): quantized from the start, this model
-only learns codes for a patch's mean color (25 dB, the PSNR of patch means), which loses
-the shapes. Expect an evaluation PSNR of about 29 dB after 2000 steps, and the shapes
+learns codes for little more than a patch's mean color (25 dB: flat 4x4 blocks), which
+loses the shapes. Expect an evaluation PSNR of about 29 dB after 2000 steps, and the shapes
 evaluator to judge about half of its reconstructions of validation renders right. A codebook
 of 1024 reconstructs no better here and makes Parti's task harder.
 """
