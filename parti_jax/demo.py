@@ -13,7 +13,9 @@ each command before running it, so the same steps can be run by hand on a user's
   5. parti      train a tiny Parti model on the tokens (the real trainer; caption dropout on
                 for classifier-free guidance)
   6. sample     draw images for validation and held-out prompts, with guidance
-  7. evaluate   judge the samples with the shapes evaluator; write report.md and report.json
+  7. evaluate   judge the samples with the shapes evaluator, and the tokenizer's round trip
+                of the validation renders (roughly the most Parti can score with its codes);
+                write report.md and report.json
 
 Each finished stage leaves WORKDIR/stages/NAME.json (its time and results); a rerun skips
 finished stages, and an interrupted training stage resumes from its last checkpoint. The
@@ -255,7 +257,8 @@ def main(argv=None):
   p.add_argument("--parti_steps", type=int, default=1200)
   p.add_argument("--guidance", type=float, default=3.0)
   p.add_argument("--temperature", type=float, default=0.7,
-                 help="sampling temperature (0.7 judged better than 1.0 on the demo model)")
+                 help="sampling temperature (0.5 to 1 score alike on the demo model; "
+                 "BENCHMARKS.md)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--configs", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[1] / "configs",

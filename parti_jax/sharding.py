@@ -79,8 +79,9 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 
 def place_global_batch(sharding: NamedSharding, batch: Any) -> Any:
-  """Global arrays of a batch that every process holds whole (synthetic data, a fixed test
-  batch): each process contributes its own contiguous share of the rows."""
+  """Global arrays of a batch that every process holds whole (synthetic data): each process
+  contributes a contiguous share of the rows, so which rows land where follows the mesh's
+  device order; for data whose row order matters, use the input pipeline."""
   def place(x):
     local = x.shape[0] // jax.process_count()
     rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)

@@ -14,8 +14,9 @@ The discriminator is a parameter group with its own optimizer (`discriminator_op
 Evaluation reports PSNR, L2 and codebook usage on the held-out split.
 
 Codebook collapse: without help the tiny config's codebook falls to a few codes within ~100
-steps on the shapes data. `model.dead_code_restart_every` restarts unused entries from the
-batch's latents (the tiny config does; the paper's configs leave it off).
+steps on the shapes data. `model.dead_code_restart_every` restarts unused entries at the
+batch's worst-fitted latents (the tiny config does; the paper's configs leave it off), and
+`model.quantize_start` lets the decoder see the continuous latents first (parti_jax/vqgan.py).
 """
 
 import json
@@ -154,9 +155,12 @@ def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict,
   that are rare, not merely unlucky. Restarting at the worst-fitted latents, not at random
   ones, puts new entries where the codebook is short: on the shapes data most patches are
   plain background, so random latents would mostly restart entries there. The new entry is
-  a unit latent, the scale the codebook is initialized at. A restarted entry takes over the
-  latents nearest to it, which the decoder has to learn anew: `model.dead_code_restart_until`
-  (a step; -1: never) stops restarts so that the run ends on a settled codebook.
+  a unit latent, the scale the codebook is initialized at. Worst-fitted latents can be near
+  copies of one rare patch, and with more dead entries than badly fitted latents some restart
+  on well-fitted ones; entries that then go unused restart again. A restarted entry takes
+  over the latents nearest to it, which the decoder has to learn anew:
+  `model.dead_code_restart_until` (a step; -1: never) stops restarts so that the run ends on
+  a settled codebook.
   """
   m = config.model
   counts = jnp.zeros(m.codebook_size, jnp.int32).at[out["codes"].reshape(-1)].add(1)
@@ -164,14 +168,19 @@ def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict,
   if m.get("dead_code_restart_until", -1) >= 0:
     due = due & (state.step < m.dead_code_restart_until)
   dead = (counts == 0) & due
-  latents = out["latents"].reshape(-1, m.code_dim)  # unit vectors
-  book = params["codebook"] / jnp.linalg.norm(params["codebook"], axis=-1, keepdims=True)
-  misfit = 1 - jnp.max(latents @ book.T, axis=-1)
-  # The i-th dead entry takes the i-th worst latent (distinct latents for distinct entries).
-  _, worst = jax.lax.top_k(misfit, min(m.codebook_size, latents.shape[0]))
-  rank = jnp.clip(jnp.cumsum(dead) - 1, 0, worst.shape[0] - 1)
-  fresh = latents[worst[rank]]
-  codebook = jnp.where(dead[:, None], jax.lax.stop_gradient(fresh), params["codebook"])
+
+  def restart():
+    latents = out["latents"].reshape(-1, m.code_dim)  # unit vectors
+    book = params["codebook"] / jnp.linalg.norm(params["codebook"], axis=-1, keepdims=True)
+    misfit = 1 - jnp.max(latents @ book.T, axis=-1)
+    # The i-th dead entry takes the i-th worst-fitted latent of the batch.
+    _, worst = jax.lax.top_k(misfit, min(m.codebook_size, latents.shape[0]))
+    rank = jnp.clip(jnp.cumsum(dead) - 1, 0, worst.shape[0] - 1)
+    fresh = latents[worst[rank]]
+    return jnp.where(dead[:, None], jax.lax.stop_gradient(fresh), params["codebook"])
+
+  # Only on restart steps: the similarity matrix and top-k cost a large codebook a lot.
+  codebook = jax.lax.cond(jnp.any(dead), restart, lambda: params["codebook"])
   return dict(params, codebook=codebook), dead.sum()
 
 
@@ -251,17 +260,27 @@ def reconstruction_grid(reconstruct, params, images, count: int = 8) -> np.ndarr
 def load_run(workdir, mesh=None) -> tuple[Setup, dict]:
   """(setup, params) of the ViT-VQGAN trained in `workdir`: its config.json and latest
   checkpoint, laid out on `mesh` (default: this machine's devices over fsdp), whatever mesh
-  it trained on. Raises ValueError or FileNotFoundError naming what is wrong."""
+  it trained on. Raises ValueError or FileNotFoundError saying what is wrong (callers name
+  the run)."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
-    raise ValueError(f"{workdir}: no config.json; not a training run directory")
+    raise ValueError("no config.json; not a training run directory")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("task") != "vitvqgan":
-    raise ValueError(f"{path} has task {config.get('task')!r}, not a ViT-VQGAN run")
+    raise ValueError(f"config.json has task {config.get('task')!r}, not a ViT-VQGAN run")
   config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
   if mesh is None:
     config.mesh.update(data=1, fsdp=-1, tensor=1)
+    batch_shards = jax.device_count()
   else:
     config.mesh.update(dict(zip(config_lib.MESH_AXES, mesh.devices.shape)))
+    batch_shards = config.mesh.data * config.mesh.fsdp
+  # Training-only fields that the config checks would hold against this machine: the batch
+  # is not used here, and no perceptual weights are needed to encode or decode.
+  config.global_batch_size = batch_shards
+  config.loss.perceptual = 0.0
   setup = Setup(config, mesh)
-  return setup, checkpoints.load_params(workdir, setup.abstract_state().params)
+  try:
+    return setup, checkpoints.load_params(workdir, setup.abstract_state().params)
+  except FileNotFoundError:
+    raise FileNotFoundError("no checkpoint (nothing in checkpoints/); train it first") from None

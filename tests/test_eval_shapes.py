@@ -70,7 +70,8 @@ def test_command_line_on_a_shard_set(renders, tmp_path, capsys):
     evaluator.main(["--images", str(tmp_path)])
 
 
-def test_reconstruct_judges_the_renders_after_a_tokenizer_round_trip(renders, tmp_path):
+def test_reconstruct_judges_the_renders_after_a_tokenizer_round_trip(renders, tmp_path,
+                                                                     capsys):
   import helpers
   helpers.vitvqgan_run(tmp_path / "run")  # untrained: its reconstructions show no shapes
   items, spec = evaluator.shard_items(renders / "validation")
@@ -85,5 +86,6 @@ def test_reconstruct_judges_the_renders_after_a_tokenizer_round_trip(renders, tm
     evaluator.reconstruct(items, "color:patch=4")
   with pytest.raises(ValueError, match="no config.json"):
     evaluator.reconstruct(items, f"vitvqgan:{tmp_path}")
-  with pytest.raises(SystemExit):  # --reconstruct reconstructs renders, not samples
+  with pytest.raises(SystemExit) as stop:  # --reconstruct reconstructs renders, not samples
     evaluator.main(["--images", str(tmp_path), "--reconstruct", f"vitvqgan:{tmp_path / 'run'}"])
+  assert stop.value.code == 2 and "--reconstruct needs --shards" in capsys.readouterr().err

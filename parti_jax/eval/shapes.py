@@ -27,8 +27,6 @@ import json
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 import tqdm
@@ -201,13 +199,21 @@ def shard_items(directory) -> tuple[list, shapes.Spec]:
 def reconstruct(items, tokenizer: str, batch_size: int = 50) -> list:
   """The (prompt, image) items with each image replaced by its round trip through the image
   tokenizer `vitvqgan:RUN_DIR` (codes, then pixels, rounded to 8 bits as the sampler saves)."""
-  from parti_jax import vqgan_train  # the model only when it is asked for
+  import jax  # JAX and the model only when a tokenizer is asked for: the detector needs neither
+  import jax.numpy as jnp
+
+  from parti_jax import vqgan_train
   kind, _, run_dir = tokenizer.partition(":")
   if kind != "vitvqgan" or not run_dir:
     raise ValueError(f"--reconstruct={tokenizer}: expected vitvqgan:RUN_DIR")
-  setup, params = vqgan_train.load_run(run_dir)
+  if not items:
+    raise ValueError(f"--reconstruct={tokenizer}: no renders to reconstruct")
+  try:
+    setup, params = vqgan_train.load_run(run_dir)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"--reconstruct={tokenizer}: {e}") from None
   resolution = setup.config.model.resolution
-  if items and items[0][1].shape[0] != resolution:
+  if items[0][1].shape[0] != resolution:
     raise ValueError(f"--reconstruct={tokenizer}: the tokenizer takes {resolution} px images, "
                      f"the renders are {items[0][1].shape[0]} px")
   low, high = setup.config.data.value_range
