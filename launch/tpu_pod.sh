@@ -26,12 +26,8 @@
 #   --dry-run             print every command instead of running it
 set -euo pipefail
 
-usage() {  # the comment above, to stdout for --help and to stderr after a mistake
-  local text
-  text="$(sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//')"
-  if ((${1:-0})); then echo "$text" >&2; else echo "$text"; fi
-  exit "${1:-0}"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"  # usage, run, take_positionals, train_command
 
 NAME="" PROJECT="" ZONE="" RUNTIME="" PYTHON_VERSION="3.11" ACTION="run"
 PLAN=0 CREATE=1 DRY_RUN=0 CAPACITY=() POSITIONAL=() OVERRIDES=()
@@ -57,14 +53,7 @@ while (($#)); do
   shift
 done
 
-# Only the topology is needed to find a slice that exists; a run needs all three.
-if [[ "$ACTION" == "run" ]]; then
-  ((${#POSITIONAL[@]} == 3)) || usage 2
-  CONFIG="${POSITIONAL[0]}" WORKDIR="${POSITIONAL[1]}" TOPOLOGY="${POSITIONAL[2]}"
-else
-  ((${#POSITIONAL[@]} >= 1)) || usage 2
-  TOPOLOGY="${POSITIONAL[-1]}"
-fi
+take_positionals
 
 # Cloud TPU names: v4-N and v5p-N count TensorCores, v5litepod-N (v5e) and v6e-N chips.
 case "$TOPOLOGY" in
@@ -82,16 +71,6 @@ WHERE=()
 # shellcheck disable=SC2016  # expanded on the workers
 LOG='$HOME/parti_train.log'
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-
-# Prints a command, quoting only the words that need it; runs it unless --dry-run.
-run() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then line+="$word "; else line+="${word@Q} "; fi
-  done
-  echo "${line% }"
-  ((DRY_RUN)) || "$@"
-}
 
 on_workers() {  # on_workers WORKERS COMMAND: one ssh that runs COMMAND on those workers
   run gcloud compute tpus tpu-vm ssh "$NAME" "${WHERE[@]}" --worker="$1" --command="$2"
@@ -145,8 +124,6 @@ cd ~/parti_jax && ~/.local/bin/uv pip install -q --python ~/parti_venv/bin/pytho
 # GKE sets it; on TPU VMs it comes from the metadata server, as libtpu reads it there.
 # shellcheck disable=SC2016  # expanded on the workers, not here
 WORKER_ENV='metadata() { curl -sf -H Metadata-Flavor:Google "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"; }; export TPU_WORKER_ID="$(metadata agent-worker-number)"; export TPU_WORKER_HOSTNAMES="$(metadata worker-network-endpoints | tr , "\n" | cut -d: -f3 | paste -sd, -)"'
-TRAIN="\$HOME/parti_venv/bin/python -m parti_jax.train --config=$(printf '%q' "$CONFIG") \
---workdir=$(printf '%q' "$WORKDIR")"
-for override in "${OVERRIDES[@]}"; do TRAIN+=" $(printf '%q' "$override")"; done
+train_command "\$HOME/parti_venv/bin/python"
 on_workers all "cd ~/parti_jax && $WORKER_ENV && nohup $TRAIN > $LOG 2>&1 < /dev/null &"
 stream_logs

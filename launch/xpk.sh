@@ -28,12 +28,8 @@
 #   --dry-run             print every command instead of running it
 set -euo pipefail
 
-usage() {  # the comment above, to stdout for --help and to stderr after a mistake
-  local text
-  text="$(sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//')"
-  if ((${1:-0})); then echo "$text" >&2; else echo "$text"; fi
-  exit "${1:-0}"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"  # usage, run, take_positionals, train_command
 
 CLUSTER="" WORKLOAD="" PROJECT="" ZONE="" BASE_IMAGE="python:3.11" MAX_RESTARTS=10
 ACTION="run" CREATE_CLUSTER=0 PLAN=0 DRY_RUN=0 CAPACITY=(--on-demand) POSITIONAL=() OVERRIDES=()
@@ -61,13 +57,7 @@ while (($#)); do
   shift
 done
 
-if [[ "$ACTION" == "run" ]]; then
-  ((${#POSITIONAL[@]} == 3)) || usage 2
-  CONFIG="${POSITIONAL[0]}" WORKDIR="${POSITIONAL[1]}" TOPOLOGY="${POSITIONAL[2]}"
-else
-  ((${#POSITIONAL[@]} >= 1)) || usage 2
-  TOPOLOGY="${POSITIONAL[-1]}"
-fi
+take_positionals
 
 # xpk's TPU types: v4-N and v5p-N count TensorCores, v5litepod-N (v5e) and v6e-N chips.
 case "$TOPOLOGY" in
@@ -83,16 +73,6 @@ WHERE=("${PROJECT_FLAG[@]}")
 [[ -n "$ZONE" ]] && WHERE+=("--zone=$ZONE")
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORKER_0="jobset.sigs.k8s.io/jobset-name=$WORKLOAD,batch.kubernetes.io/job-completion-index=0"
-
-# Prints a command, quoting only the words that need it; runs it unless --dry-run.
-run() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then line+="$word "; else line+="${word@Q} "; fi
-  done
-  echo "${line% }"
-  ((DRY_RUN)) || "$@"
-}
 
 stream_logs() {
   run kubectl wait pod --for=condition=Ready --selector="$WORKER_0" --timeout=24h
@@ -116,8 +96,7 @@ if ((CREATE_CLUSTER)); then
     "${CAPACITY[@]}" "${WHERE[@]}"
 fi
 
-TRAIN="python -m parti_jax.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
-for override in "${OVERRIDES[@]}"; do TRAIN+=" $(printf '%q' "$override")"; done
+train_command python
 run xpk workload create --cluster="$CLUSTER" --workload="$WORKLOAD" --tpu-type="$TPU_TYPE" \
   --num-slices=1 --base-docker-image="$BASE_IMAGE" --script-dir="$REPO" \
   --max-restarts="$MAX_RESTARTS" "${WHERE[@]}" \
