@@ -42,6 +42,7 @@ from tqdm import tqdm
 from parti_jax import checkpoints, decoding, sharding
 from parti_jax import config as config_lib
 from parti_jax import train_step as ts
+from parti_jax.data import images as image_lib
 from parti_jax.data import records, spm
 
 
@@ -114,8 +115,8 @@ def vitvqgan_decoder(workdir, mesh) -> ImageDecoder:
   run = jax.jit(lambda p, codes: setup.model(p).decode(codes))
 
   def decode(codes):
-    return np.clip(np.asarray(run(params, np.asarray(codes, np.int32))) * 127.5 + 128,
-                   0, 255).astype(np.uint8)
+    return image_lib.to_uint8(run(params, np.asarray(codes, np.int32)),
+                              *setup.config.data.value_range)
 
   return ImageDecoder(decode, m.resolution // m.patch_size, m.codebook_size,
                       f"vitvqgan:{workdir}")

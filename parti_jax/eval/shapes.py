@@ -221,8 +221,7 @@ def reconstruct(items, tokenizer: str, batch_size: int = 50) -> list:
   @jax.jit
   def round_trip(p, pixels):
     model = setup.model(p)
-    out = model.decode(model.encode(pixels.astype(jnp.float32) * ((high - low) / 255) + low))
-    return jnp.clip(jnp.floor((out - low) * (255 / (high - low)) + 0.5), 0, 255).astype(jnp.uint8)
+    return model.decode(model.encode(pixels.astype(jnp.float32) * ((high - low) / 255) + low))
 
   pixels = np.stack([image for _, image in items])
   outs = []
@@ -230,7 +229,7 @@ def reconstruct(items, tokenizer: str, batch_size: int = 50) -> list:
     chunk = pixels[start:start + batch_size]
     padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
                                              chunk.dtype)])  # one compiled shape
-    outs.append(np.asarray(round_trip(params, padded))[:len(chunk)])
+    outs.append(image_lib.to_uint8(round_trip(params, padded)[:len(chunk)], low, high))
   return [(prompt, image) for (prompt, _), image in zip(items, np.concatenate(outs))]
 
 
