@@ -10,6 +10,7 @@ from parti_jax.data import images, records
 from parti_jax.data import shapes as S
 
 SPEC = S.Spec()
+LATTICE = S.Spec(lattice=4)
 
 
 def scenes(split: str, num: int, seed: int = 0, spec: S.Spec = SPEC):
@@ -38,8 +39,9 @@ def relation_scene(first, relation, second, centers=((8.0, 16.0), (24.0, 16.0)))
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])
-def test_captions_parse_back_into_their_scenes(split):
-  samples = scenes(split, 600)
+@pytest.mark.parametrize("spec", [SPEC, LATTICE], ids=["anywhere", "lattice"])
+def test_captions_parse_back_into_their_scenes(split, spec):
+  samples = scenes(split, 600, spec=spec)
   kinds = collections.Counter(scene["kind"] for scene, _ in samples)
   assert set(kinds) == set(S.KINDS), kinds
   if split == "train":
@@ -171,8 +173,9 @@ def test_is_heldout_rules():
                    "heldout")
 
 
-def test_relation_geometry_holds():
-  samples = [s for s, _ in scenes("train", 800, seed=4) if s["kind"] == "relation"]
+@pytest.mark.parametrize("spec", [SPEC, LATTICE], ids=["anywhere", "lattice"])
+def test_relation_geometry_holds(spec):
+  samples = [s for s, _ in scenes("train", 800, seed=4, spec=spec) if s["kind"] == "relation"]
   assert len(samples) > 120
   for scene in samples:
     a, b = scene["objects"]
@@ -210,6 +213,32 @@ def test_objects_inside_apart_and_drawn_where_stored():
         yy, xx = np.mgrid[:r, :r] + 0.5
         centroid = (cover * xx).sum() / cover.sum(), (cover * yy).sum() / cover.sum()
         assert np.allclose(centroid, o["center"], atol=0.3), (centroid, o)
+
+
+def test_lattice_objects_show_the_same_patches_everywhere():
+  """On a 4 px lattice each object's square starts on a multiple of 4, inside the image, and
+  an object's 4x4 patches are the same pixels wherever it stands."""
+  looks = {}  # (color, shape, size) -> the patches of its square
+  places = collections.defaultdict(set)
+  for scene, _ in scenes("train", 400, seed=11, spec=LATTICE):
+    for o in scene["objects"]:
+      side = S.SIZES[o["size"]] * 32
+      corner = np.subtract(o["center"], side / 2)
+      assert np.allclose(corner, np.round(corner / 4) * 4, atol=1e-3), o
+      assert (corner >= -1e-3).all() and (corner + side <= 32 + 1e-3).all(), o
+      x, y = (int(round(v)) for v in corner)
+      reach = -(-int(np.ceil(side)) // 4) * 4  # whole patches covering the square
+      alone = S.render_scene(dict(scene, objects=[o]))
+      padded = np.pad(alone, ((0, reach), (0, reach), (0, 0)), constant_values=128)
+      key = (o["color"], o["shape"], o["size"])
+      crop = padded[y:y + reach, x:x + reach]
+      assert (looks.setdefault(key, crop) == crop).all(), o
+      places[key].add((x, y))
+  assert max(len(v) for v in places.values()) > 5  # the same object seen in many places
+  anywhere = [o["center"] for scene, _ in scenes("train", 50, seed=11) for o in scene["objects"]]
+  assert len({tuple(c) for c in anywhere}) > 0.9 * len(anywhere)  # lattice 0: anywhere
+  with pytest.raises(ValueError, match="lattice 12"):
+    S.Spec(lattice=12)
 
 
 def test_sizes_are_distinguishable():
@@ -280,7 +309,7 @@ def test_cli_writes_three_readable_shard_sets(tmp_path, capsys):
   out = tmp_path / "shapes"
   S.main(["--out", str(out), "--num", "40", "--resolution", "24", "--seed", "3",
           "--num_shards", "2", "--num_heldout", "7", "--heldout_pairs", "green:square",
-          "--heldout_triples", "red_circle:left:star,heart:below:diamond"])
+          "--heldout_triples", "red_circle:left:star,heart:below:diamond", "--lattice", "2"])
   spec = S.Spec(24, (("green", "square"),),
                 (("red circle", "left", "star"), ("heart", "below", "diamond")))
   expected = {"train": 40, "validation": 4, "heldout": 7}
@@ -291,6 +320,7 @@ def test_cli_writes_three_readable_shard_sets(tmp_path, capsys):
     assert shard_set.kind == "images" and shard_set.meta["num_shards"] == 2
     meta = json.loads((out / split / records.METADATA).read_text())
     assert meta["split"] == split and meta["resolution"] == 24 and meta["seed"] == 3
+    assert meta["lattice"] == 2
     assert meta["heldout_pairs"] == [["green", "square"]]
     assert meta["heldout_triples"][0] == ["red circle", "left", "star"]
     assert set(meta["colors"]) == set(S.COLORS) and meta["shapes"] == list(S.SHAPES)
@@ -301,6 +331,9 @@ def test_cli_writes_three_readable_shard_sets(tmp_path, capsys):
       scene = rec["extra"]["scene"]
       assert S.caption_matches_scene(rec["captions"][0], scene)
       assert S.is_heldout(scene, spec) == (split == "heldout")
+      for o in scene["objects"]:  # square corners on the 2 px lattice
+        corner = np.subtract(o["center"], S.SIZES[o["size"]] * 24 / 2)
+        assert np.allclose(corner, np.round(corner / 2) * 2, atol=1e-3)
   printed = capsys.readouterr().out
   assert "images/s" in printed and "40 records" in printed
 

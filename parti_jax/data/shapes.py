@@ -2,7 +2,7 @@
 
   python -m parti_jax.data.shapes --out DIR --num N [--resolution 32] [--num_validation V]
       [--num_heldout H] [--seed S] [--num_shards K] [--heldout_pairs red:star,blue:heart]
-      [--heldout_triples circle:above:triangle]
+      [--heldout_triples circle:above:triangle] [--lattice L]
 
 writes three shard sets, DIR/train, DIR/validation and DIR/heldout, of PNG images with one
 caption each. Scenes hold 1 to 4 non-overlapping objects (6 shapes, 8 colors, 2 sizes) on
@@ -125,17 +125,31 @@ def _triple(item) -> tuple[str, str, str]:
   return " ".join(first.split()), relation, " ".join(second.split())
 
 
+def _two_large_fit(resolution: int, lattice: int) -> bool:
+  """Whether some lattice step puts two large objects apart inside the image."""
+  side, gap = SIZES["large"] * resolution, GAP * resolution
+  return any(side + gap <= k * lattice <= resolution - side
+             for k in range(1, resolution // lattice + 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What a shapes dataset draws, and which compositions only the heldout split shows."""
   resolution: int = 32
   heldout_pairs: tuple = (("red", "star"), ("blue", "heart"))
   heldout_triples: tuple = (("circle", "above", "triangle"),)
+  # 0: objects anywhere. N > 0: each object's square (side x side around its centre) has its
+  # corner on multiples of N pixels, so with N the image tokenizer's patch size an object
+  # shows the same patches wherever it stands.
+  lattice: int = 0
 
   def __post_init__(self):
     if self.resolution < MIN_RESOLUTION:
       raise ValueError(f"resolution {self.resolution} < {MIN_RESOLUTION}: small shapes "
                        "would be unrecognizable")
+    if self.lattice < 0 or self.lattice and not _two_large_fit(self.resolution, self.lattice):
+      raise ValueError(f"lattice {self.lattice}: two large objects do not fit side by side "
+                       f"on it at {self.resolution} px; use 0 (anywhere) or a smaller step")
     # Lists (from JSON or a CLI) become tuples, so specs stay hashable and comparable.
     object.__setattr__(self, "heldout_pairs", tuple(_pair(p) for p in self.heldout_pairs))
     object.__setattr__(self, "heldout_triples",
@@ -349,6 +363,51 @@ def _apart(a, b, gap: float) -> bool:
   return ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0
 
 
+def _lattice_centers(obj: dict, resolution: int, lattice: int) -> list[tuple[float, float]]:
+  """Every centre that puts the object's square corner on the lattice, inside the image."""
+  side = SIZES[obj["size"]] * resolution
+  axis = [c + side / 2 for c in range(0, int(resolution - side) + 1, lattice)]
+  return [(x, y) for x in axis for y in axis]
+
+
+def _box(obj: dict, center, resolution: int) -> tuple:
+  hw, hh = _half(obj, resolution)
+  return (center[0] - hw, center[1] - hh, center[0] + hw, center[1] + hh)
+
+
+def _scatter_on_lattice(rng, objs: list[dict], resolution: int, lattice: int) -> list[dict]:
+  """Random non-overlapping lattice positions: each object uniform among the free ones."""
+  gap = GAP * resolution
+  for _ in range(100):
+    boxes = []
+    for obj in objs:
+      free = [c for c in _lattice_centers(obj, resolution, lattice)
+              if all(_apart(_box(obj, c, resolution), b, gap) for b in boxes)]
+      if not free:
+        break  # crowded: start the scene over
+      boxes.append(_box(obj, _choice(rng, free), resolution))
+    if len(boxes) == len(objs):
+      return [_place(o, (x0 + x1) / 2, (y0 + y1) / 2, resolution)
+              for o, (x0, y0, x1, y1) in zip(objs, boxes)]
+  raise RuntimeError(f"could not place {len(objs)} objects on a {lattice} px lattice")
+
+
+def _arrange_on_lattice(rng, first: dict, second: dict, relation: str, resolution: int,
+                        lattice: int) -> list[dict]:
+  """A pair of lattice positions, uniform among those where the relation clearly holds
+  (rejection sampling: a fair share of random pairs qualifies)."""
+  gap = GAP * resolution
+  firsts = _lattice_centers(first, resolution, lattice)
+  seconds = _lattice_centers(second, resolution, lattice)
+  for _ in range(10_000):
+    a = _place(first, *_choice(rng, firsts), resolution)
+    b = _place(second, *_choice(rng, seconds), resolution)
+    if relation_holds(a, b, relation, resolution) and _apart(a["bbox"], b["bbox"], gap):
+      return [a, b]
+  raise RuntimeError(f"a {relation} relation does not fit on a {lattice} px lattice at "
+                     f"{resolution} px")
+
+
 def _scatter(rng, objs: list[dict], resolution: int) -> list[dict]:
   """Random non-overlapping positions inside the image, by rejection sampling."""
   border, gap = BORDER * resolution, GAP * resolution
@@ -420,10 +479,15 @@ def _caption_object(rng, obj: dict) -> dict:
   return desc
 
 
-def _build(rng, kind: str, objs: list[dict], resolution: int, relation: str | None = None):
+def _build(rng, kind: str, objs: list[dict], spec: Spec, relation: str | None = None):
   """Positions, caption fields and caption for objects already chosen."""
-  if kind == "relation":
+  resolution, lattice = spec.resolution, spec.lattice
+  if kind == "relation" and lattice:
+    placed = _arrange_on_lattice(rng, objs[0], objs[1], relation, resolution, lattice)
+  elif kind == "relation":
     placed = _arrange(rng, objs[0], objs[1], relation, resolution)
+  elif lattice:
+    placed = _scatter_on_lattice(rng, objs, resolution, lattice)
   else:
     placed = _scatter(rng, objs, resolution)
   if kind == "count":
@@ -444,33 +508,33 @@ def _group(rng, color: str, shape: str) -> list[dict]:
   return [{"color": color, "shape": shape, "size": size} for _ in range(n)]
 
 
-def _sample_any(rng, resolution: int):
+def _sample_any(rng, spec: Spec):
   kind = _choice(rng, KINDS)
   first = _random_object(rng)
   if kind == "single":
-    return _build(rng, kind, [first], resolution)
+    return _build(rng, kind, [first], spec)
   if kind == "count":
-    return _build(rng, kind, _group(rng, first["color"], first["shape"]), resolution)
+    return _build(rng, kind, _group(rng, first["color"], first["shape"]), spec)
   relation = _choice(rng, RELATIONS) if kind == "relation" else None
-  return _build(rng, kind, [first, _other_object(rng, first)], resolution, relation)
+  return _build(rng, kind, [first, _other_object(rng, first)], spec, relation)
 
 
-def _sample_pair(rng, pair: tuple[str, str], resolution: int):
+def _sample_pair(rng, pair: tuple[str, str], spec: Spec):
   """A scene of a random kind with the held-out (color, shape) on one object."""
   kind = _choice(rng, KINDS)
   forced = {"color": pair[0], "shape": pair[1], "size": _choice(rng, SIZES)}
   if kind == "single":
-    return _build(rng, kind, [forced], resolution)
+    return _build(rng, kind, [forced], spec)
   if kind == "count":
-    return _build(rng, kind, _group(rng, *pair), resolution)
+    return _build(rng, kind, _group(rng, *pair), spec)
   objs = [forced, _other_object(rng, forced)]
   if rng.random() < 0.5:
     objs.reverse()
   relation = _choice(rng, RELATIONS) if kind == "relation" else None
-  return _build(rng, kind, objs, resolution, relation)
+  return _build(rng, kind, objs, spec, relation)
 
 
-def _sample_triple(rng, triple: tuple[str, str, str], resolution: int):
+def _sample_triple(rng, triple: tuple[str, str, str], spec: Spec):
   """A relation scene showing the held-out triple, with random colors where unnamed."""
   first_name, relation, second_name = triple
 
@@ -484,7 +548,7 @@ def _sample_triple(rng, triple: tuple[str, str, str], resolution: int):
     second = named(second_name)
     if (second["color"], second["shape"]) != (first["color"], first["shape"]):
       break  # a triple naming one colored shape twice keeps its (only) identical pair
-  return _build(rng, "relation", [first, second], resolution, relation)
+  return _build(rng, "relation", [first, second], spec, relation)
 
 
 def sample_scene(rng: np.random.Generator, spec: Spec, split: str) -> tuple[dict, str]:
@@ -499,11 +563,11 @@ def sample_scene(rng: np.random.Generator, spec: Spec, split: str) -> tuple[dict
       raise ValueError("the heldout split needs held-out pairs or triples in the spec")
     what, target = targets[int(rng.integers(len(targets)))]
     sample = _sample_pair if what == "pair" else _sample_triple
-    scene, caption = sample(rng, target, spec.resolution)
+    scene, caption = sample(rng, target, spec)
     assert is_heldout(scene, spec), scene
     return scene, caption
   for _ in range(1000):
-    scene, caption = _sample_any(rng, spec.resolution)
+    scene, caption = _sample_any(rng, spec)
     if not is_heldout(scene, spec):
       return scene, caption
   raise RuntimeError("the held-out compositions leave almost nothing to train on")
@@ -578,7 +642,7 @@ def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
         colors={k: list(v) for k, v in COLORS.items()}, shapes=list(SHAPES),
         sizes=dict(SIZES), relations=list(RELATIONS),
         heldout_pairs=[list(p) for p in spec.heldout_pairs],
-        heldout_triples=[list(t) for t in spec.heldout_triples])
+        heldout_triples=[list(t) for t in spec.heldout_triples], lattice=spec.lattice)
   total = sum(counts.values())
   return {"counts": counts, "shards": shards, "seconds": seconds,
           "images_per_second": total / seconds if seconds else float("nan")}
@@ -611,9 +675,11 @@ def main(argv=None):
                  type=lambda s: _split_list(s, 3, "held-out triple"),
                  help="object:relation:object,... with object 'circle' or 'red_circle'; "
                       f"relations {', '.join(RELATIONS)} ('' for none)")
+  p.add_argument("--lattice", type=int, default=0,
+                 help="put objects on multiples of this many pixels (0: anywhere)")
   a = p.parse_args(argv)
   try:
-    spec = Spec(a.resolution, a.heldout_pairs, a.heldout_triples)
+    spec = Spec(a.resolution, a.heldout_pairs, a.heldout_triples, a.lattice)
   except ValueError as e:
     p.error(str(e))
   if a.num_heldout and not (spec.heldout_pairs or spec.heldout_triples):

@@ -185,7 +185,7 @@ def spec_of(shard_set: records.ShardSet) -> shapes.Spec:
   """The held-out compositions a shapes shard set was made with."""
   meta = shard_set.meta
   return shapes.Spec(meta.get("resolution", 32), meta.get("heldout_pairs", ()),
-                     meta.get("heldout_triples", ()))
+                     meta.get("heldout_triples", ()), meta.get("lattice", 0))
 
 
 def shard_items(directory) -> tuple[list, shapes.Spec]:
