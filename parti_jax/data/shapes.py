@@ -51,8 +51,9 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
 PLURALS = {s: s + "s" for s in SHAPES}
 # Largest side of an object as a fraction of the image side: far enough apart to tell
-# apart at a glance, and a small star still has visible points at 32 px.
-SIZES = {"small": 0.22, "large": 0.4}
+# apart at a glance; at 32 px a small object is over 8 px, so a star shows its points and a
+# circle its roundness; two large objects still fit side by side.
+SIZES = {"small": 0.27, "large": 0.42}
 KINDS = ("single", "count", "binding", "relation")
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above",
              "below": "below"}
