@@ -4,10 +4,12 @@
       --config.data.train=runs/demo/tokens/train --config.data.eval=runs/demo/tokens/validation \
       --config.data.spm_model=runs/demo/spm.model
 
-Stage 5 of `python -m parti_jax.demo`. Width 128, 3 encoder and 3 decoder blocks, 16 text
-tokens (the demo's SentencePiece model: 128 BPE pieces, whole words), 64 image tokens from
-256 codes. Peak learning rate 3e-3: at 1e-3 the validation loss after 1200 steps is 2.06
-against 1.67 (1024 codes).
+Stage 5 of `python -m parti_jax.demo` (which runs 2200 steps). Width 128, 3 encoder and 3
+decoder blocks, 16 text tokens (the demo's SentencePiece model: 128 BPE pieces, whole words),
+64 image tokens from 256 codes. Peak learning rate 3e-3: at 1e-3 the validation loss after
+1200 steps is 2.06 against 1.67 (1024 codes, objects anywhere). Batch 16: at the same time on
+2 cores, 2200 steps of 16 reach a validation loss of 0.187 against 0.207 for 1200 steps of 32
+(objects on the demo's lattice).
 Caption dropout 0.1 trains the unconditional input that classifier-free guidance needs.
 """
 
@@ -21,7 +23,7 @@ def get_config():
            num_heads=4, mlp_dim=512, encoder_layers=3, decoder_layers=3)
   c.data.kind = "tokens"
   c.data.caption_dropout = 0.1
-  c.global_batch_size = 32
+  c.global_batch_size = 16
   c.num_train_steps = 3000
   c.optimizer.learning_rate = 3e-3
   c.schedule.update(name="warmup_cosine", warmup_steps=100, final_ratio=0.05)

@@ -6,7 +6,8 @@ Seven stages, each an ordinary command of the package that the demo only chains 
 each command before running it, so the same steps can be run by hand on a user's own data):
 
   1. shapes     render the shapes dataset: train (held-out compositions left out),
-                validation, and heldout (only held-out compositions)
+                validation, and heldout (only held-out compositions), objects on the
+                tokenizer's 4 px patch lattice
   2. spm        train the SentencePiece model on the train captions
   3. tokenizer  train a tiny ViT-VQGAN on the train images (the real trainer)
   4. encode     turn train and validation images into token shards
@@ -60,7 +61,7 @@ class Demo:
     a = self.a
     return [python("parti_jax.data.shapes", "--out", self.data, "--num", a.train_images,
                    "--num_validation", a.eval_prompts, "--num_heldout", a.eval_prompts,
-                   "--resolution", 32, "--seed", a.seed)]
+                   "--resolution", 32, "--lattice", a.lattice, "--seed", a.seed)]
 
   def spm(self):
     return [python("parti_jax.data.spm", "--data", self.data / "train",
@@ -253,11 +254,17 @@ def main(argv=None):
   p.add_argument("--workdir", required=True, help="everything the demo makes goes here")
   p.add_argument("--train_images", type=int, default=8000)
   p.add_argument("--eval_prompts", type=int, default=200, help="validation and held-out each")
+  p.add_argument("--lattice", type=int, default=4,
+                 help="objects on multiples of this many pixels, the tokenizer's patch size, "
+                 "so each looks the same wherever it stands; 0 puts them anywhere, which the "
+                 "demo's small models learn far less well (BENCHMARKS.md)")
   p.add_argument("--tokenizer_steps", type=int, default=2000)
-  p.add_argument("--parti_steps", type=int, default=1200)
-  p.add_argument("--guidance", type=float, default=3.0)
-  p.add_argument("--temperature", type=float, default=0.7,
-                 help="sampling temperature (0.5 to 1 score alike on the demo model; "
+  p.add_argument("--parti_steps", type=int, default=2200)
+  p.add_argument("--guidance", type=float, default=1.5,
+                 help="classifier-free guidance scale (1.25 to 1.5 score best on the demo "
+                 "model, 3 far worse: BENCHMARKS.md)")
+  p.add_argument("--temperature", type=float, default=0.5,
+                 help="sampling temperature (0.1 to 0.7 score alike on the demo model; "
                  "BENCHMARKS.md)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--configs", type=pathlib.Path,
