@@ -6,7 +6,8 @@
 
 writes three shard sets, DIR/train, DIR/validation and DIR/heldout, of PNG images with one
 caption each. Scenes hold 1 to 4 non-overlapping objects (6 shapes, 8 colors, 2 sizes) on
-a grey background; captions come from a fixed grammar of four kinds:
+a grey background, anywhere or (`--lattice N`) with each object's square on multiples of N
+pixels; captions come from a fixed grammar of four kinds:
 
   single    "a red circle", "a large blue square"
   count     "three yellow stars"            (2 to 4 objects of one color and shape)
@@ -140,8 +141,8 @@ class Spec:
   heldout_pairs: tuple = (("red", "star"), ("blue", "heart"))
   heldout_triples: tuple = (("circle", "above", "triangle"),)
   # 0: objects anywhere. N > 0: each object's square (side x side around its centre) has its
-  # corner on multiples of N pixels, so with N the image tokenizer's patch size an object
-  # shows the same patches wherever it stands.
+  # corner on multiples of N pixels (and may touch the image edge), so with N the image
+  # tokenizer's patch size an object shows the same patches wherever it stands.
   lattice: int = 0
 
   def __post_init__(self):
@@ -352,9 +353,14 @@ def _round(values) -> list[float]:
   return [round(float(v), 3) for v in values]  # short floats in msgpack and JSON dumps
 
 
-def _place(obj: dict, x: float, y: float, resolution: int) -> dict:
+def _box(obj: dict, center, resolution: int) -> tuple:
+  """The object's bounding box (x0, y0, x1, y1) around `center`."""
   hw, hh = _half(obj, resolution)
-  return dict(obj, center=_round([x, y]), bbox=_round([x - hw, y - hh, x + hw, y + hh]))
+  return (center[0] - hw, center[1] - hh, center[0] + hw, center[1] + hh)
+
+
+def _place(obj: dict, x: float, y: float, resolution: int) -> dict:
+  return dict(obj, center=_round([x, y]), bbox=_round(_box(obj, (x, y), resolution)))
 
 
 def _apart(a, b, gap: float) -> bool:
@@ -369,11 +375,6 @@ def _lattice_centers(obj: dict, resolution: int, lattice: int) -> list[tuple[flo
   side = SIZES[obj["size"]] * resolution
   axis = [c + side / 2 for c in range(0, int(resolution - side) + 1, lattice)]
   return [(x, y) for x in axis for y in axis]
-
-
-def _box(obj: dict, center, resolution: int) -> tuple:
-  hw, hh = _half(obj, resolution)
-  return (center[0] - hw, center[1] - hh, center[0] + hw, center[1] + hh)
 
 
 def _scatter_on_lattice(rng, objs: list[dict], resolution: int, lattice: int) -> list[dict]:
