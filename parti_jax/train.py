@@ -214,6 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
         done = step + 1
         writer.progress(done)
         if done % t.log_every == 0 or done == total or done == stop_after_step:
+          # Steps are dispatched ahead of the device: time the window to its last step's end.
+          jax.block_until_ready(step_metrics)
           elapsed = time.perf_counter() - window_start
           last = _report(config, task, writer, done, window, elapsed,
                          loader.data_wait_s - wait_start, skipped_records, state, peak)
