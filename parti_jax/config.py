@@ -51,6 +51,9 @@ def base() -> ml_collections.ConfigDict:
   m.decoder_attention = "dense"  # "dense" (causal) or "conv" (the paper's conv-shaped local mask)
   m.conv_kernel_rows = 9  # conv mask: rows above (and including) the query's row
   m.conv_kernel_cols = 9  # conv mask: columns centred on the query's column
+  # 2-D rotary embeddings in the decoder's self-attention, on top of the learned positions
+  # (parti_jax.model): attention sees row and column offsets, the same at every place.
+  m.image_rope = False
   m.share_image_embedding = True  # decoder input embedding doubles as the output projection
   m.remat = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
   m.attention_impl = "xla"  # "xla" everywhere, "cudnn" for fused attention on NVIDIA GPUs
@@ -290,6 +293,9 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
        f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
        "(or set model.head_dim)")
+  need(not m.get("image_rope", False) or head_dim(m) % 4 == 0,
+       f"model.image_rope needs a head dimension divisible by 4 (half for rows, half for "
+       f"columns, in pairs); it is {head_dim(m)}")
   need(config.optimizer.name in ("adafactor", "adamw"),
        f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
   need(config.schedule.name in SCHEDULES,

@@ -6,7 +6,11 @@ Pre-LayerNorm blocks, with the extra final LayerNorm at the output of both stack
 
 Positions are learned absolute embeddings: one table for the text sequence, and for the
 image grid a row table plus a column table (factorised 2-D), so the decoder knows where
-in the image each token lies without paying for a full grid table.
+in the image each token lies without paying for a full grid table. With `model.image_rope`
+the decoder's self-attention also rotates queries and keys by their row and column (2-D
+rotary embeddings): attention then sees the offset between two tokens directly, so what
+the model learns about one place in the image (the patch above belongs to the same
+object) holds at every place.
 
 Layers of each stack are created with `nnx.vmap` (parameters get a leading "layers"
 axis) and run with `nnx.scan`, so compile time does not grow with depth. Parameters
@@ -104,8 +108,11 @@ class Attention(nnx.Module):
         kernel_init=_dense_init(("heads", "kv", "embed")))
     self.impl = m.attention_impl
 
-  def __call__(self, x, context, mask):
-    return self.attend(self.queries(x), *self.keys_values(context), mask)
+  def __call__(self, x, context, mask, rotary=None):
+    q, (k, v) = self.queries(x), self.keys_values(context)
+    if rotary is not None:  # self-attention only: queries and keys at the same positions
+      q, k = rotate(q, rotary), rotate(k, rotary)
+    return self.attend(q, k, v, mask)
 
   def queries(self, x):
     return constrain(self.query(x), "batch", "length", "heads", "kv")
@@ -119,6 +126,30 @@ class Attention(nnx.Module):
     # jax.nn.dot_product_attention: softmax in float32, fused kernels where available.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl or self.impl)
     return constrain(self.out(out), "batch", "length", "embed")
+
+
+def rotary_2d(rows, cols, head_dim: int):
+  """cos and sin [..., head_dim // 2] of 2-D rotary embeddings at grid positions (rows, cols).
+
+  The first half of the rotated pairs turns with the row, the second with the column, each
+  at geometrically spaced frequencies (wavelengths from 2 pi up to 10000 positions, as in
+  1-D rotary embeddings). Written here because flax has no rotary embedding layer.
+  """
+  quarter = head_dim // 4
+  freqs = 10_000.0 ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
+  angles = jnp.concatenate([rows[..., None] * freqs, cols[..., None] * freqs], -1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x, rotary):
+  """x [B, S, H, D] rotated pairwise (x_i, x_{i + D/2}) by `rotary` = (cos, sin) [.., S, D/2].
+
+  cos and sin are [S, D/2] (every row at the same positions) or [B, S, D/2].
+  """
+  cos, sin = (t[..., None, :] for t in rotary)  # broadcast over heads
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  return out.astype(x.dtype)
 
 
 class MLP(nnx.Module):
@@ -148,17 +179,18 @@ class Block(nnx.Module):
     self.mlp_norm, self.mlp = LayerNorm(m.d_model, dtype, rngs), MLP(m, rngs)
     self.dropout = nnx.Dropout(m.dropout_rate)
 
-  def __call__(self, x, self_mask, context, cross_mask, dropout_key):
+  def __call__(self, x, self_mask, context, cross_mask, dropout_key, rotary=None):
     keys = jax.random.split(dropout_key, 3) if dropout_key is not None else [None] * 3
     drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
     h = self.self_norm(x)
-    x = x + drop(self.self_attn(h, h, self_mask), keys[0])
+    x = x + drop(self.self_attn(h, h, self_mask, rotary), keys[0])
     if self.cross:
       x = x + drop(self.cross_attn(self.cross_norm(x), context, cross_mask), keys[1])
     x = x + drop(self.mlp(self.mlp_norm(x)), keys[2])
     return constrain(x, "batch", "length", "embed")
 
-  def decode_cached(self, x, cache, layer, positions, self_mask, cross_kv, cross_mask):
+  def decode_cached(self, x, cache, layer, positions, self_mask, cross_kv, cross_mask,
+                    rotary=None):
     """The block for S new decoder inputs per row, at `positions` [B, S], against caches.
 
     Their keys and values are first written into `cache` = (keys, values), each
@@ -166,15 +198,17 @@ class Block(nnx.Module):
     consecutive and must fit in the cache (a start past cache_length - S is moved back,
     which only a finished row may see). The queries then
     attend over the whole cache row, `self_mask` [B, 1, S, cache_length] choosing what
-    each sees. `cross_kv`: this layer's keys and values of the encoder output.
-    Returns (x, cache). Dropout is off: this is inference.
+    each sees. `cross_kv`: this layer's keys and values of the encoder output; `rotary`:
+    the 2-D rotary (cos, sin) [B, S, D/2] of `positions`, if the model uses them (the
+    cache holds rotated keys). Returns (x, cache). Dropout is off: this is inference.
     """
     h = self.self_norm(x)
-    cache = tuple(_write_rows(c, new, layer, positions[:, 0])
-                  for c, new in zip(cache, self.self_attn.keys_values(h)))
+    q, (k, v) = self.self_attn.queries(h), self.self_attn.keys_values(h)
+    if rotary is not None:
+      q, k = rotate(q, rotary), rotate(k, rotary)
+    cache = tuple(_write_rows(c, new, layer, positions[:, 0]) for c, new in zip(cache, (k, v)))
     # Decoding attends with XLA's kernel: a fused one gains nothing for a few queries.
-    x = x + self.self_attn.attend(self.self_attn.queries(h), cache[0][layer], cache[1][layer],
-                                  self_mask, impl="xla")
+    x = x + self.self_attn.attend(q, cache[0][layer], cache[1][layer], self_mask, impl="xla")
     q = self.cross_attn.queries(self.cross_norm(x))
     x = x + self.cross_attn.attend(q, *cross_kv, cross_mask, impl="xla")
     x = x + self.mlp(self.mlp_norm(x))
@@ -215,9 +249,10 @@ class Stack(nnx.Module):
     self.remat = m.remat
     self.final_norm = LayerNorm(m.d_model, jnp.dtype(m.dtype), rngs)  # Parti's extra LN
 
-  def __call__(self, x, self_mask, context=None, cross_mask=None, dropout_key=None):
+  def __call__(self, x, self_mask, context=None, cross_mask=None, dropout_key=None,
+               rotary=None):
     def layer(x, block, key):
-      return block(x, self_mask, context, cross_mask, key)
+      return block(x, self_mask, context, cross_mask, key, rotary)
 
     if self.remat != "none":
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -233,11 +268,11 @@ class Stack(nnx.Module):
       return block.cross_attn.keys_values(context)
     return per_layer(self.blocks, context)
 
-  def decode_cached(self, x, cache, positions, self_mask, cross_kv, cross_mask):
+  def decode_cached(self, x, cache, positions, self_mask, cross_kv, cross_mask, rotary=None):
     """`Block.decode_cached` through every layer (scanned); returns (x, updated cache)."""
     def layer(carry, block, index, cross_k, cross_v):
       return block.decode_cached(carry[0], carry[1], index, positions, self_mask,
-                                 (cross_k, cross_v), cross_mask)
+                                 (cross_k, cross_v), cross_mask, rotary)
 
     # The cache rides in the carry and is updated in place at each layer's index: as a
     # scanned output it would be copied whole at every step.
@@ -314,6 +349,13 @@ class Parti(nnx.Module):
     d = self.config.d_model
     return (self.row_pos[:, None] + self.col_pos[None, :]).reshape(-1, d)
 
+  def _rotary(self, positions):
+    """The decoder's 2-D rotary (cos, sin) at raster `positions`; None if the model has none."""
+    m = self.config
+    if not m.get("image_rope", False):  # runs saved before the field existed have none
+      return None
+    return rotary_2d(positions // m.image_grid, positions % m.image_grid, config_lib.head_dim(m))
+
   def decode(self, image_inputs, encoded, text_mask, dropout_key=None):
     """Decoder input tokens [B, N] (BOS-shifted) -> float32 logits [B, N, V]."""
     m, n = self.config, image_inputs.shape[1]
@@ -322,7 +364,7 @@ class Parti(nnx.Module):
     x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
     x = constrain(x, "batch", "length", "embed")
     x = self.decoder(x, decoder_mask(m)[..., :n, :n], encoded, text_mask,
-                     dropout_key=dropout_key)
+                     dropout_key=dropout_key, rotary=self._rotary(jnp.arange(n)))
     return self._logits(x)
 
   def _logits(self, x):
@@ -368,12 +410,13 @@ class Parti(nnx.Module):
     positions = start[:, None] + jnp.arange(s)[None, :]
     table = constrain(self._image_positions(), None, None)  # gathered whole, as in _lookup
     pos = jnp.take(table, jnp.minimum(positions, n - 1), axis=0)
+    rotary = self._rotary(jnp.minimum(positions, n - 1))
     x = constrain((_lookup(self.image_embed, inputs) + pos).astype(self.dtype),
                   "batch", "length", "embed")
     mask = _visible(m, positions[:, :, None], jnp.arange(cache_length)[None, None, :])
     x, (self_k, self_v) = self.decoder.decode_cached(
         x, (cache["self_k"], cache["self_v"]), positions, mask[:, None],
-        (cache["cross_k"], cache["cross_v"]), cache["text_mask"])
+        (cache["cross_k"], cache["cross_v"]), cache["text_mask"], rotary)
     cache = dict(cache, self_k=constrain(self_k, *CACHE_AXES),
                  self_v=constrain(self_v, *CACHE_AXES))
     return self._logits(x), cache

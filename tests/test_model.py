@@ -8,6 +8,7 @@ from conftest import load_config
 from flax import nnx
 from helpers import random_batch, setup_on
 
+from parti_jax import config as config_lib
 from parti_jax import model as model_lib
 from parti_jax import train_step as ts
 
@@ -58,6 +59,41 @@ def test_padded_vocabulary_gets_no_probability(tiny):
   assert logits.shape[-1] % 128 == 0 and logits.shape[-1] > c.model.codebook_size
   probs = jax.nn.softmax(logits, -1)
   assert float(probs[..., c.model.codebook_size:].max()) == 0.0
+
+
+def test_rotary_attention_scores_depend_only_on_the_2d_offset():
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32) for _ in range(2))
+
+  def score(q_at, k_at):
+    rotated = [model_lib.rotate(x, model_lib.rotary_2d(jnp.array([r]), jnp.array([c]), 16))
+               for x, (r, c) in ((q, q_at), (k, k_at))]
+    return np.asarray(jnp.sum(rotated[0] * rotated[1], -1))
+
+  base = score((3, 5), (1, 4))
+  np.testing.assert_allclose(score((6, 2), (4, 1)), base, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(score((3, 5), (1, 4)), score((1, 4), (-1, 3)), rtol=1e-5,
+                             atol=1e-5)
+  # Rows and columns are told apart: swapping the offset's axes changes the score.
+  assert not np.allclose(score((3, 5), (2, 3)), score((3, 5), (1, 4)), atol=1e-3)
+  # And the rotation keeps each vector's length.
+  rotated = model_lib.rotate(q, model_lib.rotary_2d(jnp.array([7]), jnp.array([2]), 16))
+  np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(q, axis=-1),
+                             rtol=1e-5)
+
+
+def test_image_rope_changes_the_decoder_and_needs_head_dim_divisible_by_4(tiny):
+  c, model = tiny
+  b = random_batch(c, batch_size=2)
+  rope = c.model.copy_and_resolve_references()
+  rope.image_rope = True
+  with_rope = model_lib.Parti(rope, rngs=nnx.Rngs(0))  # same seed: same parameters
+  assert not np.allclose(_forward(with_rope, b["text_tokens"], b["image_tokens"]),
+                         _forward(model, b["text_tokens"], b["image_tokens"]), atol=1e-4)
+  bad = load_config("parti_tiny")
+  bad.model.update(image_rope=True, d_model=72, num_heads=4)  # head dim 18
+  with pytest.raises(config_lib.ConfigError, match="model.image_rope needs a head dimension"):
+    config_lib.check(bad, 1)
 
 
 def test_conv_mask_is_causal_and_local():
