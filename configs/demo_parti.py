@@ -4,9 +4,12 @@
       --config.data.train=runs/demo/tokens/train --config.data.eval=runs/demo/tokens/validation \
       --config.data.spm_model=runs/demo/spm.model
 
-Stage 5 of `python -m parti_jax.demo` (which runs 2200 steps). Width 128, 3 encoder and 3
+Stage 5 of `python -m parti_jax.demo` (which runs 3000 steps). Width 128, 3 encoder and 3
 decoder blocks, 16 text tokens (the demo's SentencePiece model: 128 BPE pieces, whole words),
-64 image tokens from 256 codes. Peak learning rate 3e-3: at 1e-3 the validation loss after
+64 image tokens from 256 codes. 2-D rotary embeddings in the decoder (`model.image_rope`):
+after 2200 steps on the demo's tokens the validation loss is 0.225 with them and 0.263
+without (as low as 3500 steps without), and 33.5% of validation prompts come out right
+against 28.5%. Peak learning rate 3e-3: at 1e-3 the validation loss after
 1200 steps is 2.06 against 1.67 (1024 codes, objects anywhere). Batch 16: at the same time on
 2 cores, 2200 steps of 16 reach a validation loss of 0.187 against 0.207 for 1200 steps of 32
 (objects on the demo's lattice).
@@ -20,7 +23,7 @@ def get_config():
   c = common.tiny_model(common.base())
   m = c.model
   m.update(text_vocab_size=128, text_len=16, image_grid=8, codebook_size=256, d_model=128,
-           num_heads=4, mlp_dim=512, encoder_layers=3, decoder_layers=3)
+           num_heads=4, mlp_dim=512, encoder_layers=3, decoder_layers=3, image_rope=True)
   c.data.kind = "tokens"
   c.data.caption_dropout = 0.1
   c.global_batch_size = 16

@@ -259,7 +259,7 @@ def main(argv=None):
                  "so each looks the same wherever it stands; 0 puts them anywhere, which the "
                  "demo's small models learn far less well (BENCHMARKS.md)")
   p.add_argument("--tokenizer_steps", type=int, default=2000)
-  p.add_argument("--parti_steps", type=int, default=2200)
+  p.add_argument("--parti_steps", type=int, default=3000)
   p.add_argument("--guidance", type=float, default=1.5,
                  help="classifier-free guidance scale (1.25 to 1.5 score best on the demo "
                  "model, 3 far worse: BENCHMARKS.md)")
