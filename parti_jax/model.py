@@ -132,8 +132,9 @@ def rotary_2d(rows, cols, head_dim: int):
   """cos and sin [..., head_dim // 2] of 2-D rotary embeddings at grid positions (rows, cols).
 
   The first half of the rotated pairs turns with the row, the second with the column, each
-  at geometrically spaced frequencies (wavelengths from 2 pi up to 10000 positions, as in
-  1-D rotary embeddings). Written here because flax has no rotary embedding layer.
+  at head_dim / 4 geometrically spaced frequencies from 1 radian per position down towards
+  1/10000 (the base of 1-D rotary embeddings). Written here because flax has no rotary
+  embedding layer.
   """
   quarter = head_dim // 4
   freqs = 10_000.0 ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
