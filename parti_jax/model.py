@@ -109,10 +109,15 @@ class Attention(nnx.Module):
     self.impl = m.attention_impl
 
   def __call__(self, x, context, mask, rotary=None):
+    return self.attend(*self.project(x, context, rotary), mask)
+
+  def project(self, x, context, rotary=None):
+    """Queries of x, keys and values of context; queries and keys rotated if `rotary` is
+    given (self-attention only: both at the same positions)."""
     q, (k, v) = self.queries(x), self.keys_values(context)
-    if rotary is not None:  # self-attention only: queries and keys at the same positions
+    if rotary is not None:
       q, k = rotate(q, rotary), rotate(k, rotary)
-    return self.attend(q, k, v, mask)
+    return q, k, v
 
   def queries(self, x):
     return constrain(self.query(x), "batch", "length", "heads", "kv")
@@ -204,9 +209,7 @@ class Block(nnx.Module):
     cache holds rotated keys). Returns (x, cache). Dropout is off: this is inference.
     """
     h = self.self_norm(x)
-    q, (k, v) = self.self_attn.queries(h), self.self_attn.keys_values(h)
-    if rotary is not None:
-      q, k = rotate(q, rotary), rotate(k, rotary)
+    q, k, v = self.self_attn.project(h, h, rotary)
     cache = tuple(_write_rows(c, new, layer, positions[:, 0]) for c, new in zip(cache, (k, v)))
     # Decoding attends with XLA's kernel: a fused one gains nothing for a few queries.
     x = x + self.self_attn.attend(q, cache[0][layer], cache[1][layer], self_mask, impl="xla")
