@@ -52,9 +52,12 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
 PLURALS = {s: s + "s" for s in SHAPES}
 # Largest side of an object as a fraction of the image side: far enough apart to tell
-# apart at a glance; at 32 px a small object is over 8 px, so a star shows its points and a
-# circle its roundness; two large objects still fit side by side.
-SIZES = {"small": 0.27, "large": 0.42}
+# apart at a glance, and as large as fits. At 32 px a small object is nearly 11 px, about
+# three of the demo tokenizer's 4 px patches, so its codes keep a star's points and a
+# circle's roundness (at 0.27 and 0.42 they kept three quarters of the demo's validation
+# scenes right, at 0.34 and 0.46 86%; BENCHMARKS.md). Two large objects still fit side by
+# side, with the borders and gap between them when placed anywhere.
+SIZES = {"small": 0.34, "large": 0.44}
 KINDS = ("single", "count", "binding", "relation")
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above",
              "below": "below"}
