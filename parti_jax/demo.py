@@ -6,8 +6,8 @@ Seven stages, each an ordinary command of the package that the demo only chains 
 each command before running it, so the same steps can be run by hand on a user's own data):
 
   1. shapes     render the shapes dataset: train (held-out compositions left out),
-                validation, and heldout (only held-out compositions), objects on the
-                tokenizer's 4 px patch lattice
+                validation, and heldout (only held-out compositions), objects on an
+                8 px lattice (two of the tokenizer's 4 px patches)
   2. spm        train the SentencePiece model on the train captions
   3. tokenizer  train a tiny ViT-VQGAN on the train images (the real trainer)
   4. encode     turn train and validation images into token shards
@@ -253,11 +253,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="everything the demo makes goes here")
   p.add_argument("--train_images", type=int, default=8000)
-  p.add_argument("--eval_prompts", type=int, default=200, help="validation and held-out each")
-  p.add_argument("--lattice", type=int, default=4,
-                 help="objects on multiples of this many pixels, the tokenizer's patch size, "
-                 "so each looks the same wherever it stands; 0 puts them anywhere, which the "
-                 "demo's small models learn far less well (BENCHMARKS.md)")
+  p.add_argument("--eval_prompts", type=int, default=400,
+                 help="validation and held-out each (400: about 100 of each kind, so a kind's "
+                 "score has a standard error of up to 5 points)")
+  p.add_argument("--lattice", type=int, default=8,
+                 help="objects on multiples of this many pixels, a multiple of the tokenizer's "
+                 "4 px patches, so each shows the same codes wherever it stands; 8 leaves "
+                 "fewer places than 4, which the demo's small Parti learns faster; 0 puts "
+                 "objects anywhere, which it learns far less well (BENCHMARKS.md)")
   p.add_argument("--tokenizer_steps", type=int, default=2000)
   p.add_argument("--parti_steps", type=int, default=3000)
   p.add_argument("--guidance", type=float, default=1.5,
