@@ -10,9 +10,13 @@ decoder blocks, 16 text tokens (the demo's SentencePiece model: 128 BPE pieces, 
 after 2200 steps on the demo's tokens the validation loss is 0.225 with them and 0.263
 without (as low as 3500 steps without), and 33.5% of validation prompts come out right
 against 28.5%. Peak learning rate 3e-3: at 1e-3 the validation loss after
-1200 steps is 2.06 against 1.67 (1024 codes, objects anywhere). Batch 16: at the same time on
-2 cores, 2200 steps of 16 reach a validation loss of 0.187 against 0.207 for 1200 steps of 32
-(objects on the demo's lattice).
+1200 steps is 2.06 against 1.67 (1024 codes, objects anywhere), at 5e-3 it is higher than at
+3e-3 after 2000 steps (0.213 against 0.207). Batch 16: in the same time on 2 cores, 2200 steps
+of 16 reach a validation loss of 0.187 against 0.207 for 1200 steps of 32, and 5000 steps of 8
+score 39.5% of validation prompts against 50.5% for 3000 of 16 (4 px lattice). Other splits of
+about the same step time scored alike or worse (BENCHMARKS.md): 1 encoder block for 3500 steps
+44.5%, 6 encoder blocks 45.5%; 2 encoder and 4 decoder blocks with 256-wide MLPs 59% against
+58% on the demo's 8 px lattice.
 Caption dropout 0.1 trains the unconditional input that classifier-free guidance needs.
 """
 

@@ -8,9 +8,10 @@ Stage 3 of `python -m parti_jax.demo`. The tiny ViT-VQGAN (width 64, 2 blocks pe
 (as Parti's decoder) with dead-code restarts. Its decoder sees the continuous latents for
 the first 65% of the steps (`model.quantize_start`): quantized from the start, this model
 learns codes for little more than a patch's mean color (25 dB: flat 4x4 blocks), which
-loses the shapes. On the demo's data (objects on a 4 px lattice) expect an evaluation PSNR
-of about 30 dB after 2000 steps, and the shapes evaluator to judge about three quarters of
-its reconstructions of validation renders right (about half with objects anywhere). A
+loses the shapes. On the demo's data (objects 0.34 and 0.44 of the side on an 8 px lattice)
+expect an evaluation PSNR of about 29 dB after 2000 steps, and the shapes evaluator to judge
+88% of its reconstructions of validation renders right (three quarters with the smaller
+objects of before, about half with those anywhere). A
 codebook of 1024 reconstructs a little better but makes Parti's task much harder (its
 samples' objects run on).
 """
