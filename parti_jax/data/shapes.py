@@ -54,9 +54,10 @@ PLURALS = {s: s + "s" for s in SHAPES}
 # Largest side of an object as a fraction of the image side: far enough apart to tell
 # apart at a glance, and as large as fits. At 32 px a small object is nearly 11 px, about
 # three of the demo tokenizer's 4 px patches, so its codes keep a star's points and a
-# circle's roundness (at 0.27 and 0.42 they kept three quarters of the demo's validation
-# scenes right, at 0.34 and 0.46 86%; BENCHMARKS.md). Two large objects still fit side by
-# side, with the borders and gap between them when placed anywhere.
+# circle's roundness (on a 4 px lattice its reconstructions kept three quarters of the
+# validation scenes right with 0.27 and 0.42, 86% with 0.34 and 0.46; BENCHMARKS.md).
+# Large stays at 0.44 so that two large objects fit side by side with the borders and gap
+# between them when placed anywhere (0.46 fits only on a lattice).
 SIZES = {"small": 0.34, "large": 0.44}
 KINDS = ("single", "count", "binding", "relation")
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above",
