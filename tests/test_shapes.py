@@ -189,6 +189,34 @@ def test_relation_geometry_holds(spec):
     assert not S.relation_holds(a, b, S.CONVERSE[rel], scene["resolution"])
 
 
+@pytest.mark.parametrize("spec", [SPEC, S.Spec(lattice=8)], ids=["anywhere", "lattice"])
+def test_binding_captions_name_objects_in_reading_order(spec):
+  """Top to bottom; left to right when the tops are within READING_ROW of each other."""
+  row = S.READING_ROW * spec.resolution
+  seen = collections.Counter()
+  for split in ("train", "heldout"):
+    for scene, caption in scenes(split, 500, seed=12, spec=spec):
+      if scene["kind"] != "binding":
+        continue
+      a, b = scene["objects"]
+      named = [(o["color"], o["shape"]) for o in S.parse_caption(caption)["objects"]]
+      assert named == [(a["color"], a["shape"]), (b["color"], b["shape"])], caption
+      (ax0, ay0, *_), (bx0, by0, *_) = a["bbox"], b["bbox"]
+      if abs(ay0 - by0) <= row:
+        assert ax0 < bx0, (caption, scene)
+        seen["same row"] += 1
+      else:
+        assert ay0 < by0, (caption, scene)
+        seen["rows"] += 1
+  assert min(seen.values()) > 20, seen  # both cases occur
+  # The helper itself: a row groups objects by their tops, then reads left to right.
+  boxes = {"p": [20, 0.5], "q": [2, 2], "r": [10, 0]}  # x0, y0 at 32 px: q is 2 px low
+  objs = [{"name": k, "bbox": [x, y, x + 5, y + 5]} for k, (x, y) in boxes.items()]
+  assert [o["name"] for o in S.reading_order(objs, 32)] == ["q", "r", "p"]
+  objs[1]["bbox"] = [2, 8, 7, 13]  # q a row lower
+  assert [o["name"] for o in S.reading_order(objs, 32)] == ["r", "p", "q"]
+
+
 def test_objects_inside_apart_and_drawn_where_stored():
   """Each object's pixels sit in its stored box, centred on its stored centre."""
   r = 64

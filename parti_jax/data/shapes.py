@@ -14,6 +14,8 @@ pixels; captions come from a fixed grammar of four kinds:
   binding   "a red circle and a blue square"
   relation  "a red circle to the left of a blue square"   (also right of, above, below)
 
+A binding caption names its objects in reading order (`reading_order`).
+
 Some compositions are held out of train and validation: (color, shape) pairs on any
 object, and (object, relation, object) triples in relation scenes, where an object is a
 shape ("circle") or a colored shape ("red circle"). The converse of a held-out triple
@@ -52,12 +54,12 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
 PLURALS = {s: s + "s" for s in SHAPES}
 # Largest side of an object as a fraction of the image side: far enough apart to tell
-# apart at a glance, and as large as fits. At 32 px a small object is nearly 11 px, about
-# three of the demo tokenizer's 4 px patches, so its codes keep a star's points and a
-# circle's roundness (on a 4 px lattice its reconstructions kept three quarters of the
-# validation scenes right with 0.27 and 0.42, 86% with 0.34 and 0.46; BENCHMARKS.md).
-# Large stays at 0.44 so that two large objects fit side by side with the borders and gap
-# between them when placed anywhere (0.46 fits only on a lattice).
+# apart at a glance, and as large as fits. At 32 px a small object is nearly 11 px, so a
+# tokenizer's codes keep a star's points and a circle's roundness (with 4 px patches on a
+# 4 px lattice its reconstructions kept three quarters of the validation scenes right with
+# 0.27 and 0.42, 86% with 0.34 and 0.46; BENCHMARKS.md). Large stays at 0.44 so that two
+# large objects fit side by side with the borders and gap between them when placed anywhere
+# (0.46 fits only on a lattice); on an 8 px lattice both sizes fit in two 8 px patches.
 SIZES = {"small": 0.34, "large": 0.44}
 KINDS = ("single", "count", "binding", "relation")
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above",
@@ -71,6 +73,7 @@ BORDER = 0.03  # free margin between objects and the image edge, fraction of the
 GAP = 0.04  # free space between objects' boxes, fraction of the side
 DOMINANCE = 2.0  # a relation's axis separation is at least this times the other axis'
 SIZE_WORD_PROB = 0.4  # how often a caption names an object's size
+READING_ROW = 0.1  # objects whose tops lie within this fraction of the side share a row
 MIN_RESOLUTION = 16
 FIELDS = ("id", "image", "captions", "extra")
 
@@ -478,6 +481,26 @@ def _arrange(rng, first: dict, second: dict, relation: str, resolution: int) -> 
   raise RuntimeError(f"could not arrange a {relation} relation at {resolution} px")
 
 
+def reading_order(objs: list[dict], resolution: int) -> list[dict]:
+  """Objects top to bottom, and left to right within a row (tops within READING_ROW).
+
+  A binding caption names its objects in this order, the order in which a raster-order
+  decoder starts drawing them. In a random order the first object drawn could be either
+  one named, and a small model learns to pair each color with its own shape far more
+  slowly (BENCHMARKS.md); relations keep the order their words give.
+  """
+  row = READING_ROW * resolution
+  top = lambda o: o["bbox"][1]
+  out = []
+  for obj in sorted(objs, key=top):
+    # A row is led by its topmost object; later objects within `row` of it join it.
+    if out and top(obj) - top(out[-1][0]) <= row:
+      out[-1].append(obj)
+    else:
+      out.append([obj])
+  return [o for r in out for o in sorted(r, key=lambda o: o["bbox"][0])]
+
+
 def _caption_object(rng, obj: dict) -> dict:
   desc = {"color": obj["color"], "shape": obj["shape"]}
   if rng.random() < SIZE_WORD_PROB:
@@ -496,6 +519,8 @@ def _build(rng, kind: str, objs: list[dict], spec: Spec, relation: str | None = 
     placed = _scatter_on_lattice(rng, objs, resolution, lattice)
   else:
     placed = _scatter(rng, objs, resolution)
+  if kind == "binding":
+    placed = objs = reading_order(placed, resolution)
   if kind == "count":
     # One size word for the group: counted objects always share their size.
     fields = {"kind": kind, "count": len(objs), "objects": [_caption_object(rng, objs[0])]}
