@@ -1,22 +1,25 @@
-"""The demo's Parti model: shapes captions -> 8x8 image codes of configs/demo_tokenizer.py.
+"""The demo's Parti model: shapes captions -> 4x4 image codes of configs/demo_tokenizer.py.
 
   python -m parti_jax.train --config configs/demo_parti.py --workdir runs/demo/parti \
       --config.data.train=runs/demo/tokens/train --config.data.eval=runs/demo/tokens/validation \
       --config.data.spm_model=runs/demo/spm.model
 
-Stage 5 of `python -m parti_jax.demo` (which runs 3000 steps). Width 128, 3 encoder and 3
-decoder blocks, 16 text tokens (the demo's SentencePiece model: 128 BPE pieces, whole words),
-64 image tokens from 256 codes. 2-D rotary embeddings in the decoder (`model.image_rope`):
-after 2200 steps on the demo's tokens the validation loss is 0.225 with them and 0.263
-without (as low as 3500 steps without), and 33.5% of validation prompts come out right
-against 28.5%. Peak learning rate 3e-3: at 1e-3 the validation loss after
-1200 steps is 2.06 against 1.67 (1024 codes, objects anywhere), at 5e-3 it is higher than at
-3e-3 after 2000 steps (0.213 against 0.207). Batch 16: in the same time on 2 cores, 2200 steps
-of 16 reach a validation loss of 0.187 against 0.207 for 1200 steps of 32, and 5000 steps of 8
-score 39.5% of validation prompts against 50.5% for 3000 of 16 (4 px lattice). Other splits of
-about the same step time scored alike or worse (BENCHMARKS.md): 1 encoder block for 3500 steps
-44.5%, 6 encoder blocks 45.5%; 2 encoder and 4 decoder blocks with 256-wide MLPs 59% against
-58% on the demo's 8 px lattice.
+Stage 5 of `python -m parti_jax.demo`. Width 128, 3 encoder and 3 decoder blocks, 16 text
+tokens (the demo's SentencePiece model: 128 BPE pieces, whole words), 16 image tokens from
+1024 codes; 5000 steps of batch 16 take about 350 s on 2 cores. On the demo's data expect a
+validation loss of about 0.37 and two thirds of the validation prompts drawn right.
+
+The choices below were measured with the demo's earlier tokenizer (8x8 codes of 4 px
+patches, 256 codes; BENCHMARKS.md). 2-D rotary embeddings in the decoder
+(`model.image_rope`): after 2200 steps the validation loss was 0.225 with them and 0.263
+without (as low as 3500 steps without), and 33.5% of validation prompts came out right
+against 28.5%. Peak learning rate 3e-3: at 1e-3 the validation loss after 1200 steps was
+2.06 against 1.67 (1024 codes, objects anywhere), at 5e-3 it was higher than at 3e-3 after
+2000 steps (0.213 against 0.207). Batch 16: in the same time on 2 cores, 2200 steps of 16
+reached a validation loss of 0.187 against 0.207 for 1200 steps of 32, and 5000 steps of 8
+scored 39.5% of validation prompts against 50.5% for 3000 of 16. Other splits of about the
+same step time scored alike or worse: 1 encoder block for 3500 steps 44.5%, 6 encoder
+blocks 45.5%; 2 encoder and 4 decoder blocks with 256-wide MLPs 59% against 58%.
 Caption dropout 0.1 trains the unconditional input that classifier-free guidance needs.
 """
 
@@ -26,12 +29,12 @@ from parti_jax import config as common
 def get_config():
   c = common.tiny_model(common.base())
   m = c.model
-  m.update(text_vocab_size=128, text_len=16, image_grid=8, codebook_size=256, d_model=128,
+  m.update(text_vocab_size=128, text_len=16, image_grid=4, codebook_size=1024, d_model=128,
            num_heads=4, mlp_dim=512, encoder_layers=3, decoder_layers=3, image_rope=True)
   c.data.kind = "tokens"
   c.data.caption_dropout = 0.1
   c.global_batch_size = 16
-  c.num_train_steps = 3000
+  c.num_train_steps = 5000
   c.optimizer.learning_rate = 3e-3
   c.schedule.update(name="warmup_cosine", warmup_steps=100, final_ratio=0.05)
   c.train.update(log_every=50, eval_every=1000, checkpoint_every=500, eval_batch_size=64)

@@ -7,7 +7,7 @@ each command before running it, so the same steps can be run by hand on a user's
 
   1. shapes     render the shapes dataset: train (held-out compositions left out),
                 validation, and heldout (only held-out compositions), objects on an
-                8 px lattice (two of the tokenizer's 4 px patches)
+                8 px lattice (the tokenizer's patch size)
   2. spm        train the SentencePiece model on the train captions
   3. tokenizer  train a tiny ViT-VQGAN on the train images (the real trainer)
   4. encode     turn train and validation images into token shards
@@ -252,17 +252,17 @@ def _last_eval(path: pathlib.Path) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="everything the demo makes goes here")
-  p.add_argument("--train_images", type=int, default=8000)
+  p.add_argument("--train_images", type=int, default=32000)
   p.add_argument("--eval_prompts", type=int, default=400,
                  help="validation and held-out each (400: about 100 of each kind, so a kind's "
                  "score has a standard error of up to 5 points)")
   p.add_argument("--lattice", type=int, default=8,
-                 help="objects on multiples of this many pixels, a multiple of the tokenizer's "
-                 "4 px patches, so each shows the same codes wherever it stands; 8 leaves "
-                 "fewer places than 4, which the demo's small Parti learns faster; 0 puts "
-                 "objects anywhere, which it learns far less well (BENCHMARKS.md)")
-  p.add_argument("--tokenizer_steps", type=int, default=2000)
-  p.add_argument("--parti_steps", type=int, default=3000)
+                 help="objects on multiples of this many pixels, the tokenizer's 8 px "
+                 "patches, so each shows the same codes wherever it stands and no patch "
+                 "shows two objects; 0 puts objects anywhere, which the demo's small Parti "
+                 "learns far less well (BENCHMARKS.md)")
+  p.add_argument("--tokenizer_steps", type=int, default=1000)
+  p.add_argument("--parti_steps", type=int, default=5000)
   p.add_argument("--guidance", type=float, default=1.5,
                  help="classifier-free guidance scale (1.25 to 1.5 score best on the demo "
                  "model, 3 far worse: BENCHMARKS.md)")

@@ -31,10 +31,12 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
     assert report["accuracy"][split] == judged["accuracy"]
     assert report["prompts"][split] == 8 == len(judged["judged"])
   assert set(report["stage_seconds"]) == set(demo.STAGES)
-  # The demo's scenes stand on a lattice of two tokenizer patches (8 px at 32 px, 4x4 patches).
+  # The demo's scenes stand on a lattice of the tokenizer's 8 px patches.
   for split in ("train", "validation", "heldout"):
     assert records.ShardSet.open(tmp_path / "data" / split).meta["lattice"] == 8
   assert report["settings"]["lattice"] == 8
+  tokenizer = json.loads((tmp_path / "tokenizer" / "config.json").read_text())["model"]
+  assert tokenizer["patch_size"] == 8  # one object's quarter per patch
   assert report["tokenizer"]["eval_psnr"] > 0
   # The bound the tokenizer sets: the validation renders judged after its round trip.
   ceiling = json.loads((tmp_path / "eval_reconstructions.json").read_text())
