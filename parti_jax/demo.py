@@ -264,11 +264,11 @@ def main(argv=None):
   p.add_argument("--tokenizer_steps", type=int, default=1000)
   p.add_argument("--parti_steps", type=int, default=5000)
   p.add_argument("--guidance", type=float, default=1.5,
-                 help="classifier-free guidance scale (1.25 to 1.5 score best on the demo "
+                 help="classifier-free guidance scale (1.0 to 1.5 score alike on the demo "
                  "model, 3 far worse: BENCHMARKS.md)")
   p.add_argument("--temperature", type=float, default=0.5,
-                 help="sampling temperature (0.1 to 0.7 score alike on the demo model; "
-                 "BENCHMARKS.md)")
+                 help="sampling temperature (0.3 and 0.5 score alike on the demo model, "
+                 "1.0 worse; BENCHMARKS.md)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--configs", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[1] / "configs",
