@@ -117,6 +117,25 @@ def test_same_seed_same_bytes():
   assert [r["captions"] for r in validation] != [r["captions"] for r in a]
 
 
+def test_train_kinds_weigh_train_only():
+  spec = S.Spec(train_kinds=[("relation", "3"), ("binding", 1)])
+  assert spec.train_kinds == (("single", 0.0), ("count", 0.0), ("binding", 1.0),
+                              ("relation", 3.0))
+  train = collections.Counter(scene["kind"] for scene, _ in scenes("train", 400, spec=spec))
+  assert set(train) == {"binding", "relation"}
+  assert 2.4 < train["relation"] / train["binding"] < 3.8  # 3 up to sampling noise
+  # Validation keeps every kind at a quarter, whatever train draws.
+  validation = collections.Counter(s["kind"] for s, _ in scenes("validation", 400, spec=spec))
+  assert set(validation) == set(S.KINDS)
+  assert all(70 < n < 130 for n in validation.values()), validation
+  assert np.allclose(S.Spec().kind_probabilities("train"), 0.25)
+  for bad in ([("single", -1)], [("single", "many")], [("pairs", 1)],
+              [("single", 1), ("single", 2)], [("single", 0), ("count", 0)],
+              [("single", float("inf"))]):
+    with pytest.raises(ValueError, match="train kind"):
+      S.Spec(train_kinds=bad)
+
+
 def _shows_pair(scene, pairs):
   return any((o["color"], o["shape"]) in pairs for o in scene["objects"])
 
@@ -366,6 +385,21 @@ def test_cli_writes_three_readable_shard_sets(tmp_path, capsys):
         assert np.allclose(corner, np.round(corner / 2) * 2, atol=1e-3)
   printed = capsys.readouterr().out
   assert "images/s" in printed and "40 records" in printed
+
+
+def test_cli_train_kinds(tmp_path, capsys):
+  S.main(["--out", str(tmp_path), "--num", "30", "--num_validation", "40",
+          "--train_kinds", "relation:1"])
+  train = records.ShardSet.open(tmp_path / "train")
+  assert {r["extra"]["scene"]["kind"] for r in train.read_all()} == {"relation"}
+  assert train.meta["train_kinds"] == {"single": 0, "count": 0, "binding": 0, "relation": 1}
+  validation = records.ShardSet.open(tmp_path / "validation").read_all()
+  assert {r["extra"]["scene"]["kind"] for r in validation} == set(S.KINDS)
+  with pytest.raises(SystemExit):
+    S.main(["--out", str(tmp_path), "--num", "5", "--train_kinds", "relation:-1"])
+  with pytest.raises(SystemExit):
+    S.main(["--out", str(tmp_path), "--num", "5", "--train_kinds", "relation"])
+  capsys.readouterr()
 
 
 def test_cli_defaults(tmp_path, capsys):

@@ -3,6 +3,7 @@
   python -m parti_jax.data.shapes --out DIR --num N [--resolution 32] [--num_validation V]
       [--num_heldout H] [--seed S] [--num_shards K] [--heldout_pairs red:star,blue:heart]
       [--heldout_triples circle:above:triangle] [--lattice L]
+      [--train_kinds single:1,count:1,binding:1,relation:1]
 
 writes three shard sets, DIR/train, DIR/validation and DIR/heldout, of PNG images with one
 caption each. Scenes hold 1 to 4 non-overlapping objects (6 shapes, 8 colors, 2 sizes) on
@@ -14,7 +15,9 @@ pixels; captions come from a fixed grammar of four kinds:
   binding   "a red circle and a blue square"
   relation  "a red circle to the left of a blue square"   (also right of, above, below)
 
-A binding caption names its objects in reading order (`reading_order`).
+A binding caption names its objects in reading order (`reading_order`). Train draws the
+four kinds with the weights of `--train_kinds` (equally by default); validation and heldout
+always draw them equally, so their scores by kind compare across train mixes.
 
 Some compositions are held out of train and validation: (color, shape) pairs on any
 object, and (object, relation, object) triples in relation scenes, where an object is a
@@ -134,6 +137,24 @@ def _triple(item) -> tuple[str, str, str]:
   return " ".join(first.split()), relation, " ".join(second.split())
 
 
+def _kind_weights(items) -> tuple:
+  """((kind, weight), ...) for every kind, in KINDS order; kinds not named weigh 0."""
+  weights = {}
+  for item in items:
+    kind, weight = item
+    try:
+      weight = float(weight)
+    except (TypeError, ValueError):
+      weight = math.nan  # refused just below, with the item named
+    if kind not in KINDS or kind in weights or not 0 <= weight < math.inf:
+      raise ValueError(f"train kind {item!r}: needs a kind of {list(KINDS)}, named once, and "
+                       "a finite weight >= 0")
+    weights[kind] = weight
+  if not sum(weights.values()) > 0:
+    raise ValueError(f"train kinds {list(items)!r}: some kind needs a weight > 0")
+  return tuple((k, weights.get(k, 0.0)) for k in KINDS)
+
+
 def _two_large_fit(resolution: int, lattice: int) -> bool:
   """Whether some lattice step puts two large objects apart inside the image."""
   side, gap = SIZES["large"] * resolution, GAP * resolution
@@ -151,6 +172,9 @@ class Spec:
   # corner on multiples of N pixels (and may touch the image edge), so with N the image
   # tokenizer's patch size an object shows the same patches wherever it stands.
   lattice: int = 0
+  # How often the train split draws each kind of caption. Two-object kinds are the hard
+  # ones; the demo draws them more often (configured in parti_jax/demo.py).
+  train_kinds: tuple = tuple((k, 1.0) for k in KINDS)
 
   def __post_init__(self):
     if self.resolution < MIN_RESOLUTION:
@@ -163,6 +187,13 @@ class Spec:
     object.__setattr__(self, "heldout_pairs", tuple(_pair(p) for p in self.heldout_pairs))
     object.__setattr__(self, "heldout_triples",
                        tuple(_triple(t) for t in self.heldout_triples))
+    object.__setattr__(self, "train_kinds", _kind_weights(self.train_kinds))
+
+  def kind_probabilities(self, split: str) -> np.ndarray:
+    """P(kind) in KINDS order: train's weights for train, equal for the other splits."""
+    weights = np.array([w for _, w in self.train_kinds]) if split == "train" else np.ones(
+        len(KINDS))
+    return weights / weights.sum()
 
 
 # --- captions ----------------------------------------------------------------------------
@@ -541,8 +572,8 @@ def _group(rng, color: str, shape: str) -> list[dict]:
   return [{"color": color, "shape": shape, "size": size} for _ in range(n)]
 
 
-def _sample_any(rng, spec: Spec):
-  kind = _choice(rng, KINDS)
+def _sample_any(rng, spec: Spec, kinds: np.ndarray):
+  kind = KINDS[int(rng.choice(len(KINDS), p=kinds))]
   first = _random_object(rng)
   if kind == "single":
     return _build(rng, kind, [first], spec)
@@ -599,8 +630,9 @@ def sample_scene(rng: np.random.Generator, spec: Spec, split: str) -> tuple[dict
     scene, caption = sample(rng, target, spec)
     assert is_heldout(scene, spec), scene
     return scene, caption
+  kinds = spec.kind_probabilities(split)
   for _ in range(1000):
-    scene, caption = _sample_any(rng, spec)
+    scene, caption = _sample_any(rng, spec, kinds)
     if not is_heldout(scene, spec):
       return scene, caption
   raise RuntimeError("the held-out compositions leave almost nothing to train on")
@@ -675,7 +707,8 @@ def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
         colors={k: list(v) for k, v in COLORS.items()}, shapes=list(SHAPES),
         sizes=dict(SIZES), relations=list(RELATIONS),
         heldout_pairs=[list(p) for p in spec.heldout_pairs],
-        heldout_triples=[list(t) for t in spec.heldout_triples], lattice=spec.lattice)
+        heldout_triples=[list(t) for t in spec.heldout_triples], lattice=spec.lattice,
+        train_kinds=dict(spec.train_kinds))
   total = sum(counts.values())
   return {"counts": counts, "shards": shards, "seconds": seconds,
           "images_per_second": total / seconds if seconds else float("nan")}
@@ -710,9 +743,13 @@ def main(argv=None):
                       f"relations {', '.join(RELATIONS)} ('' for none)")
   p.add_argument("--lattice", type=int, default=0,
                  help="put objects on multiples of this many pixels (0: anywhere)")
+  p.add_argument("--train_kinds", default=",".join(f"{k}:1" for k in KINDS),
+                 type=lambda s: _split_list(s, 2, "train kind"),
+                 help="kind:weight,... how often train draws each kind (unnamed: never); "
+                      "validation and heldout draw all equally")
   a = p.parse_args(argv)
   try:
-    spec = Spec(a.resolution, a.heldout_pairs, a.heldout_triples, a.lattice)
+    spec = Spec(a.resolution, a.heldout_pairs, a.heldout_triples, a.lattice, a.train_kinds)
   except ValueError as e:
     p.error(str(e))
   if a.num_heldout and not (spec.heldout_pairs or spec.heldout_triples):
