@@ -54,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
   # 2-D rotary embeddings in the decoder's self-attention, on top of the learned positions
   # (parti_jax.model): attention sees row and column offsets, the same at every place.
   m.image_rope = False
+  # 1-D rotary embeddings in the encoder's self-attention, on top of the learned positions:
+  # attention sees word offsets, which bind a color word to the shape after it.
+  m.text_rope = False
   m.share_image_embedding = True  # decoder input embedding doubles as the output projection
   m.remat = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
   m.attention_impl = "xla"  # "xla" everywhere, "cudnn" for fused attention on NVIDIA GPUs
@@ -296,6 +299,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   need(not m.get("image_rope", False) or head_dim(m) % 4 == 0,
        f"model.image_rope needs a head dimension divisible by 4 (half for rows, half for "
        f"columns, in pairs); it is {head_dim(m)}")
+  need(not m.get("text_rope", False) or head_dim(m) % 2 == 0,
+       f"model.text_rope needs an even head dimension (rotated in pairs); it is {head_dim(m)}")
   need(config.optimizer.name in ("adafactor", "adamw"),
        f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
   need(config.schedule.name in SCHEDULES,

@@ -10,7 +10,10 @@ in the image each token lies without paying for a full grid table. With `model.i
 the decoder's self-attention also rotates queries and keys by their row and column (2-D
 rotary embeddings): attention then sees the offset between two tokens directly, so what
 the model learns about one place in the image (the patch above belongs to the same
-object) holds at every place.
+object) holds at every place. With `model.text_rope` the encoder's self-attention rotates
+by text position (1-D rotary embeddings): "red circle and blue square" and "red square and
+blue circle" hold the same words, and only their order binds a color to its shape, which
+attention then sees as an offset, the same wherever the phrase starts.
 
 Layers of each stack are created with `nnx.vmap` (parameters get a leading "layers"
 axis) and run with `nnx.scan`, so compile time does not grow with depth. Parameters
@@ -133,17 +136,24 @@ class Attention(nnx.Module):
     return constrain(self.out(out), "batch", "length", "embed")
 
 
-def rotary_2d(rows, cols, head_dim: int):
-  """cos and sin [..., head_dim // 2] of 2-D rotary embeddings at grid positions (rows, cols).
+def _angles(positions, count: int):
+  """[..., count]: positions turned at `count` geometrically spaced frequencies, from 1
+  radian per position down towards 1/10000 (the base of 1-D rotary embeddings)."""
+  freqs = 10_000.0 ** (-jnp.arange(count, dtype=jnp.float32) / count)
+  return positions[..., None] * freqs
 
-  The first half of the rotated pairs turns with the row, the second with the column, each
-  at head_dim / 4 geometrically spaced frequencies from 1 radian per position down towards
-  1/10000 (the base of 1-D rotary embeddings). Written here because flax has no rotary
-  embedding layer.
-  """
-  quarter = head_dim // 4
-  freqs = 10_000.0 ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
-  angles = jnp.concatenate([rows[..., None] * freqs, cols[..., None] * freqs], -1)
+
+def rotary_1d(positions, head_dim: int):
+  """cos and sin [..., head_dim // 2] of 1-D rotary embeddings at sequence `positions`.
+  Written here, as rotary_2d, because flax has no rotary embedding layer."""
+  angles = _angles(positions, head_dim // 2)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotary_2d(rows, cols, head_dim: int):
+  """cos and sin [..., head_dim // 2] of 2-D rotary embeddings at grid positions (rows, cols):
+  the first half of the rotated pairs turns with the row, the second with the column."""
+  angles = jnp.concatenate([_angles(rows, head_dim // 4), _angles(cols, head_dim // 4)], -1)
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -346,7 +356,10 @@ class Parti(nnx.Module):
     x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
     x = constrain(x, "batch", "length", "embed")
     mask = (text_tokens != PAD_ID)[:, None, None, :]
-    return self.encoder(x, mask, dropout_key=dropout_key), mask
+    rotary = None
+    if self.config.get("text_rope", False):  # runs saved before the field existed have none
+      rotary = rotary_1d(jnp.arange(text_tokens.shape[1]), config_lib.head_dim(self.config))
+    return self.encoder(x, mask, dropout_key=dropout_key, rotary=rotary), mask
 
   def _image_positions(self):
     """[N, d_model]: the row plus column embedding of each raster position."""

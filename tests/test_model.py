@@ -96,6 +96,38 @@ def test_image_rope_changes_the_decoder_and_needs_head_dim_divisible_by_4(tiny):
     config_lib.check(bad, 1)
 
 
+def test_text_rope_makes_the_encoder_see_word_order(tiny):
+  c, _ = tiny
+  rope = c.model.copy_and_resolve_references()
+  rope.text_rope = True
+  encode = nnx.jit(lambda model, text: model.encode(text)[0])
+  text = (jnp.arange(c.model.text_len) % (c.model.text_vocab_size - 1) + 1)[None]  # no pads
+  swapped = text.at[:, 2].set(text[:, 4]).at[:, 4].set(text[:, 2])
+  outputs = {}
+  for name, m in (("plain", c.model), ("rope", rope)):
+    model = model_lib.Parti(m, rngs=nnx.Rngs(0))
+    # Without learned positions, attention alone is blind to order: two words swapped
+    # leave the encoding of every other word as it was. Rotations by position are not.
+    model.text_pos[...] = jnp.zeros_like(model.text_pos[...])
+    outputs[name] = encode(model, text), encode(model, swapped)
+  plain, rotated = outputs["plain"], outputs["rope"]
+  np.testing.assert_allclose(plain[0][:, 0], plain[1][:, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain[0][:, 2], plain[1][:, 4], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(rotated[0][:, 0], rotated[1][:, 0], atol=1e-4)
+  # 1-D rotations: a query-key score depends on the offset between positions only.
+  rng = np.random.default_rng(1)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32) for _ in range(2))
+  score = lambda i, j: np.asarray(jnp.sum(
+      model_lib.rotate(q, model_lib.rotary_1d(jnp.array([i]), 16))
+      * model_lib.rotate(k, model_lib.rotary_1d(jnp.array([j]), 16)), -1))
+  np.testing.assert_allclose(score(5, 2), score(9, 6), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(score(5, 2), score(5, 3), atol=1e-3)
+  bad = load_config("parti_tiny")
+  bad.model.update(text_rope=True, d_model=60, num_heads=4)  # head dim 15
+  with pytest.raises(config_lib.ConfigError, match="model.text_rope needs an even head"):
+    config_lib.check(bad, 1)
+
+
 def test_conv_mask_is_causal_and_local():
   c = load_config("parti_tiny").model
   c.image_grid, c.decoder_attention, c.conv_kernel_rows, c.conv_kernel_cols = 5, "conv", 2, 3
