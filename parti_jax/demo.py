@@ -5,9 +5,10 @@
 Seven stages, each an ordinary command of the package that the demo only chains (it prints
 each command before running it, so the same steps can be run by hand on a user's own data):
 
-  1. shapes     render the shapes dataset: train (held-out compositions left out),
-                validation, and heldout (only held-out compositions), objects on an
-                8 px lattice (the tokenizer's patch size)
+  1. shapes     render the shapes dataset: train (held-out compositions left out; the
+                two-object kinds drawn more often), validation, and heldout (only
+                held-out compositions), objects on an 8 px lattice (the tokenizer's
+                patch size)
   2. spm        train the SentencePiece model on the train captions
   3. tokenizer  train a tiny ViT-VQGAN on the train images (the real trainer)
   4. encode     turn train and validation images into token shards
@@ -61,7 +62,8 @@ class Demo:
     a = self.a
     return [python("parti_jax.data.shapes", "--out", self.data, "--num", a.train_images,
                    "--num_validation", a.eval_prompts, "--num_heldout", a.eval_prompts,
-                   "--resolution", 32, "--lattice", a.lattice, "--seed", a.seed)]
+                   "--resolution", 32, "--lattice", a.lattice, "--seed", a.seed,
+                   "--train_kinds", a.train_kinds)]
 
   def spm(self):
     return [python("parti_jax.data.spm", "--data", self.data / "train",
@@ -261,6 +263,10 @@ def main(argv=None):
                  "patches, so each shows the same codes wherever it stands and no patch "
                  "shows two objects; 0 puts objects anywhere, which the demo's small Parti "
                  "learns far less well (BENCHMARKS.md)")
+  p.add_argument("--train_kinds", default="single:1,count:1,binding:2,relation:3",
+                 help="how often the train split draws each kind of caption; validation "
+                 "and held-out prompts draw them equally. Drawing the two-object kinds "
+                 "more often raised the seen score from 83% to 92.5% (BENCHMARKS.md)")
   p.add_argument("--tokenizer_steps", type=int, default=1000)
   p.add_argument("--parti_steps", type=int, default=5000)
   p.add_argument("--guidance", type=float, default=1.5,

@@ -35,8 +35,13 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
   for split in ("train", "validation", "heldout"):
     assert records.ShardSet.open(tmp_path / "data" / split).meta["lattice"] == 8
   assert report["settings"]["lattice"] == 8
+  # Train draws the two-object kinds more often than the prompts it is scored on.
+  weights = records.ShardSet.open(tmp_path / "data" / "train").meta["train_kinds"]
+  assert weights["relation"] > weights["single"] and weights["binding"] > weights["count"]
   tokenizer = json.loads((tmp_path / "tokenizer" / "config.json").read_text())["model"]
   assert tokenizer["patch_size"] == 8  # one object's quarter per patch
+  parti = json.loads((tmp_path / "parti" / "config.json").read_text())["model"]
+  assert parti["text_rope"]  # word order binds colors to shapes
   assert report["tokenizer"]["eval_psnr"] > 0
   # The bound the tokenizer sets: the validation renders judged after its round trip.
   ceiling = json.loads((tmp_path / "eval_reconstructions.json").read_text())
