@@ -6,7 +6,7 @@
 
 Stage 5 of `python -m parti_jax.demo`. Width 128, 3 encoder and 3 decoder blocks, 16 text
 tokens (the demo's SentencePiece model: 128 BPE pieces, whole words), 16 image tokens from
-1024 codes; 5000 steps of batch 16 take 350 to 420 s on 2 cores. On the demo's data expect a
+1024 codes; 6000 steps of batch 16 take 420 to 500 s on 2 cores. On the demo's data expect a
 validation loss of about 0.37 and about 90% of the validation prompts drawn right.
 
 1-D rotary embeddings in the encoder (`model.text_rope`): "a red circle and a blue square"
@@ -41,7 +41,7 @@ def get_config():
   c.data.kind = "tokens"
   c.data.caption_dropout = 0.1
   c.global_batch_size = 16
-  c.num_train_steps = 5000
+  c.num_train_steps = 6000
   c.optimizer.learning_rate = 3e-3
   c.schedule.update(name="warmup_cosine", warmup_steps=100, final_ratio=0.05)
   c.train.update(log_every=50, eval_every=1000, checkpoint_every=500, eval_batch_size=64)

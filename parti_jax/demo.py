@@ -268,7 +268,7 @@ def main(argv=None):
                  "and held-out prompts draw them equally. Drawing the two-object kinds "
                  "more often raised the seen score from 83% to 92.5% (BENCHMARKS.md)")
   p.add_argument("--tokenizer_steps", type=int, default=1000)
-  p.add_argument("--parti_steps", type=int, default=5000)
+  p.add_argument("--parti_steps", type=int, default=6000)
   p.add_argument("--guidance", type=float, default=1.5,
                  help="classifier-free guidance scale (1.0 to 1.5 score alike on the demo "
                  "model, 3 far worse: BENCHMARKS.md)")
