@@ -16,7 +16,8 @@ blue circle" hold the same words, and only their order binds a color to its shap
 attention then sees as an offset, the same wherever the phrase starts.
 
 Layers of each stack are created with `nnx.vmap` (parameters get a leading "layers"
-axis) and run with `nnx.scan`, so compile time does not grow with depth. Parameters
+axis) and run with `nnx.scan`, so compile time does not grow with depth (`model.scan_unroll`
+layers per loop iteration: more compiles longer, and runs a tiny model faster on a CPU). Parameters
 are float32; matmuls run in `model.dtype`; layer norms, softmax and the output logits
 are float32. Every parameter and the main activations carry logical axis names, which
 `parti_jax.sharding` maps onto the device mesh.
@@ -261,6 +262,7 @@ class Stack(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.num_layers = num_layers
     self.remat = m.remat
+    self.unroll = m.get("scan_unroll", 1)  # configs saved before the field existed: 1
     self.final_norm = LayerNorm(m.d_model, jnp.dtype(m.dtype), rngs)  # Parti's extra LN
 
   def __call__(self, x, self_mask, context=None, cross_mask=None, dropout_key=None,
@@ -272,7 +274,7 @@ class Stack(nnx.Module):
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
     keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
     scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, None if keys is None else 0),
-                    out_axes=nnx.Carry)
+                    out_axes=nnx.Carry, unroll=self.unroll)
     return self.final_norm(scan(x, self.blocks, keys))
 
   def cross_keys_values(self, context):
@@ -290,7 +292,8 @@ class Stack(nnx.Module):
 
     # The cache rides in the carry and is updated in place at each layer's index: as a
     # scanned output it would be copied whole at every step.
-    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=nnx.Carry)
+    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=nnx.Carry,
+                    unroll=self.unroll)
     x, cache = scan((x, cache), self.blocks, jnp.arange(self.num_layers), *cross_kv)
     return self.final_norm(x), cache
 

@@ -40,7 +40,7 @@ def side_config(m: ml_collections.ConfigDict, side: str) -> ml_collections.Confi
   return ml_collections.ConfigDict(dict(
       d_model=s.d_model, num_heads=s.num_heads, head_dim=s.get("head_dim", -1),
       mlp_dim=s.mlp_dim, dtype=m.dtype, dropout_rate=m.dropout_rate, remat=m.remat,
-      attention_impl=m.attention_impl))
+      scan_unroll=m.get("scan_unroll", 1), attention_impl=m.attention_impl))
 
 
 def _linear(i, o, names, dtype, rngs, use_bias=True):
