@@ -8,11 +8,12 @@ Stage 5 of `python -m parti_jax.demo`. Width 128, 3 encoder and 3 decoder blocks
 tokens (the demo's SentencePiece model: 128 BPE pieces, whole words), 16 image tokens from
 1024 codes; 6000 steps of batch 16 take about 6 minutes on 2 cores. The layers run unrolled
 (`model.scan_unroll=3`): 55 ms a step against 81 scanned. On the demo's data expect a
-validation loss of about 0.3 and about 90% of the validation prompts drawn right.
+validation loss of 0.27 to 0.36 (it depends on the tokenizer's codes) and 88 to 90% of the
+validation prompts drawn right.
 
 1-D rotary embeddings in the encoder (`model.text_rope`): "a red circle and a blue square"
 and "a red square and a blue circle" hold the same words, and without them the model drew
-the swapped scene for a third of the two-object prompts. On the demo's data (train kinds
+the swapped scene for one in five two-object prompts. On the demo's data (train kinds
 weighted 1:1:2:3, 5000 steps, 2000 validation prompts) 92.5% of prompts came out right with
 them and 73.3% without (relations 91% against 38%); BENCHMARKS.md.
 
