@@ -14,12 +14,12 @@ restart (`model.dead_code_restart_every`) replaces the entries no latent of one 
 which needs many more latents per batch than codes in use (with the narrow decoder and 512
 codes: 51% at batch 16, 64% at 128). Trained on L2 alone (as Parti's decoder); the decoder
 sees the continuous latents for the first 65% of the steps (`model.quantize_start`):
-quantized from the start, the narrow one scored 58% against 64%. On the demo's data expect an evaluation PSNR of about 31 dB after 1000
-steps, and the shapes evaluator to judge about 93% of its reconstructions of validation
-renders right (88% for the 4 px-patch tokenizer the demo used before, at 29 dB). It
-reconstructs about a third of the held-out renders: it learned its codes from the train
-images, which show no red star. Layers run unrolled (`model.scan_unroll=2`): a step takes
-9% less time than scanned on 2 cores.
+quantized from the start, the narrow one scored 58% against 64%. On the demo's data expect
+an evaluation PSNR of 31 to 32 dB after 1000 steps, and the shapes evaluator to judge about
+93% of its reconstructions of validation renders right (88% for the 4 px-patch tokenizer
+the demo used before, at 29 dB). It reconstructs about a third of the held-out renders: it
+learned its codes from the train images, which show no red star. Layers run unrolled
+(`model.scan_unroll=2`): a step takes 9% less time than scanned on 2 cores.
 """
 
 from parti_jax import config as common

@@ -16,11 +16,12 @@ blue circle" hold the same words, and only their order binds a color to its shap
 attention then sees as an offset, the same wherever the phrase starts.
 
 Layers of each stack are created with `nnx.vmap` (parameters get a leading "layers"
-axis) and run with `nnx.scan`, so compile time does not grow with depth (`model.scan_unroll`
-layers per loop iteration: more compiles longer, and runs a tiny model faster on a CPU). Parameters
-are float32; matmuls run in `model.dtype`; layer norms, softmax and the output logits
-are float32. Every parameter and the main activations carry logical axis names, which
-`parti_jax.sharding` maps onto the device mesh.
+axis) and run with `nnx.scan`, so compile time does not grow with depth
+(`model.scan_unroll` layers per loop iteration: more compiles longer, and runs a tiny
+model faster on a CPU). Parameters are float32; matmuls run in `model.dtype`; layer
+norms, softmax and the output logits are float32. Every parameter and the main
+activations carry logical axis names, which `parti_jax.sharding` maps onto the device
+mesh.
 """
 
 import math
