@@ -117,6 +117,14 @@ def test_same_seed_same_bytes():
   assert [r["captions"] for r in validation] != [r["captions"] for r in a]
 
 
+def test_worker_processes_render_the_same_bytes():
+  spec = S.Spec(resolution=32, lattice=8)
+  num = 2 * S.RENDER_CHUNK + 3  # enough for the worker pool, with a short last chunk
+  parallel = S.make_split(spec, "train", num, seed=3, workers=2)
+  assert [records.pack(r) for r in parallel] == [
+      records.pack(r) for r in S.make_split(spec, "train", num, seed=3)]
+
+
 def test_train_kinds_weigh_train_only():
   spec = S.Spec(train_kinds=[("relation", "3"), ("binding", 1)])
   assert spec.train_kinds == (("single", 0.0), ("count", 0.0), ("binding", 1.0),

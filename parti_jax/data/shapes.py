@@ -32,8 +32,12 @@ Every caption parses back (`parse_caption`) into the fields stored with its scen
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import multiprocessing
+import os
 import pathlib
 import time
 
@@ -72,6 +76,7 @@ NUMBERS = {2: "two", 3: "three", 4: "four"}
 SPLITS = ("train", "validation", "heldout")
 
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, exact flat colors
+RENDER_CHUNK = 256  # records a rendering worker takes at a time (smaller splits: in process)
 BORDER = 0.03  # free margin between objects and the image edge, fraction of the side
 GAP = 0.04  # free space between objects' boxes, fraction of the side
 DOMINANCE = 2.0  # a relation's axis separation is at least this times the other axis'
@@ -673,17 +678,35 @@ def make_record(spec: Spec, split: str, seed: int, index: int) -> dict:
           "captions": [caption], "extra": {"scene": scene}}
 
 
-def make_split(spec: Spec, split: str, num: int, seed: int = 0,
-               progress: bool = False) -> list[dict]:
-  """`num` records of `split`, the same bytes for the same arguments."""
-  return [make_record(spec, split, seed, i)
-          for i in tqdm.tqdm(range(num), desc=f"rendering {split}", unit="img",
-                             disable=not progress)]
+def available_cpus() -> int:
+  """CPUs this process may run on (a container's or a job's share, where the OS tells)."""
+  if hasattr(os, "sched_getaffinity"):  # Linux; macOS has only the machine's count
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def make_split(spec: Spec, split: str, num: int, seed: int = 0, progress: bool = False,
+               workers: int = 1) -> list[dict]:
+  """`num` records of `split`, the same bytes for the same arguments (any `workers`).
+
+  With `workers` > 1 the records are rendered in that many processes: each record has its
+  own random stream, so who renders it does not change its bytes.
+  """
+  bar = functools.partial(tqdm.tqdm, total=num, desc=f"rendering {split}", unit="img",
+                          disable=not progress)
+  one = functools.partial(make_record, spec, split, seed)
+  if workers <= 1 or num < 2 * RENDER_CHUNK:
+    return [one(i) for i in bar(range(num))]
+  # "spawn": a fresh interpreter per worker, safe even where the caller has started JAX's
+  # threads (fork would copy them); the module imports in well under a second.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    return list(bar(pool.map(one, range(num), chunksize=RENDER_CHUNK)))
 
 
 def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
           num_heldout: int | None = None, seed: int = 0, num_shards: int = 1,
-          progress: bool = True) -> dict:
+          progress: bool = True, workers: int = 1) -> dict:
   """Writes OUT/train, OUT/validation and OUT/heldout; returns counts and render speed."""
   out_dir = pathlib.Path(out_dir)
   default = max(num // 10, 1)
@@ -696,7 +719,7 @@ def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
   seconds, shards = 0.0, {}
   for split, count in counts.items():
     start = time.perf_counter()
-    recs = make_split(spec, split, count, seed, progress)
+    recs = make_split(spec, split, count, seed, progress, workers)
     seconds += time.perf_counter() - start
     # Never an empty shard: a split smaller than num_shards gets one shard per record.
     shards[split] = max(1, min(num_shards, count))
@@ -734,6 +757,8 @@ def main(argv=None):
   p.add_argument("--num_heldout", type=int, default=None, help="default max(num // 10, 1)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num_shards", type=int, default=1, help="shards per split")
+  p.add_argument("--workers", type=int, default=available_cpus(),
+                 help="rendering processes (default: one per CPU); the bytes do not depend on it")
   p.add_argument("--heldout_pairs", default="red:star,blue:heart",
                  type=lambda s: _split_list(s, 2, "held-out pair"),
                  help="color:shape,... never seen in train ('' for none)")
@@ -754,7 +779,10 @@ def main(argv=None):
     p.error(str(e))
   if a.num_heldout and not (spec.heldout_pairs or spec.heldout_triples):
     p.error("--num_heldout > 0 needs --heldout_pairs or --heldout_triples")
-  result = write(a.out, spec, a.num, a.num_validation, a.num_heldout, a.seed, a.num_shards)
+  if a.workers < 1:
+    p.error(f"--workers={a.workers}: needs at least 1")
+  result = write(a.out, spec, a.num, a.num_validation, a.num_heldout, a.seed, a.num_shards,
+                 workers=a.workers)
   for split, count in result["counts"].items():
     print(f"{pathlib.Path(a.out) / split}: {count} records in {result['shards'][split]} "
           "shard(s)")
