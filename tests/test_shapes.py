@@ -1,6 +1,7 @@
 """The shapes dataset: captions that parse back, held-out splits, geometry, pixels, the CLI."""
 
 import collections
+import concurrent.futures
 import json
 
 import numpy as np
@@ -117,12 +118,22 @@ def test_same_seed_same_bytes():
   assert [r["captions"] for r in validation] != [r["captions"] for r in a]
 
 
-def test_worker_processes_render_the_same_bytes():
+def test_worker_processes_render_the_same_bytes(monkeypatch):
+  pools = []
+
+  class CountedPool(concurrent.futures.ProcessPoolExecutor):
+    def __init__(self, *args, **kwargs):
+      pools.append(args[0] if args else kwargs.get("max_workers"))
+      super().__init__(*args, **kwargs)
+
+  monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountedPool)
   spec = S.Spec(resolution=32, lattice=8)
   num = 2 * S.RENDER_CHUNK + 3  # enough for the worker pool, with a short last chunk
   parallel = S.make_split(spec, "train", num, seed=3, workers=2)
+  assert pools == [2]  # rendered by two real worker processes
   assert [records.pack(r) for r in parallel] == [
       records.pack(r) for r in S.make_split(spec, "train", num, seed=3)]
+  assert pools == [2]  # one worker, the default: in this process
 
 
 def test_train_kinds_weigh_train_only():
