@@ -292,8 +292,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       problems.append(msg)
 
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}")
-  need(m.get("scan_unroll", 1) >= 1,
-       f"model.scan_unroll={m.get('scan_unroll')} must be at least 1 (layers per iteration)")
+  problems += _scan_unroll_problems(m)
   need(m.decoder_attention in ("dense", "conv"),
        f"model.decoder_attention={m.decoder_attention!r} is not 'dense' or 'conv'")
   need(m.attention_impl in ("xla", "cudnn"),
@@ -344,6 +343,13 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   return tuple(shape[a] for a in MESH_AXES)
 
 
+def _scan_unroll_problems(m: ml_collections.ConfigDict) -> list[str]:
+  """Both models' layer stacks read `model.scan_unroll` (parti_jax/model.py: Stack)."""
+  unroll = m.get("scan_unroll", 1)
+  return [] if unroll >= 1 else [
+      f"model.scan_unroll={unroll} must be at least 1 (layers per iteration)"]
+
+
 def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
   m, sizes, problems = config.model, dict(zip(MESH_AXES, shape)), []
   if m.resolution % m.patch_size:
@@ -357,9 +363,7 @@ def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
     if s.num_heads % sizes["tensor"] or s.mlp_dim % sizes["tensor"]:
       problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
-  if m.get("scan_unroll", 1) < 1:
-    problems.append(f"model.scan_unroll={m.scan_unroll} must be at least 1 (layers per "
-                    "iteration)")
+  problems += _scan_unroll_problems(m)
   w = config.loss
   if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
     problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "
