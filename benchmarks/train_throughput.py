@@ -79,6 +79,14 @@ def time_steps(config, steps: int) -> dict:
   return dict(step_time_s=float(np.median(times)), compile_s=compile_s, loss=loss)
 
 
+def log_trial(config, result: dict) -> None:
+  """One line per timed batch size on stderr, so a search cut short still leaves figures."""
+  if jax.process_index() == 0:
+    tflops = flops.train_step_flops(config) / result["step_time_s"] / jax.device_count() / 1e12
+    print(json.dumps(dict(global_batch=config.global_batch_size,
+                          model_tflops_per_s_per_device=tflops, **result)), file=sys.stderr)
+
+
 def _is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
@@ -97,6 +105,7 @@ def main(argv):
   on_cpu = jax.devices()[0].platform == "cpu"
   cpu_peak_before = flops.cpu_matmul_peak_tflops() if on_cpu and not _PEAK.value else None
   result = time_steps(config, _STEPS.value)
+  log_trial(config, result)
   while _FIND_MAX_BATCH.value:
     bigger = config.copy_and_resolve_references()
     bigger.global_batch_size *= 2
@@ -109,6 +118,7 @@ def main(argv):
             f"keeping {config.global_batch_size}", file=sys.stderr)
       break
     config, result = bigger, trial
+    log_trial(config, result)
 
   if jax.process_index() != 0:
     return  # every process timed the same global steps; process 0 reports

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The accelerator figures BENCHMARKS.md asks for, in one go, on one GPU (or TPU host):
+#
+#   bash benchmarks/gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]
+#
+# 1. ViT-VQGAN Small at 256 px, batch 64: encode/decode images/s and the train step;
+# 2. Parti 350M sampling at batch 64, with and without guidance, against its bandwidth floor;
+# 3. Parti 350M training in bf16 at the largest batch that fits (doubling from 16);
+# 4. train_cudnn: the same with cuDNN fused attention (`model.attention_impl=cudnn`), from the
+#    largest batch of step 3 up.
+# NAMEs (tokenizer, sampling, train_xla, train_cudnn) pick some; all four run by default.
+# Each writes OUTDIR/NAME.log (everything printed) and OUTDIR/NAME.json (its result line).
+# Accelerator time is usually rationed, so the whole run keeps to TOTAL_SECONDS (default 900):
+# each benchmark gets at most its own cap and never more than what is left, and one that fails
+# or runs out of time is reported and the next one still runs. The training search prints one
+# line per batch size as it goes, so a search cut short still leaves its figures in the log.
+set -uo pipefail
+
+out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
+deadline=$((SECONDS + ${2:-900}))
+shift $(($# < 2 ? $# : 2))
+names=" ${*:-tokenizer sampling train_xla train_cudnn} "
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+# Let the training search use the whole card, not JAX's default 75% of it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+export PYTHONUNBUFFERED=1
+
+bench() {  # NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2 left=$((deadline - SECONDS))
+  shift 2
+  [[ $names == *" $name "* ]] || return 0
+  if ((left < 30)); then
+    echo "== $name: skipped, ${left}s left" | tee "$out/$name.log"
+    return
+  fi
+  local limit=$((cap < left ? cap : left)) start=$SECONDS
+  echo "== $name (at most ${limit}s): $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  grep '^{' "$out/$name.log" | tail -n 1 >"$out/$name.json"
+  echo "== $name: exit $rc after $((SECONDS - start))s"
+  tail -n 3 "$out/$name.log"
+}
+
+python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
+  --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
+bench sampling 240 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64
+bench train_xla 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
+  --config.global_batch_size=16 --find_max_batch --steps 10
+# Flash attention needs less memory: start from the batch the XLA attention search ended at.
+batch=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_batch"])' \
+  "$out/train_xla.json" 2>/dev/null || echo 16)
+bench train_cudnn 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
+  --config.global_batch_size="$batch" --find_max_batch --steps 10 \
+  --config.model.attention_impl=cudnn
