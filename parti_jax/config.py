@@ -63,7 +63,10 @@ def base() -> ml_collections.ConfigDict:
   # model on a CPU steps about a third faster with all its layers in one iteration (the
   # demo's Parti: 55 ms against 81; configs/demo_parti.py).
   m.scan_unroll = 1
-  m.attention_impl = "xla"  # "xla" everywhere, "cudnn" for fused attention on NVIDIA GPUs
+  # "auto": cuDNN's fused attention on NVIDIA GPUs where it applies (16-bit matmuls, heads
+  # at most 128 wide; parti_jax/model.py: attention_impl), XLA's everywhere else. On an H200
+  # the fused kernel nearly doubles 350M training throughput (BENCHMARKS.md). "xla", "cudnn".
+  m.attention_impl = "auto"
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.sharding_rules = DEFAULT_RULES
@@ -186,7 +189,7 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.0
   m.remat = "none"
   m.scan_unroll = 1  # as in Parti's model config
-  m.attention_impl = "xla"
+  m.attention_impl = "auto"  # as in Parti's model config
   # StyleGAN-style discriminator (parti_jax/discriminator.py): channels at full resolution,
   # doubling per halving up to max_channels. channels=0: no discriminator.
   m.discriminator = ml_collections.ConfigDict(dict(channels=64, max_channels=512))
@@ -243,6 +246,7 @@ def vitvqgan(encoder: str, decoder: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- checks
 
 MESH_AXES = ("data", "fsdp", "tensor")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
 SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")
 VOCAB_MULTIPLE = 128  # vocabularies are padded so the logits tile evenly on TPU lanes
@@ -292,11 +296,9 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       problems.append(msg)
 
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}")
-  problems += _scan_unroll_problems(m)
+  problems += _shared_model_problems(m)
   need(m.decoder_attention in ("dense", "conv"),
        f"model.decoder_attention={m.decoder_attention!r} is not 'dense' or 'conv'")
-  need(m.attention_impl in ("xla", "cudnn"),
-       f"model.attention_impl={m.attention_impl!r} is not 'xla' or 'cudnn'")
   need(m.dtype in ("float32", "bfloat16", "float16"),
        f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
   need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
@@ -343,11 +345,19 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   return tuple(shape[a] for a in MESH_AXES)
 
 
-def _scan_unroll_problems(m: ml_collections.ConfigDict) -> list[str]:
-  """Both models' layer stacks read `model.scan_unroll` (parti_jax/model.py: Stack)."""
+def _shared_model_problems(m: ml_collections.ConfigDict) -> list[str]:
+  """Fields both models' layer stacks read (parti_jax/model.py: Stack, Attention)."""
+  problems = []
   unroll = m.get("scan_unroll", 1)
-  return [] if unroll >= 1 else [
-      f"model.scan_unroll={unroll} must be at least 1 (layers per iteration)"]
+  if unroll < 1:
+    problems.append(f"model.scan_unroll={unroll} must be at least 1 (layers per iteration)")
+  impl = m.get("attention_impl", "auto")
+  if impl not in ATTENTION_IMPLS:
+    problems.append(f"model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+  elif impl == "cudnn" and m.dtype == "float32":
+    problems.append("model.attention_impl='cudnn' needs model.dtype bfloat16 or float16 "
+                    "(cuDNN's fused attention has no float32 kernel); 'auto' picks XLA's here")
+  return problems
 
 
 def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -363,7 +373,7 @@ def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
     if s.num_heads % sizes["tensor"] or s.mlp_dim % sizes["tensor"]:
       problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
-  problems += _scan_unroll_problems(m)
+  problems += _shared_model_problems(m)
   w = config.loss
   if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
     problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "

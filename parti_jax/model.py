@@ -97,6 +97,22 @@ class LayerNorm(nnx.Module):
     return self.norm(x.astype(jnp.float32)).astype(self.dtype)
 
 
+def attention_impl(m: ml_collections.ConfigDict, device=None) -> str:
+  """`model.attention_impl` resolved for `device` (default: JAX's first device).
+
+  "auto" picks cuDNN's fused kernel on an NVIDIA GPU where it applies: 16-bit matmuls and
+  heads at most 128 wide, in multiples of 8. It neither writes nor keeps the attention
+  matrix, which XLA's attention does; everywhere else (CPU, TPU, float32) XLA's attention.
+  """
+  if m.attention_impl != "auto":
+    return m.attention_impl
+  device = device or jax.devices()[0]
+  dim = config_lib.head_dim(m)
+  fits = m.dtype in ("bfloat16", "float16") and dim <= 128 and dim % 8 == 0
+  nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+  return "cudnn" if nvidia and fits else "xla"
+
+
 class Attention(nnx.Module):
   """Multi-head attention; keys and values come from `context` (self or cross)."""
 
@@ -111,7 +127,7 @@ class Attention(nnx.Module):
         (heads, dim), m.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
         dot_general=flat_dot_general,
         kernel_init=_dense_init(("heads", "kv", "embed")))
-    self.impl = m.attention_impl
+    self.impl = attention_impl(m)
 
   def __call__(self, x, context, mask, rotary=None):
     return self.attend(*self.project(x, context, rotary), mask)
@@ -134,8 +150,21 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, mask, impl=None):
     """Queries [B, S, H, D] over keys and values [B, S_kv, H, D] -> [B, S, d_model]."""
     # jax.nn.dot_product_attention: softmax in float32, fused kernels where available.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl or self.impl)
+    impl = impl or self.impl
+    if impl == "cudnn" and mask is not None:
+      mask = full_length_mask(mask, q.shape[1], k.shape[1])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     return constrain(self.out(out), "batch", "length", "embed")
+
+
+def full_length_mask(mask, query_len: int, key_len: int):
+  """A mask [B or 1, H or 1, S or 1, S_kv] broadcast to [B or 1, H or 1, S, S_kv].
+
+  cuDNN's fused attention takes the mask as a bias and requires both sequence dimensions
+  in full; the key-padding masks here ([B, 1, 1, T]) broadcast over queries, which XLA's
+  attention accepts but cuDNN refuses. Batch and heads may stay 1.
+  """
+  return jnp.broadcast_to(mask, mask.shape[:2] + (query_len, key_len))
 
 
 def _angles(positions, count: int):

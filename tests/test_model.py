@@ -1,10 +1,16 @@
 """Model behaviour: causality, masks, padded vocabulary, depth-independent lowering."""
 
+import os
+import shutil
+import subprocess
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import ROOT, load_config
 from flax import nnx
 from helpers import random_batch, setup_on
 
@@ -170,3 +176,91 @@ def test_lowered_train_step_does_not_grow_with_depth():
     sizes.append(len(lowered.as_text().splitlines()))
   # Scanned layers: one copy of the block in the program, whatever the depth.
   assert sizes[0] == sizes[1], sizes
+
+
+def test_full_length_mask_attends_as_the_broadcast_mask_does():
+  """The key-padding mask cuDNN gets (queries in full) must mean what the short one means."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32) for _ in range(3))
+  keys = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]  # [B, 1, 1, S]
+  full = model_lib.full_length_mask(keys, 5, 5)
+  assert full.shape == (2, 1, 5, 5)
+  short_out = jax.nn.dot_product_attention(q, k, v, mask=keys)
+  np.testing.assert_allclose(jax.nn.dot_product_attention(q, k, v, mask=full), short_out,
+                             rtol=1e-6, atol=1e-6)
+  assert not np.allclose(jax.nn.dot_product_attention(q, k, v), short_out)  # the mask matters
+
+
+def test_auto_attention_is_cudnn_only_on_nvidia_gpus_with_16_bit_heads_that_fit():
+  device = lambda platform, kind: types.SimpleNamespace(platform=platform, device_kind=kind)
+  h100, cpu = device("gpu", "NVIDIA H100 80GB HBM3"), device("cpu", "cpu")
+  m = load_config("parti_350m").model  # bf16, 16 heads of 64
+  assert m.attention_impl == "auto"
+  assert model_lib.attention_impl(m, h100) == "cudnn"
+  assert model_lib.attention_impl(m, cpu) == "xla"
+  assert model_lib.attention_impl(m, device("tpu", "TPU v5 lite")) == "xla"
+  assert model_lib.attention_impl(m, device("gpu", "AMD Instinct MI300X")) == "xla"
+  for change in (dict(dtype="float32"), dict(head_dim=256), dict(head_dim=60)):
+    assert model_lib.attention_impl(_changed(m, change), h100) == "xla", change
+  assert model_lib.attention_impl(_changed(m, dict(attention_impl="xla")), h100) == "xla"
+  assert model_lib.attention_impl(_changed(m, dict(attention_impl="cudnn")), cpu) == "cudnn"
+
+
+def _changed(m, change):
+  m = m.copy_and_resolve_references()
+  m.update(change)
+  return m
+
+
+@pytest.mark.parametrize("name", ["parti_tiny", "vitvqgan_tiny"])
+def test_an_attention_implementation_that_cannot_run_is_refused(name):
+  bad = load_config(name)
+  bad.model.attention_impl = "flash"
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl='flash' is not one of"):
+    config_lib.check(bad, 1)
+  bad.model.update(attention_impl="cudnn", dtype="float32")
+  with pytest.raises(config_lib.ConfigError, match="'cudnn' needs model.dtype bfloat16"):
+    config_lib.check(bad, 1)
+  bad.model.dtype = "bfloat16"
+  config_lib.check(bad, 1)  # cuDNN with 16-bit matmuls is a valid request
+
+
+# Runs in its own process: the suite's processes see only the 8 simulated CPU devices.
+_CUDNN_AGAINST_XLA = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+sys.path.insert(0, "tests")
+from conftest import load_config
+from helpers import random_batch
+from parti_jax import model as model_lib
+
+def loss_and_grad_norm(impl):
+  c = load_config("parti_tiny")
+  c.model.update(dtype="bfloat16", attention_impl=impl)
+  model = model_lib.Parti(c.model, rngs=nnx.Rngs(0))
+  b = random_batch(c, batch_size=4)  # text padded to different lengths
+  def loss(model):
+    logits = model(b["text_tokens"], b["image_tokens"])
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), b["image_tokens"][..., None], -1)
+    return -picked.mean()
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+  return float(value), float(optax_norm(grads))
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+assert jax.default_backend() == "gpu", jax.default_backend()
+(xla_loss, xla_norm), (cudnn_loss, cudnn_norm) = map(loss_and_grad_norm, ("xla", "cudnn"))
+print(xla_loss, cudnn_loss, xla_norm, cudnn_norm)
+np.testing.assert_allclose(cudnn_loss, xla_loss, rtol=1e-2)
+np.testing.assert_allclose(cudnn_norm, xla_norm, rtol=3e-2)
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="needs an NVIDIA GPU")
+def test_cudnn_attention_computes_what_xla_attention_does_on_a_gpu():
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  done = subprocess.run([sys.executable, "-c", _CUDNN_AGAINST_XLA], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
