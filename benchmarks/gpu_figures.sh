@@ -5,9 +5,10 @@
 #
 # 1. ViT-VQGAN Small at 256 px, batch 64: encode/decode images/s and the train step;
 # 2. Parti 350M sampling at batch 64, with and without guidance, against its bandwidth floor;
-# 3. Parti 350M training in bf16 at the largest batch that fits (doubling from 16);
-# 4. train_cudnn: the same with cuDNN fused attention (`model.attention_impl=cudnn`), from the
-#    largest batch of step 3 up.
+# 3. train_xla: Parti 350M training in bf16 at the largest batch that fits (doubling from 16),
+#    with XLA's attention;
+# 4. train_cudnn: the same with cuDNN's fused attention (what `model.attention_impl=auto`, the
+#    default, picks on NVIDIA GPUs), from the largest batch of step 3 up.
 # NAMEs (tokenizer, sampling, train_xla, train_cudnn) pick some; all four run by default.
 # Each writes OUTDIR/NAME.log (everything printed) and OUTDIR/NAME.json (its result line).
 # Accelerator time is usually rationed, so the whole run keeps to TOTAL_SECONDS (default 900):
@@ -49,7 +50,7 @@ bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
   --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
 bench sampling 240 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64
 bench train_xla 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
-  --config.global_batch_size=16 --find_max_batch --steps 10
+  --config.global_batch_size=16 --find_max_batch --steps 10 --config.model.attention_impl=xla
 # Flash attention needs less memory: start from the batch the XLA attention search ended at.
 batch=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_batch"])' \
   "$out/train_xla.json" 2>/dev/null || echo 16)
