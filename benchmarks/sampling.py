@@ -9,7 +9,8 @@ and guidance off (scale 1) and on (`--guidance`, rows doubled), token-by-token d
 gives ms per decode step ((generate - prefill) / image tokens), image tokens/s and
 images/s, next to the memory-bandwidth floor of a step: every weight and the whole KV
 cache (self- and cross-attention) read once, at the chip's HBM bandwidth (the spec of a
-known accelerator, measured on a CPU, or --hbm_gbps). Speculative Jacobi decoding runs
+known accelerator, measured on a CPU, or --hbm_gbps), and the bytes XLA's cost analysis
+counts for one compiled step against the floor's bytes. Speculative Jacobi decoding runs
 `--sjd_images` images in batches of the same size and reports the forward passes each
 image took (a batch takes as many as its slowest row; `row_forwards_per_image` is what
 each row needed on its own) and its wall time relative to token-by-token decoding.
@@ -127,14 +128,23 @@ def floor(setup, params, batch_size: int, guided: bool, bandwidth_gbps: float) -
                                f"/ {bandwidth_gbps:.4g} GB/s = {ms:.4g} ms")
 
 
-def compiled(setup, params, settings: decoding.Settings, batch_size: int):
-  """(generate, prefill) of a Sampler, compiled, and the seconds generate took to compile."""
+def compiled(setup, params, settings: decoding.Settings, batch_size: int, step_bytes=True):
+  """(generate, prefill) of a Sampler, compiled, the seconds generate took to compile, and
+  the bytes XLA expects one decode step to access (if asked)."""
   sampler = decoding.Sampler(setup, settings, batch_size)
   _, text, keys = sampler.abstract_inputs()
   start = time.perf_counter()
   generate = sampler.generate.lower(params, text, keys).compile()
   compile_s = time.perf_counter() - start
-  return generate, sampler.prefill.lower(params, text, keys).compile(), compile_s
+  prefill = sampler.prefill.lower(params, text, keys).compile()
+  if not step_bytes:
+    return generate, prefill, compile_s, None
+  # XLA's own count for one step, next to the floor: far above it means the compiled step
+  # moves more than weights and cache once (a copied or converted cache, say).
+  state = jax.eval_shape(sampler.prefill, params, text, keys)
+  cost = sampler.step.lower(params, state).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return generate, prefill, compile_s, float((cost or {}).get("bytes accessed", float("nan")))
 
 
 def median_s(fn, *args) -> float:
@@ -151,8 +161,8 @@ def run_batch(config, batch_size: int, prompts: np.ndarray, bandwidth: float) ->
   for guidance in (1.0, _GUIDANCE.value):
     text = prompts[:batch_size]
     keys = decoding.row_keys(0, np.arange(batch_size), np.zeros(batch_size))
-    generate, prefill, compile_s = compiled(setup, params, decoding.Settings(guidance=guidance),
-                                            batch_size)
+    generate, prefill, compile_s, step_bytes = compiled(
+        setup, params, decoding.Settings(guidance=guidance), batch_size)
     gen_s, prefill_s = median_s(generate, params, text, keys), median_s(prefill, params, text, keys)
     step_ms = (gen_s - prefill_s) / n * 1e3
     entry = dict(batch=batch_size, guidance=guidance, devices=setup.mesh.size,
@@ -161,9 +171,12 @@ def run_batch(config, batch_size: int, prompts: np.ndarray, bandwidth: float) ->
                  compile_s=compile_s)
     entry |= floor(setup, params, batch_size, guidance != 1.0, bandwidth)
     entry["step_over_floor"] = step_ms / entry["floor_ms_per_step"]
+    entry["xla_step_bytes"] = step_bytes
+    entry["xla_step_bytes_over_floor_bytes"] = step_bytes / (
+        entry["weight_bytes"] + entry["kv_cache_bytes_per_device"])
 
     settings = decoding.Settings(guidance=guidance, sjd_window=_WINDOW.value)
-    generate, _, _ = compiled(setup, params, settings, batch_size)
+    generate = compiled(setup, params, settings, batch_size, step_bytes=False)[0]
     jax.block_until_ready(generate(params, text, keys))  # warm-up
     forwards, row_forwards, times = [], [], []
     for b in range(max(1, _SJD_IMAGES.value // batch_size)):

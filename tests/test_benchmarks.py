@@ -86,3 +86,26 @@ def test_tokenizer_throughput_reports_encode_decode_and_train_step():
   assert r["encode_images_per_s"] == pytest.approx(8 / r["encode_s"])
   assert r["train_images_per_s"] == pytest.approx(8 / r["train_step_s"])
   assert r["losses"] == ["l2", "logit_laplace"]
+
+
+def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently():
+  r = _last_json(["benchmarks/sampling.py", "--config", "configs/parti_tiny.py",
+                  "--batch_sizes", "1,8", "--sjd_images", "8", "--reps", "1"])
+  n = r["image_tokens"]
+  assert [(run["batch"], run["guidance"]) for run in r["runs"]] == [
+      (1, 1.0), (1, 3.0), (8, 1.0), (8, 3.0)]
+  for run in r["runs"]:
+    assert run["ms_per_step"] == pytest.approx(
+        (run["generate_ms"] - run["prefill_ms"]) / n, rel=1e-6)
+    assert run["step_over_floor"] == pytest.approx(run["ms_per_step"] / run["floor_ms_per_step"])
+    rows = run["batch"] * (2 if run["guidance"] != 1.0 else 1)
+    # 2 layers x rows x (keys, values) x 4 heads of 16 x float32 x (16 image + 16 text tokens)
+    assert run["kv_cache_bytes_per_device"] * run["devices"] == 2 * rows * 2 * 64 * 4 * (16 + 16)
+    assert run["xla_step_bytes"] > 0
+    assert run["xla_step_bytes_over_floor_bytes"] == pytest.approx(
+        run["xla_step_bytes"] / (run["weight_bytes"] + run["kv_cache_bytes_per_device"]))
+    sjd = run["sjd"]
+    assert 1 <= sjd["forwards_per_image"] <= n
+    assert sjd["forward_ratio"] == pytest.approx(n / sjd["forwards_per_image"])
+    tag = f"b{run['batch']}_{'guided' if run['guidance'] != 1.0 else 'unguided'}"
+    assert r["goals"][f"step_over_floor_{tag}"] == run["step_over_floor"]
