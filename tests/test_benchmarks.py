@@ -109,3 +109,12 @@ def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently():
     assert sjd["forward_ratio"] == pytest.approx(n / sjd["forwards_per_image"])
     tag = f"b{run['batch']}_{'guided' if run['guidance'] != 1.0 else 'unguided'}"
     assert r["goals"][f"step_over_floor_{tag}"] == run["step_over_floor"]
+
+
+def test_gpu_figures_script_keeps_to_its_time_budget_and_named_benchmarks(tmp_path):
+  """With no time left every named benchmark is reported skipped, and only those."""
+  out = subprocess.run(["bash", "benchmarks/gpu_figures.sh", str(tmp_path), "0", "tokenizer",
+                        "train_xla"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.log", "train_xla.log"]
+  assert (tmp_path / "tokenizer.log").read_text().startswith("== tokenizer: skipped")
