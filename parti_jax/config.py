@@ -64,8 +64,9 @@ def base() -> ml_collections.ConfigDict:
   # demo's Parti: 55 ms against 81; configs/demo_parti.py).
   m.scan_unroll = 1
   # "auto": cuDNN's fused attention on NVIDIA GPUs where it applies (16-bit matmuls, heads
-  # at most 128 wide; parti_jax/model.py: attention_impl), XLA's everywhere else. On an H200
-  # the fused kernel nearly doubles 350M training throughput (BENCHMARKS.md). "xla", "cudnn".
+  # at most 128 wide in multiples of 8; parti_jax/model.py: attention_impl), XLA's
+  # everywhere else. On an H200 the fused kernel nearly doubles 350M training throughput
+  # (BENCHMARKS.md). "xla" or "cudnn" force one.
   m.attention_impl = "auto"
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

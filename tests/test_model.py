@@ -227,16 +227,21 @@ def test_an_attention_implementation_that_cannot_run_is_refused(name):
 
 # Runs in its own process: the suite's processes see only the 8 simulated CPU devices.
 _CUDNN_AGAINST_XLA = """
-import sys
+import importlib.util, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 sys.path.insert(0, "tests")
-from conftest import load_config
-from helpers import random_batch
+from helpers import random_batch  # not conftest: it would pin JAX to the CPU
 from parti_jax import model as model_lib
 
+def tiny_config():
+  spec = importlib.util.spec_from_file_location("parti_tiny", "configs/parti_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
 def loss_and_grad_norm(impl):
-  c = load_config("parti_tiny")
+  c = tiny_config()
   c.model.update(dtype="bfloat16", attention_impl=impl)
   model = model_lib.Parti(c.model, rngs=nnx.Rngs(0))
   b = random_batch(c, batch_size=4)  # text padded to different lengths
@@ -245,9 +250,9 @@ def loss_and_grad_norm(impl):
     picked = jnp.take_along_axis(jax.nn.log_softmax(logits), b["image_tokens"][..., None], -1)
     return -picked.mean()
   value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-  return float(value), float(optax_norm(grads))
+  return float(value), float(global_norm(grads))
 
-def optax_norm(tree):
+def global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 if jax.default_backend() != "gpu":
