@@ -228,7 +228,7 @@ def test_an_attention_implementation_that_cannot_run_is_refused(name):
 # Runs in its own process: the suite's processes see only the 8 simulated CPU devices.
 _CUDNN_AGAINST_XLA = """
 import importlib.util, sys
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 sys.path.insert(0, "tests")
 from helpers import random_batch  # not conftest: it would pin JAX to the CPU
@@ -250,10 +250,7 @@ def loss_and_grad_norm(impl):
     picked = jnp.take_along_axis(jax.nn.log_softmax(logits), b["image_tokens"][..., None], -1)
     return -picked.mean()
   value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-  return float(value), float(global_norm(grads))
-
-def global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+  return float(value), float(optax.global_norm(grads))
 
 if jax.default_backend() != "gpu":
   sys.exit(77)  # an NVIDIA card, but this JAX has no GPU backend
