@@ -28,8 +28,8 @@ from parti_jax.config import ConfigError
 # different value cannot restore its checkpoints and is refused.
 SHAPE_FIELDS = (
     "task", "model.text_vocab_size", "model.text_len", "model.image_grid", "model.codebook_size",
-    "model.codebook_factors", "model.d_model", "model.num_heads", "model.head_dim",
-    "model.mlp_dim", "model.encoder_layers", "model.decoder_layers", "model.share_image_embedding",
+    "model.d_model", "model.num_heads", "model.head_dim", "model.mlp_dim",
+    "model.encoder_layers", "model.decoder_layers", "model.share_image_embedding",
     "optimizer.name", "optimizer.momentum_dtype",
     # the image tokenizer's
     "model.resolution", "model.patch_size", "model.code_dim", "model.logit_laplace",
@@ -38,12 +38,11 @@ SHAPE_FIELDS = (
 
 
 def _lookup(config_dict: dict, dotted: str):
-  """A field's value; None where it is missing (a config saved before it existed) or empty."""
   for part in dotted.split("."):
     if not isinstance(config_dict, dict) or part not in config_dict:
       return None
     config_dict = config_dict[part]
-  return None if config_dict == [] else config_dict
+  return config_dict
 
 
 def absolute(path) -> epath.Path:

@@ -40,10 +40,6 @@ def base() -> ml_collections.ConfigDict:
   m.text_len = 128
   m.image_grid = 32  # image tokens form an image_grid x image_grid raster
   m.codebook_size = 8192
-  # The tokenizer's product codebook, if it has one (configs of its codes set the same):
-  # input embeddings and logits then factor over the parts (parti_jax/model.py). ()
-  # for one codebook, as in the paper.
-  m.codebook_factors = ()
   m.d_model = 1024
   m.num_heads = 16
   m.head_dim = -1  # -1: d_model // num_heads
@@ -178,9 +174,6 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.patch_size = 8  # 256 px -> 32x32 codes
   m.codebook_size = 8192
   m.code_dim = 32  # factorized lookup space
-  # A product codebook: part sizes whose product is codebook_size, e.g. (16, 64); () is one
-  # codebook, as in the paper (parti_jax/vqgan.py). Parti models of its codes set the same.
-  m.codebook_factors = ()
   m.commitment = 0.25
   # Off by default: every N steps, entries unused in that step's global batch restart from
   # the batch's worst-fitted latents (parti_jax/vqgan_train.py: restart_dead_codes).
@@ -266,12 +259,6 @@ class ConfigError(ValueError):
 
 def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
   return -(-n // multiple) * multiple
-
-
-def codebook_factors(m: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The part sizes of a product codebook (`model.codebook_factors`); (codebook_size,) for one
-  codebook. Runs saved before the field existed have one codebook."""
-  return tuple(m.get("codebook_factors", ())) or (m.codebook_size,)
 
 
 def head_dim(m: ml_collections.ConfigDict) -> int:
@@ -365,10 +352,6 @@ def _shared_model_problems(m: ml_collections.ConfigDict) -> list[str]:
   unroll = m.get("scan_unroll", 1)
   if unroll < 1:
     problems.append(f"model.scan_unroll={unroll} must be at least 1 (layers per iteration)")
-  factors = codebook_factors(m)
-  if math.prod(factors) != m.codebook_size or min(factors) < 2:
-    problems.append(f"model.codebook_factors={tuple(m.codebook_factors)} must be parts of at "
-                    f"least 2 entries whose product is model.codebook_size={m.codebook_size}")
   impl = m.get("attention_impl", "auto")
   if impl not in ATTENTION_IMPLS:
     problems.append(f"model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
@@ -392,10 +375,6 @@ def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
       problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
   problems += _shared_model_problems(m)
-  parts = len(codebook_factors(m))
-  if m.code_dim % parts:
-    problems.append(f"model.code_dim={m.code_dim} is not divisible by the "
-                    f"{parts} parts of model.codebook_factors={tuple(m.codebook_factors)}")
   w = config.loss
   if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
     problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "

@@ -18,8 +18,8 @@ from parti_jax import config as config_lib
 def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:
   d, f, t, n = m.d_model, m.mlp_dim, m.text_len, m.image_grid ** 2
   h = m.num_heads * config_lib.head_dim(m)  # width of all heads together
-  rows = sum(config_lib.codebook_factors(m))  # the codes, or a product codebook's parts
-  vocab_out = config_lib.round_up(rows + 1 if m.share_image_embedding else rows)
+  vocab_out = config_lib.round_up(
+      m.codebook_size + 1 if m.share_image_embedding else m.codebook_size)
   mlp = lambda length: 2 * length * 2 * d * f
   encoder = m.encoder_layers * (2 * t * d * h * 4 + 4 * t * t * h + mlp(t))
   decoder_self = 2 * n * d * h * 4 + 4 * n * n * h / 2

@@ -83,21 +83,6 @@ def _lookup(embed: nnx.Embed, ids):
   return jnp.take(constrain(embed.embedding[...], None, None), ids, axis=0)
 
 
-def code_digits(codes, factors: tuple[int, ...]) -> list:
-  """Codes of a product codebook -> each part's entry, first factor's first (the
-  mixed-radix digits; parti_jax/vqgan.py)."""
-  digits = []
-  for f in reversed(factors):
-    digits.append(codes % f)
-    codes = codes // f
-  return digits[::-1]
-
-
-def book_offsets(factors: tuple[int, ...]) -> list[int]:
-  """Row of each part's first entry in the stacked codebook."""
-  return [sum(factors[:i]) for i in range(len(factors))]
-
-
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32, returning the compute dtype."""
 
@@ -371,13 +356,6 @@ class Parti(nnx.Module):
   Logits at position i predict image token i from the text and image tokens < i; the
   decoder input is the image sequence shifted right behind a BOS token (id codebook_size).
   Logits of padded vocabulary entries are masked to the float32 minimum.
-
-  Codes of a product codebook (`model.codebook_factors`, parti_jax/vqgan.py) are factored
-  on both ends: a code's input embedding is the sum of its parts' embeddings, and its
-  logit the sum of its parts' logits, so the softmax over codes is the product of one
-  softmax per part. The model can then emit a code it never saw in training when it has
-  seen each of the code's parts (a red star's color entry on red circles, its outline
-  entries on stars of other colors). With one codebook both are the plain tables.
   """
 
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -392,9 +370,7 @@ class Parti(nnx.Module):
     d, grid = m.d_model, m.image_grid
     self.text_embed = nnx.Embed(config_lib.round_up(m.text_vocab_size), d, rngs=rngs,
                                 embedding_init=_embed_init(("vocab", "embed")))
-    # Rows: each part's entries (the codes themselves for one codebook), then BOS.
-    self.factors = config_lib.codebook_factors(m)
-    self.image_embed = nnx.Embed(config_lib.round_up(sum(self.factors) + 1), d, rngs=rngs,
+    self.image_embed = nnx.Embed(config_lib.round_up(m.codebook_size + 1), d, rngs=rngs,
                                  embedding_init=_embed_init(("vocab", "embed")))
     pos = nnx.with_partitioning(nnx.initializers.normal(0.02), ("length", "embed"))
     self.text_pos = nnx.Param(pos(rngs.params(), (m.text_len, d)))
@@ -403,7 +379,7 @@ class Parti(nnx.Module):
     self.encoder = Stack(m, m.encoder_layers, cross=False, rngs=rngs)
     self.decoder = Stack(m, m.decoder_layers, cross=True, rngs=rngs)
     if not m.share_image_embedding:
-      self.head = nnx.Linear(d, config_lib.round_up(sum(self.factors)), use_bias=False, rngs=rngs,
+      self.head = nnx.Linear(d, config_lib.round_up(m.codebook_size), use_bias=False, rngs=rngs,
                              kernel_init=_dense_init(("embed", "vocab")))
     self.dropout = nnx.Dropout(m.dropout_rate)
 
@@ -434,24 +410,12 @@ class Parti(nnx.Module):
     """Decoder input tokens [B, N] (BOS-shifted) -> float32 logits [B, N, V]."""
     m, n = self.config, image_inputs.shape[1]
     pos = self._image_positions()[:n]
-    x = self._embed_image(image_inputs) + pos[None]
+    x = _lookup(self.image_embed, image_inputs) + pos[None]
     x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
     x = constrain(x, "batch", "length", "embed")
     x = self.decoder(x, decoder_mask(m)[..., :n, :n], encoded, text_mask,
                      dropout_key=dropout_key, rotary=self._rotary(jnp.arange(n)))
     return self._logits(x)
-
-  def _embed_image(self, ids):
-    """Image tokens or BOS (id codebook_size) [B, S] -> embeddings [B, S, d_model]."""
-    m = self.config
-    if len(self.factors) == 1:
-      return _lookup(self.image_embed, ids)
-    bos = ids >= m.codebook_size
-    codes = jnp.where(bos, 0, ids)
-    parts = sum(_lookup(self.image_embed, start + digit) for digit, start in
-                zip(code_digits(codes, self.factors), book_offsets(self.factors)))
-    bos_row = _lookup(self.image_embed, jnp.asarray(sum(self.factors)))
-    return jnp.where(bos[..., None], bos_row, parts)
 
   def _logits(self, x):
     """Decoder output [B, S, d_model] -> float32 logits, padded entries at the minimum."""
@@ -463,16 +427,6 @@ class Parti(nnx.Module):
     else:
       kernel = self.head.kernel[...]
     logits = flat_dot_general(x, kernel.astype(jnp.float32), (((2,), (0,)), ((), ())))
-    if len(self.factors) > 1:
-      # Each code's logit is the sum of its parts' logits: the outer sum over the parts,
-      # padded as the tied table of one codebook would be (parti_jax/decoding.py: _vocab).
-      parts = [logits[..., start:start + f]
-               for f, start in zip(self.factors, book_offsets(self.factors))]
-      logits = parts[0]
-      for part in parts[1:]:
-        logits = (logits[..., :, None] + part[..., None, :]).reshape(*x.shape[:-1], -1)
-      width = config_lib.round_up(m.codebook_size + (1 if m.share_image_embedding else 0))
-      logits = jnp.pad(logits, ((0, 0), (0, 0), (0, width - m.codebook_size)))
     logits = constrain(logits, "batch", "length", "vocab")
     valid = jnp.arange(logits.shape[-1]) < m.codebook_size
     return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
@@ -507,7 +461,7 @@ class Parti(nnx.Module):
     table = constrain(self._image_positions(), None, None)  # gathered whole, as in _lookup
     pos = jnp.take(table, jnp.minimum(positions, n - 1), axis=0)
     rotary = self._rotary(jnp.minimum(positions, n - 1))
-    x = constrain((self._embed_image(inputs) + pos).astype(self.dtype),
+    x = constrain((_lookup(self.image_embed, inputs) + pos).astype(self.dtype),
                   "batch", "length", "embed")
     mask = _visible(m, positions[:, :, None], jnp.arange(cache_length)[None, None, :])
     x, (self_k, self_v) = self.decoder.decode_cached(

@@ -89,7 +89,6 @@ class ImageDecoder:
   grid: int
   codebook_size: int
   name: str
-  codebook_factors: tuple = ()  # a product codebook's part sizes (parti_jax/vqgan.py)
 
 
 def color_decoder(resolution: int, patch: int = 8, levels: int = 4) -> ImageDecoder:
@@ -120,7 +119,7 @@ def vitvqgan_decoder(workdir, mesh) -> ImageDecoder:
                               *setup.config.data.value_range)
 
   return ImageDecoder(decode, m.resolution // m.patch_size, m.codebook_size,
-                      f"vitvqgan:{workdir}", tuple(m.get("codebook_factors", ())))
+                      f"vitvqgan:{workdir}")
 
 
 def image_decoder(spec: str, resolution: int | None, mesh, grid: int) -> ImageDecoder:
@@ -260,18 +259,11 @@ def _text_tokenizer(spm_model, m) -> spm.Tokenizer:
 
 
 def _check_codebook(decoder: ImageDecoder, m) -> None:
-  factors = tuple(m.get("codebook_factors", ()))
-  if (decoder.codebook_size > m.codebook_size or decoder.grid != m.image_grid
-      or decoder.codebook_factors != factors):
+  if decoder.codebook_size > m.codebook_size or decoder.grid != m.image_grid:
     raise SampleError(
-        f"the image tokenizer {decoder.name} ("
-        f"{_codes(decoder.grid, decoder.codebook_size, decoder.codebook_factors)}) does not "
-        f"match the model ({_codes(m.image_grid, m.codebook_size, factors)})")
-
-
-def _codes(grid: int, size: int, factors: tuple) -> str:
-  parts = f" in parts of {' x '.join(map(str, factors))}" if factors else ""
-  return f"{grid}x{grid} codes of {size}{parts}"
+        f"the image tokenizer {decoder.name} ({decoder.grid}x{decoder.grid} codes of "
+        f"{decoder.codebook_size}) does not match the model ({m.image_grid}x{m.image_grid} "
+        f"codes of {m.codebook_size})")
 
 
 # --------------------------------------------------------------------------- sampling

@@ -11,15 +11,6 @@ each latent takes its nearest entry (largest cosine). The straight-through estim
 passes gradients from the decoder to the encoder; the codebook loss pulls entries toward
 latents and the commitment loss (weight `model.commitment`, 0.25) latents toward entries.
 
-Product codebook (`model.codebook_factors`, e.g. (16, 64); empty: one codebook): the lookup
-space is cut into as many equal parts as there are factors, each quantized against its own
-small codebook, and a code is the mixed-radix number of the parts' entries (first factor
-most significant), so there are still `codebook_size` = the product of codes. No part can
-name every patch alone; on data made of independent attributes (the shapes' colors and
-outlines) the parts tend to split them, so an unseen pair of attributes is an unseen pair
-of known entries, which the decoder can draw and a Parti model with the same factorized
-output (parti_jax/model.py) can emit.
-
 Quantizing late (`model.quantize_start`, 0 by default): for its first steps the decoder sees
 the continuous latents, so encoder and decoder first learn an autoencoder whose latents carry
 each patch's detail, while the codebook loss (and any dead-code restarts) moves the entries
@@ -38,15 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from parti_jax import config as config_lib
 from parti_jax.discriminator import Discriminator
-from parti_jax.model import (
-  Stack,
-  _dense_init,
-  book_offsets,
-  code_digits,
-  flat_dot_general,
-)
+from parti_jax.model import Stack, _dense_init, flat_dot_general
 from parti_jax.sharding import constrain
 
 
@@ -103,12 +87,6 @@ def _l2_normalize(x, eps=1e-6):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
 
 
-def _l2_normalize_parts(x, parts: int):
-  """l2-normalizes each of `parts` equal slices of the last axis."""
-  shape = x.shape
-  return _l2_normalize(x.reshape(*shape[:-1], parts, shape[-1] // parts)).reshape(shape)
-
-
 class ViTVQGAN(nnx.Module):
 
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -128,16 +106,11 @@ class ViTVQGAN(nnx.Module):
     self.patch_in = _linear(pixels, enc.d_model, ("patch", "embed"), dtype, rngs)
     self.encoder = ViT(enc, m.encoder.layers, n, rngs)
     self.to_code = _linear(enc.d_model, m.code_dim, ("embed", "code"), jnp.float32, rngs)
-    # One table for all parts of a product codebook: part g's entries are rows
-    # offsets[g] .. offsets[g] + factors[g] - 1, each code_dim / parts wide.
-    self.factors = config_lib.codebook_factors(m)
-    self.part_dim = m.code_dim // len(self.factors)
     # Entries start near unit length, the length of the latents they are compared with, so
     # that Adam's steps turn their directions as fast as the latents' (with std 1 entries
     # are ~sqrt(code_dim) long and turn that many times slower).
     self.codebook = nnx.Param(
-        nnx.initializers.normal(self.part_dim ** -0.5)(
-            rngs.params(), (sum(self.factors), self.part_dim)),
+        nnx.initializers.normal(m.code_dim ** -0.5)(rngs.params(), (m.codebook_size, m.code_dim)),
         out_sharding=("codes", "code"))
     self.from_code = _linear(m.code_dim, dec.d_model, ("code", "embed"), dtype, rngs)
     self.decoder = ViT(dec, m.decoder.layers, n, rngs)
@@ -150,32 +123,19 @@ class ViTVQGAN(nnx.Module):
       self.discriminator = Discriminator(m, rngs)
 
   def latents(self, images, dropout_key=None):
-    """Latents [B, N, code_dim] (float32), each part l2-normalized."""
+    """l2-normalized latents [B, N, code_dim] (float32)."""
     x = self.patch_in(patchify(images.astype(jnp.dtype(self.m.dtype)), self.m.patch_size))
-    return _l2_normalize_parts(self.to_code(self.encoder(x, dropout_key)), len(self.factors))
+    return _l2_normalize(self.to_code(self.encoder(x, dropout_key)))
 
   def normalized_codebook(self):
-    """All parts' entries [sum(factors), code_dim / parts], unit length."""
     return _l2_normalize(self.codebook[...])
 
   def quantize(self, z):
-    """Nearest entries, part by part: (codes [B, N] int32, quantized [B, N, code_dim])."""
-    book, codes, parts = self.normalized_codebook(), 0, []
-    for g, (f, start) in enumerate(zip(self.factors, book_offsets(self.factors))):
-      z_part = z[..., g * self.part_dim:(g + 1) * self.part_dim]
-      entries = book[start:start + f]
-      similarity = jnp.einsum("bnd,kd->bnk", z_part, entries)  # unit: nearest = most similar
-      digit = jnp.argmax(similarity, -1).astype(jnp.int32)
-      codes = codes * f + digit
-      parts.append(jnp.take(entries, digit, axis=0))
-    return codes, jnp.concatenate(parts, -1)
-
-  def lookup(self, codes):
-    """Codes [B, N] -> their entries [B, N, code_dim]."""
+    """Nearest entries: (codes [B, N] int32, quantized [B, N, code_dim], distances)."""
     book = self.normalized_codebook()
-    return jnp.concatenate(
-        [jnp.take(book, start + d, axis=0) for d, start in
-         zip(code_digits(codes, self.factors), book_offsets(self.factors))], -1)
+    similarity = jnp.einsum("bnd,kd->bnk", z, book)  # unit vectors: nearest = most similar
+    codes = jnp.argmax(similarity, -1).astype(jnp.int32)
+    return codes, jnp.take(book, codes, axis=0)
 
   def decode_quantized(self, zq, dropout_key=None):
     """Decoder output [B, H, W, out_channels] in float32."""
@@ -189,7 +149,8 @@ class ViTVQGAN(nnx.Module):
 
   def decode(self, codes):
     """Codes [B, grid*grid] -> images [B, R, R, 3] (the predicted locations)."""
-    return self.decode_quantized(self.lookup(codes))[..., :3]
+    zq = jnp.take(self.normalized_codebook(), codes, axis=0)
+    return self.decode_quantized(zq)[..., :3]
 
   def __call__(self, images, dropout_key=None, quantized=True) -> dict:
     """Reconstruction and everything the losses and metrics need.
@@ -203,10 +164,8 @@ class ViTVQGAN(nnx.Module):
     # Straight-through: the decoder sees the entries, gradients flow to the latents.
     decoder_input = jnp.where(quantized, z + jax.lax.stop_gradient(zq - z), z)
     out = self.decode_quantized(decoder_input, keys[1])
-    # Per part: squared distances between unit vectors, whatever the number of parts.
-    parts = len(self.factors)
-    codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - zq) ** 2, -1)) / parts
-    commitment_loss = jnp.mean(jnp.sum((z - jax.lax.stop_gradient(zq)) ** 2, -1)) / parts
+    codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(z) - zq) ** 2, -1))
+    commitment_loss = jnp.mean(jnp.sum((z - jax.lax.stop_gradient(zq)) ** 2, -1))
     return dict(reconstruction=out[..., :3], output=out, codes=codes, latents=z,
                 codebook_loss=codebook_loss, commitment_loss=commitment_loss)
 

@@ -33,7 +33,6 @@ from flax import nnx
 
 from parti_jax import checkpoints, discriminator, perceptual
 from parti_jax import config as config_lib
-from parti_jax import model as model_lib
 from parti_jax import train_step as ts
 from parti_jax import vqgan
 from parti_jax.data import images as image_lib
@@ -164,28 +163,20 @@ def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict,
   a settled codebook.
   """
   m = config.model
-  factors = config_lib.codebook_factors(m)
-  part_dim = m.code_dim // len(factors)
+  counts = jnp.zeros(m.codebook_size, jnp.int32).at[out["codes"].reshape(-1)].add(1)
   due = (state.step + 1) % m.dead_code_restart_every == 0
   if m.get("dead_code_restart_until", -1) >= 0:
     due = due & (state.step < m.dead_code_restart_until)
-  # A product codebook's parts restart independently, each from its slice of the latents.
-  digits = model_lib.code_digits(out["codes"].reshape(-1), factors)
-  dead = jnp.concatenate([jnp.zeros(f, jnp.int32).at[d].add(1) == 0
-                          for f, d in zip(factors, digits)]) & due
+  dead = (counts == 0) & due
 
   def restart():
+    latents = out["latents"].reshape(-1, m.code_dim)  # unit vectors
     book = params["codebook"] / jnp.linalg.norm(params["codebook"], axis=-1, keepdims=True)
-    latents = out["latents"].reshape(-1, len(factors), part_dim)  # unit vectors per part
-    fresh = []
-    for g, (f, start) in enumerate(zip(factors, model_lib.book_offsets(factors))):
-      part_dead = dead[start:start + f]
-      misfit = 1 - jnp.max(latents[:, g] @ book[start:start + f].T, axis=-1)
-      # The i-th dead entry takes the i-th worst-fitted latent of the batch.
-      _, worst = jax.lax.top_k(misfit, min(f, latents.shape[0]))
-      rank = jnp.clip(jnp.cumsum(part_dead) - 1, 0, worst.shape[0] - 1)
-      fresh.append(latents[worst[rank], g])
-    fresh = jnp.concatenate(fresh)
+    misfit = 1 - jnp.max(latents @ book.T, axis=-1)
+    # The i-th dead entry takes the i-th worst-fitted latent of the batch.
+    _, worst = jax.lax.top_k(misfit, min(m.codebook_size, latents.shape[0]))
+    rank = jnp.clip(jnp.cumsum(dead) - 1, 0, worst.shape[0] - 1)
+    fresh = latents[worst[rank]]
     return jnp.where(dead[:, None], jax.lax.stop_gradient(fresh), params["codebook"])
 
   # Only on restart steps: the similarity matrix and top-k cost a large codebook a lot.
@@ -243,8 +234,7 @@ def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:
         + 2 * n * s.d_model * s.mlp_dim * 2
     return s.layers * per_layer + 2 * n * s.d_model * s.mlp_dim * 2  # + the tanh FF
 
-  factors = config_lib.codebook_factors(m)
-  lookup = 2 * n * m.code_dim // len(factors) * sum(factors)
+  lookup = 2 * n * m.code_dim * m.codebook_size
   ends = 2 * n * pixels * m.encoder.d_model + 2 * n * m.decoder.d_model * pixels * 2 \
       + 2 * n * m.code_dim * (m.encoder.d_model + m.decoder.d_model)
   return side(m.encoder) + side(m.decoder) + lookup + ends

@@ -53,19 +53,16 @@ def keys_of(seed, prompts, samples):
   return decoding.row_keys(seed, [decoding.prompt_id(p) for p in prompts], samples)
 
 
-@pytest.mark.parametrize("image_rope,text_rope,unroll,factors",
-                         [(False, False, 1, ()), (True, True, 2, (8, 8))])
+@pytest.mark.parametrize("image_rope,text_rope,unroll", [(False, False, 1), (True, True, 2)])
 def test_cached_logits_equal_the_full_forward_with_rows_at_their_own_positions(
-    image_rope, text_rope, unroll, factors):
+    image_rope, text_rope, unroll):
   """Rows advance by different amounts per forward, with garbage past what they accept
   (as rejected drafts leave), under the conv-shaped mask (the dense one is the trained
   model's, checked by the greedy test), with and without rotary embeddings (the cache
-  holds rotated keys), with the layer loop scanned or unrolled, and with one codebook or
-  a product codebook's factored embeddings and logits."""
+  holds rotated keys) and with the layer loop scanned or unrolled."""
   c = load_config("parti_tiny").model
   c.decoder_attention, c.conv_kernel_rows, c.conv_kernel_cols = "conv", 2, 3
   c.image_rope, c.text_rope, c.scan_unroll = image_rope, text_rope, unroll
-  c.codebook_factors = factors
   model = model_lib.Parti(c, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   text = rng.integers(3, c.text_vocab_size, (3, c.text_len)).astype(np.int32)

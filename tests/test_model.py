@@ -67,55 +67,6 @@ def test_padded_vocabulary_gets_no_probability(tiny):
   assert float(probs[..., c.model.codebook_size:].max()) == 0.0
 
 
-def _factored(factors=(8, 8), share=True):
-  c = load_config("parti_tiny")  # 64 codes
-  c.model.update(codebook_factors=factors, share_image_embedding=share)
-  return c, model_lib.Parti(c.model, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("share", [True, False])
-def test_product_codebook_logits_are_one_softmax_per_part(share):
-  c, model = _factored(share=share)
-  assert model.image_embed.embedding.shape[0] == 128  # 8 + 8 part entries and BOS, padded
-  b = random_batch(c, batch_size=2)
-  logits = _forward(model, b["text_tokens"], b["image_tokens"])
-  assert logits.shape[-1] == 128
-  log_p = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
-  assert np.exp(log_p[..., 64:]).max() == 0.0  # padding
-  # log p(code) = log p(first part) + log p(second part): additive over the 8 x 8 grid.
-  grid = log_p[..., :64].reshape(*log_p.shape[:2], 8, 8)
-  first = np.log(np.exp(grid).sum(-1, keepdims=True))
-  second = np.log(np.exp(grid).sum(-2, keepdims=True))
-  np.testing.assert_allclose(grid, first + second, atol=1e-4)
-  # The parts are not independent of the input: another text moves both.
-  other = _forward(model, b["text_tokens"][::-1], b["image_tokens"])
-  assert not np.allclose(other, logits)
-
-
-def test_product_codebook_embeds_a_code_as_the_sum_of_its_parts():
-  c, model = _factored()
-  table = np.asarray(model.image_embed.embedding[...])
-  ids = jnp.array([[0, 7, 8, 63, 64]])  # 64 is BOS
-  got = np.asarray(model._embed_image(ids))[0]
-  want = [table[0] + table[8], table[0] + table[15], table[1] + table[8],
-          table[7] + table[15], table[16]]
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-
-
-def test_product_codebook_factors_must_multiply_to_the_codebook():
-  bad = load_config("parti_tiny")
-  bad.model.codebook_factors = (8, 4)
-  with pytest.raises(config_lib.ConfigError, match=r"codebook_factors=\(8, 4\) must be parts"):
-    config_lib.check(bad, 1)
-  bad.model.codebook_factors = (64, 1)
-  with pytest.raises(config_lib.ConfigError, match="at least 2 entries"):
-    config_lib.check(bad, 1)
-  tokenizer = load_config("vitvqgan_tiny")
-  tokenizer.model.codebook_factors = (4, 4, 4)  # 64 codes, but code_dim 32 has no 3 parts
-  with pytest.raises(config_lib.ConfigError, match="code_dim=32 is not divisible by the 3"):
-    config_lib.check(tokenizer, 1)
-
-
 def test_rotary_attention_scores_depend_only_on_the_2d_offset():
   rng = np.random.default_rng(0)
   q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32) for _ in range(2))

@@ -51,24 +51,6 @@ def test_codes_are_the_nearest_normalized_entries(tiny):
   np.testing.assert_allclose(decoded, model(x)["reconstruction"], atol=1e-5)
 
 
-def test_product_codebook_quantizes_each_part_against_its_own_entries():
-  m = load_config("vitvqgan_tiny").model
-  m.codebook_factors = (4, 16)  # 64 codes; code_dim 32: two parts of 16
-  model = vqgan.ViTVQGAN(m, rngs=nnx.Rngs(0))
-  assert model.codebook.shape == (20, 16)
-  x = images()
-  z, book = np.asarray(model.latents(x)), np.asarray(model.normalized_codebook())
-  np.testing.assert_allclose(np.linalg.norm(z.reshape(4, 16, 2, 16), axis=-1), 1.0, atol=1e-5)
-  codes, zq = model.quantize(jnp.asarray(z))
-  first = np.argmax(z[..., :16] @ book[:4].T, -1)
-  second = np.argmax(z[..., 16:] @ book[4:].T, -1)
-  np.testing.assert_array_equal(codes, first * 16 + second)
-  assert len(np.unique(first)) > 1 and len(np.unique(second)) > 1  # both digits vary
-  np.testing.assert_allclose(zq, np.concatenate([book[first], book[4 + second]], -1))
-  np.testing.assert_allclose(model.lookup(codes), zq)
-  np.testing.assert_allclose(model.decode(codes), model(x)["reconstruction"], atol=1e-5)
-
-
 def test_gradients_reach_the_encoder_through_the_quantizer(tiny):
   model, _ = tiny
   graphdef, params = nnx.split(model, nnx.Param)

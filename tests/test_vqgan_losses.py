@@ -125,25 +125,6 @@ def test_dead_codes_restart_at_the_worst_fitted_latents():
   np.testing.assert_array_equal(book[1:], [[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
 
 
-def test_a_product_codebook_restarts_each_part_from_its_slice_of_the_latents():
-  import ml_collections
-  config = ml_collections.ConfigDict(dict(model=dict(
-      codebook_size=4, codebook_factors=(2, 2), code_dim=4, dead_code_restart_every=1,
-      dead_code_restart_until=-1)))
-  # Rows 0-1: the first part's entries; rows 2-3: the second part's.
-  codebook = jnp.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
-  # Every latent takes code 0 = (entry 0, entry 0): one entry of each part is dead. The
-  # worst-fitted first half is (-1, 0), the worst-fitted second half (1, 0).
-  latents = jnp.array([[1.0, 0.0, 0.0, 1.0]] * 6 + [[0.0, 1.0, 1.0, 0.0],
-                                                    [-1.0, 0.0, 0.0, 1.0]])
-  out = {"latents": latents[None], "codes": jnp.zeros((1, 8), jnp.int32)}
-  state = type("State", (), dict(step=jnp.int32(0), rng=jax.random.key(0)))
-  params, restarted = vqgan_train.restart_dead_codes(config, state, {"codebook": codebook}, out)
-  assert int(restarted) == 2
-  np.testing.assert_array_equal(params["codebook"],
-                                [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-
-
 def test_decoder_sees_latents_until_quantize_start():
   config = load_config("vitvqgan_tiny")
   config.model.update(quantize_start=2, dead_code_restart_every=0)

@@ -56,7 +56,6 @@ class ImageTokenizer:
   codebook_size: int
   name: str
   params: Any = None
-  codebook_factors: tuple = ()  # a product codebook's part sizes (parti_jax/vqgan.py)
 
 
 def color_tokenizer(resolution: int, patch: int = 8, levels: int = 4) -> ImageTokenizer:
@@ -84,7 +83,7 @@ def vitvqgan_tokenizer(workdir, mesh=None) -> ImageTokenizer:
   m = setup.config.model
   return ImageTokenizer(lambda p, images: setup.model(p).encode(images), m.resolution,
                         m.resolution // m.patch_size, m.codebook_size, f"vitvqgan:{workdir}",
-                        params, tuple(m.get("codebook_factors", ())))
+                        params)
 
 
 def load_tokenizer(spec: str, resolution: int) -> ImageTokenizer:
@@ -176,8 +175,7 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
       made_by=made_by or {}, source=str(data_dir),
       skipped={r: int(c) for r, c in zip(records.SKIP_REASONS, skipped) if c},
       tokens=dict(tokenizer=tokenizer.name, resolution=tokenizer.resolution, grid=tokenizer.grid,
-                  codebook_size=tokenizer.codebook_size,
-                  codebook_factors=list(tokenizer.codebook_factors), text_len=text_tokenizer.length,
+                  codebook_size=tokenizer.codebook_size, text_len=text_tokenizer.length,
                   text_vocab_size=text_tokenizer.vocab_size,
                   spm_model=text_tokenizer.model_path))
 

@@ -304,12 +304,6 @@ def _token_set_problems(spec: str, m) -> list[str]:
     if key in made and not ok(made[key], m[field]):
       problems.append(f"model.{field}={m[field]} does not fit the token shards in {spec} "
                       f"({key} {made[key]})")
-  # A product codebook's codes mean something else to a model that splits them otherwise.
-  made_factors = tuple(made.get("codebook_factors", ()))
-  if made_factors != tuple(m.get("codebook_factors", ())):
-    problems.append(f"model.codebook_factors={tuple(m.get('codebook_factors', ()))} does not "
-                    f"match the token shards in {spec} (codebook_factors {made_factors}: "
-                    "set the image tokenizer's)")
   return problems
 
 
