@@ -6,11 +6,11 @@
 
 Stage 5 of `python -m parti_jax.demo`. Width 128, 3 encoder and 3 decoder blocks, 16 text
 tokens (the demo's SentencePiece model: 128 BPE pieces, whole words), 16 image tokens from
-1024 codes; 6000 steps of batch 16 take about 6 minutes on 2 cores. The layers run unrolled
+1024 codes; 6000 steps of batch 16 take 3 to 6 minutes on 2 cores. The layers run unrolled
 (`model.scan_unroll=3`): 55 ms a step against 81 scanned. On the demo's data expect a
 validation loss of 0.20 to 0.23 (it depends on the tokenizer's codes: 0.31 to 0.36 on those of
-the blurrier tokenizer the demo had before) and 90 to 92% of the validation prompts drawn
-right at temperature 0.2 (two runs).
+the blurrier tokenizer the demo had before) and 88 to 100% of the validation prompts drawn
+right at temperature 0.2 (four runs, two seeds on each of two machines).
 
 1-D rotary embeddings in the encoder (`model.text_rope`): "a red circle and a blue square"
 and "a red square and a blue circle" hold the same words, and without them the model drew
