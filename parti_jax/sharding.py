@@ -6,6 +6,7 @@ Parameters and activations carry logical axis names ("embed", "heads", "batch", 
 at most once per array). Everything here turns those names into `NamedSharding`s.
 """
 
+import collections
 import contextlib
 import math
 from typing import Any, Sequence
@@ -76,6 +77,19 @@ def named(mesh: Mesh, logical_specs: Any, rules: Rules) -> Any:
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Inputs of any rank: the leading (batch) axis over the batch mesh axes, the rest whole."""
   return NamedSharding(mesh, logical_to_mesh(("batch",), rules))
+
+
+def rows_by_process(batch_sharding: NamedSharding, global_batch: int) -> dict[int, list[int]]:
+  """For every process, the rows of a global batch that its devices hold (sorted).
+
+  Where the batch axes do not span every device (a `tensor` axis across hosts, say),
+  several processes hold the same rows: the input pipeline reads exactly these rows on
+  each process, so replica hosts read, and feed, identical data.
+  """
+  rows = collections.defaultdict(set)
+  for device, index in batch_sharding.devices_indices_map((global_batch,)).items():
+    rows[device.process_index].update(range(*index[0].indices(global_batch)))
+  return {p: sorted(r) for p, r in sorted(rows.items())}
 
 
 def place_global_batch(sharding: NamedSharding, batch: Any) -> Any:
