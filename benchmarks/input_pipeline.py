@@ -69,7 +69,7 @@ def make_data(root: str, n: int, token_records: int = 16_384) -> dict:
 
 
 def time_batches(config, batch_size: int, warmup: int, batches: int) -> float:
-  it = iter(pipeline.dataset(config, train=True, batch_size=batch_size))
+  it = iter(pipeline.dataset(config, train=True, global_batch=batch_size))
   for _ in range(warmup):
     next(it)
   start = time.perf_counter()

@@ -50,12 +50,12 @@ def assert_same_batches(a, b):
 @pytest.mark.parametrize("kind,workers", [("tokens", 0), ("images", 0), ("images", 2)])
 def test_restored_iterator_continues_with_the_same_batches(data, kind, workers):
   c = config_for(data, kind, num_workers=workers)
-  ds = pipeline.dataset(c, train=True, batch_size=4)
+  ds = pipeline.dataset(c, train=True, global_batch=4)
   it = iter(ds)
   take(it, 7)  # 28 of the 40 records, from both shards
   state = it.get_state()
   expected = take(it, 15)  # crosses the epoch boundary at record 40
-  it2 = iter(pipeline.dataset(c, train=True, batch_size=4))
+  it2 = iter(pipeline.dataset(c, train=True, global_batch=4))
   it2.set_state(state)
   assert_same_batches(take(it2, 15), expected)
   for i in (it, it2):
@@ -63,38 +63,42 @@ def test_restored_iterator_continues_with_the_same_batches(data, kind, workers):
 
 
 def test_epochs_are_complete_and_reshuffled(data):
-  it = iter(pipeline.dataset(config_for(data), train=True, batch_size=5))
+  it = iter(pipeline.dataset(config_for(data), train=True, global_batch=5))
   epochs = [np.concatenate([b["index"] for b in take(it, 8)]) for _ in range(2)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
   assert list(epochs[0]) != list(epochs[1])
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_processes_read_disjoint_parts_that_cover_the_data(data, train):
+def test_processes_read_their_rows_of_each_global_batch(data, train):
+  """Disjoint rows read disjoint records that cover the data; shared rows, the same ones."""
   c = config_for(data)
-  seen = []
-  for p in range(2):
-    it = iter(pipeline.dataset(c, train=train, batch_size=4, process_index=p, process_count=2))
-    batches = take(it, 5)  # 2 processes x 5 batches x 4 rows = one epoch of 40 records
-    seen.append({int(i) for b in batches for i, m in zip(b["index"], b["mask"]) if m})
-    assert all(len(b["index"]) == 4 for b in batches)
+  def read(rows):
+    batches = take(iter(pipeline.dataset(c, train=train, global_batch=8, rows=rows)), 5)
+    assert all(len(b["index"]) == len(rows) for b in batches)
+    return batches
+  halves = [read(range(0, 4)), read(range(4, 8))]  # 5 global batches of 8: one epoch of 40
+  seen = [{int(i) for b in part for i, m in zip(b["index"], b["mask"]) if m} for part in halves]
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(40))
+  assert_same_batches(read(range(4, 8)), halves[1])  # a replica process reads the same rows
+  whole = read(range(8))
+  for k in whole[0]:
+    for b, first, second in zip(whole, *halves):
+      np.testing.assert_array_equal(b[k], np.concatenate([first[k], second[k]]), err_msg=k)
 
 
 def test_eval_is_finite_padded_and_the_same_on_every_process(data, tmp_path):
   path = h.write_set(tmp_path / "odd", h.image_records(13), num_shards=3)
   c = config_for(data, "images", eval=path)
   counts, indices = [], []
-  for p in range(2):
-    batches = list(pipeline.dataset(c, train=False, batch_size=4, process_index=p,
-                                    process_count=2))
+  for rows in (range(0, 4), range(4, 8)):
+    batches = list(pipeline.dataset(c, train=False, global_batch=8, rows=rows))
     counts.append(len(batches))
     indices += [int(i) for b in batches for i, m in zip(b["index"], b["mask"]) if m]
-    again = list(pipeline.dataset(c, train=False, batch_size=4, process_index=p,
-                                  process_count=2))
+    again = list(pipeline.dataset(c, train=False, global_batch=8, rows=rows))
     assert_same_batches(batches, again)  # centre crop, first caption: deterministic
-  assert counts == [2, 2]  # 13 records: 7 and 6 per process, each padded to 2 batches of 4
+  assert counts == [2, 2]  # 13 records padded to 2 global batches of 8, 4 rows each
   assert sorted(indices) == list(range(13))
 
 
@@ -103,8 +107,10 @@ def test_global_batches_are_sharded_over_the_batch_axes(data):
   mesh = sharding.make_mesh(c.copy_and_resolve_references())
   c.global_batch_size = 16
   loader = pipeline.Loader(c, mesh)
-  host = next(iter(pipeline.dataset(c, train=True, batch_size=16)))
+  host = next(iter(pipeline.dataset(c, train=True, global_batch=16)))
   batch = next(loader)
+  np.testing.assert_array_equal(host.pop("position"), np.arange(16))  # global batch 0
+  assert loader.position == 16
   assert batch.keys() == host.keys()
   for k, v in batch.items():
     assert v.shape[0] == 16 and v.sharding.spec[0] == ("data", "fsdp"), k
@@ -178,7 +184,7 @@ def test_bad_records_are_skipped_and_counted_by_reason(data, tmp_path):
   n, good = len(ids), len(ids) - want.sum()
   c = config_for(data, "images", train=path, eval=path, max_bad_fraction=0.9)
   # Eval: one pass, bad records kept as masked rows, so the counts are exact.
-  rows = [r for batch in pipeline.dataset(c, train=False, batch_size=4) for r in
+  rows = [r for batch in pipeline.dataset(c, train=False, global_batch=4) for r in
           zip(batch["index"], batch["mask"], batch["skipped"], batch["images"],
               batch["text_tokens"])]
   rows = [r for r in rows if r[0] < n]
@@ -199,7 +205,7 @@ def test_bad_records_are_skipped_and_counted_by_reason(data, tmp_path):
 def test_training_skips_stay_counted_in_the_batches(data, tmp_path):
   path, ids, want = bad_set(tmp_path)
   c = config_for(data, "images", train=path, max_bad_fraction=0.9)
-  it = iter(pipeline.dataset(c, train=True, batch_size=2))
+  it = iter(pipeline.dataset(c, train=True, global_batch=2))
   total = sum(b["skipped"].sum(0) for b in take(it, (len(ids) - want.sum()) // 2 * 3))
   assert (total >= 2 * want).all() and total.sum() > 0  # 3 epochs read, at least 2 complete
 
@@ -211,7 +217,7 @@ def test_too_many_bad_records_stop_the_run_naming_the_shard(data, tmp_path):
   path = h.write_set(tmp_path / "mostly_bad", recs, num_shards=1)
   c = config_for(data, "images", train=path, max_bad_fraction=0.2)
   with pytest.raises(records.DataError, match=r"mostly_bad/test-00000-of-00001.*max_bad_fraction"):
-    take(iter(pipeline.dataset(c, train=True, batch_size=2)), 10)
+    take(iter(pipeline.dataset(c, train=True, global_batch=2)), 10)
 
 
 def test_bad_data_configs_are_refused_naming_the_field(data):
@@ -247,7 +253,7 @@ def test_a_tfds_source_is_read_directly(data, tmp_path):
   h.prepare_tfds(tmp_path)
   c = config_for(data, "images", train="tfds:ingest_tiny_captions/train",
                  eval="tfds:ingest_tiny_captions/train", tfds_data_dir=str(tmp_path))
-  batches = list(pipeline.dataset(c, train=False, batch_size=4))
+  batches = list(pipeline.dataset(c, train=False, global_batch=4))
   rows = [(int(i), img, text) for b in batches
           for i, m, img, text in zip(b["index"], b["mask"], b["images"], b["text_tokens"]) if m]
   assert sorted(i for i, _, _ in rows) == list(range(6))
@@ -261,20 +267,19 @@ def test_a_tfds_source_is_read_directly(data, tmp_path):
     np.testing.assert_array_equal(text, tok.encode(spm.clean_caption(record["captions"][0])[0]))
   c.data.tfds_image_feature = "no_such_feature"
   with pytest.raises(records.DataError, match="no feature 'no_such_feature'"):
-    pipeline.dataset(c, train=True, batch_size=4)
+    pipeline.dataset(c, train=True, global_batch=4)
 
 
 @pytest.mark.parametrize("kind", ["tokens", "images"])
 def test_random_choices_do_not_depend_on_the_number_of_processes(data, kind):
   """Crops, captions and dropout are drawn per position in the global order."""
   c = config_for(data, kind, caption_dropout=0.5)
-  one = next(iter(pipeline.dataset(c, train=True, batch_size=20)))
-  two = [next(iter(pipeline.dataset(c, train=True, batch_size=10, process_index=p,
-                                    process_count=2))) for p in range(2)]
-  # Process p holds global positions p, p + 2, ...: interleave them back.
+  one = next(iter(pipeline.dataset(c, train=True, global_batch=20)))
+  two = [next(iter(pipeline.dataset(c, train=True, global_batch=20, rows=range(r, r + 10))))
+         for r in (0, 10)]
   for key in one:
-    np.testing.assert_array_equal(one[key][0::2], two[0][key])
-    np.testing.assert_array_equal(one[key][1::2], two[1][key])
+    np.testing.assert_array_equal(one[key][:10], two[0][key])
+    np.testing.assert_array_equal(one[key][10:], two[1][key])
   dropped = (one["text_tokens"] == spm.pad([], 16)).all(axis=1).mean()
   assert 0.15 < dropped < 0.85  # 20 draws at p = 0.5
 
@@ -282,7 +287,7 @@ def test_random_choices_do_not_depend_on_the_number_of_processes(data, kind):
 def test_a_restored_process_iterator_keeps_its_part_and_its_bad_record_tallies(data, tmp_path):
   path, ids, _ = bad_set(tmp_path)
   c = config_for(data, "images", train=path, max_bad_fraction=0.9)
-  make = lambda: iter(pipeline.dataset(c, True, 2, process_index=1, process_count=2))  # noqa: E731
+  make = lambda: iter(pipeline.dataset(c, True, 4, rows=[2, 3]))  # noqa: E731
   it = make()
   take(it, 5)
   state = it.get_state()
@@ -303,7 +308,7 @@ def test_damaged_fields_are_bad_records_not_crashes(data, tmp_path):
              dict(good, image_codes="not bytes")]
   path = h.write_set(tmp_path / "damaged", [good] + damaged, num_shards=1, kind="tokens")
   c = config_for(data, train=path, eval=path, max_bad_fraction=0.9)
-  batch = next(iter(pipeline.dataset(c, train=False, batch_size=6)))
+  batch = next(iter(pipeline.dataset(c, train=False, global_batch=6)))
   assert list(batch["mask"]) == [1, 0, 0, 0, 0, 0]
   assert batch["skipped"].sum() == 5
   images = h.image_records(1) + [
@@ -311,7 +316,7 @@ def test_damaged_fields_are_bad_records_not_crashes(data, tmp_path):
             dict(id="c", image=h.encoded(h.rgb(8, 8), "PNG"), captions={"x": 1})]
   path = h.write_set(tmp_path / "damaged_images", images, num_shards=1)
   c = config_for(data, "images", train=path, eval=path, max_bad_fraction=0.99)
-  batch = next(iter(pipeline.dataset(c, train=False, batch_size=4)))
+  batch = next(iter(pipeline.dataset(c, train=False, global_batch=4)))
   assert list(batch["mask"]) == [1, 0, 0, 0] and batch["skipped"].sum() == 3
 
 
@@ -322,7 +327,7 @@ def test_shards_that_disagree_with_their_metadata_are_named(data, tmp_path):
   c = config_for(data, "images", train=str(path))
   with pytest.raises(records.DataError, match="test-00001-of-00002.array_record: 2 records, "
                      "but .*metadata.json says 3"):
-    pipeline.dataset(c, train=True, batch_size=2)
+    pipeline.dataset(c, train=True, global_batch=2)
 
 
 def test_token_shards_made_for_another_model_are_refused(data):
@@ -330,11 +335,11 @@ def test_token_shards_made_for_another_model_are_refused(data):
   c.model.image_grid = 8
   with pytest.raises(common.ConfigError, match="model.image_grid=8 does not fit the token "
                      "shards .*grid 4"):
-    pipeline.dataset(c, train=True, batch_size=2)
+    pipeline.dataset(c, train=True, global_batch=2)
   c = config_for(data)
   c.model.codebook_size = 32
   with pytest.raises(common.ConfigError, match="model.codebook_size=32"):
-    pipeline.dataset(c, train=True, batch_size=2)
+    pipeline.dataset(c, train=True, global_batch=2)
 
 
 def test_draws_are_uniform_and_keyed_on_seed_and_position():

@@ -1,10 +1,15 @@
 """The input pipeline: grain over shard sets (or a TFDS source) to global batches on the mesh.
 
 One record flows through:
-  source (index, raw) -> global seeded shuffle -> repeat (training) -> this process's part
-  -> preprocess (decode, crop, tokenize, caption dropout; a bad record becomes a marker)
-  -> count and drop bad records -> batch -> prefetch (threads or worker processes)
-  -> jax Arrays sharded over the mesh's batch axes, built from each process's rows.
+  source (index, raw) -> global seeded shuffle -> repeat (training) -> the rows of each
+  global batch that this process's devices hold -> preprocess (decode, crop, tokenize,
+  caption dropout; a bad record becomes a marker) -> count and drop bad records -> batch
+  -> prefetch (threads or worker processes) -> jax Arrays sharded over the mesh's batch axes.
+
+Global batch b holds the positions [b * B, (b + 1) * B) of one global order. A process
+reads the rows its devices hold (`sharding.rows_by_process`): disjoint rows where the
+batch axes span the processes, the same rows on every process that shares a batch shard
+(a `tensor` axis across hosts), so replica hosts read and feed identical data.
 
 Two kinds of data (`config.data.kind`):
   "images": image shards; a batch has `images` float32 [B, R, R, 3] in
@@ -18,10 +23,15 @@ and `skipped` int32 [B, len(SKIP_REASONS)]: the bad records dropped just before 
 so `batch["skipped"].sum(0)` counts them per reason across all processes.
 
 The iterator state (grain's, plus our per-shard counts) is a small JSON-able dict:
-restoring it continues with exactly the batches that would have come next.
+restoring it continues with exactly the batches that would have come next. It belongs to
+one layout of processes; `Loader.position` is the global one (the first position of the
+global order no process has read), from which a run on another number of processes or
+another global batch size starts (`Loader.start_at`).
 """
 
 import dataclasses
+import hashlib
+import json
 import time
 
 import grain
@@ -83,6 +93,34 @@ class Source:
     return records.as_record(self._records[index])
 
 
+class BatchRows(grain.MapDataset):
+  """The elements of `rows` in every global batch: (global position, element) pairs.
+
+  Element i is row rows[i % k] of global batch i // k (k = len(rows)), counted from
+  the global position `start`. grain's slicing deals disjoint strides to processes;
+  a process here needs given rows of each batch, which replica processes share, so the
+  mapping is ours. Positions are Python ints: data sets beyond 2^31 records are indexed
+  exactly.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, rows, start: int = 0):
+    super().__init__(parent)
+    self._batch, self._rows, self._start = global_batch, tuple(rows), start
+
+  def __len__(self) -> int:
+    return max(len(self._parent) - self._start, 0) // self._batch * len(self._rows)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, len(self._rows))
+    position = self._start + batch * self._batch + self._rows[row]
+    return position, self._parent[position]
+
+  def __str__(self) -> str:
+    return f"BatchRows(global_batch={self._batch}, rows={len(self._rows)}, start={self._start})"
+
+
 MASK64 = (1 << 64) - 1
 GOLDEN64 = 0x9E3779B97F4A7C15
 
@@ -131,14 +169,12 @@ class Preprocess:
   codebook_size: int
   shard_of: object  # index -> shard number
   seed: int
-  process_index: int
-  process_count: int
 
-  def __call__(self, position: int, item) -> dict:
-    index, raw = item
-    # This process reads positions p, p + n, p + 2n, ... of the global order.
-    rng = Draws(self.seed, self.process_index + position * self.process_count)
-    example = dict(index=np.int32(index), shard=np.int32(self.shard_of(index)),
+  def __call__(self, item) -> dict:
+    position, (index, raw) = item  # position in the global order, record index
+    rng = Draws(self.seed, position)
+    example = dict(index=np.int64(index), position=np.int64(position),
+                   shard=np.int32(self.shard_of(index)),
                    skipped=np.zeros(len(records.SKIP_REASONS), np.int32), mask=np.int32(0))
     if raw is None:  # eval padding: masked, not a bad record
       return self._blank(example)
@@ -319,22 +355,23 @@ def tokenizer_of(config) -> spm.Tokenizer | None:
   return tokenizer
 
 
-def dataset(config, train: bool, batch_size: int, process_index: int | None = None,
-            process_count: int | None = None, source: Source | None = None) -> grain.IterDataset:
-  """This process's grain dataset of `batch_size`-row batches (host numpy)."""
+def dataset(config, train: bool, global_batch: int, rows=None, start: int = 0,
+            source: Source | None = None) -> grain.IterDataset:
+  """A grain dataset of the `rows` (default: all) of each `global_batch`-row batch.
+
+  `start` is the global position of the first batch's row 0 (`Loader.start_at`).
+  """
   check(config, train)
   d, m = config.data, config.model
-  p = jax.process_index() if process_index is None else process_index
-  n = jax.process_count() if process_count is None else process_count
+  rows = range(global_batch) if rows is None else rows
   source = source or Source(d.train if train else d.eval, d)
-  if not train:  # pad so that every process reads the same number of whole batches
-    per_process = -(-source.num_records // n)
-    source.pad_to(-(-per_process // batch_size) * batch_size * n)
+  if not train:  # whole batches, the last padded with masked rows
+    source.pad_to(-(-source.num_records // global_batch) * global_batch)
   ds = grain.MapDataset.source(source)
   if train:
     # Shuffle before repeat: each epoch gets its own permutation of the whole set.
     ds = ds.shuffle(seed=config.seed).repeat(None)
-  ds = ds[p::n]  # one global order, dealt round-robin: disjoint parts that cover it
+  ds = BatchRows(ds, global_batch, rows, start)
   preprocess = Preprocess(
       kind=d.kind, train=train, resolution=d.resolution, value_range=tuple(d.value_range),
       caption_dropout=d.caption_dropout, max_pixels=d.max_pixels,
@@ -342,15 +379,14 @@ def dataset(config, train: bool, batch_size: int, process_index: int | None = No
       # Text and code fields belong to the Parti model; the image tokenizer has none.
       text_len=m.get("text_len", 0), text_vocab_size=m.get("text_vocab_size", 0),
       image_grid=m.get("image_grid", 0), codebook_size=m.codebook_size,
-      shard_of=source.shard_of,
-      seed=config.seed + 1, process_index=p, process_count=n)
-  ds = ds.map_with_index(preprocess)
+      shard_of=source.shard_of, seed=config.seed + 1)
+  ds = ds.map(preprocess)
   threads = d.num_threads if d.num_threads >= 0 else (0 if d.kind == "tokens" else 8)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=max(2 * batch_size, 16)))
+                                            prefetch_buffer_size=max(2 * len(rows), 16)))
   it = _CountBad(it, drop=train, shard_names=source.shard_names,
                  shard_counts=source.shard_counts, max_bad_fraction=d.max_bad_fraction)
-  it = it.batch(batch_size, drop_remainder=True)
+  it = it.batch(len(rows), drop_remainder=True)
   if d.num_workers > 0:
     # grain's worker processes read absl flags; our commands parse their own arguments,
     # so absl's flags are marked parsed (with their defaults) for them.
@@ -367,25 +403,33 @@ class Loader:
   """Global batches on the mesh from this process's grain iterator; checkpointable.
 
   `iterator` is the grain DatasetIterator (what an orbax checkpoint saves through
-  `grain.checkpoint`); `get_state`/`set_state` pass through to it. `data_wait_s` adds up
-  the time `__next__` waited for the host pipeline.
+  `grain.checkpoint`); `get_state`/`set_state` pass through to it. `position` is the
+  global position after the last row this process read; `layout` names the reading
+  layout those states belong to. `data_wait_s` adds up the time `__next__` waited for
+  the host pipeline.
   """
 
   def __init__(self, config, mesh, train: bool = True, batch_size: int | None = None):
     self.global_batch = batch_size or config.global_batch_size
-    if self.global_batch % jax.process_count():
-      from parti_jax.config import ConfigError
-      raise ConfigError(f"batch size {self.global_batch} is not divisible by the "
-                        f"{jax.process_count()} processes")
-    rules = sharding.rules_of(config)
-    self._sharding = sharding.batch_sharding(mesh, rules)
-    spec = config.data.train if train else config.data.eval
+    self._config, self._train = config, train
+    self._sharding = sharding.batch_sharding(mesh, sharding.rules_of(config))
+    by_process = sharding.rows_by_process(self._sharding, self.global_batch)
+    self.rows = by_process[jax.process_index()]
+    self._local_row = {r: i for i, r in enumerate(self.rows)}
+    self.layout = dict(process_count=jax.process_count(), global_batch=self.global_batch,
+                       rows_digest=_digest(by_process))
     check(config, train)
-    self.source = Source(spec, config.data)  # also random access to whole records
-    self._dataset = dataset(config, train, self.global_batch // jax.process_count(),
-                            source=self.source)
-    self.iterator = iter(self._dataset)
+    self.source = Source(config.data.train if train else config.data.eval, config.data)
     self.data_wait_s = 0.0
+    self.start_at(0)
+
+  def start_at(self, position: int) -> None:
+    """Reads on from global `position` (a new iterator: per-shard tallies start again)."""
+    self.close()
+    self._dataset = dataset(self._config, self._train, self.global_batch, self.rows,
+                            start=position, source=self.source)
+    self.iterator = iter(self._dataset)
+    self.position = position
 
   def __iter__(self):
     return self
@@ -394,8 +438,18 @@ class Loader:
     start = time.perf_counter()
     local = next(self.iterator)
     self.data_wait_s += time.perf_counter() - start
-    return {k: jax.make_array_from_process_local_data(
-        self._sharding, v, (self.global_batch,) + v.shape[1:]) for k, v in local.items()}
+    self.position = int(local.pop("position").max()) + 1
+    return {k: self._global_array(v) for k, v in local.items()}
+
+  def _global_array(self, local: np.ndarray) -> jax.Array:
+    # Each device takes its rows from this process's rows (the same on replica processes);
+    # unlike make_array_from_process_local_data this needs no contiguous block per process.
+    def rows_for(index):
+      first, stop, _ = index[0].indices(self.global_batch)
+      i = self._local_row[first]
+      return local[i:i + stop - first]
+    return jax.make_array_from_callback((self.global_batch,) + local.shape[1:],
+                                        self._sharding, rows_for)
 
   def get_state(self) -> dict:
     return self.iterator.get_state()
@@ -404,9 +458,13 @@ class Loader:
     self.iterator.set_state(state)
 
   def close(self) -> None:
-    close = getattr(self.iterator, "close", None)
+    close = getattr(getattr(self, "iterator", None), "close", None)
     if close:
       close()
+
+
+def _digest(by_process: dict) -> str:
+  return hashlib.sha256(json.dumps(sorted(by_process.items())).encode()).hexdigest()[:16]
 
 
 def eval_batches(config, mesh, batch_size: int | None = None):
