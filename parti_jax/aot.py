@@ -1,7 +1,7 @@
 """Plans a run before renting the pod: compiles the trainer's step for a TPU slice, here.
 
   python -m parti_jax.aot --config configs/parti_20b.py --topology v4-512 \
-      [--config.FIELD=VALUE ...] [--json]
+      [--num_slices K] [--config.FIELD=VALUE ...] [--json]
 
 No TPU is needed, only libtpu (`pip install -e '.[tpu]'`): the TPU compiler builds the
 program for abstract devices laid out as the named slice (parti_jax.topologies). What
@@ -67,35 +67,44 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
     "train": train_program, "sample": sample_program}
 
 
-def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train") -> dict:
+def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
+         num_slices: int | None = None) -> dict:
   """Compiles `mode` of `config` for the slice named `topology`; the report as a dict.
 
-  Raises topologies.UnknownTopology and config_lib.ConfigError before compiling.
+  `num_slices` such slices joined over DCN (default: config.mesh.num_slices, which a
+  number given here replaces). Raises topologies.UnknownTopology and
+  config_lib.ConfigError before compiling.
   """
   tpu = topologies.get(topology)
-  config_lib.check(config, tpu.chips)
-  devices = tpu.devices()
+  if num_slices is not None:
+    config = config.copy_and_resolve_references()
+    config.mesh.num_slices = num_slices
+  slices = int(config.mesh.get("num_slices", 1))
+  chips = tpu.chips * slices
+  config_lib.check(config, chips)
+  devices = tpu.devices(slices)
   try:
     mesh = sharding.make_mesh(config, devices)
   except NotImplementedError as e:  # as on the slice itself: the trainer builds this mesh
     raise config_lib.ConfigError(
         f"the mesh {dict(config.mesh)} cannot be laid out on the {tpu.name} torus "
-        f"{'x'.join(map(str, tpu.grid))}: every mesh axis must be a product of torus "
-        f"dimensions ({_first_line(e)})") from e
+        f"{'x'.join(map(str, tpu.grid))}: every mesh axis (the data axis divided by "
+        f"mesh.num_slices) must be a product of torus dimensions ({_first_line(e)})") from e
   program = MODES[mode](config, mesh)
   report = dict(
-      mode=mode, topology=tpu.name, compiler_topology=tpu.topology, chips=tpu.chips,
+      mode=mode, topology=tpu.name, compiler_topology=tpu.topology, num_slices=slices,
+      chips=chips,
       device_kind=devices[0].device_kind, hbm_bytes=tpu.hbm_bytes, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
       grad_accum_steps=config.get("grad_accum_steps", 1),
       remat=config.model.get("remat"), memory={}, overflow=[],
       argument_bytes_estimate=_argument_bytes(program.args),
-      analytic_flops_per_device=program.flops and program.flops / tpu.chips)
+      analytic_flops_per_device=program.flops and program.flops / chips)
   lowered = program.fn.lower(*program.args)
   # Counted on the program as handed to XLA: in the TPU-optimised program batched matmuls
   # become dilated convolutions, which XLA's cost model counts at well above their cost.
   hlo = lowered.as_text(dialect="hlo")
-  report["compiler_flops_per_device"] = loop_aware_flops(hlo) / tpu.chips
+  report["compiler_flops_per_device"] = loop_aware_flops(hlo) / chips
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -221,7 +230,9 @@ def _split_computations(text: str) -> tuple[dict[str, str], str]:
 
 def print_report(r: dict, config_name: str) -> None:
   gib = _gib
-  print(f"{config_name} ({r['mode']}) on {r['topology']}: {r['chips']} chips of "
+  slices = r.get("num_slices", 1)
+  where = f"{slices} x {r['topology']} (over DCN)" if slices > 1 else r["topology"]
+  print(f"{config_name} ({r['mode']}) on {where}: {r['chips']} chips of "
         f"{r['device_kind']}, {gib(r['hbm_bytes'])} HBM each (libtpu topology "
         f"{r['compiler_topology']})")
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -262,7 +273,7 @@ def main(argv):
   if config is None or not f.topology:
     sys.exit("error: --config and --topology are required")
   try:
-    report = plan(config, f.topology, f.mode)
+    report = plan(config, f.topology, f.mode, f.num_slices)
   except (topologies.UnknownTopology, config_lib.ConfigError) as e:
     if f.json:
       print(json.dumps(dict(topology=f.topology, refused=str(e))))
@@ -279,5 +290,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
   flags.DEFINE_string("topology", None, f"TPU slice, one of: {', '.join(topologies.names())}")
   flags.DEFINE_enum("mode", "train", list(MODES), "Which program to plan.")
+  flags.DEFINE_integer("num_slices", None, "Slices of --topology joined over DCN, the data "
+                       "axis split across them (default: the config's mesh.num_slices).")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
   app.run(main)

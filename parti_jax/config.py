@@ -69,7 +69,9 @@ def base() -> ml_collections.ConfigDict:
   # (BENCHMARKS.md). "xla" or "cudnn" force one.
   m.attention_impl = "auto"
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # num_slices > 1: TPU slices joined over the data-centre network (DCN). The data axis is
+  # split across them, fsdp and tensor stay inside each slice (parti_jax/sharding.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_slices=1))
   c.sharding_rules = DEFAULT_RULES
 
   o = c.optimizer = ml_collections.ConfigDict()
@@ -215,7 +217,7 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   # 50k warm-up steps to 1e-4, then cosine to 5e-5 at the end.
   c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=50_000,
                                               decay_start=0, final_ratio=0.5))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_slices=1))
   # The discriminator's convolutions ("channels") are replicated: it is small next to the
   # tokenizer.
   c.sharding_rules = DEFAULT_RULES + (("patch", None), ("code", None), ("codes", None),
@@ -280,7 +282,21 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
     raise ConfigError(
         f"mesh ({desc}) needs {fixed}{' x k' if fill else ''} devices but {num_devices} "
         f"are available")
-  return tuple(num_devices // fixed if s == -1 else s for s in sizes)
+  shape = tuple(num_devices // fixed if s == -1 else s for s in sizes)
+  _check_slices(int(config.mesh.get("num_slices", 1)), shape)
+  return shape
+
+
+def _check_slices(num_slices: int, shape: tuple[int, ...]) -> None:
+  """Only the data axis crosses slices: fsdp and tensor communicate every layer, far too
+  often for the data-centre network between slices."""
+  if num_slices < 1:
+    raise ConfigError(f"mesh.num_slices={num_slices} must be at least 1")
+  if shape[0] % num_slices:
+    raise ConfigError(
+        f"mesh.data={shape[0]} is not divisible by mesh.num_slices={num_slices}: the data axis "
+        "is split across the slices (fsdp and tensor stay inside one); set mesh.data to a "
+        "multiple of mesh.num_slices")
 
 
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> tuple[int, ...]:

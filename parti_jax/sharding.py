@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import optax
 from flax.core import spmd
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parti_jax import config as config_lib
@@ -27,12 +28,30 @@ _ACTIVATION_MESH: list[Mesh] = []
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices, checked against the config first."""
+  """A (data, fsdp, tensor) mesh over all devices, checked against the config first.
+
+  Over several TPU slices (mesh.num_slices), the data axis is split across the slices and
+  fsdp and tensor stay inside each: only the gradient reduction of data parallelism
+  crosses the slow network between slices, once per step.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = config_lib.check(config, len(devices))
   # Auto axes: GSPMD propagates shardings between the constraints we set.
-  return jax.make_mesh(shape, config_lib.MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+  num_slices = int(config.mesh.get("num_slices", 1))
+  found = len({getattr(d, "slice_index", 0) for d in devices})
+  if found != num_slices:
+    raise config_lib.ConfigError(
+        f"mesh.num_slices={num_slices}, but the {len(devices)} devices are in {found} "
+        f"slice(s): set mesh.num_slices={found}")
+  if num_slices == 1:
+    return jax.make_mesh(shape, config_lib.MESH_AXES, devices=devices, axis_types=axis_types)
+  per_slice = (shape[0] // num_slices,) + shape[1:]  # over ICI, the links inside a slice
+  # As jax.make_mesh does: v5e slices may need a physical axis split between mesh axes.
+  v5e = devices[0].device_kind in ("TPU v5 lite", "TPU v5e")
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices,
+                                              allow_split_physical_axes=v5e)
+  return Mesh(grid, config_lib.MESH_AXES, axis_types=axis_types)
 
 
 def abstract_mesh(config, num_devices: int) -> jax.sharding.AbstractMesh:

@@ -63,8 +63,9 @@ class Slice:
   def hbm_bytes(self) -> int:
     return self.spec.hbm_bytes
 
-  def devices(self) -> list:
-    """One compile-only device per chip, laid out as on the real slice."""
+  def devices(self, num_slices: int = 1) -> list:
+    """One compile-only device per chip, laid out as on the real slice; with num_slices > 1,
+    that many such slices joined over DCN (devices carry their `slice_index`)."""
     # libtpu allows one process per machine unless told that this one only compiles.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # needs libtpu: pip install 'jax[tpu]'
@@ -73,7 +74,7 @@ class Slice:
                    chips_per_host_bounds=tuple(min(g, b) for g, b in
                                                zip(self.grid + (1,) * (3 - len(self.grid)),
                                                    (2, 2, 1))),
-                   num_slices=1)
+                   num_slices=num_slices)
     # Full-size tori have wrap-around links; the compiler plans collectives over them.
     if three_d and min(self.grid) >= 4:
       options["wrap"] = (True, True, True)

@@ -96,3 +96,45 @@ def test_refused_before_compiling():
     aot.plan(config, "v5e-8")
   with pytest.raises(topologies.UnknownTopology):
     aot.plan(load_config("parti_tiny"), "v5e-12")
+
+
+# ----------------------------------------------------------------------------- several slices
+
+def test_the_data_axis_must_split_over_the_slices():
+  config = load_config("parti_tiny")
+  config.mesh.num_slices = 2  # mesh.data is 1: nothing to split across two slices
+  with pytest.raises(config_lib.ConfigError, match="mesh.data=1 is not divisible by "
+                     "mesh.num_slices=2"):
+    config_lib.check(config, 8)
+  config.mesh.data = 2
+  assert config_lib.check(config, 8) == (2, 4, 1)
+
+
+@needs_libtpu
+def test_two_slices_put_the_data_axis_across_them():
+  from parti_jax import sharding
+  devices = topologies.get("v4-16").devices(num_slices=2)  # 2 x 8 chips, 2 hosts each
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+  config = load_config("parti_tiny")
+  config.mesh.update(data=2, fsdp=-1, tensor=2, num_slices=2)
+  mesh = sharding.make_mesh(config, devices)
+  assert dict(mesh.shape) == dict(data=2, fsdp=4, tensor=2)
+  # Each data index is one slice: fsdp and tensor never leave a slice.
+  for i, block in enumerate(mesh.devices):
+    assert {d.slice_index for d in block.flat} == {i}
+  config.mesh.num_slices = 1  # jax.make_mesh cannot lay out several slices
+  with pytest.raises(config_lib.ConfigError, match="set mesh.num_slices=2"):
+    sharding.make_mesh(config, devices)
+
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_tiny_config_plans_over_two_slices():
+  config = load_config("parti_tiny")
+  config.mesh.data = 2
+  report = aot.plan(config, "v4-8", num_slices=2)
+  assert report["fits"] and (report["num_slices"], report["chips"]) == (2, 8)
+  assert report["mesh"] == dict(data=2, fsdp=4, tensor=1)
+  assert config.mesh.num_slices == 1  # the caller's config is left as it was
+  with pytest.raises(config_lib.ConfigError, match="mesh.num_slices=2"):
+    aot.plan(load_config("parti_tiny"), "v4-8", num_slices=2)  # mesh.data=1
