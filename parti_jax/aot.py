@@ -8,7 +8,8 @@ program for abstract devices laid out as the named slice (parti_jax.topologies).
 is compiled is what `parti_jax.train` runs: the same jitted step, shardings and donated
 state, so the memory the compiler reserves on each device is the memory the run needs.
 
-Prints the per-device memory (arguments, outputs, temporaries, generated code, their
+Prints how the hosts read each global batch (a layout the input pipeline cannot feed is
+refused), the per-device memory (arguments, outputs, temporaries, generated code, their
 total against the chip's HBM), the compiler's FLOPs per step next to the analytic count
 behind MFU, the compile time and a verdict. Exit status: 0 fits, 1 does not fit (the
 sizes that overflow are named), 2 the config or topology is refused before compiling.
@@ -90,6 +91,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
         f"the mesh {dict(config.mesh)} cannot be laid out on the {tpu.name} torus "
         f"{'x'.join(map(str, tpu.grid))}: every mesh axis (the data axis divided by "
         f"mesh.num_slices) must be a product of torus dimensions ({_first_line(e)})") from e
+  layout = input_layout(config, mesh) if mode == "train" else None
   program = MODES[mode](config, mesh)
   report = dict(
       mode=mode, topology=tpu.name, compiler_topology=tpu.topology, num_slices=slices,
@@ -97,7 +99,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
       device_kind=devices[0].device_kind, hbm_bytes=tpu.hbm_bytes, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
       grad_accum_steps=config.get("grad_accum_steps", 1),
-      remat=config.model.get("remat"), memory={}, overflow=[],
+      remat=config.model.get("remat"), input_layout=layout, memory={}, overflow=[],
       argument_bytes_estimate=_argument_bytes(program.args),
       analytic_flops_per_device=program.flops and program.flops / chips)
   lowered = program.fn.lower(*program.args)
@@ -119,6 +121,14 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   report["overflow"] = overflow(memory, tpu.hbm_bytes)
   report["fits"] = not report["overflow"]
   return report
+
+
+def input_layout(config: ml_collections.ConfigDict, mesh) -> dict:
+  """Which rows of each global batch the trainer's loader reads on each host of the slice
+  (compile-only devices know their host), refused (ConfigError) where it cannot be fed."""
+  batch = sharding.batch_sharding(mesh, sharding.rules_of(config))
+  rows = sharding.rows_by_process(batch, config.global_batch_size)
+  return sharding.check_input_layout(rows, config.global_batch_size)
 
 
 def overflow(memory: dict, hbm_bytes: int) -> list[str]:
@@ -240,6 +250,13 @@ def print_report(r: dict, config_name: str) -> None:
   per_chip = micro // (r["mesh"]["data"] * r["mesh"]["fsdp"])
   print(f"mesh {mesh}; global batch {r['global_batch_size']} in {r['grad_accum_steps']} "
         f"micro-batch(es) of {micro} ({per_chip} per chip); remat {r['remat']}")
+  layout = r.get("input_layout")
+  if layout:
+    shared = (f"; {layout['row_sets']} row sets, each read by {layout['hosts_per_row']} hosts "
+              "(a model axis spans hosts)" if layout["hosts_per_row"] > 1 else "")
+    hosts = f"{layout['hosts']} host{'s' * (layout['hosts'] > 1)}"
+    print(f"input: {hosts}, each reads {layout['rows_per_host']} of the "
+          f"{r['global_batch_size']} rows of a global batch{shared}")
   m = r["memory"]
   if m:
     print("per-device memory:")

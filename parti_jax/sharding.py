@@ -111,6 +111,41 @@ def rows_by_process(batch_sharding: NamedSharding, global_batch: int) -> dict[in
   return {p: sorted(r) for p, r in sorted(rows.items())}
 
 
+def check_input_layout(rows_by_process: dict[int, list[int]], global_batch: int) -> dict:
+  """Refuses a reading layout (`rows_by_process`) the input pipeline cannot feed.
+
+  Each process reads one set of rows, and processes that share a row are replicas of one
+  batch shard that read all of it: so every pair of processes holds identical or disjoint
+  rows, none holds nothing, and the distinct row sets are equally large and together are
+  the global batch. Returns hosts, rows_per_host, row_sets (distinct) and hosts_per_row
+  (replicas: more than 1 where a model axis spans hosts).
+  """
+  holders = collections.defaultdict(list)  # a row set -> the processes that read it
+  for process, rows in rows_by_process.items():
+    holders[tuple(rows)].append(process)
+  if () in holders:
+    raise config_lib.ConfigError(
+        f"processes {holders[()]} hold no rows of the global batch "
+        f"(global_batch_size={global_batch}): every process must feed its devices")
+  owner = {}  # row -> a process of the first row set that holds it
+  for rows, processes in holders.items():
+    for row in rows:
+      if owner.setdefault(row, processes[0]) != processes[0]:
+        raise config_lib.ConfigError(
+            f"processes {owner[row]} and {processes[0]} hold overlapping but different rows "
+            f"of the global batch (both hold row {row}): the input pipeline reads one row set "
+            "per process, so processes that share a row must share all of them; choose mesh "
+            "(mesh.data, mesh.fsdp, mesh.tensor) or the 'batch' rule of sharding_rules so "
+            "each batch shard lies within one host or spans whole hosts")
+  sizes = sorted({len(rows) for rows in holders})
+  if len(sizes) > 1 or len(owner) != global_batch:
+    raise config_lib.ConfigError(
+        f"global_batch_size={global_batch} does not split evenly over the batch shards: "
+        f"processes hold {' or '.join(map(str, sizes))} rows, {len(owner)} in all")
+  return dict(hosts=len(rows_by_process), rows_per_host=sizes[0], row_sets=len(holders),
+              hosts_per_row=max(len(p) for p in holders.values()), valid=True)
+
+
 def place_global_batch(sharding: NamedSharding, batch: Any) -> Any:
   """Global arrays of a batch that every process holds whole (synthetic data): each process
   contributes a contiguous share of the rows, so which rows land where follows the mesh's

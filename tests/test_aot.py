@@ -138,3 +138,22 @@ def test_tiny_config_plans_over_two_slices():
   assert config.mesh.num_slices == 1  # the caller's config is left as it was
   with pytest.raises(config_lib.ConfigError, match="mesh.num_slices=2"):
     aot.plan(load_config("parti_tiny"), "v4-8", num_slices=2)  # mesh.data=1
+
+
+# ----------------------------------------------------------------------------- input layout
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_a_tensor_axis_across_hosts_plans_replica_readers(capsys):
+  # v5e-16: 16 chips on 4 hosts. tensor=8 spans two hosts, so each half of the global
+  # batch (fsdp=2) is read, whole, by the 2 hosts of its tensor group.
+  config = load_config("parti_tiny")
+  config.model.num_heads = 8
+  config.mesh.update(data=1, fsdp=2, tensor=8)
+  report = aot.plan(config, "v5e-16")
+  assert report["input_layout"] == dict(hosts=4, rows_per_host=4, row_sets=2, hosts_per_row=2,
+                                        valid=True)
+  assert report["fits"]
+  aot.print_report(report, "parti_tiny")
+  assert "each reads 4 of the 8 rows of a global batch; 2 row sets, each read by 2 hosts" in \
+      capsys.readouterr().out

@@ -9,6 +9,7 @@ from conftest import load_config
 from helpers import random_batch, setup_on
 from jax.sharding import PartitionSpec as P
 
+from parti_jax import config as config_lib
 from parti_jax import sharding
 from parti_jax import train_step as ts
 
@@ -101,3 +102,30 @@ def test_place_global_batch_splits_the_rows_over_the_batch_axes(config):
     # data x fsdp = 4 shards of 2 rows, each on the 2 devices of the tensor axis
     rows = sorted({s.index[0].start for s in x.addressable_shards})
     assert rows == [0, 2, 4, 6] and len(x.addressable_shards) == 8
+
+
+def _rows(*ranges) -> dict:
+  """{process: its rows} from one (start, stop) per process."""
+  return {p: list(range(*r)) for p, r in enumerate(ranges)}
+
+
+def test_an_input_layout_with_replica_hosts_is_accepted():
+  # 4 hosts, a tensor axis across pairs of them: two row sets, each read by 2 hosts.
+  layout = sharding.check_input_layout(_rows((0, 4), (0, 4), (4, 8), (4, 8)), 8)
+  assert layout == dict(hosts=4, rows_per_host=4, row_sets=2, hosts_per_row=2, valid=True)
+  # One process on this machine's 8 devices reads the whole batch.
+  config = load_config("parti_tiny")
+  batch = sharding.batch_sharding(sharding.make_mesh(config), sharding.rules_of(config))
+  layout = sharding.check_input_layout(sharding.rows_by_process(batch, 16), 16)
+  assert (layout["hosts"], layout["rows_per_host"], layout["hosts_per_row"]) == (1, 16, 1)
+
+
+@pytest.mark.parametrize("rows, problem", [
+    (_rows((0, 4), (2, 6), (4, 8)), "processes 0 and 1 hold overlapping but different rows"),
+    (_rows((0, 8), (0, 0)), r"processes \[1\] hold no rows"),
+    (_rows((0, 6), (6, 8)), "global_batch_size=8 does not split evenly"),
+    (_rows((0, 4), (0, 4)), "global_batch_size=8 does not split evenly"),  # rows 4-7 unread
+])
+def test_an_input_layout_the_loader_cannot_feed_is_refused(rows, problem):
+  with pytest.raises(config_lib.ConfigError, match=problem):
+    sharding.check_input_layout(rows, 8)
