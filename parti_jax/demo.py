@@ -37,6 +37,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from parti_jax import metrics
 from parti_jax.data import records
 
 PREEMPTED_EXIT_CODE = 75  # the trainer's exit code after SIGTERM or Ctrl-C (it saved first)
@@ -165,8 +166,8 @@ class Demo:
   def report(self, times: dict) -> dict:
     evals = {split: json.loads((self.dir / f"eval_{split}.json").read_text())
              for split in ("validation", "heldout")}
-    tokenizer = _last_eval(self.dir / "tokenizer" / "metrics.jsonl")
-    parti = _last_eval(self.dir / "parti" / "metrics.jsonl")
+    tokenizer = _last_eval(self.dir / "tokenizer")
+    parti = _last_eval(self.dir / "parti")
     report = dict(
         accuracy=dict(validation=evals["validation"]["accuracy"],
                       heldout=evals["heldout"]["accuracy"]),
@@ -240,14 +241,12 @@ def _accuracy(path: pathlib.Path) -> dict:
   return json.loads(path.read_text())["accuracy"] if path.exists() else {}
 
 
-def _last_eval(path: pathlib.Path) -> dict:
-  """The last row of a run's metrics.jsonl that has evaluation metrics."""
+def _last_eval(run_dir: pathlib.Path) -> dict:
+  """The last row of a run's metrics history that has evaluation metrics ({} if none)."""
   last = {}
-  if path.exists():
-    for line in path.open():
-      row = json.loads(line)
-      if any(k.startswith("eval/") for k in row):
-        last = row
+  for row in metrics.read(run_dir):
+    if any(k.startswith("eval/") for k in row):
+      last = row
   return last
 
 

@@ -105,8 +105,7 @@ def test_parameters_carry_logical_names_that_shard_on_the_mesh(tiny):
 
 def test_the_trainer_trains_the_tokenizer(tmp_path):
   """Same command, same checkpoints and metrics: the tokenizer plugs into the trainer."""
-  import json
-
+  from parti_jax import metrics
   from parti_jax import train as trainer
   from parti_jax.data import images, shapes
   shapes.write(tmp_path / "shapes", shapes.Spec(), num=64, num_validation=16, num_heldout=0,
@@ -117,7 +116,7 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   config.num_train_steps = 20
   config.train.update(log_every=10, eval_every=20, checkpoint_every=20)
   summary = trainer.train(config, tmp_path / "run")
-  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  rows = metrics.read(tmp_path / "run")
   train_rows = [r for r in rows if "l2" in r]
   assert train_rows[-1]["l2"] < train_rows[0]["l2"]
   for key in ("psnr", "codebook_usage", "codebook_perplexity", "logit_laplace", "mfu"):
