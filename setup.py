@@ -35,6 +35,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.22", "nbclient>=0.10",
                  "nbformat>=5.9", "ipykernel>=6.29",
+                 # A test signals one process of a multi-process run, found as a child.
+                 "psutil>=5.9",
                  # Tests write real .pth files and compute reference outputs with torch; the
                  # package itself never imports it. 2.13.0 has a CPU wheel on our CI machines.
                  "torch==2.13.0",

@@ -5,21 +5,26 @@ Layout of a work directory (local or a bucket path; orbax and etils.epath read b
   WORKDIR/config.json             the resolved config of the first start
   WORKDIR/checkpoints/STEP/state  model and optimizer state, step, RNG (sharded arrays)
   WORKDIR/checkpoints/STEP/data   every process's grain iterator state (one JSON each)
+  WORKDIR/checkpoints/STEP/data_position  the global data position and reading layout
 
-orbax writes a checkpoint under a temporary name and renames it when complete, so a save
-cut short is never listed. A listed checkpoint that cannot be read (a truncated file, a
-lost shard) is reported, moved to WORKDIR/checkpoints_unreadable/ and the one before it
-used. Restoring builds each array with the sharding of the current mesh, so a run saved on
-one mesh or device count resumes on another.
+orbax marks a checkpoint finished last (a rename locally, a marker object on a bucket),
+so a save cut short is never listed. A listed checkpoint that no process can read after
+`train.restore_attempts` tries (a truncated file, a lost shard) is reported, moved to
+WORKDIR/checkpoints_unreadable/ and the one before it used; all processes agree on that
+before anything moves. Restoring builds each array with the sharding of the current mesh,
+and the data continues from the saved global position when the processes or the batch
+size differ, so a run saved on one slice resumes on another.
 """
 
 import json
 import os
+import time
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+import numpy as np
 from etils import epath
 
 from parti_jax.config import ConfigError
@@ -68,51 +73,128 @@ def check_config(workdir, config: ml_collections.ConfigDict) -> None:
     path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
+class CheckpointError(RuntimeError):
+  """The checkpoints cannot be used or moved; the message names the path."""
+
+
 class Checkpoints:
-  """Saving and restoring (state, data iterator) pairs in WORKDIR/checkpoints."""
+  """Saving and restoring (state, data position) in WORKDIR/checkpoints.
+
+  A checkpoint holds three items: `state` (sharded arrays), `data` (grain's iterator
+  state, one file per process: exact for the same processes and batch) and
+  `data_position` (the global position in the data, from which a run laid out on other
+  processes or another batch size continues).
+  """
 
   def __init__(self, workdir, config: ml_collections.ConfigDict):
     t = config.train
     self.directory = epath.Path(workdir) / "checkpoints"
+    self._restore_attempts = max(1, t.restore_attempts)
     self._manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data"),
+        self.directory, item_names=("state", "data", "data_position"),
         options=ocp.CheckpointManagerOptions(
-            # Only every N steps (orbax's default would also save the first step it sees).
-            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(t.checkpoint_every),
+            # Every N steps (orbax's default would also save the first step it sees), and
+            # at the step all processes agree on after a preemption notice (SIGTERM), through
+            # JAX's preemption service where several processes run.
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(t.checkpoint_every),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
             max_to_keep=t.keep_checkpoints,
             keep_period=t.keep_every or None, enable_async_checkpointing=t.async_checkpoints,
+            async_options=ocp.AsyncOptions(timeout_secs=t.checkpoint_timeout_s),
             create=True, cleanup_tmp_directories=True))
 
-  def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+  def save(self, step: int, state, loader, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); asynchronous unless configured otherwise."""
-    return self._manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+    if not (force or self._manager.should_save(step)):
+      return False
+    # The next position no process has read: where a run on another layout goes on.
+    position = _max_over_processes(loader.position)
+    return self._manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(loader.iterator),
+        data_position=ocp.args.JsonSave(dict(position=position, **loader.layout))))
 
-  def restore_latest(self, abstract_state, data_iterator, log=print):
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the step JAX's preemption service agreed on."""
+    return self._manager.reached_preemption(step)
+
+  def restore_latest(self, abstract_state, loader, log=print):
     """(state, step) of the newest readable checkpoint, or (None, 0) when there is none.
 
-    `abstract_state` carries the target shardings; the data iterator's state is set in
-    place. Unreadable checkpoints are moved aside so that later saves can reuse their steps.
+    `abstract_state` carries the target shardings; the loader is set to go on where the
+    checkpoint's run stopped reading. A checkpoint is set aside only when every process
+    agrees it cannot be read after `train.restore_attempts` tries; the one before is used.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored.state, step
-      except Exception as e:  # noqa: BLE001  orbax and tensorstore raise many types
-        log(f"checkpoint {self.directory / str(step)} cannot be restored "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); moving it to "
-            f"{self.directory.parent / 'checkpoints_unreadable'} and trying the one before")
-        self._set_aside(step)
+      state, error = None, None
+      for attempt in range(self._restore_attempts):
+        try:
+          state = self._restore(step, abstract_state, loader, log)
+          break
+        except (AttributeError, NameError, ImportError):
+          raise  # a defect of the program, not of the checkpoint: never set it aside
+        except Exception as e:  # noqa: BLE001  orbax and tensorstore raise many types
+          error = e
+          log(f"checkpoint {self.directory / str(step)}: read failed (attempt {attempt + 1} "
+              f"of {self._restore_attempts}): {_summary(e)}")
+          if attempt + 1 < self._restore_attempts:
+            time.sleep(2 ** attempt)
+      if not _any_process(state is None):
+        return state, step
+      reason = _summary(error) if error else "unreadable on another process"
+      log(f"checkpoint {self.directory / str(step)} cannot be restored ({reason}); moving it "
+          f"to {self.directory.parent / 'checkpoints_unreadable'} and trying the one before")
+      self._set_aside(step)
     return None, 0
 
+  def _restore(self, step: int, abstract_state, loader, log):
+    saved = self._data_position(step)
+    same_layout = saved is None or all(saved.get(k) == v for k, v in loader.layout.items())
+    args = dict(state=ocp.args.StandardRestore(abstract_state))
+    if same_layout:  # exact: every process's own iterator state, tallies included
+      args["data"] = grain.checkpoint.CheckpointRestore(loader.iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception:  # noqa: BLE001
+      if saved is None or "data" not in args:
+        raise
+      # A data iterator state this grain cannot read does not make the model unreadable:
+      # go on from the global position instead.
+      del args["data"]
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      same_layout = False
+    if not same_layout:
+      log(f"checkpoint {step} was saved by {saved['process_count']} process(es) reading "
+          f"batches of {saved['global_batch']}; this run reads from global position "
+          f"{saved['position']} on with its own layout")
+      loader.start_at(saved["position"])
+    return restored.state
+
+  def _data_position(self, step: int) -> dict | None:
+    """The saved global data position and layout (None for checkpoints made before it)."""
+    if not (self.directory / str(step) / "data_position").exists():
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(
+        data_position=ocp.args.JsonRestore())).data_position
+
   def _set_aside(self, step: int) -> None:
+    """Moves an unreadable step out of orbax's sight; every process learns the outcome.
+
+    Process 0 moves the directory; the others wait for it and raise the same error if
+    the move failed, so no process is left waiting in a barrier.
+    """
+    error = ""
     if jax.process_index() == 0:
-      aside = self.directory.parent / "checkpoints_unreadable"
-      aside.mkdir(parents=True, exist_ok=True)
-      (self.directory / str(step)).rename(aside / str(step))
-    _sync("parti_jax.checkpoints: unreadable checkpoint set aside")
+      source = self.directory / str(step)
+      target = self.directory.parent / "checkpoints_unreadable" / str(step)
+      try:
+        move_tree(source, target)
+      except Exception as e:  # noqa: BLE001  local and bucket file systems differ in types
+        error = f"cannot move {source} to {target}: {_summary(e)}"
+    error = _from_process_0(error)
+    if error:
+      raise CheckpointError(error + "; move or delete that step by hand, then restart")
     self._manager.reload()
 
   @property
@@ -126,6 +208,43 @@ class Checkpoints:
     self._manager.close()
 
 
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Moves a directory; on buckets, where nothing renames a prefix, object by object.
+
+  A copy that stops half-way leaves `source` whole (it is deleted last), so a retry
+  starts over; objects already copied are overwritten.
+  """
+  if target.exists():  # an earlier attempt, or an older step of the same number
+    target.rmtree()
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if "://" not in str(source):
+    source.rename(target)
+    return
+  for root, _, files in source.walk():
+    relative = str(root)[len(str(source)):].lstrip("/")
+    (target / relative).mkdir(parents=True, exist_ok=True)
+    for name in files:
+      (root / name).copy(target / relative / name, overwrite=True)
+  source.rmtree()
+
+
+def finished_steps(directory) -> list[int]:
+  """The steps orbax counts as finished in a checkpoints directory, ascending.
+
+  On a bucket orbax writes a step in place and marks it finished last, so a directory
+  listing would also return a step still being written (or cut short).
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return []
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
 def load_params(path, abstract_params, groups=()):
   """Parameters of another run (its workdir: the latest checkpoint; or a STEP directory).
 
@@ -136,7 +255,7 @@ def load_params(path, abstract_params, groups=()):
   """
   path = absolute(path)
   if (path / "checkpoints").exists():
-    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    steps = finished_steps(path / "checkpoints")
     if not steps:
       raise FileNotFoundError(f"init_from={path}: no checkpoints in {path / 'checkpoints'}")
     path = path / "checkpoints" / str(steps[-1])
@@ -153,7 +272,32 @@ def load_params(path, abstract_params, groups=()):
   return restored["params"]
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+def _summary(error: Exception) -> str:
+  return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error) else ''}"
+
+
+def _max_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.process_allgather(np.int64(value)).max())
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process gets the same answer)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def _from_process_0(text: str, size: int = 2048) -> str:
+  """Process 0's `text` on every process (also a barrier)."""
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils
+  data = np.zeros(size, np.uint8)
+  encoded = text.encode()[:size]
+  data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+  return bytes(data[data != 0]).decode(errors="replace")

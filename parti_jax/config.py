@@ -105,6 +105,15 @@ def train_defaults() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # the last K are kept ...
   t.keep_every = 0  # ... and every checkpoint whose step is a multiple of this (0: none)
   t.async_checkpoints = True
+  # An asynchronous save still unfinished after this long fails the run instead of hanging
+  # it (a 20B state is ~250 GB; writing it from 64 hosts takes minutes, not tens of them).
+  t.checkpoint_timeout_s = 1800
+  # Reads of a checkpoint that fail are tried this many times (transient storage errors)
+  # before the checkpoint counts as unreadable and is set aside.
+  t.restore_attempts = 3
+  # JAX's persistent compilation cache: "" is WORKDIR/compilation_cache (a restart on
+  # the same slice skips compiling), "off" disables it, anything else is the directory.
+  t.compilation_cache = ""
   t.nan_policy = "skip"  # a non-finite loss or gradient: "skip" the update, or "halt"
   t.max_consecutive_skips = 20  # this many skipped updates in a row stop the run
   t.inject_nan_steps = ()  # fault injection (tests): these steps get a NaN loss

@@ -94,14 +94,22 @@ TASKS = {"parti": parti_task, "vitvqgan": vitvqgan_task}
 
 
 class StopRequest:
-  """Turns SIGTERM and the first Ctrl-C into a request the loop honours between steps."""
+  """Turns a stop signal into a request the loop honours between steps.
 
-  def __init__(self):
+  One process: SIGTERM and the first Ctrl-C. Several processes: SIGTERM is left to JAX's
+  preemption service (a Python handler would replace its own), which makes every process
+  save at the same step (orbax's `reached_preemption`); Ctrl-C is agreed on every
+  MULTI_PROCESS_STOP_CHECK steps, since agreeing is a collective that waits for the device.
+  """
+
+  def __init__(self, checkpoints_):
     self.requested = False
+    self._checkpoints = checkpoints_
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
+    for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -116,18 +124,27 @@ class StopRequest:
       signal.signal(sig, handler)
 
   def agreed(self, step: int) -> bool:
-    """True on every process once any process was asked to stop (they stop together).
-
-    With several processes, agreeing is a collective that waits for the device, so it
-    runs every MULTI_PROCESS_STOP_CHECK steps rather than every step: a preempted pod
-    stops within that many steps of the signal.
-    """
+    """True on every process once the run should stop (they stop together)."""
     if jax.process_count() == 1:
       return self.requested
+    if self._checkpoints.reached_preemption(step):
+      return True
     if step % MULTI_PROCESS_STOP_CHECK:
       return False
     from jax.experimental import multihost_utils
     return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
+
+def use_compilation_cache(setting: str, workdir) -> None:
+  """JAX's persistent compilation cache (`train.compilation_cache`), unless the
+  environment already chose one (JAX_COMPILATION_CACHE_DIR): a restart, on every host,
+  loads the compiled step instead of compiling it again."""
+  if setting == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  directory = setting or str(epath.Path(workdir) / "compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # The train step is what matters; tiny helper programs are not worth a file each.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def peak_tflops_per_device() -> tuple[float, str]:
@@ -171,6 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
         f"optimizer.frozen={tuple(config.optimizer.frozen)} without init_from: the frozen "
         "groups would keep their random initial values")
   t = config.train
+  use_compilation_cache(t.compilation_cache, workdir)
   mesh = sharding.make_mesh(config, devices)
   task = TASKS[config.task](config, mesh)
   checkpoints.check_config(workdir, config)
@@ -179,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   total = config.num_train_steps
   writer = metrics_lib.Writer(workdir, total)
   abstract_state = task.setup.abstract_state()
-  state, start = ckpt.restore_latest(abstract_state, loader.iterator, writer.log)
+  state, start = ckpt.restore_latest(abstract_state, loader, writer.log)
   if state is None:
     state = task.setup.init_state()
     if config.init_from:
@@ -203,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   profiler = Profiler(t.profile_steps, workdir)
   last = {}
   try:
-    with StopRequest() as stop:
+    with StopRequest(ckpt) as stop:
       for step in range(start, total):
         profiler.before(step)
         batch = next(loader)
@@ -223,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
         if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
           last |= evaluate(config, task, state.params, writer, done)
           writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
-        if ckpt.save(done, state, loader.iterator, force=done == total):
+        if ckpt.save(done, state, loader, force=done == total):
           saved = done
         if not window:  # a report was made: time the next window from here
           window_start, wait_start = time.perf_counter(), loader.data_wait_s
@@ -231,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
           break
         if stop.agreed(done):
           if saved != done:
-            ckpt.save(done, state, loader.iterator, force=True)
+            ckpt.save(done, state, loader, force=True)
           ckpt.wait()
           writer.log(f"stopped at step {done}; checkpoint saved in {ckpt.directory / str(done)}")
           raise Preempted(done)

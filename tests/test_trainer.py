@@ -142,7 +142,7 @@ def test_a_run_saved_on_one_mesh_resumes_on_another(data, tmp_path):
   ckpts = checkpoints.Checkpoints(tmp_path, on_four)
   from parti_jax.data import pipeline
   loader = pipeline.Loader(on_four, setup.mesh)
-  state, step = ckpts.restore_latest(setup.abstract_state(), loader.iterator)
+  state, step = ckpts.restore_latest(setup.abstract_state(), loader)
   ckpts.close()
   loader.close()
   assert step == 4 and int(state.step) == 4
@@ -267,3 +267,52 @@ def test_skipped_records_reach_the_metrics(data, tmp_path):
   trainer.train(config, tmp_path / "run")
   skipped = sum(logged(tmp_path / "run", "skipped_records/missing_tokens").values())
   assert skipped >= 2 * 4  # 12 steps x 8 rows read the 22 records 4 times or more
+
+
+def test_model_axes_across_processes_and_resuming_on_other_process_counts(data, tmp_path):
+  """A tensor axis across 4 processes (x 2 devices) trains like 1 process x 8 devices; its
+  checkpoints resume on 2 processes and then on 1, at the same step and data position."""
+  mesh = ["--config.mesh.fsdp=2", "--config.mesh.tensor=4"]
+  cadence = ["--config.train.log_every=2", "--config.train.checkpoint_every=4",
+             "--config.train.eval_every=6"]
+  reference = tiny(data)
+  reference.mesh.update(fsdp=2, tensor=4)
+  trainer.train(reference, tmp_path / "reference")
+  expected = logged(tmp_path / "reference")
+  workdir = tmp_path / "run"
+  for processes, steps in ((4, 4), (2, 8), (1, 12)):
+    run = run_cli(workdir, data, f"--config.num_train_steps={steps}", *mesh, *cadence,
+                  processes=processes)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    if steps > 4:
+      assert f"resumed from {workdir / 'checkpoints' / str(steps - 4)}" in run.stdout + run.stderr
+      assert f"from global position {(steps - 4) * 8} on" in run.stdout + run.stderr
+  losses = logged(workdir)
+  assert sorted(losses) == sorted(expected)
+  for step in expected:
+    assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+  assert logged(workdir, "eval/loss")[12] == pytest.approx(
+      logged(tmp_path / "reference", "eval/loss")[12], rel=1e-5)
+  assert not (workdir / "checkpoints_unreadable").exists()  # nothing set aside
+
+
+def test_sigterm_to_one_of_several_processes_saves_the_same_step_on_all(data, tmp_path):
+  """JAX's preemption service spreads one process's SIGTERM: all save one step and stop."""
+  import psutil
+  launcher = subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num_processes", "2", "--devices_per_process", "4",
+       "--", sys.executable, "-m", "parti_jax.train", "--config", "configs/parti_tiny.py",
+       "--workdir", str(tmp_path), f"--config.data.train={data / 'tokens' / 'train'}",
+       "--config.num_train_steps=100000", "--config.train.checkpoint_every=100000",
+       "--config.train.log_every=1"], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while not logged_ok(tmp_path) and time.time() < deadline and launcher.poll() is None:
+    time.sleep(0.5)
+  (second,) = [p for p in psutil.Process(launcher.pid).children()
+               if p.environ().get("PARTI_PROCESS_ID") == "1"]
+  second.send_signal(signal.SIGTERM)  # as a preempted host gets it
+  out, _ = launcher.communicate(timeout=180)
+  assert launcher.returncode == trainer.PREEMPTED_EXIT_CODE, out[-3000:]
+  (step,) = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+  assert f"stopped at step {step}" in out and step >= 3
