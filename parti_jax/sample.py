@@ -151,8 +151,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 def checkpoint_dir(workdir, step: int | None) -> tuple[epath.Path, int]:
   directory = checkpoints.absolute(workdir) / "checkpoints"
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
-      if directory.exists() else []
+  steps = checkpoints.finished_steps(directory)  # never a step still being written
   if not steps:
     raise SampleError(f"{workdir} has no checkpoint (nothing in {directory}); train it first")
   if step is None:

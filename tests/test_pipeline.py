@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import data_helpers as h
+import grain
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -355,3 +356,38 @@ def test_draws_are_uniform_and_keyed_on_seed_and_position():
   assert pipeline.Draws(7, 3).random() != pipeline.Draws(8, 3).random()
   ints = [pipeline.Draws(1, i).integers(3) for i in range(300)]
   assert set(ints) == {0, 1, 2}
+
+
+class _Huge:
+  """A source of 2^33 records that are all bad (no data needed): only the index arithmetic
+  runs, as for a Parti-scale set of billions of pairs."""
+  num_records = 2 ** 33
+  shard_names, shard_counts = ["huge"], [2 ** 33]
+
+  def __len__(self):
+    return self.num_records
+
+  def __getitem__(self, index):
+    return int(index), b"\xc1"  # not msgpack: a bad record
+
+  def shard_of(self, index):
+    return 0
+
+  def pad_to(self, length):
+    assert length == self.num_records  # 2^33 is a whole number of batches of 4
+
+
+def test_positions_and_indices_beyond_two_to_the_31(data):
+  c = config_for(data, max_bad_fraction=0.5)
+  # Evaluation keeps bad records as masked rows, so every position shows.
+  (batch,) = list(pipeline.dataset(c, train=False, global_batch=4, rows=[2, 3],
+                                   start=2 ** 33 - 4, source=_Huge()))
+  assert list(batch["position"]) == [2 ** 33 - 2, 2 ** 33 - 1] and batch["mask"].sum() == 0
+  assert list(batch["index"]) == [2 ** 33 - 2, 2 ** 33 - 1]
+  start = 3 * 2 ** 33 - 4  # training: the end of the third epoch
+  rows = pipeline.BatchRows(grain.MapDataset.source(_Huge()).shuffle(seed=0).repeat(None), 8,
+                            [6, 7], start=start)
+  positions, indices = zip(*[(p, i) for p, (i, _) in (rows[k] for k in range(6))])
+  assert positions == (start + 6, start + 7, start + 14, start + 15, start + 22, start + 23)
+  assert all(0 <= i < 2 ** 33 for i in indices) and max(indices) > 2 ** 32
+  assert len(set(indices)) == 6
