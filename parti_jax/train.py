@@ -158,12 +158,14 @@ def peak_tflops_per_device() -> tuple[float, str]:
           "measured float32 matmul")
 
 
-def evaluate(config, task: Task, params, writer=None, step: int = 0) -> dict:
+def evaluate(config, task: Task, params, writer=None, step: int = 0,
+             source: pipeline.Source | None = None) -> dict:
   """The task's metrics over the whole of `data.eval` (padding rows masked out), and its
-  picture of the first batch (PNG in WORKDIR/pictures/ and a TensorBoard image)."""
+  picture of the first batch (PNG in WORKDIR/pictures/ and a TensorBoard image).
+  `source`: the eval set, opened once for every evaluation of a run."""
   batch_size = config.train.eval_batch_size or config.global_batch_size
   results = []
-  for i, b in enumerate(pipeline.eval_batches(config, task.setup.mesh, batch_size)):
+  for i, b in enumerate(pipeline.eval_batches(config, task.setup.mesh, batch_size, source)):
     results.append(task.eval_step(params, {k: b[k] for k in (*task.inputs, "mask")}))
     if i == 0 and task.picture is not None and writer is not None:
       writer.picture(step, "eval/picture", task.picture(params, b))
@@ -219,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   window, window_start, wait_start = [], time.perf_counter(), loader.data_wait_s
   saved = start
   profiler = Profiler(t.profile_steps, workdir)
-  last = {}
+  last, eval_source = {}, None
   try:
     with StopRequest(ckpt) as stop:
       for step in range(start, total):
@@ -239,7 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
                          loader.data_wait_s - wait_start, skipped_records, state, peak)
           window, skipped_records = [], jnp.zeros_like(skipped_records)
         if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
-          last |= evaluate(config, task, state.params, writer, done)
+          eval_source = eval_source or pipeline.Source(config.data.eval, config.data)
+          last |= evaluate(config, task, state.params, writer, done, eval_source)
           writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
         if ckpt.save(done, state, loader, force=done == total):
           saved = done

@@ -391,3 +391,38 @@ def test_positions_and_indices_beyond_two_to_the_31(data):
   assert positions == (start + 6, start + 7, start + 14, start + 15, start + 22, start + 23)
   assert all(0 <= i < 2 ** 33 for i in indices) and max(indices) > 2 ** 32
   assert len(set(indices)) == 6
+
+
+def test_offloaded_reader_indices_read_the_same_batches(data):
+  """data.reader_index="offloaded" (for sets too large for indices in memory) changes
+  where readers keep each shard's index, not what they read."""
+  batches = [take(iter(pipeline.dataset(config_for(data, reader_index=where), train=True,
+                                        global_batch=8)), 6)
+             for where in ("in_memory", "offloaded")]
+  assert_same_batches(*batches)
+  with pytest.raises(common.ConfigError, match="data.reader_index='disk'"):
+    pipeline.dataset(config_for(data, reader_index="disk"), True, 8)
+
+
+OPEN_FILES = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))
+from parti_jax.data import pipeline, records
+import ml_collections
+try:
+  pipeline.Source(sys.argv[1], ml_collections.ConfigDict(dict(reader_index="auto")))
+except records.DataError as e:
+  print("refused:", e)
+print("soft limit", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("hard,expected", [(4096, "soft limit 514"), (300, "refused:")])
+def test_the_open_file_limit_is_raised_for_one_reader_per_shard_or_refused(
+    data, hard, expected, tmp_path):
+  path = h.write_set(tmp_path / "two", h.image_records(4), num_shards=2)
+  run = subprocess.run([sys.executable, "-c", OPEN_FILES.format(soft=64, hard=hard), path],
+                       capture_output=True, text=True, cwd=ROOT)
+  assert expected in run.stdout, run.stdout + run.stderr[-2000:]
+  if hard == 300:
+    assert "needs 514 open files" in run.stdout and "hard limit is 300" in run.stdout

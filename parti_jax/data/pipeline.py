@@ -47,6 +47,18 @@ REASON_INDEX = {r: i for i, r in enumerate(records.SKIP_REASONS)}
 TFDS_PREFIX = "tfds:"
 # A shard's bad fraction is judged once this many of its records (or all of them) were read.
 MIN_RECORDS_TO_JUDGE = 100
+# data.reader_index="auto": from this many records on, readers keep their index on disk
+# (in memory it would take ~1.7 GB per reader, and every worker process has its own).
+OFFLOAD_INDEX_RECORDS = 2 ** 27
+# File descriptors a process keeps free beside one per shard (sockets, logs, checkpoints).
+SPARE_FILES = 512
+
+
+def _reader_options(setting: str, num_records: int) -> dict | None:
+  if setting == "offloaded" or (setting == "auto" and num_records >= OFFLOAD_INDEX_RECORDS):
+    # ArrayRecord only prefetches the footer for an index it keeps in memory.
+    return {"index_storage_option": "offloaded", "footer_prefetch_bytes": "0"}
+  return None
 
 
 class Source:
@@ -68,7 +80,14 @@ class Source:
     else:
       shard_set = records.ShardSet.open(spec)
       shard_set.verify_counts()  # a wrong count would surface as an unexplained read error
-      self._records = grain.sources.ArrayRecordDataSource([str(p) for p in shard_set.paths])
+      counts = shard_set.meta["shard_counts"]
+      # Readers stay open, one per shard (and per worker process).
+      records.allow_open_files(len(counts) + SPARE_FILES, "data.train/data.eval " + spec)
+      # "path[0:count]" hands ArrayRecord the counts just checked, so it does not open
+      # every shard again to count it.
+      self._records = grain.sources.ArrayRecordDataSource(
+          [f"{p}[0:{c}]" for p, c in zip(shard_set.paths, counts)],
+          reader_options=_reader_options(data_config.get("reader_index", "auto"), sum(counts)))
       self.shard_names = [str(p) for p in shard_set.paths]
       self.shard_counts = shard_set.meta["shard_counts"]
       self.shard_set = shard_set
@@ -324,6 +343,9 @@ def check(config, train: bool = True) -> None:
     problems.append(f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1)")
   if d.resolution < 1:
     problems.append(f"data.resolution={d.resolution} must be positive")
+  if d.get("reader_index", "auto") not in ("auto", "in_memory", "offloaded"):
+    problems.append(f"data.reader_index={d.reader_index!r} is not 'auto', 'in_memory' or "
+                    "'offloaded'")
   if d.kind == "tokens" and spec and not spec.startswith(TFDS_PREFIX):
     problems += _token_set_problems(spec, config.model)
   if problems:
@@ -409,7 +431,8 @@ class Loader:
   the host pipeline.
   """
 
-  def __init__(self, config, mesh, train: bool = True, batch_size: int | None = None):
+  def __init__(self, config, mesh, train: bool = True, batch_size: int | None = None,
+               source: Source | None = None):
     self.global_batch = batch_size or config.global_batch_size
     self._config, self._train = config, train
     self._sharding = sharding.batch_sharding(mesh, sharding.rules_of(config))
@@ -419,7 +442,9 @@ class Loader:
     self.layout = dict(process_count=jax.process_count(), global_batch=self.global_batch,
                        rows_digest=_digest(by_process))
     check(config, train)
-    self.source = Source(config.data.train if train else config.data.eval, config.data)
+    # A given source is reused (the eval set, opened and checked once per run).
+    self.source = source or Source(config.data.train if train else config.data.eval,
+                                   config.data)
     self.data_wait_s = 0.0
     self.start_at(0)
 
@@ -467,9 +492,9 @@ def _digest(by_process: dict) -> str:
   return hashlib.sha256(json.dumps(sorted(by_process.items())).encode()).hexdigest()[:16]
 
 
-def eval_batches(config, mesh, batch_size: int | None = None):
+def eval_batches(config, mesh, batch_size: int | None = None, source: Source | None = None):
   """One pass over `config.data.eval` as global batches (padding rows have mask 0)."""
-  loader = Loader(config, mesh, train=False, batch_size=batch_size)
+  loader = Loader(config, mesh, train=False, batch_size=batch_size, source=source)
   try:
     yield from loader
   finally:

@@ -19,6 +19,7 @@ so a killed writer never leaves a file that reads as a finished shard.
 
 import bisect
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -35,6 +36,7 @@ FORMAT = "parti_jax.records/1"
 # group_size 1: every record is its own chunk, so a random read decodes one record.
 # Uncompressed: images are stored compressed already and token records are tiny.
 WRITER_OPTIONS = "group_size:1,uncompressed"
+VERIFY_THREADS = 32  # shards whose counts are checked at once
 
 # Why a record was skipped. A fixed order, so counts travel as int vectors through the
 # input pipeline and sum across processes; metrics name them `skipped/<reason>`.
@@ -109,6 +111,19 @@ def num_records(path) -> int:
     return reader.num_records()
   finally:
     reader.close()
+
+
+def allow_open_files(needed: int, what: str) -> None:
+  """Raises this process's open-file limit to `needed` if the hard limit allows it."""
+  import resource
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if soft == resource.RLIM_INFINITY or soft >= needed:
+    return
+  if hard != resource.RLIM_INFINITY and hard < needed:
+    raise DataError(f"{what}: needs {needed} open files (one reader per shard and some to "
+                    f"spare) but the hard limit is {hard}; raise it (ulimit -Hn, or "
+                    "/etc/security/limits.conf), or write the set in fewer shards")
+  resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -210,9 +225,15 @@ class ShardSet:
     return shard_set
 
   def verify_counts(self) -> None:
-    """Checks every shard holds the number of records metadata.json says."""
-    for path, want in zip(self.paths, self.meta["shard_counts"]):
-      have = num_records(path)
+    """Checks every shard holds the number of records metadata.json says.
+
+    Each check opens a shard and reads its footer: a round trip on a bucket, so they run
+    in parallel threads (the reads release the GIL).
+    """
+    paths = self.paths
+    with concurrent.futures.ThreadPoolExecutor(min(VERIFY_THREADS, len(paths) or 1)) as pool:
+      counts = list(pool.map(num_records, paths))
+    for path, have, want in zip(paths, counts, self.meta["shard_counts"]):
       if have != want:
         raise DataError(f"{path}: {have} records, but {self.directory / METADATA} says {want}; "
                         "the shard was replaced or the metadata is stale")
