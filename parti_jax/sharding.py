@@ -114,36 +114,27 @@ def rows_by_process(batch_sharding: NamedSharding, global_batch: int) -> dict[in
 def check_input_layout(rows_by_process: dict[int, list[int]], global_batch: int) -> dict:
   """Refuses a reading layout (`rows_by_process`) the input pipeline cannot feed.
 
-  Each process reads one set of rows, and processes that share a row are replicas of one
-  batch shard that read all of it: so every pair of processes holds identical or disjoint
-  rows, none holds nothing, and the distinct row sets are equally large and together are
-  the global batch. Returns hosts, rows_per_host, row_sets (distinct) and hosts_per_row
-  (replicas: more than 1 where a model axis spans hosts).
+  The loader reads, on each process, the rows its devices hold, and builds every device's
+  shard from them; rows shared by several processes (replicas of a batch shard) are read
+  by each. So a layout feeds as long as no process is left without rows and every row of
+  the global batch is held somewhere. Returns hosts, rows_per_host (the most any reads),
+  row_sets (distinct) and hosts_per_row (the most replicas: above 1 where a model axis
+  spans hosts).
   """
-  holders = collections.defaultdict(list)  # a row set -> the processes that read it
-  for process, rows in rows_by_process.items():
-    holders[tuple(rows)].append(process)
-  if () in holders:
+  empty = [p for p, rows in rows_by_process.items() if not rows]
+  if empty:
     raise config_lib.ConfigError(
-        f"processes {holders[()]} hold no rows of the global batch "
-        f"(global_batch_size={global_batch}): every process must feed its devices")
-  owner = {}  # row -> a process of the first row set that holds it
-  for rows, processes in holders.items():
-    for row in rows:
-      if owner.setdefault(row, processes[0]) != processes[0]:
-        raise config_lib.ConfigError(
-            f"processes {owner[row]} and {processes[0]} hold overlapping but different rows "
-            f"of the global batch (both hold row {row}): the input pipeline reads one row set "
-            "per process, so processes that share a row must share all of them; choose mesh "
-            "(mesh.data, mesh.fsdp, mesh.tensor) or the 'batch' rule of sharding_rules so "
-            "each batch shard lies within one host or spans whole hosts")
-  sizes = sorted({len(rows) for rows in holders})
-  if len(sizes) > 1 or len(owner) != global_batch:
+        f"processes {empty} hold no rows of the global batch (global_batch_size="
+        f"{global_batch}): every process must feed its devices")
+  readers = collections.Counter(r for rows in rows_by_process.values() for r in rows)
+  if set(readers) != set(range(global_batch)):
     raise config_lib.ConfigError(
-        f"global_batch_size={global_batch} does not split evenly over the batch shards: "
-        f"processes hold {' or '.join(map(str, sizes))} rows, {len(owner)} in all")
-  return dict(hosts=len(rows_by_process), rows_per_host=sizes[0], row_sets=len(holders),
-              hosts_per_row=max(len(p) for p in holders.values()), valid=True)
+        f"global_batch_size={global_batch} is not covered by the batch shards: rows "
+        f"{sorted(set(range(global_batch)) - set(readers))[:8]} are held by no device")
+  return dict(hosts=len(rows_by_process),
+              rows_per_host=max(len(rows) for rows in rows_by_process.values()),
+              row_sets=len({tuple(rows) for rows in rows_by_process.values()}),
+              hosts_per_row=max(readers.values()), valid=True)
 
 
 def place_global_batch(sharding: NamedSharding, batch: Any) -> Any:

@@ -157,3 +157,34 @@ def test_a_tensor_axis_across_hosts_plans_replica_readers(capsys):
   aot.print_report(report, "parti_tiny")
   assert "each reads 4 of the 8 rows of a global batch; 2 row sets, each read by 2 hosts" in \
       capsys.readouterr().out
+
+
+def _scaling_rows():
+  """(model, slice, (data, fsdp, tensor)) of every plan in docs/scaling.md's table."""
+  import re
+  text = open(os.path.join(REPO, "docs", "scaling.md")).read()
+  return [(m[1], m[2], tuple(int(x) for x in m[3].split(",")))
+          for m in re.finditer(r"^\| (\w+) \| (v\w+-\d+) \| \d+ \| \(([\d, ]+)\) \|", text,
+                               re.MULTILINE)]
+
+
+@needs_libtpu
+def test_every_plan_of_the_scaling_page_can_be_fed():
+  """The loader's own layout functions, on each slice's hosts (4 chips per host on v4 and
+  v5p, up to 8 on v5e and v6e): every plan feeds, and those whose model axes span hosts
+  have replica hosts reading the same rows."""
+  from parti_jax import sharding
+  rows = _scaling_rows()
+  assert len(rows) == 12
+  replicas = {}
+  for model, name, (data, fsdp, tensor) in rows:
+    config = load_config(f"parti_{model}")
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    mesh = sharding.make_mesh(config, topologies.get(name).devices())
+    layout = aot.input_layout(config, mesh)
+    assert layout["valid"] and layout["rows_per_host"] * layout["row_sets"] == 8192
+    replicas[model, name] = layout["hosts_per_row"]
+  # 20B on v4-512: the tensor axis (8 chips) spans 4 hosts, which read the same rows.
+  assert replicas["20b", "v4-512"] == 4 and replicas["20b", "v5p-256"] == 8
+  assert replicas["350m", "v4-16"] == 1  # pure data parallelism: every host its own rows
+  assert sum(r > 1 for r in replicas.values()) == 5

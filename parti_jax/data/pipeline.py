@@ -437,6 +437,7 @@ class Loader:
     self._config, self._train = config, train
     self._sharding = sharding.batch_sharding(mesh, sharding.rules_of(config))
     by_process = sharding.rows_by_process(self._sharding, self.global_batch)
+    sharding.check_input_layout(by_process, self.global_batch)  # as the planner checks it
     self.rows = by_process[jax.process_index()]
     self._local_row = {r: i for i, r in enumerate(self.rows)}
     self.layout = dict(process_count=jax.process_count(), global_batch=self.global_batch,
