@@ -327,13 +327,17 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize()
+  try:
+    distributed.initialize()
+  except distributed.DistributedError as e:
+    sys.exit(f"error: {e}")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None or not workdir:
     sys.exit("error: --config and --workdir are required")
   try:
     summary = train(config, workdir)
-  except (config_lib.ConfigError, records.DataError, TrainingError) as e:
+  except (config_lib.ConfigError, records.DataError, TrainingError,
+          checkpoints.CheckpointError) as e:
     sys.exit(f"error: {e}")
   except Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
