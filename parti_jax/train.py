@@ -10,6 +10,9 @@ refused. `--config.init_from=RUN_DIR` starts from another run's parameters.
 
 SIGTERM (a TPU preemption) or Ctrl-C: the step in flight finishes, a checkpoint is
 written and the process exits with status 75 (EX_TEMPFAIL: "stopped, start me again").
+With several processes, SIGTERM to any one reaches all through JAX's preemption service,
+and they save the same step. A restart on another number of processes or another global
+batch size goes on from the saved global data position.
 An update whose gradients are not finite is skipped and counted; `train.nan_policy="halt"`
 stops at the first one instead, and `train.max_consecutive_skips` in a row stop the run.
 
