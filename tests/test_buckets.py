@@ -84,6 +84,32 @@ def tensorboard_tags(directory) -> set[str]:
   return tags
 
 
+def test_metrics_in_a_bucket_show_during_the_run_and_merge_in_the_order_begun(gs_dir,
+                                                                             monkeypatch):
+  monkeypatch.setattr(metrics, "SEGMENT_BYTES", 150)  # about 3 rows a segment
+
+  def run(start, steps, loss):
+    writer = metrics.Writer(gs_dir, 100, flush_secs=0)
+    writer.progress(start)
+    for step in steps:
+      writer.scalars(step, {"loss": loss})
+    return writer
+
+  writer = run(0, range(1, 11), 1.0)
+  deadline = time.time() + 30
+  while max(losses(metrics.read(gs_dir)), default=0) < 10 and time.time() < deadline:
+    writer.progress(10)  # the trainer's every step: writes what waits, when due
+    time.sleep(0.05)
+  assert sorted(losses(metrics.read(gs_dir))) == list(range(1, 11))  # before close
+  writer.close()
+  assert len(listing(gs_dir / "metrics")) > 2  # full segments closed, others begun
+  run(8, range(9, 13), 2.0).close()  # a restart from step 8
+  run(4, range(5, 7), 3.0).close()  # and one from 4, after 8 was set aside
+  assert [(r["step"], r["loss"]) for r in metrics.read(gs_dir)] == (
+      [(s, 1.0) for s in range(1, 5)] + [(5, 3.0), (6, 3.0)])
+  assert listing(gs_dir / "tensorboard", "events.out.tfevents.*")
+
+
 @pytest.fixture(scope="module")
 def first_run(data, gcs_emulator):
   """10 of 12 steps in gs://...: checkpoints at 4 and 8, what the bucket held right after."""
