@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import numpy as np
 import tqdm
@@ -123,6 +124,8 @@ class Writer:
     # client, one set of credentials, and bounded uploads (EVENT_FILE_BYTES) on every kind
     # of work directory.
     self._scratch = tempfile.mkdtemp(prefix="parti_jax_tensorboard_")
+    # Removed at close, or at exit when a run ends without closing its writer.
+    weakref.finalize(self, shutil.rmtree, self._scratch, True)
     self._tag = secrets.token_hex(3)
     self._event_files = 0
     self._copied: dict[str, int] = {}
