@@ -40,9 +40,9 @@ def _environment(url: str) -> dict[str, str]:
       # ones would be sent to the emulator), then the GCE metadata server. fsspec reads
       # FSSPEC_<PROTOCOL>_<ARGUMENT> when imported: anonymous, in the subprocesses too.
       "FSSPEC_GCS_TOKEN": "anon",
-      # gcsfs >= 2025.x makes an ExtendedGcsFileSystem by default, which first asks the
-      # Storage Control API (gRPC, which the emulator does not serve) whether the bucket is
-      # zonal or hierarchical, and waits 60 s for the answer on every new file system.
+      # Recent gcsfs (2026.10 here) makes an ExtendedGcsFileSystem by default, which asks
+      # the Storage Control API (gRPC, which the emulator does not serve) whether a bucket
+      # is zonal or hierarchical and waits 60 s for the answer, again and again in one run.
       # Read when gcsfs is imported.
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
       # tensorstore's gcs driver (orbax writes and reads array data through it) connects
