@@ -220,12 +220,18 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
   if "://" not in str(source):
     source.rename(target)
     return
-  for root, _, files in source.walk():
-    relative = str(root)[len(str(source)):].lstrip("/")
-    (target / relative).mkdir(parents=True, exist_ok=True)
-    for name in files:
-      (root / name).copy(target / relative / name, overwrite=True)
+  _copy_tree(source, target)
   source.rmtree()
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+  # iterdir, not walk: on gs:// paths epath's walk yields roots without the scheme.
+  target.mkdir(parents=True, exist_ok=True)
+  for child in source.iterdir():
+    if child.is_dir():
+      _copy_tree(child, target / child.name)
+    else:
+      child.copy(target / child.name, overwrite=True)
 
 
 def finished_steps(directory) -> list[int]:

@@ -16,7 +16,8 @@ batch size goes on from the saved global data position.
 An update whose gradients are not finite is skipped and counted; `train.nan_policy="halt"`
 stops at the first one instead, and `train.max_consecutive_skips` in a row stop the run.
 
-Process 0 writes DIR/metrics.jsonl and TensorBoard event files under DIR/tensorboard:
+Process 0 writes DIR/metrics/ (read with `metrics.read`) and TensorBoard event files under
+DIR/tensorboard:
 loss, accuracy, learning rate, gradient norm, step time, image tokens/s, TFLOP/s per
 device and MFU (as benchmarks/train_throughput.py computes them), records skipped since
 the last write (`skipped_records/REASON`), skipped updates (in the window and in total),
