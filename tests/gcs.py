@@ -17,6 +17,7 @@ What each client needs, found by trying (see `_environment`):
 import argparse
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -201,9 +202,74 @@ def listing(directory, pattern: str = "*") -> list[epath.Path]:
   return sorted(epath.Path(directory).glob(pattern))
 
 
+def _mount(bucket: str, mount_point: str) -> None:
+  """Serves gs://BUCKET as a FUSE file system at `mount_point` until unmounted.
+
+  On a pod the launchers mount the data's bucket with Cloud Storage FUSE (gcsfuse), which
+  cannot reach the emulator; fsspec's FUSE server over gcsfs gives the same POSIX view of
+  it. Listings are not cached: objects written by other processes show at once.
+  """
+  import datetime
+
+  import gcsfs.core
+  from fsspec import fuse
+
+  class Operations(fuse.FUSEr):
+    def getattr(self, path, fh=None):
+      # gcsfs gives times as datetimes; FUSE wants seconds.
+      return {k: v.timestamp() if isinstance(v, datetime.datetime) else v
+              for k, v in super().getattr(path, fh).items()}
+
+  fs = gcsfs.core.GCSFileSystem(token="anon", use_listings_cache=False)
+  fuse.run(fs, bucket + "/", mount_point, foreground=True, threads=True, ready_file=True,
+           ops_class=Operations)
+
+
+def fuse_available() -> bool:
+  try:
+    import fuse  # noqa: F401  fusepy, which loads libfuse
+  except (ImportError, OSError, EnvironmentError):
+    return False
+  return os.path.exists("/dev/fuse") and bool(shutil.which("fusermount"))
+
+
+@pytest.fixture(scope="session")
+def gcs_mount(gcs_emulator, tmp_path_factory):
+  """The emulator's bucket mounted under a local root, named by PARTI_GCS_MOUNT (as the pod
+  launchers name gcsfuse's): ArrayRecord reads gs:// shard sets through it."""
+  if not fuse_available():
+    pytest.skip("FUSE is not available (apt-get install libfuse2 fuse; pip install fusepy)")
+  root = tmp_path_factory.mktemp("gcs_mount")
+  mount_point = root / BUCKET
+  mount_point.mkdir()
+  log_path = root.parent / "gcs_mount.log"
+  with open(log_path, "ab") as log:  # the test's own scratch file
+    process = subprocess.Popen([sys.executable, __file__, "--mount", str(mount_point),
+                                "--bucket", BUCKET], stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 30
+  while not os.path.ismount(mount_point) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.1)
+  if not os.path.ismount(mount_point):
+    process.kill()
+    raise RuntimeError(f"the bucket was not mounted at {mount_point}; log: {log_path}")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("PARTI_GCS_MOUNT", str(root))
+    try:
+      yield root
+    finally:
+      subprocess.run(["fusermount", "-u", "-z", str(mount_point)], check=False)
+      process.kill()
+      process.wait()
+
+
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description="the tests' GCS emulator (see _serve)")
-  parser.add_argument("--port", type=int, required=True)
+  parser = argparse.ArgumentParser(description="the tests' GCS emulator (see _serve) or a "
+                                   "FUSE mount of its bucket (see _mount)")
+  parser.add_argument("--port", type=int)
+  parser.add_argument("--mount")
   parser.add_argument("--bucket", required=True)
   args = parser.parse_args()
-  _serve(args.port, args.bucket)
+  if args.mount:
+    _mount(args.bucket, args.mount)
+  else:
+    _serve(args.port, args.bucket)

@@ -86,7 +86,7 @@ class Source:
       # "path[0:count]" hands ArrayRecord the counts just checked, so it does not open
       # every shard again to count it.
       self._records = grain.sources.ArrayRecordDataSource(
-          [f"{p}[0:{c}]" for p, c in zip(shard_set.paths, counts)],
+          [f"{records.readable_path(p)}[0:{c}]" for p, c in zip(shard_set.paths, counts)],
           reader_options=_reader_options(data_config.get("reader_index", "auto"), sum(counts)))
       self.shard_names = [str(p) for p in shard_set.paths]
       self.shard_counts = shard_set.meta["shard_counts"]

@@ -14,7 +14,15 @@ msgpack keeps bytes as bytes and str as str without base64 or a schema, and ever
 language reads it; ArrayRecord gives grain random access for a global shuffle.
 
 Writes are atomic: a shard is written under a temporary name and renamed when complete,
-so a killed writer never leaves a file that reads as a finished shard.
+so a killed writer never leaves a file that reads as a finished shard. A shard set may live
+in a bucket (gs://..., through etils.epath): there a shard is written to local disk and
+uploaded as one object, which appears only once whole (buckets have no rename), and
+metadata.json is written last.
+
+Reading shards in a bucket: ArrayRecord's readers need a file system, so a bucket mounted
+with Cloud Storage FUSE (gcsfuse; the pod launchers mount the data's bucket) is read through
+the mount: PARTI_GCS_MOUNT=ROOT names where buckets are mounted (ROOT/BUCKET/...). Without
+it, gs:// paths go to ArrayRecord's own GCS reader as they are.
 """
 
 import bisect
@@ -25,11 +33,14 @@ import functools
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 import time
 import uuid
 
 import msgpack
 from array_record.python import array_record_module
+from etils import epath
 
 METADATA = "metadata.json"
 FORMAT = "parti_jax.records/1"
@@ -94,6 +105,22 @@ def as_record(raw) -> dict:
   return raw
 
 
+GCS_MOUNT_VARIABLE = "PARTI_GCS_MOUNT"
+
+
+def is_bucket(path) -> bool:
+  return "://" in str(path)
+
+
+def readable_path(path) -> str:
+  """Where ArrayRecord reads `path`: through the bucket's FUSE mount if one is named."""
+  path = str(path)
+  mount = os.environ.get(GCS_MOUNT_VARIABLE)
+  if mount and path.startswith("gs://"):
+    return os.path.join(mount, path[len("gs://"):])
+  return path
+
+
 def temp_path(path: pathlib.Path) -> pathlib.Path:
   """Where `path` is written before the rename that makes it final (hidden, unique)."""
   return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -106,7 +133,7 @@ def is_temp_of(name: str, final_names) -> bool:
 
 
 def num_records(path) -> int:
-  reader = array_record_module.ArrayRecordReader(str(path))
+  reader = array_record_module.ArrayRecordReader(readable_path(path))
   try:
     return reader.num_records()
   finally:
@@ -126,8 +153,13 @@ def allow_open_files(needed: int, what: str) -> None:
   resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = temp_path(path)
+def atomic_write_text(path, text: str) -> None:
+  """Readers see the old text or the new, never part of it."""
+  path = epath.Path(path)
+  if is_bucket(path):
+    path.write_text(text)  # an object is replaced whole when its upload completes
+    return
+  tmp = temp_path(pathlib.Path(path))
   tmp.write_text(text)
   os.replace(tmp, path)
 
@@ -135,12 +167,18 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
 class ShardWriter:
   """Writes one ArrayRecord shard under a temporary name; `close()` renames it into place.
 
+  In a bucket the temporary file is local and `close()` uploads it as the final object.
   Used as a context manager, a shard whose writing raised is deleted, never renamed.
   """
 
   def __init__(self, path):
-    self.path = pathlib.Path(path)
-    self._tmp = temp_path(self.path)
+    self.path = epath.Path(path)
+    if is_bucket(self.path):
+      handle, name = tempfile.mkstemp(suffix=".array_record.tmp")
+      os.close(handle)
+      self._tmp = pathlib.Path(name)
+    else:
+      self._tmp = temp_path(pathlib.Path(self.path))
     self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
     self.count = 0
 
@@ -150,6 +188,13 @@ class ShardWriter:
 
   def close(self) -> None:
     self._writer.close()
+    if is_bucket(self.path):
+      try:
+        with open(self._tmp, "rb") as f, self.path.open("wb") as out:  # our own temp file
+          shutil.copyfileobj(f, out, 16 << 20)
+      finally:
+        self._tmp.unlink(missing_ok=True)
+      return
     with open(self._tmp, "rb") as f:  # on disk before the name says "finished"
       os.fsync(f.fileno())
     os.replace(self._tmp, self.path)
@@ -180,14 +225,14 @@ def write_metadata(directory, *, name: str, kind: str, shard_counts, fields, mad
               fields=list(fields), made_by=dict(made_by, time=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                             time.gmtime())),
               **extra)
-  atomic_write_text(pathlib.Path(directory) / METADATA, json.dumps(meta, indent=1) + "\n")
+  atomic_write_text(epath.Path(directory) / METADATA, json.dumps(meta, indent=1) + "\n")
   return meta
 
 
 def write_shard_set(directory, name: str, kind: str, records, num_shards: int, made_by: dict,
                     fields=("id", "image", "captions"), **extra) -> dict:
   """Writes an in-memory list of records as `num_shards` contiguous shards + metadata."""
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   records = list(records)
   bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
@@ -199,15 +244,15 @@ def write_shard_set(directory, name: str, kind: str, records, num_shards: int, m
 
 @dataclasses.dataclass(frozen=True)
 class ShardSet:
-  """A finished shard set on disk: its metadata and shard paths."""
-  directory: pathlib.Path
+  """A finished shard set on disk or in a bucket: its metadata and shard paths."""
+  directory: epath.Path
   meta: dict
 
   @classmethod
   def open(cls, directory) -> "ShardSet":
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     path = directory / METADATA
-    if not path.exists():
+    if not exists(path):
       raise DataError(f"{path} not found: {directory} is not a finished shard set "
                       "(make one with `python -m parti_jax.data.ingest` or "
                       "`python -m parti_jax.data.shapes`)")
@@ -218,7 +263,9 @@ class ShardSet:
     if meta.get("format") != FORMAT:
       raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     shard_set = cls(directory, meta)
-    missing = [p.name for p in shard_set.paths if not p.exists()]
+    with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:  # round trips
+      found = list(pool.map(exists, shard_set.paths))
+    missing = [p.name for p, there in zip(shard_set.paths, found) if not there]
     if missing:
       raise DataError(f"{directory}: {len(missing)} shard(s) listed in {METADATA} are missing, "
                       f"e.g. {missing[0]}")
@@ -243,7 +290,7 @@ class ShardSet:
     return self.meta["kind"]
 
   @property
-  def paths(self) -> list[pathlib.Path]:
+  def paths(self) -> list[epath.Path]:
     n = self.meta["num_shards"]
     return [self.directory / shard_name(self.meta["name"], i, n) for i in range(n)]
 
@@ -265,12 +312,40 @@ class ShardSet:
   def read_all(self):
     """Yields every record, decoded, in order (for small sets, tools and tests)."""
     for path in self.paths:
-      reader = array_record_module.ArrayRecordReader(str(path))
+      reader = array_record_module.ArrayRecordReader(readable_path(path))
       try:
         for data in reader.read_all():
           yield unpack(data)
       finally:
         reader.close()
+
+
+class AccessError(DataError):
+  """A path that cannot be reached: no bucket, no permission, no credentials."""
+
+
+def exists(path) -> bool:
+  """`path.exists()`, with the bucket's own problems named instead of a library's trace."""
+  try:
+    return epath.Path(path).exists()
+  except Exception as e:  # noqa: BLE001  gcsfs and google-auth raise their own types
+    raise AccessError(access_problem(path, e)) from e
+
+
+def access_problem(path, error: Exception) -> str:
+  """One line saying why `path` cannot be reached, for the errors buckets give."""
+  text, kind = str(error), type(error).__name__
+  if "DefaultCredentialsError" in kind or "credentials" in text.lower():
+    why = ("no Google Cloud credentials were found: run `gcloud auth application-default "
+           "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key")
+  elif isinstance(error, PermissionError) or "403" in text or "Forbidden" in text:
+    why = ("permission denied: the account needs storage.objects.get/list (and create to "
+           "write) on the bucket, e.g. roles/storage.objectAdmin")
+  elif "bucket" in text.lower() and ("not exist" in text.lower() or "404" in text):
+    why = "the bucket does not exist (or the name is misspelt)"
+  else:
+    why = f"{kind}: {text.strip().splitlines()[0][:300] if text.strip() else ''}"
+  return f"{path}: {why}"
 
 
 class Tally:
