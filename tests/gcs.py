@@ -15,6 +15,7 @@ What each client needs, found by trying (see `_environment`):
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -156,11 +157,14 @@ def _start(log_path) -> tuple[subprocess.Popen, str]:
   raise RuntimeError(f"the GCS emulator did not start; its log: {log_path}")
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory):
-  """gs://BUCKET on an emulator for the session; yields the emulator's URL."""
-  log_path = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
-  process, url = _start(log_path)
+@contextlib.contextmanager
+def emulated_bucket(scratch):
+  """gs://BUCKET on an emulator while the context lasts; yields the emulator's URL.
+
+  `scratch`: a local directory for the emulator's log. Sets the clients' variables in
+  os.environ (inherited by subprocesses) and fsspec's live configuration, and undoes both.
+  """
+  process, url = _start(os.path.join(scratch, "emulator.log"))
   with pytest.MonkeyPatch.context() as patch:
     for name, value in _environment(url).items():
       patch.setenv(name, value)
@@ -183,6 +187,13 @@ def gcs_emulator(tmp_path_factory):
     finally:
       process.kill()
       process.wait()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """gs://BUCKET on an emulator for the session; yields the emulator's URL."""
+  with emulated_bucket(tmp_path_factory.mktemp("gcs_emulator")) as url:
+    yield url
 
 
 def new_dir() -> epath.Path:
@@ -233,33 +244,39 @@ def fuse_available() -> bool:
   return os.path.exists("/dev/fuse") and bool(shutil.which("fusermount"))
 
 
-@pytest.fixture(scope="session")
-def gcs_mount(gcs_emulator, tmp_path_factory):
-  """The emulator's bucket mounted under a local root, named by PARTI_GCS_MOUNT (as the pod
-  launchers name gcsfuse's): ArrayRecord reads gs:// shard sets through it."""
-  if not fuse_available():
-    pytest.skip("FUSE is not available (apt-get install libfuse2 fuse; pip install fusepy)")
-  root = tmp_path_factory.mktemp("gcs_mount")
-  mount_point = root / BUCKET
-  mount_point.mkdir()
-  log_path = root.parent / "gcs_mount.log"
-  with open(log_path, "ab") as log:  # the test's own scratch file
-    process = subprocess.Popen([sys.executable, __file__, "--mount", str(mount_point),
+@contextlib.contextmanager
+def mounted_bucket(root):
+  """The emulator's bucket (with `emulated_bucket`) mounted at ROOT/BUCKET through FUSE
+  while the context lasts, and PARTI_GCS_MOUNT=ROOT, as the pod launchers name gcsfuse's
+  mount: ArrayRecord reads gs:// shard sets through it. Yields ROOT."""
+  mount_point = os.path.join(root, BUCKET)
+  os.makedirs(mount_point, exist_ok=True)
+  log_path = os.path.join(root, "..", f"{os.path.basename(root)}_mount.log")
+  with open(log_path, "ab") as log:  # our own scratch file
+    process = subprocess.Popen([sys.executable, __file__, "--mount", mount_point,
                                 "--bucket", BUCKET], stdout=log, stderr=subprocess.STDOUT)
   deadline = time.time() + 30
   while not os.path.ismount(mount_point) and time.time() < deadline and process.poll() is None:
     time.sleep(0.1)
-  if not os.path.ismount(mount_point):
-    process.kill()
-    raise RuntimeError(f"the bucket was not mounted at {mount_point}; log: {log_path}")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("PARTI_GCS_MOUNT", str(root))
-    try:
+  try:
+    if not os.path.ismount(mount_point):
+      raise RuntimeError(f"the bucket was not mounted at {mount_point}; log: {log_path}")
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setenv("PARTI_GCS_MOUNT", str(root))
       yield root
-    finally:
-      subprocess.run(["fusermount", "-u", "-z", str(mount_point)], check=False)
-      process.kill()
-      process.wait()
+  finally:
+    subprocess.run(["fusermount", "-u", "-z", mount_point], check=False)
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="session")
+def gcs_mount(gcs_emulator, tmp_path_factory):
+  """The emulator's bucket mounted through FUSE for the session (see `mounted_bucket`)."""
+  if not fuse_available():
+    pytest.skip("FUSE is not available (apt-get install libfuse2 fuse; pip install fusepy)")
+  with mounted_bucket(tmp_path_factory.mktemp("gcs_mount")) as root:
+    yield root
 
 
 if __name__ == "__main__":
