@@ -167,13 +167,17 @@ def atomic_write_text(path, text: str) -> None:
 class ShardWriter:
   """Writes one ArrayRecord shard under a temporary name; `close()` renames it into place.
 
-  In a bucket the temporary file is local and `close()` uploads it as the final object.
+  In a bucket the temporary file is local and `close()` uploads it as the final object;
+  `staging` names a local directory for it (default: the system's temp dir), where it is
+  named as `temp_path` names it, so that `is_temp_of` finds what a killed writer left.
   Used as a context manager, a shard whose writing raised is deleted, never renamed.
   """
 
-  def __init__(self, path):
+  def __init__(self, path, staging=None):
     self.path = epath.Path(path)
-    if is_bucket(self.path):
+    if is_bucket(self.path) and staging is not None:
+      self._tmp = temp_path(pathlib.Path(staging) / self.path.name)  # a local dir of our own
+    elif is_bucket(self.path):
       handle, name = tempfile.mkstemp(suffix=".array_record.tmp")
       os.close(handle)
       self._tmp = pathlib.Path(name)
@@ -190,8 +194,8 @@ class ShardWriter:
     self._writer.close()
     if is_bucket(self.path):
       try:
-        with open(self._tmp, "rb") as f, self.path.open("wb") as out:  # our own temp file
-          shutil.copyfileobj(f, out, 16 << 20)
+        with open(self._tmp, "rb") as f:  # our own temp file
+          _upload(f, self.path)
       finally:
         self._tmp.unlink(missing_ok=True)
       return
@@ -210,9 +214,32 @@ class ShardWriter:
     self.abort() if exc_type else self.close()
 
 
-def write_shard(path, records) -> int:
-  """Writes `records` (dicts) to one ArrayRecord shard atomically; returns the count."""
-  with ShardWriter(path) as writer:
+def _upload(source, path: epath.Path) -> None:
+  """Copies an open local file to the object `path`, which exists only once all is sent.
+
+  An fsspec file commits what it holds when closed, also when closed by `with` on an
+  exception (an interrupt mid-copy would leave a cut-off object that reads as a finished
+  shard): on an exception the upload is cancelled and the file marked closed unflushed.
+  """
+  out = path.open("wb")
+  try:
+    shutil.copyfileobj(source, out, 16 << 20)
+  except BaseException:
+    try:
+      out.discard()  # cancels a resumable upload (GCS drops an unfinished one within a week)
+    except Exception:  # noqa: BLE001  best effort: nothing is committed either way
+      pass
+    out.closed = True
+    raise
+  out.close()
+
+
+def write_shard(path, records, staging=None) -> int:
+  """Writes `records` (dicts) to one ArrayRecord shard atomically; returns the count.
+
+  `staging`: see ShardWriter.
+  """
+  with ShardWriter(path, staging) as writer:
     for record in records:
       writer.write(record)
   return writer.count
@@ -335,7 +362,8 @@ def exists(path) -> bool:
 def access_problem(path, error: Exception) -> str:
   """One line saying why `path` cannot be reached, for the errors buckets give."""
   text, kind = str(error), type(error).__name__
-  if "DefaultCredentialsError" in kind or "credentials" in text.lower():
+  if ("DefaultCredentialsError" in kind or "credentials" in text.lower()
+      or "anonymous caller" in text.lower()):  # gcsfs goes anonymous when it finds none
     why = ("no Google Cloud credentials were found: run `gcloud auth application-default "
            "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key")
   elif isinstance(error, PermissionError) or "403" in text or "Forbidden" in text:
@@ -346,6 +374,25 @@ def access_problem(path, error: Exception) -> str:
   else:
     why = f"{kind}: {text.strip().splitlines()[0][:300] if text.strip() else ''}"
   return f"{path}: {why}"
+
+
+def bucket_exists(path) -> bool:
+  """Whether the bucket of a gs:// (or other ://) path exists; True for a local path."""
+  if not is_bucket(path):
+    return True
+  scheme, rest = str(path).split("://", 1)
+  try:
+    return epath.Path(f"{scheme}://{rest.split('/', 1)[0]}").exists()
+  except Exception as e:  # noqa: BLE001  gcsfs and google-auth raise their own types
+    raise AccessError(access_problem(path, e)) from e
+
+
+def access_error(path, error: Exception) -> AccessError:
+  """`access_problem` as an AccessError. gcsfs answers a listing in a missing bucket with a
+  FileNotFoundError naming only a URL: whether the bucket is there tells what it means."""
+  if isinstance(error, FileNotFoundError) and not bucket_exists(path):
+    return AccessError(f"{path}: the bucket does not exist (or the name is misspelt)")
+  return AccessError(access_problem(path, error))
 
 
 class Tally:
