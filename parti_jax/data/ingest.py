@@ -28,13 +28,20 @@ filesystem. A shard file that exists is finished (written atomically, its tally 
 first under OUT/.stats/), so a rerun resumes; whichever process finds all shards present
 writes metadata.json.
 
+Any path may be in a bucket (gs://..., or whatever etils.epath reaches): inputs are listed
+afresh and read as streams; a shard is written on local disk (a folder of the temp dir named
+after OUT) and uploaded whole after its tally, and metadata.json last, so a rerun resumes
+from the shards that are complete as it does on a local disk.
+
 `tfds_source.TfdsRecords` gives the grain pipeline the same records straight from TFDS.
 """
 
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -45,11 +52,13 @@ import re
 import shlex
 import sys
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from parti_jax.data import images, records, spm, tfds_source
 from parti_jax.data.records import BadRecord, DataError
@@ -84,6 +93,72 @@ def shard_range(shard: int, num_items: int, num_shards: int) -> range:
 
 def default_num_shards(num_items: int) -> int:
   return max(1, -(-num_items // RECORDS_PER_SHARD))
+
+
+# ------------------------------------------------------------------------------------------
+# Paths: on local disk or in a bucket
+
+
+@contextlib.contextmanager
+def _reaching(path):
+  """Turns a bucket's own errors (gcsfs, google-auth) into one line naming `path`."""
+  try:
+    yield
+  except DataError:
+    raise
+  except Exception as e:  # noqa: BLE001  the libraries raise their own types
+    if not records.is_bucket(path):
+      raise
+    raise records.access_error(path, e) from e
+
+
+@contextlib.contextmanager
+def _reading(path):
+  """Reading one input: "not found" stays the input's own problem, reported or counted as
+  on local disk; in a bucket the rest (permission, credentials) stops the ingest."""
+  try:
+    yield
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    if not records.is_bucket(path) or isinstance(e, DataError):
+      raise
+    raise records.access_error(path, e) from e
+
+
+def _not_found(path, message: str) -> DataError:
+  """The error for an input that is not there, or for the bucket it names not being there."""
+  if records.bucket_exists(path):
+    return DataError(message)
+  return records.access_error(path, FileNotFoundError(str(path)))
+
+
+def _absolute(path, resolve: bool = False) -> str:
+  """A path as metadata.json records it: in a bucket as given, on local disk absolute."""
+  if records.is_bucket(path):
+    return str(epath.Path(path))
+  return os.path.realpath(path) if resolve else os.path.abspath(path)
+
+
+def _names_in(directory: epath.Path) -> set[str]:
+  """The names in a directory, listed afresh: gcsfs answers iterdir from a listing cached
+  earlier (without what other processes wrote since); glob lists the bucket again."""
+  with _reaching(directory):
+    if records.is_bucket(directory):
+      return {p.name for p in directory.glob("*")}
+    return set(os.listdir(directory))
+
+
+def _staging_dir(out: epath.Path) -> pathlib.Path | None:
+  """Where shards bound for a bucket are written before their upload: a local folder named
+  after OUT, so that a rerun finds what a killed run left there, and only that. None for a
+  local OUT, whose shards are written beside their final names."""
+  if not records.is_bucket(out):
+    return None
+  digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+  staging = pathlib.Path(tempfile.gettempdir()) / "parti_jax_ingest" / f"{out.name}-{digest}"
+  staging.mkdir(parents=True, exist_ok=True)  # our own local folder, not a user path
+  return staging
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,22 +198,24 @@ def _image_bytes(image, max_pixels: int) -> bytes:
 class FolderItem:
   """One candidate record of a folder: an image file and/or a caption entry."""
   id: str
-  image: pathlib.Path | None  # None: a caption entry whose image file does not exist
+  image: epath.Path | None  # None: a caption entry whose image file does not exist
   captions: tuple = ()  # raw captions (str or bytes) from the captions file
-  caption_file: pathlib.Path | None = None  # same-named .txt, read when the record is made
+  caption_file: epath.Path | None = None  # same-named .txt, read when the record is made
   problem: tuple[str, str] | None = None  # (reason, detail) found while listing
 
 
 def folder_items(images_dir, captions_file=None) -> list[FolderItem]:
   """Every candidate record of a folder, sorted by id (the image's relative path)."""
-  root = pathlib.Path(images_dir)
-  if not root.is_dir():
-    raise DataError(f"--images {root}: not a directory")
+  root = epath.Path(images_dir)
+  with _reaching(root):
+    is_dir = root.is_dir()
+  if not is_dir:
+    raise _not_found(root, f"--images {root}: not a directory")
   files = _list_files(root, IMAGE_EXTENSIONS | {"txt"})
   image_ids = [f for f in files if not f.lower().endswith(".txt")]
   if captions_file is None:
     return _sidecar_items(root, image_ids, {f for f in files if f.lower().endswith(".txt")})
-  entries, problems = _read_caption_file(pathlib.Path(captions_file), root)
+  entries, problems = _read_caption_file(epath.Path(captions_file), root)
   items, used = [], set()
   for rel in image_ids:
     keys = [k for k in (rel, rel.rsplit("/", 1)[-1]) if k in entries]
@@ -150,20 +227,54 @@ def folder_items(images_dir, captions_file=None) -> list[FolderItem]:
   return sorted(items, key=lambda item: item.id)
 
 
-def _list_files(root: pathlib.Path, extensions) -> list[str]:
-  """Relative POSIX paths of the files under root with one of `extensions`, sorted."""
+def _list_files(root: epath.Path, extensions) -> list[str]:
+  """Relative POSIX paths of the files under root with one of `extensions`, sorted.
+
+  Hidden files and folders are tool droppings (.DS_Store, ._x.jpg AppleDouble), not data.
+  """
+  found = _bucket_files(root) if records.is_bucket(root) else _local_files(root)
+  return sorted(f for f in found if _has_extension(f.rsplit("/", 1)[-1], extensions))
+
+
+def _has_extension(file_name: str, extensions) -> bool:
+  return (not file_name.startswith(".") and "." in file_name
+          and file_name.rsplit(".", 1)[-1].lower() in extensions)
+
+
+def _local_files(root: epath.Path) -> list[str]:
+  """Relative POSIX paths of the files under a local root, outside hidden folders."""
   found = []
   for directory, subdirs, files in os.walk(root):
-    # Hidden files and folders are tool droppings (.DS_Store, ._x.jpg AppleDouble), not data.
     subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-    rel_dir = pathlib.Path(directory).relative_to(root).as_posix()
-    for f in files:
-      if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in extensions and "." in f:
-        found.append(f if rel_dir == "." else f"{rel_dir}/{f}")
-  return sorted(found)
+    rel_dir = pathlib.Path(directory).relative_to(os.fspath(root)).as_posix()
+    found += [f if rel_dir == "." else f"{rel_dir}/{f}" for f in files]
+  return found
 
 
-def _sidecar_items(root: pathlib.Path, image_ids: list[str], texts: set) -> list[FolderItem]:
+MAX_FOLDER_DEPTH = 32  # levels of subfolders listed under --images in a bucket
+
+
+def _bucket_files(root: epath.Path) -> list[str]:
+  """Relative paths of the objects under a root in a bucket, outside hidden folders.
+
+  A bucket holds object names, not folders, and epath refuses '**' there: each level is one
+  glob ('*', '*/*', ...), listed afresh; a name with names below it is a folder.
+  """
+  prefix, names = str(root) + "/", set()
+  for depth in range(1, MAX_FOLDER_DEPTH + 2):
+    with _reaching(root):
+      level = {str(p).removeprefix(prefix) for p in root.glob("/".join(["*"] * depth))}
+    if not level:
+      break
+    if depth > MAX_FOLDER_DEPTH:
+      raise DataError(f"--images {root}: folders nested deeper than {MAX_FOLDER_DEPTH} levels")
+    names |= level
+  folders = {name.rsplit("/", 1)[0] for name in names if "/" in name}
+  return [name for name in names if name not in folders
+          and not any(part.startswith(".") for part in name.split("/")[:-1])]
+
+
+def _sidecar_items(root: epath.Path, image_ids: list[str], texts: set) -> list[FolderItem]:
   items, used = [], set()
   for rel in image_ids:
     txt = rel.rsplit(".", 1)[0] + ".txt"
@@ -175,10 +286,12 @@ def _sidecar_items(root: pathlib.Path, image_ids: list[str], texts: set) -> list
   return sorted(items, key=lambda item: item.id)
 
 
-def _read_caption_file(path: pathlib.Path, root: pathlib.Path):
+def _read_caption_file(path: epath.Path, root: epath.Path):
   """{file key: [raw captions]} and FolderItems for lines that could not be read."""
-  if not path.is_file():
-    raise DataError(f"--captions {path}: no such file")
+  with _reaching(path):
+    is_file = path.is_file()
+  if not is_file:
+    raise _not_found(path, f"--captions {path}: no such file")
   suffix = path.suffix.lower()
   if suffix in (".jsonl", ".json", ".ndjson"):
     rows = _jsonl_rows(path)
@@ -187,19 +300,23 @@ def _read_caption_file(path: pathlib.Path, root: pathlib.Path):
   else:
     raise DataError(f"--captions {path}: expected a .jsonl or .tsv file")
   entries, problems = collections.defaultdict(list), []
-  for line_number, key, captions, problem in rows:
-    if problem:
-      problems.append(FolderItem(f"{path.name}:{line_number:09d}", None,
-                                 problem=("undecodable_record", f"line {line_number}: {problem}")))
-      continue
-    entries[_file_key(key, root)].extend(captions)
+  with _reaching(path):  # the file is streamed: a bucket's errors may come at any line
+    for line_number, key, captions, problem in rows:
+      if problem:
+        problems.append(FolderItem(f"{path.name}:{line_number:09d}", None, problem=(
+            "undecodable_record", f"line {line_number}: {problem}")))
+        continue
+      entries[_file_key(key, root)].extend(captions)
   return entries, problems
 
 
-def _file_key(key: str, root: pathlib.Path) -> str:
+def _file_key(key: str, root: epath.Path) -> str:
   """A caption entry's file as a relative POSIX path (or bare name) to match images."""
   key = key.strip().replace("\\", "/")
-  for base in (root.absolute(), root.resolve()) if os.path.isabs(key) else ():
+  if records.is_bucket(root) and key.startswith(f"{root}/"):  # a full gs:// name
+    return key.removeprefix(f"{root}/")
+  local_root = pathlib.Path(os.fspath(root))  # a local root: pathlib's absolute(), not epath's
+  for base in (local_root.absolute(), local_root.resolve()) if os.path.isabs(key) else ():
     if pathlib.Path(key).is_relative_to(base):
       return pathlib.Path(key).relative_to(base).as_posix()
   while key.startswith("./"):
@@ -210,9 +327,9 @@ def _file_key(key: str, root: pathlib.Path) -> str:
 FILE_KEYS = ("file", "file_name", "filename", "image", "path")
 
 
-def _jsonl_rows(path: pathlib.Path):
+def _jsonl_rows(path: epath.Path):
   """(line number, file key, raw captions, problem) for each non-empty line."""
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -243,9 +360,9 @@ HEADER_FIELDS = ("file", "filename", "file_name", "image", "image_file", "path",
                  "caption", "captions", "text")
 
 
-def _tsv_rows(path: pathlib.Path):
+def _tsv_rows(path: epath.Path):
   """(line number, file, [raw caption bytes], None); the first line may be a header."""
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for number, line in enumerate(f, 1):
       line = line.rstrip(b"\r\n")
       if not line.strip():
@@ -272,17 +389,26 @@ def _folder_raw(item: FolderItem) -> dict:
   captions = list(item.captions)
   if item.caption_file is not None:
     try:
-      lines = item.caption_file.read_bytes().splitlines()
+      lines = _input_bytes(item.caption_file).splitlines()
     except OSError as e:
-      raise BadRecord("missing_caption", f"{item.caption_file}: {e.strerror}") from None
+      raise BadRecord("missing_caption", f"{item.caption_file}: {_why(e)}") from None
     captions += [line for line in lines if line.strip()]
   if not captions:  # before reading the image: no caption, no need for its bytes
     raise BadRecord("missing_caption", "no caption entry for this image")
   try:
-    data = item.image.read_bytes()
+    data = _input_bytes(item.image)
   except OSError as e:
-    raise BadRecord("missing_image", f"{e.strerror}") from None
+    raise BadRecord("missing_image", _why(e)) from None
   return {"id": item.id, "image": data, "captions": captions}
+
+
+def _input_bytes(path: epath.Path) -> bytes:
+  with _reading(path):
+    return path.read_bytes()
+
+
+def _why(error: OSError) -> str:
+  return str(error.strerror or "No such file or directory")  # gcsfs names only the URL
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,19 +422,38 @@ def expand_tar_patterns(patterns) -> list[str]:
     for part in _split_top_level(pattern):
       for item in _expand_braces(part):
         if glob.has_magic(item):
-          matched = sorted(glob.glob(item, recursive=True))
+          matched = _glob_files(item)
           missing += [] if matched else [item]
           paths += matched
-        elif os.path.isfile(item):
+        elif _is_file(item):
           paths.append(item)
         else:
           missing.append(item)
   if missing:
-    raise DataError(f"--tars: nothing found for {missing[:3]}"
-                    f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    raise _not_found(missing[0], f"--tars: nothing found for {missing[:3]}"
+                     f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
   if not paths:
     raise DataError("--tars: no tar files given")
   return list(dict.fromkeys(paths))
+
+
+def _glob_files(pattern: str) -> list[str]:
+  """The paths a glob matches, sorted; in a bucket through epath, which lists afresh."""
+  if not records.is_bucket(pattern):
+    return sorted(glob.glob(pattern, recursive=True))
+  parts = pattern.split("/")
+  first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  if first < 3 or "**" in pattern:
+    raise DataError(f"--tars {pattern}: in a bucket, patterns may not name the bucket or "
+                    "use '**' (one listing per level: write '*/*')")
+  base = epath.Path("/".join(parts[:first]))
+  with _reaching(base):
+    return sorted(str(p) for p in base.glob("/".join(parts[first:])))
+
+
+def _is_file(path: str) -> bool:
+  with _reaching(path):
+    return epath.Path(path).is_file()
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -362,7 +507,8 @@ def tar_samples(path, errors: list) -> Iterator[dict]:
   """
   sample, count = None, 0
   try:
-    with tarfile.open(path, mode="r|*") as tar:
+    # Read as a stream (mode "r|"): from a bucket too, a block at a time, never seeking.
+    with _open_input(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
       for member in tar:
         parsed = _member_key(member.name) if member.isfile() else None
         if parsed is None:
@@ -380,6 +526,11 @@ def tar_samples(path, errors: list) -> Iterator[dict]:
     errors.append(f"{path}: unreadable after {count} samples: {type(e).__name__}: {e}")
   if sample is not None:
     yield sample
+
+
+def _open_input(path):
+  with _reading(path):
+    return epath.Path(path).open("rb")
 
 
 def _sample_raw(sample: dict) -> dict:
@@ -430,8 +581,8 @@ def folder_plan(images_dir, captions_file, num_shards: int | None) -> Plan:
     for i in shard_range(shard, len(items), k):
       yield items[i].id, functools.partial(_folder_raw, items[i])
 
-  paths = [str(pathlib.Path(images_dir).resolve())]
-  paths += [str(pathlib.Path(captions_file).resolve())] if captions_file else []
+  paths = [_absolute(images_dir, resolve=True)]
+  paths += [_absolute(captions_file, resolve=True)] if captions_file else []
   return Plan("folder", len(items), k, _fingerprint("folder", [i.id for i in items], k),
               {"source": "folder", "paths": paths}, jobs,
               lambda s: len(shard_range(s, len(items), k)))
@@ -446,7 +597,7 @@ def webdataset_plan(patterns, num_shards: int | None) -> Plan:
       for sample in tar_samples(tars[j], errors):
         yield sample["key"], functools.partial(_sample_raw, sample)
 
-  made_by = {"source": "webdataset", "paths": [os.path.abspath(p) for p in patterns],
+  made_by = {"source": "webdataset", "paths": [_absolute(p) for p in patterns],
              "num_tars": len(tars)}
   return Plan("webdataset", len(tars), k, _fingerprint("webdataset", tars, k), made_by, jobs,
               lambda s: None)
@@ -462,7 +613,7 @@ def tfds_plan(name, data_dir, split, image_feature, caption_feature, num_shards)
     for i in shard_range(shard, n, k):
       yield str(i), lambda i=i: records.as_record(source[i])
 
-  made_by = {"source": "tfds", "paths": [os.path.abspath(data_dir)] if data_dir else [],
+  made_by = {"source": "tfds", "paths": [_absolute(data_dir)] if data_dir else [],
              "tfds_name": name, "split": split, "image_feature": image_feature,
              "caption_feature": caption_feature}
   return Plan("tfds", n, k, _fingerprint("tfds", name, split, n, image_feature, caption_feature,
@@ -478,13 +629,16 @@ def ingest(plan: Plan, out, name: str, *, process_index: int = 0, num_processes:
            max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, command: str = "",
            progress: bool = True) -> dict | None:
   """Writes this process's unfinished shards; returns the metadata once all K exist."""
-  out = pathlib.Path(out)
-  (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+  out = epath.Path(out)
+  staging = _staging_dir(out)
+  if staging is None:  # a bucket has no folders to make (and makedirs would make a bucket)
+    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
   k = plan.num_shards
   own = [s for s in range(k) if s % num_processes == process_index]
-  done = {s for s in range(k) if _shard_path(out, name, s, k).exists()}
+  names = _names_in(out)
+  done = {s for s in range(k) if records.shard_name(name, s, k) in names}
   todo = [s for s in own if s not in done]
-  _remove_temps(out, [records.shard_name(name, s, k) for s in own])
+  _remove_temps(out, staging, [records.shard_name(name, s, k) for s in own])
   print(f"{plan.kind}: {plan.num_units} inputs -> {k} shards in {out}; process "
         f"{process_index} of {num_processes} writes {len(own)} of them")
   if done:
@@ -495,36 +649,38 @@ def ingest(plan: Plan, out, name: str, *, process_index: int = 0, num_processes:
   with tqdm.tqdm(total=total, unit=" records", disable=not (progress and todo),
                  mininterval=1.0) as bar:
     for s in todo:
-      run_tally.add(_write_one(plan, out, name, s, max_pixels, num_threads, max_bad_fraction,
-                               bar))
+      run_tally.add(_write_one(plan, out, staging, name, s, max_pixels, num_threads,
+                               max_bad_fraction, bar))
   if todo:
     print(f"this process wrote {len(todo)} shards:\n{run_tally.summary()}")
   return _finish(plan, out, name, command)
 
 
-def _shard_path(out: pathlib.Path, name: str, shard: int, k: int) -> pathlib.Path:
+def _shard_path(out: epath.Path, name: str, shard: int, k: int) -> epath.Path:
   return out / records.shard_name(name, shard, k)
 
 
-def _stats_path(out: pathlib.Path, name: str, shard: int, k: int) -> pathlib.Path:
+def _stats_path(out: epath.Path, name: str, shard: int, k: int) -> epath.Path:
   return out / STATS_DIR / (records.shard_name(name, shard, k).removesuffix(".array_record")
                             + ".json")
 
 
-def _remove_temps(out: pathlib.Path, shard_names: list[str]) -> None:
-  """Deletes temp files a killed run left for these shards or their stats.
+def _remove_temps(out: epath.Path, staging: pathlib.Path | None, shard_names: list[str]):
+  """Deletes temp files a killed run left for these shards or their stats: beside them on
+  local disk; for a bucket, in the local staging folder (a bucket only holds whole objects).
 
   Only this process's own shards: another process may be writing its temp files now.
   """
   finals = set(shard_names) | {n.removesuffix(".array_record") + ".json" for n in shard_names}
-  for directory in (out, out / STATS_DIR):
+  for directory in (out, out / STATS_DIR) if staging is None else (staging,):
     for leftover in directory.iterdir():
       if records.is_temp_of(leftover.name, finals):
         leftover.unlink(missing_ok=True)
 
 
-def _write_one(plan: Plan, out: pathlib.Path, name: str, shard: int, max_pixels: int,
-               num_threads: int, max_bad_fraction: float, bar) -> records.Tally:
+def _write_one(plan: Plan, out: epath.Path, staging: pathlib.Path | None, name: str, shard: int,
+               max_pixels: int, num_threads: int, max_bad_fraction: float,
+               bar) -> records.Tally:
   tally, errors = records.Tally(), []
   examples = collections.defaultdict(list)
   k = plan.num_shards
@@ -556,9 +712,11 @@ def _write_one(plan: Plan, out: pathlib.Path, name: str, shard: int, max_pixels:
     fingerprint = _fingerprint(plan.fingerprint, max_pixels)  # max_pixels changes the content
     stats = {"shard": shard, "num_shards": k, "fingerprint": fingerprint,
              "tally": tally.as_dict(), "examples": dict(examples), "errors": errors}
-    records.atomic_write_text(_stats_path(out, name, shard, k), json.dumps(stats, indent=1))
+    stats_path = _stats_path(out, name, shard, k)
+    with _reaching(stats_path):  # the first write to OUT: no permission to write shows here
+      records.atomic_write_text(stats_path, json.dumps(stats, indent=1))
 
-  records.write_shard(_shard_path(out, name, shard, k), checked())
+  records.write_shard(_shard_path(out, name, shard, k), checked(), staging)
   for error in errors:
     tqdm.tqdm.write(f"warning: {error}")
   return tally
@@ -593,15 +751,17 @@ def _ordered_map(fn, items, num_threads: int):
       yield pending.popleft().result()
 
 
-def _finish(plan: Plan, out: pathlib.Path, name: str, command: str) -> dict | None:
+def _finish(plan: Plan, out: epath.Path, name: str, command: str) -> dict | None:
   """Writes metadata.json if every shard exists (any process may; the content is the same)."""
   k = plan.num_shards
-  present = sum(_shard_path(out, name, s, k).exists() for s in range(k))
+  names = _names_in(out)  # afresh: other processes may have written shards meanwhile
+  present = sum(records.shard_name(name, s, k) in names for s in range(k))
   if present < k:
     print(f"{present} of {k} shards done; metadata.json is written by the process that "
           "finds all of them done")
-    others = {p.name.rsplit("-of-", 1)[-1] for p in out.glob(f"{glob.escape(name)}-*-of-*")
-              if p.name.endswith(".array_record")} - {f"{k:05d}.array_record"}
+    others = {n.rsplit("-of-", 1)[-1] for n in names
+              if fnmatch.fnmatchcase(n, f"{glob.escape(name)}-*-of-*")
+              and n.endswith(".array_record")} - {f"{k:05d}.array_record"}
     if others:
       print(f"warning: {out} also holds shards of a set with another shard count; if the "
             "processes listed different inputs, give them all the same --num_shards")
@@ -626,7 +786,7 @@ def _finish(plan: Plan, out: pathlib.Path, name: str, command: str) -> dict | No
   return meta
 
 
-def _read_stats(out: pathlib.Path, name: str, shard: int, k: int) -> dict:
+def _read_stats(out: epath.Path, name: str, shard: int, k: int) -> dict:
   path = _stats_path(out, name, shard, k)
   try:
     return json.loads(path.read_text())
@@ -637,7 +797,7 @@ def _read_stats(out: pathlib.Path, name: str, shard: int, k: int) -> dict:
     return {"tally": {"written": count}}
 
 
-def _metadata_if_changed(out: pathlib.Path, name: str, counts, made_by, extra) -> dict:
+def _metadata_if_changed(out: epath.Path, name: str, counts, made_by, extra) -> dict:
   """Writes metadata.json unless one with the same content (but its time) is there."""
   path = out / records.METADATA
   try:
@@ -729,7 +889,9 @@ def _command(argv: list[str]) -> str:
 
 
 def _set_name(a) -> str:
-  raw = a.set_name or pathlib.Path(a.out).resolve().name
+  out_name = (epath.Path(a.out).name if records.is_bucket(a.out)
+              else os.path.basename(os.path.realpath(a.out)))
+  raw = a.set_name or out_name
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw).strip("._-") or "data"
 
 
