@@ -80,7 +80,9 @@ def assert_same_sets(a: records.ShardSet, b: records.ShardSet) -> None:
 
 
 def staged_leftovers(out) -> list[str]:
-  return sorted(p.name for p in ingest._staging_dir(epath.Path(out)).iterdir())
+  """What is in the local folder where shards for OUT are staged before their upload."""
+  staging = ingest._staging_dir(epath.Path(out))
+  return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
 
 
 def test_a_local_folder_ingested_into_a_bucket_is_the_set_a_local_ingest_writes(
@@ -99,7 +101,7 @@ def test_a_local_folder_ingested_into_a_bucket_is_the_set_a_local_ingest_writes(
       [".stats", "metadata.json"] + shards)
   assert [p.name for p in listing(gs_dir / "pets" / ".stats")] == [
       n.replace(".array_record", ".json") for n in shards]
-  assert staged_leftovers(gs_dir / "pets") == []  # uploaded, then deleted
+  assert staged_leftovers(gs_dir / "pets") == []  # uploaded, then deleted (and the folder)
 
 
 def test_a_folder_a_captions_file_and_tars_in_a_bucket_give_the_local_records(
@@ -194,6 +196,7 @@ def test_a_bucket_that_does_not_exist_is_named_in_one_line(gcs_emulator, tmp_pat
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert cli.returncode == 1 and one_line_naming(f"{missing}/set", cli.stderr.strip(), "error: ")
   assert not epath.Path(missing).exists()  # not made on the way
+  assert not ingest._staging_dir(epath.Path(f"{missing}/set")).exists()  # nor a local folder
 
   for argv, path in [(["folder", "--images", f"{missing}/images"], f"{missing}/images"),
                      (["folder", "--images", tmp_path / "images", "--captions",

@@ -156,9 +156,7 @@ def _staging_dir(out: epath.Path) -> pathlib.Path | None:
   if not records.is_bucket(out):
     return None
   digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
-  staging = pathlib.Path(tempfile.gettempdir()) / "parti_jax_ingest" / f"{out.name}-{digest}"
-  staging.mkdir(parents=True, exist_ok=True)  # our own local folder, not a user path
-  return staging
+  return pathlib.Path(tempfile.gettempdir()) / "parti_jax_ingest" / f"{out.name}-{digest}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -633,9 +631,11 @@ def ingest(plan: Plan, out, name: str, *, process_index: int = 0, num_processes:
   staging = _staging_dir(out)
   if staging is None:  # a bucket has no folders to make (and makedirs would make a bucket)
     (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+  names = _names_in(out)  # in a bucket the first request: a missing bucket is named here
+  if staging is not None:
+    staging.mkdir(parents=True, exist_ok=True)  # our own local folder, not a user path
   k = plan.num_shards
   own = [s for s in range(k) if s % num_processes == process_index]
-  names = _names_in(out)
   done = {s for s in range(k) if records.shard_name(name, s, k) in names}
   todo = [s for s in own if s not in done]
   _remove_temps(out, staging, [records.shard_name(name, s, k) for s in own])
@@ -653,7 +653,13 @@ def ingest(plan: Plan, out, name: str, *, process_index: int = 0, num_processes:
                                max_bad_fraction, bar))
   if todo:
     print(f"this process wrote {len(todo)} shards:\n{run_tally.summary()}")
-  return _finish(plan, out, name, command)
+  meta = _finish(plan, out, name, command)
+  if staging is not None and meta is not None:
+    # The set is complete: nothing will be staged for it. A folder still holding a killed
+    # run's file of another process index is left (rmdir fails) for that one's rerun.
+    with contextlib.suppress(OSError):
+      staging.rmdir()
+  return meta
 
 
 def _shard_path(out: epath.Path, name: str, shard: int, k: int) -> epath.Path:
