@@ -15,27 +15,15 @@ from etils import epath
 
 from parti_jax.data import records
 
-
-def bucket_of(path) -> epath.Path:
-  """gs://BUCKET for gs://BUCKET/a/b."""
-  scheme, rest = str(path).split("://", 1)
-  return epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
+MISSING = "the bucket does not exist (or the name is misspelt)"
 
 
 def check_bucket(path) -> None:
   """Raises AccessError naming `path` if its bucket is missing or cannot be reached."""
-  if not records.is_bucket(path):
-    return
-  bucket = bucket_of(path)
-  try:
-    # gcsfs asks for the bucket's metadata, and lists it where that is not allowed
-    # (roles/storage.objectAdmin has no storage.buckets.get): absent only if missing.
-    there = bucket.exists()
-  except Exception as e:  # noqa: BLE001  gcsfs, google-auth and requests raise their own types
-    raise records.AccessError(records.access_problem(path, e)) from e
-  if not there:
-    raise records.AccessError(f"{path}: the bucket {bucket} does not exist (or the name is "
-                              "misspelt)")
+  # gcsfs asks for the bucket's metadata, and lists it where that is not allowed
+  # (roles/storage.objectAdmin has no storage.buckets.get): absent only if missing.
+  if not records.bucket_exists(path):
+    raise records.AccessError(f"{path}: {MISSING}")
 
 
 @contextlib.contextmanager
@@ -51,9 +39,7 @@ def reported(path):
   except Exception as e:  # noqa: BLE001  gcsfs, google-auth and requests raise their own types
     if not records.is_bucket(path):
       raise
-    if isinstance(e, FileNotFoundError):
-      check_bucket(path)  # a missing bucket is said as such
-    raise records.AccessError(records.access_problem(path, e)) from e
+    raise records.access_error(path, e) from e
 
 
 def read_bytes(path) -> bytes:
@@ -68,7 +54,7 @@ def read_bytes(path) -> bytes:
     check_bucket(path)
     raise FileNotFoundError(errno.ENOENT, "no such object", str(path)) from None
   except Exception as e:  # noqa: BLE001  gcsfs, google-auth and requests raise their own types
-    raise records.AccessError(records.access_problem(path, e)) from e
+    raise records.access_error(path, e) from e
 
 
 def read_text(path) -> str:

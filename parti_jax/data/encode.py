@@ -18,12 +18,15 @@ Tokenizers (`--tokenizer`):
   MODULE:FUNCTION        FUNCTION(resolution=R) returning an `ImageTokenizer`
 The built-in one needs no training, so token shards (and the Parti trainer on them) can be
 made and tested before an image tokenizer has been trained.
+
+DIR, OUT and the SentencePiece model may be in buckets (gs://...). A shard in a bucket is
+uploaded whole when it is finished, and metadata.json after every shard. A rerun encodes
+everything again (it does not resume), replacing the shards.
 """
 
 import argparse
 import dataclasses
 import importlib
-import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -38,7 +42,7 @@ from tqdm import tqdm
 
 from parti_jax import config as common
 from parti_jax import distributed, sharding
-from parti_jax.data import pipeline, records, spm
+from parti_jax.data import buckets, pipeline, records, spm
 
 TOKEN_FIELDS = ("id", "captions", "text_tokens", "image_codes", "extra")
 
@@ -123,8 +127,10 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
   """Writes the token shard set; returns its metadata on process 0 (None elsewhere)."""
   if tokenizer.codebook_size > 2 ** 16:
     raise ValueError(f"codebook of {tokenizer.codebook_size} codes: token shards store uint16")
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  for path in (data_dir, out_dir):  # before any work
+    buckets.check_bucket(path)
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)  # nothing to make in a bucket
   config = common.base()
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   config.data.update(kind="images", eval=str(data_dir), resolution=tokenizer.resolution,
@@ -163,13 +169,14 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
     raise
   finally:
     loader.close()
-  for w in writers:
-    w.close()
-  multihost_utils.sync_global_devices("parti_jax.data.encode: shards written")
+  with buckets.reported(out_dir):  # in a bucket, each shard is uploaded here
+    for w in writers:
+      w.close()
+  # Every process's counts, in shard order, without reading a shard back (which, in a
+  # bucket, would go through a FUSE mount that may not see a new object yet).
+  counts = multihost_utils.process_allgather(np.array([w.count for w in writers])).reshape(-1)
   if p != 0:
     return None
-  counts = [records.num_records(out_dir / records.shard_name(name, i, total))
-            for i in range(total)]
   return records.write_metadata(
       out_dir, name=name, kind="tokens", shard_counts=counts, fields=TOKEN_FIELDS,
       made_by=made_by or {}, source=str(data_dir),
@@ -178,6 +185,13 @@ def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tok
                   codebook_size=tokenizer.codebook_size, text_len=text_tokenizer.length,
                   text_vocab_size=text_tokenizer.vocab_size,
                   spm_model=text_tokenizer.model_path))
+
+
+def _text_tokenizer(model_path, length: int) -> spm.Tokenizer:
+  try:
+    return spm.Tokenizer(model_path, length)
+  except FileNotFoundError as e:
+    raise records.DataError(f"--spm {model_path}: {e.strerror or e}") from None
 
 
 def main(argv=None):
@@ -193,9 +207,12 @@ def main(argv=None):
   p.add_argument("--shards_per_process", type=int, default=1)
   a = p.parse_args(argv)
   distributed.initialize()
-  meta = encode(a.data, a.out, load_tokenizer(a.tokenizer, a.resolution),
-                spm.Tokenizer(a.spm, a.text_len), a.batch_size, a.shards_per_process,
-                made_by=dict(command=" ".join(sys.argv)))
+  try:
+    meta = encode(a.data, a.out, load_tokenizer(a.tokenizer, a.resolution),
+                  _text_tokenizer(a.spm, a.text_len), a.batch_size, a.shards_per_process,
+                  made_by=dict(command=" ".join(sys.argv)))
+  except records.DataError as e:  # data or a bucket that cannot be read or written
+    sys.exit(f"error: {e}")
   if meta:
     skipped = sum(meta["skipped"].values())
     print(f"wrote {meta['count']} token records in {meta['num_shards']} shard(s) to {a.out}; "

@@ -5,10 +5,10 @@
       [--heldout_triples circle:above:triangle] [--lattice L]
       [--train_kinds single:1,count:1,binding:1,relation:1]
 
-writes three shard sets, DIR/train, DIR/validation and DIR/heldout, of PNG images with one
-caption each. Scenes hold 1 to 4 non-overlapping objects (6 shapes, 8 colors, 2 sizes) on
-a grey background, anywhere or (`--lattice N`) with each object's square on multiples of N
-pixels; captions come from a fixed grammar of four kinds:
+writes three shard sets, DIR/train, DIR/validation and DIR/heldout (DIR may be in a bucket,
+gs://...), of PNG images with one caption each. Scenes hold 1 to 4 non-overlapping objects
+(6 shapes, 8 colors, 2 sizes) on a grey background, anywhere or (`--lattice N`) with each
+object's square on multiples of N pixels; captions come from a fixed grammar of four kinds:
 
   single    "a red circle", "a large blue square"
   count     "three yellow stars"            (2 to 4 objects of one color and shape)
@@ -38,14 +38,15 @@ import functools
 import math
 import multiprocessing
 import os
-import pathlib
+import sys
 import time
 
 import numpy as np
 import tqdm
+from etils import epath
 from PIL import Image, ImageDraw
 
-from parti_jax.data import images, records
+from parti_jax.data import buckets, images, records
 
 BACKGROUND = (128, 128, 128)
 COLORS = {
@@ -708,7 +709,8 @@ def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
           num_heldout: int | None = None, seed: int = 0, num_shards: int = 1,
           progress: bool = True, workers: int = 1) -> dict:
   """Writes OUT/train, OUT/validation and OUT/heldout; returns counts and render speed."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
+  buckets.check_bucket(out_dir)  # before rendering anything
   default = max(num // 10, 1)
   has_heldout = bool(spec.heldout_pairs or spec.heldout_triples)
   if num_heldout is None:
@@ -723,18 +725,24 @@ def write(out_dir, spec: Spec, num: int, num_validation: int | None = None,
     seconds += time.perf_counter() - start
     # Never an empty shard: a split smaller than num_shards gets one shard per record.
     shards[split] = max(1, min(num_shards, count))
-    records.write_shard_set(
-        out_dir / split, f"shapes-{split}", "images", recs, shards[split],
-        made_by={"tool": "parti_jax.data.shapes", "num": num, "seed": seed}, fields=FIELDS,
-        split=split, resolution=spec.resolution, seed=seed, background=list(BACKGROUND),
-        colors={k: list(v) for k, v in COLORS.items()}, shapes=list(SHAPES),
-        sizes=dict(SIZES), relations=list(RELATIONS),
-        heldout_pairs=[list(p) for p in spec.heldout_pairs],
-        heldout_triples=[list(t) for t in spec.heldout_triples], lattice=spec.lattice,
-        train_kinds=dict(spec.train_kinds))
+    with buckets.reported(out_dir / split):  # a bucket's errors as one line
+      records.write_shard_set(out_dir / split, f"shapes-{split}", "images", recs,
+                              shards[split], **_set_metadata(spec, split, num, seed))
   total = sum(counts.values())
   return {"counts": counts, "shards": shards, "seconds": seconds,
           "images_per_second": total / seconds if seconds else float("nan")}
+
+
+def _set_metadata(spec: Spec, split: str, num: int, seed: int) -> dict:
+  """What a split's metadata.json says of how it was made (the scorers read it back)."""
+  return dict(
+      made_by={"tool": "parti_jax.data.shapes", "num": num, "seed": seed}, fields=FIELDS,
+      split=split, resolution=spec.resolution, seed=seed, background=list(BACKGROUND),
+      colors={k: list(v) for k, v in COLORS.items()}, shapes=list(SHAPES),
+      sizes=dict(SIZES), relations=list(RELATIONS),
+      heldout_pairs=[list(p) for p in spec.heldout_pairs],
+      heldout_triples=[list(t) for t in spec.heldout_triples], lattice=spec.lattice,
+      train_kinds=dict(spec.train_kinds))
 
 
 def _split_list(text: str, parts: int, what: str) -> tuple:
@@ -781,10 +789,13 @@ def main(argv=None):
     p.error("--num_heldout > 0 needs --heldout_pairs or --heldout_triples")
   if a.workers < 1:
     p.error(f"--workers={a.workers}: needs at least 1")
-  result = write(a.out, spec, a.num, a.num_validation, a.num_heldout, a.seed, a.num_shards,
-                 workers=a.workers)
+  try:
+    result = write(a.out, spec, a.num, a.num_validation, a.num_heldout, a.seed, a.num_shards,
+                   workers=a.workers)
+  except records.DataError as e:  # a bucket that is missing or cannot be written
+    sys.exit(f"error: {e}")
   for split, count in result["counts"].items():
-    print(f"{pathlib.Path(a.out) / split}: {count} records in {result['shards'][split]} "
+    print(f"{epath.Path(a.out) / split}: {count} records in {result['shards'][split]} "
           "shard(s)")
   total = sum(result["counts"].values())
   print(f"rendered {total} images at {spec.resolution}x{spec.resolution} in "

@@ -2,9 +2,10 @@
 
   python -m parti_jax.data.spm --data DIR [--data DIR2 ...] --out PREFIX [--vocab_size 16000]
 
-writes PREFIX.model and PREFIX.vocab. Ids: 0 pad, 1 unk, 2 end of text, then the pieces.
-Parti uses 16,000 pieces; small datasets ask for fewer (a vocabulary larger than the data
-supports is shrunk by SentencePiece, and the size it reached is printed).
+writes PREFIX.model and PREFIX.vocab (DIR and PREFIX may be in a bucket, gs://...). Ids: 0
+pad, 1 unk, 2 end of text, then the pieces. Parti uses 16,000 pieces; small datasets ask for
+fewer (a vocabulary larger than the data supports is shrunk by SentencePiece, and the size
+it reached is printed).
 
 `Tokenizer(path, length)` maps a caption to `length` int32 ids: the pieces, the end id,
 then padding. Longer captions are cut at `length` ids. An empty or all-whitespace caption
@@ -15,6 +16,8 @@ guidance dropout uses, so training and sampling agree on what "no text" means.
 import argparse
 import pathlib
 import re
+import sys
+import tempfile
 import unicodedata
 
 import numpy as np
@@ -70,7 +73,8 @@ class Tokenizer:
   def __init__(self, model_path, length: int):
     self.model_path = str(model_path)
     self.length = length
-    self._proto = pathlib.Path(model_path).read_bytes()
+    from parti_jax.data import buckets  # as in captions_of: `import spm` stays light
+    self._proto = buckets.read_bytes(model_path)  # local or in a bucket
     self._load()
 
   def _load(self):
@@ -126,12 +130,28 @@ def train(captions, out_prefix, vocab_size: int = 16_000,
   Unigram is the default. On a small, repetitive vocabulary (the shapes captions) unigram
   training prunes to a few dozen pieces, most words spelled letter by letter; BPE keeps
   whole words there, so the demo asks for it.
+
+  A prefix in a bucket: SentencePiece writes local files only, so the model is trained in a
+  temporary directory and PREFIX.vocab, then PREFIX.model, are uploaded whole.
   """
-  out_prefix = pathlib.Path(out_prefix)
-  out_prefix.parent.mkdir(parents=True, exist_ok=True)
+  if "://" not in str(out_prefix):
+    pathlib.Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    return _train(captions, str(out_prefix), vocab_size, max_sentences, model_type)
+  from parti_jax.data import buckets
+  buckets.check_bucket(out_prefix)  # before the training, not after it
+  with tempfile.TemporaryDirectory() as scratch:
+    local = pathlib.Path(scratch) / "spm"  # our own scratch directory
+    size = _train(captions, str(local), vocab_size, max_sentences, model_type)
+    for suffix in (".vocab", ".model"):  # the model last: a reader finds both or neither
+      buckets.write_bytes(f"{out_prefix}{suffix}", local.with_suffix(suffix).read_bytes())
+  return size
+
+
+def _train(captions, out_prefix: str, vocab_size: int, max_sentences: int,
+           model_type: str) -> int:
   spm.SentencePieceTrainer.train(
       sentence_iterator=(c for c in captions if c.strip()),
-      model_prefix=str(out_prefix), vocab_size=vocab_size, model_type=model_type,
+      model_prefix=out_prefix, vocab_size=vocab_size, model_type=model_type,
       pad_id=PAD_ID, unk_id=UNK_ID, eos_id=END_ID, bos_id=-1,
       character_coverage=0.9995, input_sentence_size=max_sentences,
       shuffle_input_sentence=True, hard_vocab_limit=False,
@@ -140,11 +160,17 @@ def train(captions, out_prefix, vocab_size: int = 16_000,
 
 
 def captions_of(directories):
-  """Every caption of every record of the given shard sets."""
-  from parti_jax.data import records  # the CLI imports records only when it is used
+  """Every caption of every record of the given shard sets (local or in buckets).
+
+  The sets are opened here, so a missing one raises before training starts.
+  """
+  from parti_jax.data import buckets, records  # the CLI imports records only when it is used
+  shard_sets = []
   for d in directories:
-    for record in records.ShardSet.open(d).read_all():
-      yield from clean_captions(record.get("captions"))[0]
+    buckets.check_bucket(d)
+    shard_sets.append(records.ShardSet.open(d))
+  return (caption for shard_set in shard_sets for record in shard_set.read_all()
+          for caption in clean_captions(record.get("captions"))[0])
 
 
 def main(argv=None):
@@ -156,7 +182,11 @@ def main(argv=None):
                  help="captions sampled for training")
   p.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
   a = p.parse_args(argv)
-  size = train(captions_of(a.data), a.out, a.vocab_size, a.max_sentences, a.model_type)
+  from parti_jax.data import records
+  try:
+    size = train(captions_of(a.data), a.out, a.vocab_size, a.max_sentences, a.model_type)
+  except records.DataError as e:  # a shard set or bucket that cannot be read or written
+    sys.exit(f"error: {e}")
   note = "" if size == a.vocab_size else f" (asked for {a.vocab_size}; the data supports fewer)"
   print(f"wrote {a.out}.model: {size} pieces{note}")
 
