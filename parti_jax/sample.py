@@ -7,7 +7,8 @@
 FILE is a text file (one prompt per line; empty lines skipped) or a PartiPrompts-style
 TSV (column `Prompt`; `--category` and `--challenge` filter its rows). DIR receives one
 PNG per sample (`PPPP_SS.png`), a grid per prompt (`PPPP_grid.png`) and `samples.json`:
-the settings, every prompt with its files and seeds, and timings.
+the settings, every prompt with its files and seeds, and timings. RUN, FILE and DIR may be
+in buckets (gs://...); samples.json is written last.
 
 The run's config.json gives the model; its token shards (`config.data.train`) name the
 image tokenizer and the SentencePiece model they were made with (`config.data.spm_model`,
@@ -43,7 +44,7 @@ from parti_jax import checkpoints, decoding, sharding
 from parti_jax import config as config_lib
 from parti_jax import train_step as ts
 from parti_jax.data import images as image_lib
-from parti_jax.data import records, spm
+from parti_jax.data import buckets, records, spm
 
 
 class SampleError(Exception):
@@ -56,9 +57,11 @@ class SampleError(Exception):
 def read_prompts(path, category: str | None = None, challenge: str | None = None) -> list[str]:
   """Prompts of a text file (one per line) or a TSV with a `Prompt` column, filtered."""
   try:
-    text = epath.Path(path).read_text()
+    text = buckets.read_text(path)
   except (OSError, UnicodeDecodeError) as e:
     raise SampleError(f"cannot read the prompts file {path}: {e}") from None
+  except records.DataError as e:  # a bucket that cannot be reached
+    raise SampleError(f"cannot read the prompts file: {e}") from None
   lines = text.splitlines()
   header = lines[0].split("\t") if lines else []
   if "Prompt" in header:
@@ -142,9 +145,13 @@ def image_decoder(spec: str, resolution: int | None, mesh, grid: int) -> ImageDe
 
 def read_config(workdir) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise SampleError(f"{workdir}: no config.json; not a training run directory")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    text = buckets.read_text(path)
+  except FileNotFoundError:
+    raise SampleError(f"{workdir}: no config.json; not a training run directory") from None
+  except records.DataError as e:  # a bucket that cannot be reached
+    raise SampleError(str(e)) from None
+  config = ml_collections.ConfigDict(json.loads(text))
   config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
   return config
 
@@ -248,7 +255,7 @@ def _locate(path: str, token_shards: str) -> str:
 def _text_tokenizer(spm_model, m) -> spm.Tokenizer:
   try:
     tokenizer = spm.Tokenizer(spm_model, m.text_len)
-  except OSError as e:
+  except (OSError, records.DataError) as e:
     raise SampleError(f"cannot read the SentencePiece model {spm_model}: {e}; pass --spm") \
         from None
   if tokenizer.vocab_size > m.text_vocab_size:
@@ -341,7 +348,8 @@ def generate(run: Run, prompts: list[str], settings: decoding.Settings, num_samp
       prompts=[dict(index=i, prompt=p, prompt_id=ids[i], truncated=i in truncated)
                for i, p in enumerate(prompts)])
   if out is not None:
-    _write(epath.Path(out), report, images)
+    with buckets.reported(out):  # a bucket's errors as one line naming it
+      _write(epath.Path(out), report, images)
   report["images"] = [np.stack(x) for x in images]
   return report
 
@@ -364,6 +372,14 @@ def _write(out: epath.Path, report: dict, images) -> None:
 
 
 # ------------------------------------------------------------------------------- main
+
+
+def _check_out(out) -> None:
+  """A bucket for `--out` that is missing or unreachable is said before anything is loaded."""
+  try:
+    buckets.check_bucket(out)
+  except records.DataError as e:
+    raise SampleError(f"--out {e}") from None
 
 
 def main(argv=None):
@@ -399,10 +415,11 @@ def main(argv=None):
                else read_prompts(a.prompts, a.category, a.challenge))
     if not prompts:
       raise SampleError("every --prompt is empty")
+    _check_out(a.out)
     run = load_run(a.workdir, a.step, a.tokenizer, a.spm, a.tensor)
     report = generate(run, prompts, settings, a.num_samples, a.seed, a.batch_size, a.out,
                       log=log)
-  except SampleError as e:
+  except (SampleError, records.DataError) as e:
     sys.exit(f"error: {e}")
   t = report["timings"]
   print(f"wrote {len(prompts) * a.num_samples} images of {len(prompts)} prompts to {a.out} "

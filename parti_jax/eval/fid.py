@@ -5,11 +5,12 @@
 
 A and B are each a folder of images (.png, .jpg, .jpeg files of any size and mode, made RGB)
 or an image shard set directory (metadata.json inside, as `parti_jax.data.ingest` and
-`parti_jax.data.shapes` write). Every image is centre-cropped square and resized to
-`--resolution` (default 299) as the data pipeline does it (`images.square`); the network
-then resizes that bilinearly to 299x299, which does nothing at 299. To compare with numbers
-pytorch-fid gives on a folder of equal-size square images, pass their size, so that its
-bilinear resize is the only one. Images that cannot be decoded are skipped and counted.
+`parti_jax.data.shapes` write), local or in a bucket (gs://...). Every image is
+centre-cropped square and resized to `--resolution` (default 299) as the data pipeline does
+it (`images.square`); the network then resizes that bilinearly to 299x299, which does
+nothing at 299. To compare with numbers pytorch-fid gives on a folder of equal-size square
+images, pass their size, so that its bilinear resize is the only one. Images that cannot be
+decoded are skipped and counted.
 
 rFID (`--tokenizer vitvqgan:RUN_DIR`): every image of DATA is encoded to codes and decoded
 again by the ViT-VQGAN trained in RUN_DIR (its latest checkpoint), and the reconstructions,
@@ -30,7 +31,6 @@ The Inception weights are pytorch-fid's, converted by `python -m parti_jax.conve
 import argparse
 import collections
 import json
-import pathlib
 import sys
 import time
 import warnings
@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from parti_jax.data import buckets, records
 from parti_jax.data import images as image_lib
-from parti_jax.data import records
 from parti_jax.eval import inception
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -130,25 +131,25 @@ class ImageSet:
   """The images of a folder or of an image shard set, read by index (from several threads)."""
 
   def __init__(self, path):
-    self.path = pathlib.Path(path)
-    if not self.path.exists():
+    self.path = epath.Path(path)
+    if not buckets.exists(self.path):  # a missing or unreachable bucket: AccessError
       raise FidError(f"{self.path}: no such directory")
     if not self.path.is_dir():
       raise FidError(f"{self.path} is not a directory; give an image folder or an image "
                      "shard set")
-    if (self.path / records.METADATA).exists():
+    if records.exists(self.path / records.METADATA):
       shard_set = records.ShardSet.open(self.path)
       if shard_set.kind != "images":
         raise FidError(f"{self.path} is a shard set of {shard_set.kind}, not images")
       shard_set.verify_counts()
-      source = grain.sources.ArrayRecordDataSource([str(p) for p in shard_set.paths])
+      source = grain.sources.ArrayRecordDataSource(
+          [records.readable_path(p) for p in shard_set.paths])
       self._size = len(source)
       self._encoded = lambda i: records.unpack(source[i]).get("image")
     else:
-      files = sorted(p for p in self.path.iterdir()
-                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+      files = _image_files(self.path)
       self._size = len(files)
-      self._encoded = lambda i: files[i].read_bytes()
+      self._encoded = lambda i: buckets.read_bytes(files[i])
     if not self._size:
       raise FidError(f"{self.path}: no images (neither {'/'.join(IMAGE_SUFFIXES)} files nor "
                      f"an image shard set's {records.METADATA})")
@@ -163,6 +164,14 @@ class ImageSet:
     except records.BadRecord:
       return None
     return image_lib.square(img, resolution)
+
+
+def _image_files(directory: epath.Path) -> list[epath.Path]:
+  """The image files of a folder, by name; in a bucket, where a stat is a round trip per
+  image, the names alone decide."""
+  with buckets.reported(directory):
+    named = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+  return named if records.is_bucket(directory) else [p for p in named if p.is_file()]
 
 
 def _decoded_batches(image_set: ImageSet, count: int, resolution: int, batch_size: int,

@@ -15,24 +15,26 @@ binding, spatial relation), separately for seen and held-out compositions.
 
 Input: a sampler output directory (its `samples.json` lists each prompt with its PNGs), or
 `--shards` with an image shard set of the shapes dataset (ground truth: the detector's own
-check). Images are judged at their own resolution. With `--reconstruct vitvqgan:RUN_DIR` the
-renders are first encoded and decoded by that image tokenizer: the score of its
-reconstructions is roughly the most a Parti model that generates its codes can reach.
+check); either, and `--out`, may be in a bucket (gs://...). Images are judged at their own
+resolution. With `--reconstruct vitvqgan:RUN_DIR` the renders are first encoded and decoded
+by that image tokenizer: the score of its reconstructions is roughly the most a Parti model
+that generates its codes can reach.
 """
 
 import argparse
 import collections
+import concurrent.futures
 import functools
 import json
-import pathlib
 import sys
 
 import numpy as np
 import scipy.ndimage
 import tqdm
+from etils import epath
 
+from parti_jax.data import buckets, records
 from parti_jax.data import images as image_lib
-from parti_jax.data import records
 from parti_jax.data import shapes
 
 PALETTE = np.array([shapes.BACKGROUND, *shapes.COLORS.values()], np.float32)
@@ -41,6 +43,7 @@ COLOR_NAMES = ("background", *shapes.COLORS)
 # edges and generation noise do not form objects of a third color.
 MAX_COLOR_DISTANCE = 60.0
 MIN_AREA_FRACTION = 0.3  # of the smallest object's area at the image's resolution
+READ_THREADS = 16  # sample PNGs read at once (in a bucket, each is a round trip)
 
 
 def classify_pixels(image: np.ndarray) -> np.ndarray:
@@ -170,14 +173,19 @@ def evaluate(items, spec: shapes.Spec, progress: bool = True) -> dict:
 
 def samples_of(directory) -> tuple[list, shapes.Spec | None]:
   """(prompt, image) pairs of a sampler output directory (its samples.json)."""
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   index = directory / "samples.json"
-  if not index.exists():
-    raise FileNotFoundError(f"{index} not found: --images must be a sampler output directory")
-  meta = json.loads(index.read_text())
-  items = [(entry["prompt"], np.asarray(image_lib.rgb_array(
-      image_lib.open_image((directory / name).read_bytes()))))
-      for entry in meta["prompts"] for name in entry["files"]]
+  try:
+    meta = json.loads(buckets.read_text(index))
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{index} not found: --images must be a sampler output "
+                            "directory") from None
+  files = [(entry["prompt"], directory / name)
+           for entry in meta["prompts"] for name in entry["files"]]
+  with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+    pngs = list(pool.map(buckets.read_bytes, [path for _, path in files]))
+  items = [(prompt, np.asarray(image_lib.rgb_array(image_lib.open_image(png))))
+           for (prompt, _), png in zip(files, pngs)]
   return items, None
 
 
@@ -248,6 +256,8 @@ def main(argv=None):
   if a.reconstruct and not a.shards:
     p.error("--reconstruct needs --shards (renders to reconstruct)")
   try:
+    for path in filter(None, (a.shards, a.images, a.heldout_from, a.out)):
+      buckets.check_bucket(path)  # before reading or judging anything
     items, spec = shard_items(a.shards) if a.shards else samples_of(a.images)
     if a.reconstruct:
       items = reconstruct(items, a.reconstruct)
@@ -258,7 +268,10 @@ def main(argv=None):
   report = evaluate(items, spec or shapes.Spec())
   text = json.dumps({k: v for k, v in report.items() if k != "judged"})
   if a.out:
-    pathlib.Path(a.out).write_text(json.dumps(report, indent=1))
+    try:
+      buckets.write_bytes(a.out, json.dumps(report, indent=1).encode())
+    except records.DataError as e:  # a bucket's problem, named
+      sys.exit(f"error: {e}")
   print(text)
 
 
