@@ -109,8 +109,11 @@ stop() {
 }
 
 prepare() {
-  local pids
-  stop "$1" || say "killing a trainer that did not stop within ${1}s; its checkpoint may be lost"
+  local pids pid
+  if ! stop "$1"; then
+    say "killing a trainer that did not stop within ${1}s; its checkpoint may be lost"
+    pid="$(trainer_pid)" && kill -9 "$pid" && wait_gone "$pid" 30
+  fi
   # Whatever still holds the TPU (a trainer started by hand or by an older launcher, a
   # notebook) makes libtpu fail with "TPU already in use".
   # shellcheck disable=SC2086  # TPU_DEVICES is a list of globs

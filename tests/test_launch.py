@@ -2,7 +2,7 @@
 how they wait, retry, restart and stop; their --dry-run commands; the pinned versions; and
 shellcheck."""
 
-import json
+import pathlib
 import re
 import shlex
 import shutil
@@ -319,6 +319,25 @@ def test_tpu_pod_relaunch_stops_the_old_trainer_frees_the_tpu_and_appends_logs(c
   assert log.count("=== parti start") == 2 and log.count("=== parti exit 75") == 2
   copy = (cloud.dir / "bucket" / "run" / "logs" / "slice-0-worker-1.log").read_text()
   assert copy == log  # the bucket's copy is the whole log, both runs
+
+
+def test_tpu_pod_kills_a_trainer_that_does_not_stop_in_time(cloud):
+  cloud.write_scenario(trainer=dict(run_s=60, ignore_sigterm=True))
+  assert launch(cloud, "--no-follow").returncode == 0
+  stuck = [t["pid"] for t in cloud.trainers("start")]
+  done = launch(cloud, "--skip-create", "--no-follow", "--grace-period", "1")
+  assert done.returncode == 0
+  assert done.stdout.count("did not stop within 1s") == 2
+  assert all(gone(pid) for pid in stuck)
+  assert len(cloud.trainers("start")) == 4
+
+
+def gone(pid: int) -> bool:
+  """The process has exited (a zombie has let go of the TPU too)."""
+  try:
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+  except FileNotFoundError:
+    return True
 
 
 def test_tpu_pod_names_the_workers_that_did_not_start(cloud):
