@@ -21,6 +21,7 @@
 # server, so the launcher can tell which workers did not answer.
 set -euo pipefail
 
+SELF="$(readlink -f "$0")"  # main moves to $HOME
 RUN_DIR="$HOME/parti_run"  # pid files and the last exit status
 LOG="$HOME/parti_logs/train.log"  # appended by every start, never overwritten
 CHECKOUT="$HOME/parti_jax"
@@ -44,7 +45,7 @@ metadata() {  # the TPU VM's metadata attribute $1
 # WORKER_ID, HOSTS (comma-separated, in worker order), SLICE_ID, NUM_SLICES and TPU_ENV,
 # as the metadata server describes this worker (JAX reads the same attributes).
 identify() {
-  local endpoints entry hosts=()
+  local endpoints entry entries hosts=()
   WORKER_ID="$(metadata agent-worker-number)" || {
     echo "parti-worker: no TPU metadata (agent-worker-number): is this a TPU VM?" >&2
     return 1
@@ -98,7 +99,7 @@ stop() {
   pid="$(trainer_pid)" || { say not-running; return 0; }
   # The trainer finishes its step, saves a checkpoint and exits with 75; with several
   # processes JAX's preemption service passes the signal to the others too.
-  kill -TERM "$pid"
+  kill -TERM "$pid" 2>/dev/null || true  # it may have just exited
   if ! wait_gone "$pid" "$grace"; then
     say still-running "pid=$pid after ${grace}s"
     return 1
@@ -112,7 +113,7 @@ prepare() {
   local pids pid
   if ! stop "$1"; then
     say "killing a trainer that did not stop within ${1}s; its checkpoint may be lost"
-    pid="$(trainer_pid)" && kill -9 "$pid" && wait_gone "$pid" 30
+    pid="$(trainer_pid)" && kill -9 "$pid" && wait_gone "$pid" 30 || true
   fi
   # Whatever still holds the TPU (a trainer started by hand or by an older launcher, a
   # notebook) makes libtpu fail with "TPU already in use".
@@ -206,7 +207,7 @@ start() {
   echo "=== parti start $(date -u +%Y-%m-%dT%H:%M:%SZ) slice $SLICE_ID worker $WORKER_ID" \
     "(open files $(ulimit -Sn)) ===" >>"$LOG"
   # setsid: the trainer outlives this ssh session.
-  setsid nohup bash "$0" supervise "${workdir%/}/logs/slice-$SLICE_ID-worker-$WORKER_ID.log" \
+  setsid nohup bash "$SELF" supervise "${workdir%/}/logs/slice-$SLICE_ID-worker-$WORKER_ID.log" \
     "$command" >/dev/null 2>&1 </dev/null &
   echo "$!" >"$RUN_DIR/supervisor.pid"
   check_started
@@ -303,7 +304,7 @@ main() {
     start) identify; start "$@" ;;
     status) identify; status ;;
     logs) identify; logs "$@" ;;
-    *) sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,/^set -e/p' "$SELF" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 }
 

@@ -97,9 +97,8 @@ PROJECT_FLAG=() WHERE=()
 WHERE=("${PROJECT_FLAG[@]}")
 [[ -n "$ZONE" ]] && WHERE+=("--zone=$ZONE")
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-# The JobSet's pods; worker 0 is the first pod of the first slice's Job.
+# The JobSet's pods; worker W is pod W of the first slice's Job.
 PODS="jobset.sigs.k8s.io/jobset-name=$WORKLOAD"
-WORKER_0="$PODS,jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"
 POLL_S=30 READY_TIMEOUT=30m
 
 # Builds the image from the git HEAD (an archive of it: untracked files never reach the
@@ -131,31 +130,49 @@ kubectl_credentials() {  # kubectl needs the credentials of the (regional) clust
   run gcloud container clusters get-credentials "$CLUSTER" "${region[@]}" "${PROJECT_FLAG[@]}"
 }
 
-# Waits until the JobSet has all its pods (Kueue may hold the workload until capacity is
+# RESTARTS (the JobSet's restart count: its pods of now carry it as the label
+# jobset.sigs.k8s.io/restart-attempt) and STATE (Completed, Failed, or empty while it runs).
+jobset_status() {
+  local status
+  status="$(kubectl get jobset "$WORKLOAD" \
+    --output=jsonpath='{.status.restarts}/{.status.terminalState}')" || {
+    echo "$WORKLOAD: no such JobSet (deleted?)" >&2; return 1; }
+  RESTARTS="${status%%/*}" STATE="${status#*/}"
+  RESTARTS="${RESTARTS:-0}"
+}
+
+# The pods of the JobSet's current attempt (those of an earlier one may still be going).
+attempt_pods() {
+  echo "$PODS,jobset.sigs.k8s.io/restart-attempt=${RESTARTS:-0}"
+}
+
+# Waits until the attempt has all its pods (Kueue may hold the workload until capacity is
 # free; `kubectl wait` fails at once while no pod exists), then until they are Ready.
 wait_for_pods() {
-  local shape expected
-  shape="$(kubectl get jobset "$WORKLOAD" --output=jsonpath='{.spec.replicatedJobs[0].replicas} {.spec.replicatedJobs[0].template.spec.parallelism}')" \
-    || { echo "$WORKLOAD: no such JobSet" >&2; return 1; }
+  local shape expected selector
+  selector="$(attempt_pods)"
+  shape="$(kubectl get jobset "$WORKLOAD" --output=jsonpath='{.spec.replicatedJobs[0].replicas} {.spec.replicatedJobs[0].template.spec.parallelism}')"
   expected=$(( ${shape% *} * ${shape#* } ))
-  echo "# waiting for the $expected pods of $WORKLOAD"
-  until (($(count_pods) >= expected)); do sleep "$POLL_S"; done
-  if ! kubectl wait pod --for=condition=Ready --selector="$PODS" --timeout="$READY_TIMEOUT"; then
+  echo "# waiting for the $expected pods of $WORKLOAD (restart $RESTARTS)"
+  until (($(count_pods "$selector") >= expected)); do sleep "$POLL_S"; done
+  if ! kubectl wait pod --for=condition=Ready --selector="$selector" --timeout="$READY_TIMEOUT"; then
     echo "$WORKLOAD: pods not Ready after $READY_TIMEOUT (kubectl describe pod NAME says why):" >&2
-    kubectl get pods --selector="$PODS" >&2 || true
+    kubectl get pods --selector="$selector" >&2 || true
     return 1
   fi
 }
 
 count_pods() {
-  kubectl get pods --selector="$PODS" --output=name 2>/dev/null | grep -c . || true
+  kubectl get pods --selector="$1" --output=name 2>/dev/null | grep -c . || true
 }
 
-stream_logs() {
-  local selector="$WORKER_0" many=()
-  [[ "$LOG_WORKER" == all ]] && selector="$PODS" many=(--prefix --max-log-requests=1000)
-  [[ "$LOG_WORKER" =~ ^[0-9]+$ ]] && \
-    selector="$PODS,jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=$LOG_WORKER"
+stream_logs() {  # stream_logs SELECTOR: worker LOG_WORKER's log, or every pod's
+  local selector="$1" many=()
+  if [[ "$LOG_WORKER" == all ]]; then
+    many=(--prefix --max-log-requests=1000)
+  else
+    selector+=",jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=$LOG_WORKER"
+  fi
   # --tail=-1: with a selector kubectl shows only the last 10 lines otherwise.
   run kubectl logs --follow --tail=-1 --all-containers --selector="$selector" "${many[@]}"
 }
@@ -163,29 +180,37 @@ stream_logs() {
 # Streams the log until the workload ends: a pod that exits 75 (preempted, checkpoint saved)
 # makes xpk restart the workload, and the stream goes on with the new pods.
 follow_workload() {
-  local state restarts
+  local attempt polls
   if ((DRY_RUN)); then
-    show kubectl get pods --selector="$PODS" --output=name
-    show kubectl wait pod --for=condition=Ready --selector="$PODS" --timeout="$READY_TIMEOUT"
-    stream_logs
+    RESTARTS=0
+    show kubectl get pods --selector="$(attempt_pods)" --output=name
+    show kubectl wait pod --for=condition=Ready --selector="$(attempt_pods)" \
+      --timeout="$READY_TIMEOUT"
+    stream_logs "$(attempt_pods)"
     return 0
   fi
+  jobset_status || return 1
   while :; do
     wait_for_pods || return 1
-    stream_logs || true
-    state="$(kubectl get jobset "$WORKLOAD" --output=jsonpath='{.status.terminalState}')" || {
-      echo "# $WORKLOAD is gone (deleted?)"; return 1; }
-    restarts="$(kubectl get jobset "$WORKLOAD" --output=jsonpath='{.status.restarts}')"
-    case "$state" in
-      Completed) echo "# $WORKLOAD completed after ${restarts:-0} restart(s)"; return 0 ;;
+    stream_logs "$(attempt_pods)" || true
+    # The pods ended (or the stream broke): wait for the JobSet to finish or restart.
+    attempt="$RESTARTS" polls=0
+    while jobset_status && [[ -z "$STATE" && "$RESTARTS" == "$attempt" ]] && ((polls++ < 10)); do
+      sleep "$POLL_S"
+    done
+    case "$STATE" in
+      Completed) echo "# $WORKLOAD completed after $RESTARTS restart(s)"; return 0 ;;
       Failed)
-        echo "$WORKLOAD failed after ${restarts:-0} restart(s): a pod exited with a code xpk" \
-          "does not restart on, or --max-restarts ($MAX_RESTARTS) was used up" >&2
+        echo "$WORKLOAD failed after $RESTARTS restart(s): a pod exited with a code xpk does" \
+          "not restart on, or --max-restarts ($MAX_RESTARTS) was used up" >&2
         return 1 ;;
     esac
-    echo "# $WORKLOAD is restarting (restart ${restarts:-?} of $MAX_RESTARTS); the trainer" \
-      "resumes from its last checkpoint"
-    sleep "$POLL_S"
+    if [[ "$RESTARTS" == "$attempt" ]]; then
+      echo "# the log stream ended while $WORKLOAD runs: following it again"
+    else
+      echo "# $WORKLOAD is restarting (restart $RESTARTS of $MAX_RESTARTS); the trainer" \
+        "resumes from its last checkpoint"
+    fi
   done
 }
 
@@ -195,7 +220,12 @@ case "$ACTION" in
     run xpk workload delete --cluster="$CLUSTER" --workload="$WORKLOAD" "${WHERE[@]}"
     run xpk cluster delete --cluster="$CLUSTER" "${WHERE[@]}"
     exit 0 ;;
-  logs) kubectl_credentials; stream_logs; exit ;;
+  logs)
+    kubectl_credentials
+    RESTARTS=0
+    ((DRY_RUN)) || jobset_status
+    stream_logs "$(attempt_pods)"
+    exit ;;
 esac
 
 add_slices_override "$NUM_SLICES"

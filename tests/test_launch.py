@@ -421,8 +421,12 @@ def test_xpk_restarts_a_preempted_workload_and_streams_every_attempt(cloud):
   # goes on with the new ones.
   attempt = ["kubectl get jobset", "kubectl get pods", "sleep", "kubectl get pods", "sleep",
              "kubectl get pods", "kubectl wait pod", "kubectl logs --follow",
-             "kubectl get jobset", "kubectl get jobset"]
-  assert kinds == attempt + ["sleep"] + attempt
+             "kubectl get jobset"]
+  assert kinds == ["kubectl get jobset"] + attempt + attempt
+  # Each attempt's own pods: those of the one before may still be terminating.
+  waits = [c for c in calls if c[:2] == ["kubectl", "wait"]]
+  assert [flag(c, "selector").rsplit(",", 1)[1] for c in waits] == [
+      "jobset.sigs.k8s.io/restart-attempt=0", "jobset.sigs.k8s.io/restart-attempt=1"]
   for pod in (f"{NAME}-slice-job-0-0-a0", f"{NAME}-slice-job-0-0-a1"):
     assert f"{pod}: step 0\n" in done.stdout  # the whole log, not its last lines
   assert f"{NAME}-slice-job-0-0-a0: exit 75" in done.stdout

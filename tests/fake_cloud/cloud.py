@@ -239,7 +239,8 @@ def pods(js: dict, selector: str) -> list[str]:
   for s in range(js["slices"]):
     for h in range(js["hosts"]):
       have = {"jobset.sigs.k8s.io/job-index": str(s),
-              "batch.kubernetes.io/job-completion-index": str(h)}
+              "batch.kubernetes.io/job-completion-index": str(h),
+              "jobset.sigs.k8s.io/restart-attempt": str(js["restarts"])}
       if all(have.get(k) == v for k, v in labels.items()):
         found.append(f"{js['name']}-slice-job-{s}-{h}-a{js['attempt']}")
   return found
@@ -252,12 +253,14 @@ def kubectl(argv: list[str]) -> int:
   if argv[:2] == ["get", "jobset"]:
     if js is None or argv[2] != js["name"]:
       return fail(f'Error from server (NotFound): jobsets.jobset.x-k8s.io "{argv[2]}" not found')
-    if "terminalState" in output:
-      print(js["terminal"], end="")
-    elif "replicas" in output:
+    if output == "jsonpath={.status.restarts}/{.status.terminalState}":
+      # status.restarts is left out while it is 0
+      print(f"{js['restarts'] or ''}/{js['terminal']}", end="")
+    elif output == ("jsonpath={.spec.replicatedJobs[0].replicas} "
+                    "{.spec.replicatedJobs[0].template.spec.parallelism}"):
       print(f"{js['slices']} {js['hosts']}", end="")
-    elif "restarts" in output:
-      print(js["restarts"], end="")
+    else:
+      return fail(f"fake kubectl: unsupported output {output}", 2)
     return 0
   if js is None:
     return fail("No resources found in default namespace.", 0)
