@@ -73,6 +73,10 @@ def check_config(workdir, config: ml_collections.ConfigDict) -> None:
     path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
+# How a process read a checkpoint, worst last (the processes act on the worst of theirs).
+EXACT, FROM_POSITION, UNREADABLE = 0, 1, 2
+
+
 class CheckpointError(RuntimeError):
   """The checkpoints cannot be used or moved; the message names the path."""
 
@@ -127,10 +131,11 @@ class Checkpoints:
     agrees it cannot be read after `train.restore_attempts` tries; the one before is used.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
-      state, error = None, None
+      state, status, error = None, UNREADABLE, None
       for attempt in range(self._restore_attempts):
         try:
-          state = self._restore(step, abstract_state, loader, log)
+          state, exact_data = self._restore(step, abstract_state, loader)
+          status = EXACT if exact_data else FROM_POSITION
           break
         except (AttributeError, NameError, ImportError):
           raise  # a defect of the program, not of the checkpoint: never set it aside
@@ -140,7 +145,15 @@ class Checkpoints:
               f"of {self._restore_attempts}): {_summary(e)}")
           if attempt + 1 < self._restore_attempts:
             time.sleep(2 ** attempt)
-      if not _any_process(state is None):
+      # One exchange decides for all: every process reaches it, whatever it read.
+      status = _max_over_processes(status)
+      if status == FROM_POSITION:
+        saved = self._data_position(step)
+        log(f"checkpoint {step} was saved by {saved['process_count']} process(es) reading "
+            f"batches of {saved['global_batch']}; this run reads from global position "
+            f"{saved['position']} on with its own layout")
+        loader.start_at(saved["position"])
+      if status != UNREADABLE:
         return state, step
       reason = _summary(error) if error else "unreadable on another process"
       log(f"checkpoint {self.directory / str(step)} cannot be restored ({reason}); moving it "
@@ -148,35 +161,34 @@ class Checkpoints:
       self._set_aside(step)
     return None, 0
 
-  def _restore(self, step: int, abstract_state, loader, log):
+  def _restore(self, step: int, abstract_state, loader) -> tuple:
+    """(state, whether the loader got this process's exact iterator state).
+
+    Each item is read by its own handler, not through the manager: the manager's restore
+    ends in a barrier of all processes, which a process whose read failed never reaches,
+    so the others would wait there instead of agreeing on the failure.
+    """
+    directory = self.directory / str(step)
     saved = self._data_position(step)
-    same_layout = saved is None or all(saved.get(k) == v for k, v in loader.layout.items())
-    args = dict(state=ocp.args.StandardRestore(abstract_state))
-    if same_layout:  # exact: every process's own iterator state, tallies included
-      args["data"] = grain.checkpoint.CheckpointRestore(loader.iterator)
+    state = ocp.StandardCheckpointHandler().restore(
+        directory / "state", args=ocp.args.StandardRestore(abstract_state))
+    if saved is not None and any(saved.get(k) != v for k, v in loader.layout.items()):
+      return state, False  # another layout: the global position serves all of them
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      grain.checkpoint.CheckpointHandler().restore(
+          directory / "data", args=grain.checkpoint.CheckpointRestore(loader.iterator))
     except Exception:  # noqa: BLE001
-      if saved is None or "data" not in args:
+      if saved is None:
         raise
-      # A data iterator state this grain cannot read does not make the model unreadable:
-      # go on from the global position instead.
-      del args["data"]
-      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-      same_layout = False
-    if not same_layout:
-      log(f"checkpoint {step} was saved by {saved['process_count']} process(es) reading "
-          f"batches of {saved['global_batch']}; this run reads from global position "
-          f"{saved['position']} on with its own layout")
-      loader.start_at(saved["position"])
-    return restored.state
+      return state, False  # an iterator state this grain cannot read: the model is fine
+    return state, True
 
   def _data_position(self, step: int) -> dict | None:
     """The saved global data position and layout (None for checkpoints made before it)."""
-    if not (self.directory / str(step) / "data_position").exists():
+    directory = self.directory / str(step) / "data_position"
+    if not directory.exists():
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(
-        data_position=ocp.args.JsonRestore())).data_position
+    return ocp.JsonCheckpointHandler().restore(directory, args=ocp.args.JsonRestore())
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable step out of orbax's sight; every process learns the outcome.
@@ -287,14 +299,6 @@ def _max_over_processes(value: int) -> int:
     return int(value)
   from jax.experimental import multihost_utils
   return int(multihost_utils.process_allgather(np.int64(value)).max())
-
-
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` holds on any process (every process gets the same answer)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 def _from_process_0(text: str, size: int = 2048) -> str:

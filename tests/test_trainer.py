@@ -2,6 +2,7 @@
 config changes, init_from, metrics, and two processes training like one."""
 
 import json
+import os
 import pathlib
 import random
 import signal
@@ -247,12 +248,22 @@ def test_two_processes_train_like_one_and_resume(data, uninterrupted, tmp_path):
   assert sorted(two) == sorted(reference)
   for step in reference:  # row order differs (each process's rows), so sums may round apart
     assert two[step] == pytest.approx(reference[step], rel=1e-5), step
-  # The two-process run resumes from its own checkpoint and goes on.
+  # Step 12 becomes unreadable for process 1 alone (the data it wrote): both processes
+  # agree to set it aside, resume from step 8 (exactly) and go on.
+  written_by_1 = [p for p in (tmp_path / "checkpoints" / "12" / "state").rglob("*")
+                  if p.is_file() and "ocdbt.process_1" in str(p)]
+  victim = max(written_by_1, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
   more = run_cli(tmp_path, data, "--config.num_train_steps=14", "--config.train.log_every=2",
                  "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
-                 processes=2)
+                 "--config.train.restore_attempts=1", processes=2)
   assert more.returncode == 0, more.stdout[-3000:]
-  assert "resumed from" in more.stdout and 14 in logged(tmp_path)
+  # Process 0 read its part; it learns of process 1's failure from the exchange.
+  assert "checkpoints/12 cannot be restored (unreadable on another process)" in more.stdout
+  assert f"resumed from {tmp_path / 'checkpoints' / '8'}" in more.stdout
+  assert (tmp_path / "checkpoints_unreadable" / "12").is_dir()
+  again = logged(tmp_path)
+  assert again[10] == two[10] and again[12] == two[12] and 14 in again
 
 
 def test_skipped_records_reach_the_metrics(data, tmp_path):
@@ -270,8 +281,9 @@ def test_skipped_records_reach_the_metrics(data, tmp_path):
 
 
 def test_model_axes_across_processes_and_resuming_on_other_process_counts(data, tmp_path):
-  """A tensor axis across 4 processes (x 2 devices) trains like 1 process x 8 devices; its
-  checkpoints resume on 2 processes and then on 1, at the same step and data position."""
+  """Saved by 2 processes (x 4 devices), resumed by 4 (x 2: the tensor axis spans
+  processes), then by 1 (x 8): each at the same step and data position, with the losses
+  of 1 process x 8 devices throughout."""
   mesh = ["--config.mesh.fsdp=2", "--config.mesh.tensor=4"]
   cadence = ["--config.train.log_every=2", "--config.train.checkpoint_every=4",
              "--config.train.eval_every=6"]
@@ -280,7 +292,7 @@ def test_model_axes_across_processes_and_resuming_on_other_process_counts(data, 
   trainer.train(reference, tmp_path / "reference")
   expected = logged(tmp_path / "reference")
   workdir = tmp_path / "run"
-  for processes, steps in ((4, 4), (2, 8), (1, 12)):
+  for processes, steps in ((2, 4), (4, 8), (1, 12)):
     run = run_cli(workdir, data, f"--config.num_train_steps={steps}", *mesh, *cadence,
                   processes=processes)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
@@ -316,3 +328,20 @@ def test_sigterm_to_one_of_several_processes_saves_the_same_step_on_all(data, tm
   assert launcher.returncode == trainer.PREEMPTED_EXIT_CODE, out[-3000:]
   (step,) = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
   assert f"stopped at step {step}" in out and step >= 3
+
+
+def test_the_compilation_cache_lives_in_the_work_directory(tmp_path):
+  """Without JAX_COMPILATION_CACHE_DIR, a restart finds the compiled step in WORKDIR."""
+  code = ("import sys, jax, jax.numpy as jnp\n"
+          "from parti_jax import train\n"
+          "train.use_compilation_cache(sys.argv[2], sys.argv[1])\n"
+          "print(jax.config.jax_compilation_cache_dir)\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  def cache_dir(setting):
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path), setting], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+  assert cache_dir("") == str(tmp_path / "compilation_cache")
+  assert cache_dir("/elsewhere") == "/elsewhere"
+  assert cache_dir("off") == "None"
