@@ -8,27 +8,19 @@ import subprocess
 import sys
 import time
 
+import data_helpers
 import pytest
-
 from conftest import ROOT, load_config
 from gcs import gcs_emulator, gs_dir, listing, new_dir  # noqa: F401  (fixtures)
+
 from parti_jax import metrics
 from parti_jax import train as trainer
-from parti_jax.data import encode, shapes, spm
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  """Shapes at 32 px -> SentencePiece -> colour-code token shards, as test_trainer.py's."""
-  root = tmp_path_factory.mktemp("bucket_data")
-  shapes.write(root / "shapes", shapes.Spec(), num=256, num_validation=16, num_heldout=0,
-               progress=False)
-  spm.train(spm.captions_of([root / "shapes" / "train"]), root / "spm", vocab_size=128)
-  tokenizer = spm.Tokenizer(root / "spm.model", 16)
-  for split in ("train", "validation"):
-    encode.encode(root / "shapes" / split, root / "tokens" / split,
-                  encode.color_tokenizer(32), tokenizer, batch_size=64)
-  return root
+  """Shapes at 32 px -> SentencePiece -> colour-code token shards (4x4, codebook 64)."""
+  return data_helpers.token_data(tmp_path_factory.mktemp("bucket_data"), num_validation=16)
 
 
 def tiny(data, steps=12, **train_fields):

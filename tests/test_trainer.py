@@ -11,31 +11,24 @@ import subprocess
 import sys
 import time
 
+import data_helpers
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, load_config
 from orbax import checkpoint as ocp
 
-from conftest import ROOT, load_config
 from parti_jax import checkpoints, sharding
 from parti_jax import config as common
 from parti_jax import train as trainer
 from parti_jax import train_step as ts
-from parti_jax.data import encode, shapes, spm
+from parti_jax.data import encode
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   """Shapes at 32 px -> SentencePiece -> colour-code token shards (4x4, codebook 64)."""
-  root = tmp_path_factory.mktemp("trainer_data")
-  shapes.write(root / "shapes", shapes.Spec(), num=256, num_validation=40, num_heldout=0,
-               progress=False)
-  spm.train(spm.captions_of([root / "shapes" / "train"]), root / "spm", vocab_size=128)
-  tokenizer = spm.Tokenizer(root / "spm.model", 16)
-  for split in ("train", "validation"):
-    encode.encode(root / "shapes" / split, root / "tokens" / split,
-                  encode.color_tokenizer(32), tokenizer, batch_size=64)
-  return root
+  return data_helpers.token_data(tmp_path_factory.mktemp("trainer_data"), num_validation=40)
 
 
 def tiny(data, **train_fields):

@@ -60,7 +60,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from parti_jax.data import images, records, spm, tfds_source
+from parti_jax.data import buckets, images, records, spm, tfds_source
 from parti_jax.data.records import BadRecord, DataError
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -100,19 +100,6 @@ def default_num_shards(num_items: int) -> int:
 
 
 @contextlib.contextmanager
-def _reaching(path):
-  """Turns a bucket's own errors (gcsfs, google-auth) into one line naming `path`."""
-  try:
-    yield
-  except DataError:
-    raise
-  except Exception as e:  # noqa: BLE001  the libraries raise their own types
-    if not records.is_bucket(path):
-      raise
-    raise records.access_error(path, e) from e
-
-
-@contextlib.contextmanager
 def _reading(path):
   """Reading one input: "not found" stays the input's own problem, reported or counted as
   on local disk; in a bucket the rest (permission, credentials) stops the ingest."""
@@ -143,7 +130,7 @@ def _absolute(path, resolve: bool = False) -> str:
 def _names_in(directory: epath.Path) -> set[str]:
   """The names in a directory, listed afresh: gcsfs answers iterdir from a listing cached
   earlier (without what other processes wrote since); glob lists the bucket again."""
-  with _reaching(directory):
+  with buckets.reported(directory):
     if records.is_bucket(directory):
       return {p.name for p in directory.glob("*")}
     return set(os.listdir(directory))
@@ -205,7 +192,7 @@ class FolderItem:
 def folder_items(images_dir, captions_file=None) -> list[FolderItem]:
   """Every candidate record of a folder, sorted by id (the image's relative path)."""
   root = epath.Path(images_dir)
-  with _reaching(root):
+  with buckets.reported(root):
     is_dir = root.is_dir()
   if not is_dir:
     raise _not_found(root, f"--images {root}: not a directory")
@@ -260,7 +247,7 @@ def _bucket_files(root: epath.Path) -> list[str]:
   """
   prefix, names = str(root) + "/", set()
   for depth in range(1, MAX_FOLDER_DEPTH + 2):
-    with _reaching(root):
+    with buckets.reported(root):
       level = {str(p).removeprefix(prefix) for p in root.glob("/".join(["*"] * depth))}
     if not level:
       break
@@ -286,7 +273,7 @@ def _sidecar_items(root: epath.Path, image_ids: list[str], texts: set) -> list[F
 
 def _read_caption_file(path: epath.Path, root: epath.Path):
   """{file key: [raw captions]} and FolderItems for lines that could not be read."""
-  with _reaching(path):
+  with buckets.reported(path):
     is_file = path.is_file()
   if not is_file:
     raise _not_found(path, f"--captions {path}: no such file")
@@ -298,7 +285,7 @@ def _read_caption_file(path: epath.Path, root: epath.Path):
   else:
     raise DataError(f"--captions {path}: expected a .jsonl or .tsv file")
   entries, problems = collections.defaultdict(list), []
-  with _reaching(path):  # the file is streamed: a bucket's errors may come at any line
+  with buckets.reported(path):  # the file is streamed: a bucket's errors may come at any line
     for line_number, key, captions, problem in rows:
       if problem:
         problems.append(FolderItem(f"{path.name}:{line_number:09d}", None, problem=(
@@ -445,12 +432,12 @@ def _glob_files(pattern: str) -> list[str]:
     raise DataError(f"--tars {pattern}: in a bucket, patterns may not name the bucket or "
                     "use '**' (one listing per level: write '*/*')")
   base = epath.Path("/".join(parts[:first]))
-  with _reaching(base):
+  with buckets.reported(base):
     return sorted(str(p) for p in base.glob("/".join(parts[first:])))
 
 
 def _is_file(path: str) -> bool:
-  with _reaching(path):
+  with buckets.reported(path):
     return epath.Path(path).is_file()
 
 
@@ -719,7 +706,7 @@ def _write_one(plan: Plan, out: epath.Path, staging: pathlib.Path | None, name: 
     stats = {"shard": shard, "num_shards": k, "fingerprint": fingerprint,
              "tally": tally.as_dict(), "examples": dict(examples), "errors": errors}
     stats_path = _stats_path(out, name, shard, k)
-    with _reaching(stats_path):  # the first write to OUT: no permission to write shows here
+    with buckets.reported(stats_path):  # the first write to OUT: no permission to write shows here
       records.atomic_write_text(stats_path, json.dumps(stats, indent=1))
 
   records.write_shard(_shard_path(out, name, shard, k), checked(), staging)
