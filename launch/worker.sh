@@ -36,6 +36,8 @@ UPLOAD_EVERY_S="${PARTI_LOG_UPLOAD_S:-300}"  # the log's copy in the bucket lags
 # The input pipeline keeps one reader per shard file open; with tens of thousands of shards
 # the usual soft limit of 1024 is far too low.
 OPEN_FILES=1048576
+# Data buckets are mounted here (BUCKETS/NAME), read-only, with Cloud Storage FUSE.
+BUCKETS="$HOME/parti_buckets"
 
 metadata() {  # the TPU VM's metadata attribute $1
   curl -sf -H Metadata-Flavor:Google \
@@ -184,6 +186,41 @@ export_pod_environment() {
   fi
 }
 
+data_buckets() {  # the buckets of COMMAND's data paths: --config.data.train/eval=gs://B/...
+  { grep -oE -- "--config\.data\.(train|eval)=gs://[^/ '\"]+" <<<"$1" || true; } |
+    sed 's|.*gs://||' | sort -u
+}
+
+install_gcsfuse() {  # from Google's apt repository, as its documentation says
+  local repo
+  repo="gcsfuse-$(lsb_release -c -s)"
+  echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt $repo main" |
+    sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg |
+    sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
+  sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
+}
+
+# ArrayRecord reads shards through a file system: each data bucket is mounted (shards never
+# change once written, so metadata is cached for good) and PARTI_GCS_MOUNT tells the
+# trainer where (parti_jax.data.records.readable_path).
+mount_data_buckets() {
+  local buckets bucket
+  buckets="$(data_buckets "$1")"
+  [[ -n "$buckets" ]] || return 0
+  if ! command -v gcsfuse >/dev/null; then
+    install_gcsfuse >/dev/null 2>&1 || { say refused "gcsfuse could not be installed"; return 1; }
+  fi
+  for bucket in $buckets; do
+    mkdir -p "$BUCKETS/$bucket"
+    if ! mountpoint -q "$BUCKETS/$bucket"; then
+      gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1 "$bucket" "$BUCKETS/$bucket" \
+        >/dev/null 2>&1 || { say refused "gcsfuse could not mount gs://$bucket"; return 1; }
+    fi
+  done
+  export PARTI_GCS_MOUNT="$BUCKETS"
+}
+
 start() {
   local slices="$1" workdir="$2" command="$3" pid
   if pid="$(trainer_pid)"; then
@@ -202,6 +239,7 @@ start() {
   fi
   raise_open_files
   export_pod_environment "$slices"
+  mount_data_buckets "$command" || return 1
   mkdir -p "$RUN_DIR" "$(dirname "$LOG")"
   rm -f "$RUN_DIR/exit_code" "$RUN_DIR/trainer.pid"
   echo "=== parti start $(date -u +%Y-%m-%dT%H:%M:%SZ) slice $SLICE_ID worker $WORKER_ID" \

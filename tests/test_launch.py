@@ -236,6 +236,12 @@ def test_tpu_pod_waits_for_the_slice_installs_pinned_and_starts_every_worker(clo
     assert t["env"]["TPU_WORKER_ID"] == t["worker"][-1]
     assert t["env"]["TPU_WORKER_HOSTNAMES"] == "10.1.0.2,10.1.0.3"
     assert "MEGASCALE_NUM_SLICES" not in t["env"]
+    # The data's bucket is mounted read-only before the start, and the trainer told where.
+    assert t["env"]["PARTI_GCS_MOUNT"].endswith("/parti_buckets")
+    [mount] = [line.split(" ", 2)[2] for line in cloud.worker_calls()
+               if f" {t['worker']} gcsfuse " in line]
+    assert mount == (f"gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1 my-bucket "
+                     f"{t['env']['PARTI_GCS_MOUNT']}/my-bucket")
     soft, hard = t["open_files"]
     assert soft == hard  # raised for the input pipeline's readers
     assert t["cwd"].endswith("parti_jax")

@@ -27,7 +27,7 @@ def record(**fields) -> None:
 def main() -> int:
   scenario = json.loads((ROOT / "scenario.json").read_text()).get("trainer", {})
   env = {k: v for k, v in os.environ.items()
-         if k.startswith(("TPU_WORKER", "MEGASCALE_"))}
+         if k.startswith(("TPU_WORKER", "MEGASCALE_", "PARTI_GCS_MOUNT"))}
   record(event="start", argv=sys.argv[1:], env=env, cwd=os.getcwd(),
          open_files=resource.getrlimit(resource.RLIMIT_NOFILE))
   if WORKER in scenario.get("fail_on", []):
