@@ -170,13 +170,13 @@ class Checkpoints:
     """
     directory = self.directory / str(step)
     saved = self._data_position(step)
-    state = ocp.StandardCheckpointHandler().restore(
-        directory / "state", args=ocp.args.StandardRestore(abstract_state))
+    state = _read(ocp.StandardCheckpointHandler(), directory / "state",
+                  ocp.args.StandardRestore(abstract_state))
     if saved is not None and any(saved.get(k) != v for k, v in loader.layout.items()):
       return state, False  # another layout: the global position serves all of them
     try:
-      grain.checkpoint.CheckpointHandler().restore(
-          directory / "data", args=grain.checkpoint.CheckpointRestore(loader.iterator))
+      _read(grain.checkpoint.CheckpointHandler(), directory / "data",
+            grain.checkpoint.CheckpointRestore(loader.iterator))
     except Exception:  # noqa: BLE001
       if saved is None:
         raise
@@ -188,7 +188,7 @@ class Checkpoints:
     directory = self.directory / str(step) / "data_position"
     if not directory.exists():
       return None
-    return ocp.JsonCheckpointHandler().restore(directory, args=ocp.args.JsonRestore())
+    return _read(ocp.JsonCheckpointHandler(), directory, ocp.args.JsonRestore())
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable step out of orbax's sight; every process learns the outcome.
@@ -218,6 +218,14 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _read(handler, directory: epath.Path, args):
+  """One checkpoint item through its orbax handler, which is closed after."""
+  try:
+    return handler.restore(directory, args=args)
+  finally:
+    handler.close()
 
 
 def move_tree(source: epath.Path, target: epath.Path) -> None:
