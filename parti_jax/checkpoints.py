@@ -23,8 +23,8 @@ import time
 import grain
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 
 from parti_jax.config import ConfigError
