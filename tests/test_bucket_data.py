@@ -2,7 +2,6 @@
 its bucket mounted through FUSE as the pod launchers mount it with gcsfuse)."""
 
 import numpy as np
-import pytest
 
 import data_helpers as h
 from gcs import gcs_emulator, gcs_mount, gs_dir, listing  # noqa: F401  (fixtures)

@@ -84,7 +84,7 @@ def gcloud(argv: list[str]) -> int:
 
 
 def qr_create(argv, rest):
-  name, sc, state = rest[0], scenario(), load_state()
+  name, state = rest[0], load_state()
   if name in state["qr"]:
     return fail(f"ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: {name}")
   assert flag(argv, "--node-id") or flag(argv, "--node-prefix"), argv
@@ -150,7 +150,7 @@ def worker_home(name: str, s: int, w: int) -> pathlib.Path:
     (meta / "worker-network-endpoints").write_text(",".join(endpoints))
     tpu_env = [f"ACCELERATOR_TYPE: '{sc.get('accelerator', 'v5p-256')}'", "ZONE: 'us-east5-a'"]
     if slices > 1:  # what the TPU runtime writes for a multislice queued resource
-      tpu_env += [f"MEGASCALE_COORDINATOR_ADDRESS: '10.1.0.2:8080'",
+      tpu_env += ["MEGASCALE_COORDINATOR_ADDRESS: '10.1.0.2:8080'",
                   f"MEGASCALE_NUM_SLICES: '{slices}'", f"MEGASCALE_SLICE_ID: '{s}'",
                   "MEGASCALE_PORT: '8080'"]
     (meta / "tpu-env").write_text("\n".join(tpu_env) + "\n")
