@@ -159,8 +159,11 @@ install() {
     --constraint launch/constraints.txt --editable ".[tpu]")
   # gcsfs is how the trainer reads and writes a gs:// work directory.
   "$VENV/bin/python" -c "import gcsfs" || { say refused "gcsfs does not import"; return 1; }
-  say installed "$("$VENV/bin/python" "$CHECKOUT/launch/pins.py" \
-    "$CHECKOUT/launch/constraints.txt" jax jaxlib libtpu gcsfs)"
+  local pins
+  pins="$("$VENV/bin/python" "$CHECKOUT/launch/pins.py" \
+    "$CHECKOUT/launch/constraints.txt" jax jaxlib libtpu gcsfs)" ||
+    { say refused "installed versions differ from launch/constraints.txt: ${pins:-see pins.py}"; return 1; }
+  say installed "$pins"
 }
 
 raise_open_files() {
@@ -213,10 +216,11 @@ mount_data_buckets() {
   fi
   for bucket in $buckets; do
     mkdir -p "$BUCKETS/$bucket"
-    if ! mountpoint -q "$BUCKETS/$bucket"; then
-      gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1 "$bucket" "$BUCKETS/$bucket" \
-        >/dev/null 2>&1 || { say refused "gcsfuse could not mount gs://$bucket"; return 1; }
-    fi
+    # Mounted afresh at every start: the cached metadata of an earlier mount would hide
+    # shards rewritten since (a rerun of encode or ingest into the same path).
+    if mountpoint -q "$BUCKETS/$bucket"; then fusermount -u "$BUCKETS/$bucket" || true; fi
+    gcsfuse --implicit-dirs -o ro --metadata-cache-ttl-secs=-1 "$bucket" "$BUCKETS/$bucket" \
+      >/dev/null 2>&1 || { say refused "gcsfuse could not mount gs://$bucket"; return 1; }
   done
   export PARTI_GCS_MOUNT="$BUCKETS"
 }
@@ -287,6 +291,10 @@ supervise() {
 }
 
 upload_log() {  # the whole log to $1 (a bucket cannot append), through the venv's fsspec
+  # One copy at a time: the final one must not be overwritten by a periodic one still
+  # running when the trainer exits.
+  exec 9>"$RUN_DIR/upload.lock"
+  flock 9
   "$VENV/bin/python" - "$LOG" "$1" <<'PY' || echo "parti-worker: could not copy the log to $1" >>"$LOG"
 import sys
 import fsspec
@@ -296,6 +304,7 @@ if "file" in fs.protocol:
 with open(sys.argv[1], "rb") as f:
   fs.pipe_file(path, f.read())
 PY
+  exec 9>&-
 }
 
 status() {

@@ -8,10 +8,10 @@ Layout of a work directory (local or a bucket path; orbax and etils.epath read b
   WORKDIR/checkpoints/STEP/data_position  the global data position and reading layout
 
 orbax marks a checkpoint finished last (a rename locally, a marker object on a bucket),
-so a save cut short is never listed. A listed checkpoint that no process can read after
-`train.restore_attempts` tries (a truncated file, a lost shard) is reported, moved to
+so a save cut short is never listed. A listed checkpoint that some process cannot read
+after `train.restore_attempts` tries (a truncated file, a lost shard) is reported, moved to
 WORKDIR/checkpoints_unreadable/ and the one before it used; all processes agree on that
-before anything moves. Restoring builds each array with the sharding of the current mesh,
+before anything moves, and at most one is set aside per start. Restoring builds each array with the sharding of the current mesh,
 and the data continues from the saved global position when the processes or the batch
 size differ, so a run saved on one slice resumes on another.
 """
@@ -74,7 +74,8 @@ def check_config(workdir, config: ml_collections.ConfigDict) -> None:
 
 
 # How a process read a checkpoint, worst last (the processes act on the worst of theirs).
-EXACT, FROM_POSITION, UNREADABLE = 0, 1, 2
+# DEFECT: a program error while reading (re-raised on every process, never set aside).
+EXACT, FROM_POSITION, UNREADABLE, DEFECT = 0, 1, 2, 3
 
 
 class CheckpointError(RuntimeError):
@@ -117,7 +118,8 @@ class Checkpoints:
     return self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(loader.iterator),
-        data_position=ocp.args.JsonSave(dict(position=position, **loader.layout))))
+        data_position=ocp.args.JsonSave(dict(position=position, start=loader.start,
+                                             **loader.layout))))
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the step JAX's preemption service agreed on."""
@@ -127,18 +129,23 @@ class Checkpoints:
     """(state, step) of the newest readable checkpoint, or (None, 0) when there is none.
 
     `abstract_state` carries the target shardings; the loader is set to go on where the
-    checkpoint's run stopped reading. A checkpoint is set aside only when every process
-    agrees it cannot be read after `train.restore_attempts` tries; the one before is used.
+    checkpoint's run stopped reading. A checkpoint that a process cannot read after
+    `train.restore_attempts` tries is set aside, once all processes have heard of it, and
+    the one before is used. Only one is set aside per start: when the one before fails as
+    well, the cause is rarely two damaged checkpoints (more often memory, the config or the
+    storage), so the run stops with an error instead of setting its history aside.
     """
+    set_aside = None
     for step in sorted(self._manager.all_steps(), reverse=True):
-      state, status, error = None, UNREADABLE, None
+      state, status, error, saved = None, UNREADABLE, None, None
       for attempt in range(self._restore_attempts):
         try:
-          state, exact_data = self._restore(step, abstract_state, loader)
+          state, exact_data, saved = self._restore(step, abstract_state, loader)
           status = EXACT if exact_data else FROM_POSITION
           break
-        except (AttributeError, NameError, ImportError):
-          raise  # a defect of the program, not of the checkpoint: never set it aside
+        except (AttributeError, NameError, ImportError) as e:
+          status, error = DEFECT, e  # of the program, not of the checkpoint: raised below
+          break
         except Exception as e:  # noqa: BLE001  orbax and tensorstore raise many types
           error = e
           log(f"checkpoint {self.directory / str(step)}: read failed (attempt {attempt + 1} "
@@ -146,23 +153,35 @@ class Checkpoints:
           if attempt + 1 < self._restore_attempts:
             time.sleep(2 ** attempt)
       # One exchange decides for all: every process reaches it, whatever it read.
-      status = _max_over_processes(status)
-      if status == FROM_POSITION:
-        saved = self._data_position(step)
+      worst = _max_over_processes(status)
+      if worst == DEFECT:
+        if status == DEFECT:
+          raise error
+        raise CheckpointError(f"reading {self.directory / str(step)} failed on another "
+                              "process with a program error (see its log)")
+      if worst == FROM_POSITION:
         log(f"checkpoint {step} was saved by {saved['process_count']} process(es) reading "
             f"batches of {saved['global_batch']}; this run reads from global position "
             f"{saved['position']} on with its own layout")
         loader.start_at(saved["position"])
-      if status != UNREADABLE:
+      if worst != UNREADABLE:
         return state, step
       reason = _summary(error) if error else "unreadable on another process"
+      if set_aside is not None:
+        raise CheckpointError(
+            f"{self.directory / str(step)} cannot be restored either ({reason}), after "
+            f"{self.directory / str(set_aside)} was set aside: two in a row is more likely "
+            "the run's memory, config or storage than two damaged checkpoints, so nothing "
+            "more is set aside; fix the cause (the log says what failed) and restart")
       log(f"checkpoint {self.directory / str(step)} cannot be restored ({reason}); moving it "
           f"to {self.directory.parent / 'checkpoints_unreadable'} and trying the one before")
       self._set_aside(step)
+      set_aside = step
     return None, 0
 
   def _restore(self, step: int, abstract_state, loader) -> tuple:
-    """(state, whether the loader got this process's exact iterator state).
+    """(state, whether the loader got this process's exact iterator state, the saved data
+    position or None).
 
     Each item is read by its own handler, not through the manager: the manager's restore
     ends in a barrier of all processes, which a process whose read failed never reaches,
@@ -173,15 +192,17 @@ class Checkpoints:
     state = _read(ocp.StandardCheckpointHandler(), directory / "state",
                   ocp.args.StandardRestore(abstract_state))
     if saved is not None and any(saved.get(k) != v for k, v in loader.layout.items()):
-      return state, False  # another layout: the global position serves all of them
+      return state, False, saved  # another layout: the global position serves all of them
+    if saved is not None and saved.get("start", 0) != loader.start:
+      loader.start_at(saved["start"])  # grain's state counts from where that run began
     try:
       _read(grain.checkpoint.CheckpointHandler(), directory / "data",
             grain.checkpoint.CheckpointRestore(loader.iterator))
     except Exception:  # noqa: BLE001
       if saved is None:
         raise
-      return state, False  # an iterator state this grain cannot read: the model is fine
-    return state, True
+      return state, False, saved  # an iterator state this grain cannot read: model is fine
+    return state, True, saved
 
   def _data_position(self, step: int) -> dict | None:
     """The saved global data position and layout (None for checkpoints made before it)."""
@@ -231,11 +252,11 @@ def _read(handler, directory: epath.Path, args):
 def move_tree(source: epath.Path, target: epath.Path) -> None:
   """Moves a directory; on buckets, where nothing renames a prefix, object by object.
 
-  A copy that stops half-way leaves `source` whole (it is deleted last), so a retry
-  starts over; objects already copied are overwritten.
+  A copy that stops half-way leaves `source` whole (it is deleted last). An older step of
+  the same number already set aside is kept: the new one gets a time suffix.
   """
-  if target.exists():  # an earlier attempt, or an older step of the same number
-    target.rmtree()
+  if target.exists():
+    target = target.parent / f"{target.name}.{time.strftime('%Y%m%dT%H%M%S')}"
   target.parent.mkdir(parents=True, exist_ok=True)
   if "://" not in str(source):
     source.rename(target)
@@ -303,10 +324,14 @@ def _summary(error: Exception) -> str:
 
 
 def _max_over_processes(value: int) -> int:
+  """The largest of every process's non-negative `value` (below 2^62), on every process."""
   if jax.process_count() == 1:
     return int(value)
   from jax.experimental import multihost_utils
-  return int(multihost_utils.process_allgather(np.int64(value)).max())
+  # Device arrays are 32-bit unless x64 is on: a position past 2^31 travels as two halves.
+  halves = np.array([value >> 31, value & (2 ** 31 - 1)], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)
+  return int(max((high << 31) + low for high, low in gathered.reshape(-1, 2)))
 
 
 def _from_process_0(text: str, size: int = 2048) -> str:

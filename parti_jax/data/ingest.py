@@ -44,6 +44,7 @@ import dataclasses
 import fnmatch
 import functools
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -483,6 +484,8 @@ def _member_key(name: str) -> tuple[str, str] | None:
 
 WANTED_MEMBERS = frozenset(TAR_IMAGE_EXTENSIONS) | {"txt", "json"}
 TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+# Of those, what a damaged tar raises (the rest, from a bucket, are the bucket's failures).
+TAR_DAMAGE = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def tar_samples(path, errors: list) -> Iterator[dict]:
@@ -508,6 +511,10 @@ def tar_samples(path, errors: list) -> Iterator[dict]:
           sample["members"][ext] = None  # stays None if the data below is cut off
           sample["members"][ext] = tar.extractfile(member).read()
   except TAR_ERRORS as e:
+    if records.is_bucket(path) and not isinstance(e, TAR_DAMAGE):
+      # The bucket failed mid-stream (a reset connection): not a damaged tar, which a rerun
+      # could never repair once its shard is finished.
+      raise records.access_error(path, e) from e
     errors.append(f"{path}: unreadable after {count} samples: {type(e).__name__}: {e}")
   if sample is not None:
     yield sample

@@ -426,8 +426,8 @@ class Loader:
 
   `iterator` is the grain DatasetIterator (what an orbax checkpoint saves through
   `grain.checkpoint`); `get_state`/`set_state` pass through to it. `position` is the
-  global position after the last row this process read; `layout` names the reading
-  layout those states belong to. `data_wait_s` adds up the time `__next__` waited for
+  global position after the last row this process read; `start` the global position the
+  iterator counts from; `layout` names the reading layout those states belong to. `data_wait_s` adds up the time `__next__` waited for
   the host pipeline.
   """
 
@@ -455,7 +455,7 @@ class Loader:
     self._dataset = dataset(self._config, self._train, self.global_batch, self.rows,
                             start=position, source=self.source)
     self.iterator = iter(self._dataset)
-    self.position = position
+    self.start = self.position = position  # grain's state counts from `start`
 
   def __iter__(self):
     return self

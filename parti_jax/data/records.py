@@ -113,11 +113,14 @@ def is_bucket(path) -> bool:
 
 
 def readable_path(path) -> str:
-  """Where ArrayRecord reads `path`: through the bucket's FUSE mount if one is named."""
+  """Where ArrayRecord reads `path`: through its bucket's FUSE mount under PARTI_GCS_MOUNT
+  where that bucket is mounted, else the gs:// path itself (ArrayRecord's GCS reader)."""
   path = str(path)
   mount = os.environ.get(GCS_MOUNT_VARIABLE)
   if mount and path.startswith("gs://"):
-    return os.path.join(mount, path[len("gs://"):])
+    bucket, _, rest = path[len("gs://"):].partition("/")
+    if os.path.ismount(os.path.join(mount, bucket)):
+      return os.path.join(mount, bucket, rest)
   return path
 
 
