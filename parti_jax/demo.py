@@ -265,7 +265,7 @@ def main(argv=None):
   p.add_argument("--train_kinds", default="single:1,count:1,binding:2,relation:3",
                  help="how often the train split draws each kind of caption; validation "
                  "and held-out prompts draw them equally. Drawing the two-object kinds "
-                 "more often raised the seen score from 83% to 92.5% (BENCHMARKS.md)")
+                 "more often raised the seen score from 83%% to 92.5%% (BENCHMARKS.md)")
   p.add_argument("--tokenizer_steps", type=int, default=1000)
   p.add_argument("--parti_steps", type=int, default=6000)
   p.add_argument("--guidance", type=float, default=1.5,
