@@ -230,7 +230,7 @@ def _token_metadata(config, required: bool) -> dict:
   (nothing, if they cannot be read and are not `required`)."""
   where = config.data.train
   try:
-    tokens = records.ShardSet.open(where).meta.get("tokens", {})
+    tokens = records.read_metadata(where).get("tokens", {})
   except (OSError, records.DataError, ValueError) as e:
     if not required:
       return {}

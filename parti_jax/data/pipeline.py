@@ -354,7 +354,7 @@ def check(config, train: bool = True) -> None:
 
 def _token_set_problems(spec: str, m) -> list[str]:
   """Token shards made for another model shape would turn every record into a skip."""
-  made = records.ShardSet.open(spec).meta.get("tokens", {})
+  made = records.read_metadata(spec).get("tokens", {})
   problems = []
   for key, field, ok in (("grid", "image_grid", lambda a, b: a == b),
                          ("codebook_size", "codebook_size", lambda a, b: a <= b),

@@ -272,6 +272,23 @@ def write_shard_set(directory, name: str, kind: str, records, num_shards: int, m
                         made_by=made_by, **extra)
 
 
+def read_metadata(directory) -> dict:
+  """A finished shard set's metadata.json, checked; its shards are not looked at (on a
+  bucket that is one round trip, where `ShardSet.open` makes one per shard)."""
+  path = epath.Path(directory) / METADATA
+  if not exists(path):
+    raise DataError(f"{path} not found: {directory} is not a finished shard set "
+                    "(make one with `python -m parti_jax.data.ingest` or "
+                    "`python -m parti_jax.data.shapes`)")
+  try:
+    meta = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path} is not valid JSON: {e}") from None
+  if meta.get("format") != FORMAT:
+    raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+  return meta
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardSet:
   """A finished shard set on disk or in a bucket: its metadata and shard paths."""
@@ -281,18 +298,7 @@ class ShardSet:
   @classmethod
   def open(cls, directory) -> "ShardSet":
     directory = epath.Path(directory)
-    path = directory / METADATA
-    if not exists(path):
-      raise DataError(f"{path} not found: {directory} is not a finished shard set "
-                      "(make one with `python -m parti_jax.data.ingest` or "
-                      "`python -m parti_jax.data.shapes`)")
-    try:
-      meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-      raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    shard_set = cls(directory, meta)
+    shard_set = cls(directory, read_metadata(directory))
     with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:  # round trips
       found = list(pool.map(exists, shard_set.paths))
     missing = [p.name for p, there in zip(shard_set.paths, found) if not there]
