@@ -18,7 +18,6 @@ records/s a host needs and the measured rate's multiple of it (the goal is 5x).
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -61,20 +60,22 @@ def records_per_s(spec: str, threads: int, batch: int, batches: int) -> float:
 
 def plan_demand() -> list[dict]:
   """Records/s one host must read for each plan of docs/scaling.md, at MFU 0.5."""
-  import conftest  # noqa: F401  the tests' config loader (and 8 CPU devices: not used here)
+  import importlib.util
 
   from parti_jax import aot, flops, sharding, topologies
-  text = open(os.path.join(ROOT, "docs", "scaling.md")).read()
+  spec = importlib.util.spec_from_file_location(  # writes docs/scaling.md, reads it back
+      "scaling_table", os.path.join(ROOT, "scripts", "scaling_table.py"))
+  scaling_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(scaling_table)
   demand = []
-  for m in re.finditer(r"^\| (\w+) \| (v\w+-\d+) \| (\d+) \| \(([\d, ]+)\) \|", text, re.M):
-    model, name, chips = m[1], m[2], int(m[3])
-    config = conftest.load_config(f"parti_{model}")
-    config.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, m[4].split(",")))))
-    devices = topologies.get(name).devices()
+  for plan in scaling_table.read_plans():
+    config, _ = scaling_table.load_config(plan["model"])
+    config.mesh.update(plan["mesh"])
+    devices = topologies.get(plan["topology"]).devices()
     layout = aot.input_layout(config, sharding.make_mesh(config, devices))
     peak, _ = flops.spec_peak_tflops(devices[0].device_kind)
-    step_s = flops.train_step_flops(config) / (chips * peak * 1e12 * MFU)
-    demand.append(dict(model=model, slice=name, hosts=layout["hosts"],
+    step_s = flops.train_step_flops(config) / (plan["chips"] * peak * 1e12 * MFU)
+    demand.append(dict(model=plan["model"], slice=plan["topology"], hosts=layout["hosts"],
                        rows_per_host=layout["rows_per_host"], step_s_at_mfu_half=round(step_s, 2),
                        records_per_s_per_host=round(layout["rows_per_host"] / step_s, 1)))
   return demand

@@ -224,6 +224,17 @@ def refused_total(report: dict, tpu) -> float | None:
 PAPER_20B_CHIPS = 1024  # TPU v4 chips the paper trained 20B on (16-stage pipelines x 64)
 
 
+def read_plans(path: str = os.path.join(REPO, "docs", "scaling.md")) -> list[dict]:
+  """The plans of a page `write_doc` wrote: model, slice, chips and mesh (data, fsdp,
+  tensor) of each row that has one (the planner's tests and benchmarks/bucket_input.py)."""
+  with open(path) as f:  # the repository's own page
+    text = f.read()
+  return [dict(model=m[1], topology=m[2], chips=int(m[3]),
+               mesh=dict(zip(("data", "fsdp", "tensor"), map(int, m[4].split(",")))))
+          for m in re.finditer(r"^\| (\w+) \| (v\w+-\d+) \| (\d+) \| \(([\d, ]+)\) \|", text,
+                               re.MULTILINE)]
+
+
 def write_doc(rows: list[dict], path: str) -> None:
   gib = lambda b: f"{b / 2 ** 30:.1f}"
   lines = [

@@ -159,13 +159,13 @@ def test_a_tensor_axis_across_hosts_plans_replica_readers(capsys):
       capsys.readouterr().out
 
 
-def _scaling_rows():
-  """(model, slice, (data, fsdp, tensor)) of every plan in docs/scaling.md's table."""
-  import re
-  text = open(os.path.join(REPO, "docs", "scaling.md")).read()
-  return [(m[1], m[2], tuple(int(x) for x in m[3].split(",")))
-          for m in re.finditer(r"^\| (\w+) \| (v\w+-\d+) \| \d+ \| \(([\d, ]+)\) \|", text,
-                               re.MULTILINE)]
+def _scaling_table():
+  """scripts/scaling_table.py, which writes docs/scaling.md and reads its plans back."""
+  spec = importlib.util.spec_from_file_location(
+      "scaling_table", os.path.join(REPO, "scripts", "scaling_table.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @needs_libtpu
@@ -174,12 +174,13 @@ def test_every_plan_of_the_scaling_page_can_be_fed():
   v5p, up to 8 on v5e and v6e): every plan feeds, and those whose model axes span hosts
   have replica hosts reading the same rows."""
   from parti_jax import sharding
-  rows = _scaling_rows()
-  assert len(rows) == 12
+  plans = _scaling_table().read_plans()
+  assert len(plans) == 12
   replicas = {}
-  for model, name, (data, fsdp, tensor) in rows:
+  for plan in plans:
+    model, name = plan["model"], plan["topology"]
     config = load_config(f"parti_{model}")
-    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    config.mesh.update(plan["mesh"])
     mesh = sharding.make_mesh(config, topologies.get(name).devices())
     layout = aot.input_layout(config, mesh)
     assert layout["valid"] and layout["rows_per_host"] * layout["row_sets"] == 8192
