@@ -23,7 +23,8 @@ and `skipped` int32 [B, len(SKIP_REASONS)]: the bad records dropped just before 
 so `batch["skipped"].sum(0)` counts them per reason across all processes.
 
 The iterator state (grain's, plus our per-shard counts) is a small JSON-able dict:
-restoring it continues with exactly the batches that would have come next. It belongs to
+restoring it, on a loader started at the same `Loader.start`, continues with exactly the
+batches that would have come next. It belongs to
 one layout of processes; `Loader.position` is the global one (the first position of the
 global order no process has read), from which a run on another number of processes or
 another global batch size starts (`Loader.start_at`).
@@ -425,10 +426,10 @@ class Loader:
   """Global batches on the mesh from this process's grain iterator; checkpointable.
 
   `iterator` is the grain DatasetIterator (what an orbax checkpoint saves through
-  `grain.checkpoint`); `get_state`/`set_state` pass through to it. `position` is the
-  global position after the last row this process read; `start` the global position the
-  iterator counts from; `layout` names the reading layout those states belong to. `data_wait_s` adds up the time `__next__` waited for
-  the host pipeline.
+  `grain.checkpoint`); its state counts from the global position `start`. `position` is
+  the global position after the last row this process read; `layout` names the reading
+  layout those states belong to (parti_jax.checkpoints saves all three). `data_wait_s`
+  adds up the time `__next__` waited for the host pipeline.
   """
 
   def __init__(self, config, mesh, train: bool = True, batch_size: int | None = None,
@@ -476,12 +477,6 @@ class Loader:
       return local[i:i + stop - first]
     return jax.make_array_from_callback((self.global_batch,) + local.shape[1:],
                                         self._sharding, rows_for)
-
-  def get_state(self) -> dict:
-    return self.iterator.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self.iterator.set_state(state)
 
   def close(self) -> None:
     close = getattr(getattr(self, "iterator", None), "close", None)
