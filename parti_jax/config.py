@@ -144,9 +144,10 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.max_bad_fraction = 0.05  # a shard with more bad records than this stops the run
   d.max_pixels = 100_000_000  # larger images are skipped as image_too_large
   # Where ArrayRecord readers keep each shard's record index: "in_memory" (one read per
-  # record; ~12.6 bytes per record per reader, 12.6 GB per process for a billion records),
-  # "offloaded" (read from the file as needed: a second read per record, no memory), or
-  # "auto": offloaded from OFFLOAD_INDEX_RECORDS records on (parti_jax.data.pipeline).
+  # record; 19.6 bytes per record per reader measured, ~20 GB per process for a billion
+  # records), "offloaded" (read from the file as needed: a second read per record, 1.9
+  # bytes per record; benchmarks/reader_index_memory.py), or "auto": offloaded from
+  # OFFLOAD_INDEX_RECORDS records on (parti_jax.data.pipeline).
   d.reader_index = "auto"
   return d
 
