@@ -1,15 +1,36 @@
-"""Random access to a prepared TFDS split as raw image-text records, without TensorFlow.
+"""The tfds source: a prepared TFDS split as raw image-text records, without TensorFlow.
 
 `tfds.data_source` reads TFDS datasets prepared in array_record format. Image features are
 read with SkipDecoding, so records keep the stored encoded bytes (TFDS would otherwise
 need TensorFlow, or decode only to have ingest re-encode); uint8 Tensor features arrive
-as arrays. Ingest writes these records into shards; the grain pipeline can read them
-directly (`config.data.train = "tfds:NAME/SPLIT"`).
+as arrays. Ingest writes these records into shards (`plan`); the grain pipeline can read
+them directly through `TfdsRecords` (`config.data.train = "tfds:NAME/SPLIT"`). A record's
+id is its element's index in the split.
 """
 
 import numpy as np
 
+from parti_jax.data import records, sources
 from parti_jax.data.records import DataError
+
+
+def plan(name, data_dir, split, image_feature, caption_feature, num_shards) -> sources.Plan:
+  """The split's elements in K shards: by default one per 10,000 elements."""
+  source = TfdsRecords(name, data_dir, split, image_feature, caption_feature)
+  n = len(source)
+  k = num_shards or sources.default_num_shards(n)
+
+  def jobs(shard, errors):
+    del errors
+    for i in sources.shard_range(shard, n, k):
+      yield str(i), lambda i=i: records.as_record(source[i])
+
+  made_by = {"source": "tfds", "paths": [sources.absolute(data_dir)] if data_dir else [],
+             "tfds_name": name, "split": split, "image_feature": image_feature,
+             "caption_feature": caption_feature}
+  fingerprint = sources.fingerprint_of("tfds", name, split, n, image_feature, caption_feature, k)
+  return sources.Plan("tfds", n, k, fingerprint, made_by, jobs,
+                      lambda s: len(sources.shard_range(s, n, k)))
 
 
 def tfds_element_to_record(element: dict, index: int, image_feature: str,
