@@ -3,26 +3,15 @@
   python -m parti_jax.train --config configs/demo_tokenizer.py --workdir runs/demo/tokenizer \
       --config.data.train=runs/demo/data/train --config.data.eval=runs/demo/data/validation
 
-Stage 3 of `python -m parti_jax.demo`. A tiny ViT-VQGAN with 8x8 patches: the demo puts
-objects on an 8 px lattice, so each patch shows at most one object, always the same quarter
-of it, and an image is 16 codes, which makes Parti's sequences short (its steps cost half
-those of 64 codes). The decoder is wider than the encoder (192 against 64): it turns each
-code into 192 pixel values through one linear map, and at width 64 that map can only
-produce a 64-dimensional family of patches, too few to keep a star's points apart from a
-circle (27.7 dB, 66% of reconstructions judged right). Batch 128, because a dead-code
-restart (`model.dead_code_restart_every`) replaces the entries no latent of one batch chose,
-which needs many more latents per batch than codes in use (with the narrow decoder and 512
-codes: 51% at batch 16, 64% at 128). Trained on L2 alone (as Parti's decoder); the decoder
-sees the continuous latents for the first 65% of the steps (`model.quantize_start`):
-quantized from the start, the narrow one scored 58% against 64%. Peak learning rate 3e-3:
-at 1e-3 the evaluation PSNR after 1000 steps was 32.2 dB and the evaluator judged 93.8% of
-the reconstructions right (most failures small stars drawn blurred into diamonds), at 2e-3
-34.2 dB and 97.3%, at 3e-3 36.3 dB and 100% (99.8% with another seed), at 4e-3 36.9 dB and
-97.0% (BENCHMARKS.md). On the demo's data expect an evaluation PSNR of about 36 dB after
-1000 steps and nearly all reconstructions of validation renders judged right. It
-reconstructs under half of the held-out renders: it learned its codes from the train
-images, which show no red star. Layers run unrolled (`model.scan_unroll=2`): a step takes
-9% less time than scanned on 2 cores.
+Stage 3 of `python -m parti_jax.demo`. A tiny ViT-VQGAN with 8x8 patches, matching the demo's
+8 px object lattice: an encoder of width 64 (2 blocks), a wider decoder of width 192 (1
+block), layers unrolled; L2 loss alone; the decoder sees the continuous latents for the first
+65% of the steps (`model.quantize_start`); dead codes restart every 10 steps; 1000 steps of
+batch 128 at peak learning rate 3e-3. Expect an evaluation PSNR of about 36 dB and nearly all
+reconstructions of validation renders judged right, but under half of the held-out renders
+(its codes come from train images, which show no red star). The 1000 steps took 115 to 128 s
+in the demo runs on a 2-core Intel machine, 254 to 265 s on a 2-core AMD one. Why these
+values: BENCHMARKS.md, "How the demo configs' values were chosen".
 """
 
 from parti_jax import config as common

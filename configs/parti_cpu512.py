@@ -1,10 +1,11 @@
 """A d_model 512 Parti sized for throughput measurements on a CPU, in float32.
 
   python benchmarks/train_throughput.py --config configs/parti_cpu512.py --steps 5
-Expect about 4 s per step on a 2-core machine; BENCHMARKS.md holds the measured MFU.
+
 4 + 4 layers, MLP 2048, 4 heads of 128, 64 text tokens, 16x16 image tokens, batch 8, no
-dropout. Heads of 128 and remat "dots" (fewer stacked residuals to write) are the
-fastest settings measured on a 2-core CPU.
+dropout, remat "dots". Expect about 4 s per step on a 2-core machine (3.22 to 3.82 s
+measured, median MFU 0.52; BENCHMARKS.md, which also has why heads of 128 and remat "dots":
+the fastest settings measured on a 2-core CPU).
 """
 
 from parti_jax import config as common

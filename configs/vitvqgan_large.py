@@ -1,10 +1,13 @@
-"""ViT-VQGAN Large-Large: 256 px images -> 32x32 codes from 8192 (FACTS.md).
+"""ViT-VQGAN Large-Large: 256 px images -> 32x32 codes from 8192 (the paper's size).
 
   python -m parti_jax.train --config configs/vitvqgan_large.py --workdir DIR \
-      --config.data.train=IMAGE_SHARDS --config.data.eval=IMAGE_SHARDS
+      --config.data.train=IMAGE_SHARDS --config.data.eval=IMAGE_SHARDS \
+      --config.loss.perceptual_weights=vgg16_lpips.npz
 
-644M parameters per side here (599M in the paper). Trains with the losses that exist so far
-(parti_jax/vqgan_train.py: no perceptual or adversarial term yet).
+644M parameters per side here (599M in the paper). Trains with the paper's losses
+(docs/tokenizer.md): L2, logit-laplace, codebook and commitment, the perceptual distance
+(off, with a warning, without the VGG-16 weights of `python -m parti_jax.convert.vgg16`)
+and the adversarial loss from step 50,000 on.
 """
 
 from parti_jax import config as common

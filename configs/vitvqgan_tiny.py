@@ -3,13 +3,12 @@
   python -m parti_jax.train --config configs/vitvqgan_tiny.py --workdir runs/vq \
       --config.data.train=data/shapes/train --config.data.eval=data/shapes/validation
 
-Restarts dead codes every 10 steps for the first 80% of the run (without, the codebook
-collapses to a few codes within ~100 steps). Trains without the adversary and the perceptual loss, to stay fast on a CPU;
+Matches configs/parti_tiny.py (image_grid 4, codebook_size 64), so its codes can feed the
+tiny Parti model. Width 64, 2 blocks per side, float32. Restarts dead codes every 10 steps for
+the first 80% of the run (without, the codebook collapses to a few codes within ~100 steps).
+Trains without the adversary and the perceptual loss, to stay fast on a CPU;
 `--config.loss.adversarial=0.1 --config.model.discriminator.channels=16` adds the former,
 `--config.loss.perceptual=0.1 --config.loss.perceptual_weights=vgg16_lpips.npz` the latter.
-
-Matches configs/parti_tiny.py (image_grid 4, codebook_size 64), so its codes can feed the
-tiny Parti model. Width 64, 2 blocks per side, float32.
 """
 
 from parti_jax import config as common
