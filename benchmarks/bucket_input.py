@@ -1,6 +1,6 @@
 """Reading token shards from a bucket, against what each host of a pod plan must read.
 
-  python benchmarks/bucket_input.py [--records 16384] [--batches 40] [--threads 0 8 16]
+  python benchmarks/bucket_input.py [--records 16384] [--batches 40] [--threads 0,8,16]
 
 Data in a bucket is read through a FUSE mount of it (gcsfuse on a pod, PARTI_GCS_MOUNT;
 parti_jax.data.records). Here the bucket is the tests' GCS API emulator on loopback,
@@ -10,17 +10,18 @@ adds per read (read threads hide it: `data.num_threads`).
 
 Demand: for every plan of docs/scaling.md, the rows of each global batch one host reads
 (`sharding.rows_by_process` on the slice's hosts) divided by the step time the plan would
-have at MFU 0.5 (the analytic FLOPs of parti_jax.flops over the chips' bf16 peak). The
+have at MFU 0.5 (the task's analytic `train_step_flops` over the chips' bf16 peak). The
 last line printed is one JSON object: records/s per reading setting, and per plan the
 records/s a host needs and the measured rate's multiple of it (the goal is 5x).
 """
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
+
+from parti_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the emulator and its mount: tests/gcs.py
@@ -62,7 +63,7 @@ def plan_demand() -> list[dict]:
   """Records/s one host must read for each plan of docs/scaling.md, at MFU 0.5."""
   import importlib.util
 
-  from parti_jax import aot, flops, sharding, topologies
+  from parti_jax import aot, flops, sharding, tasks, topologies
   spec = importlib.util.spec_from_file_location(  # writes docs/scaling.md, reads it back
       "scaling_table", os.path.join(ROOT, "scripts", "scaling_table.py"))
   scaling_table = importlib.util.module_from_spec(spec)
@@ -74,20 +75,25 @@ def plan_demand() -> list[dict]:
     devices = topologies.get(plan["topology"]).devices()
     layout = aot.input_layout(config, sharding.make_mesh(config, devices))
     peak, _ = flops.spec_peak_tflops(devices[0].device_kind)
-    step_s = flops.train_step_flops(config) / (plan["chips"] * peak * 1e12 * MFU)
+    step_s = tasks.of(config).train_step_flops(config) / (plan["chips"] * peak * 1e12 * MFU)
     demand.append(dict(model=plan["model"], slice=plan["topology"], hosts=layout["hosts"],
                        rows_per_host=layout["rows_per_host"], step_s_at_mfu_half=round(step_s, 2),
                        records_per_s_per_host=round(layout["rows_per_host"] / step_s, 1)))
   return demand
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.integer("records", 16_384, "Token records in each set (local and bucket).")
+FLAGS.integer("batch_size", 64, "Examples per batch.")
+FLAGS.integer("batches", 40, "Timed batches (after 3 warm-up).")
+FLAGS.strings("threads", ["0", "8", "16"], "data.num_threads settings to time, "
+              "comma-separated or repeated")
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--records", type=int, default=16_384)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--batches", type=int, default=40, help="timed batches (after 3 warm-up)")
-  p.add_argument("--threads", type=int, nargs="+", default=[0, 8, 16])
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
+  # cli's repeated flag keeps "0,8,16" whole: split it here.
+  threads = [int(t) for v in a.threads for t in v.split(",") if t]
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import gcs
   with tempfile.TemporaryDirectory() as scratch, gcs.emulated_bucket(scratch):
@@ -97,7 +103,7 @@ def main(argv=None):
     token_set(remote, a.records)
     with gcs.mounted_bucket(os.path.join(scratch, "mount")):
       rates = {f"{where}_threads_{t}": round(records_per_s(spec, t, a.batch_size, a.batches), 1)
-               for where, spec in (("local", local), ("bucket", remote)) for t in a.threads}
+               for where, spec in (("local", local), ("bucket", remote)) for t in threads}
   best = max(v for k, v in rates.items() if k.startswith("bucket"))
   plans = plan_demand()
   for plan in plans:
@@ -107,4 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

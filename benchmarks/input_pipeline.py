@@ -3,15 +3,15 @@
   python benchmarks/input_pipeline.py [--images 512] [--batches 20] [--num_workers 0]
 
 Makes a shard set of photo-like JPEGs (short side 256-512 px, quality 90, a caption of
-10-20 words each), a SentencePiece model and token shards of them (copied up to 16k records; built-in colour
-tokenizer, 4x4 grid and codebook 64 as in configs/parti_tiny.py), then times:
+10-20 words each), a SentencePiece model and token shards of them (copied up to 16k
+records; built-in colour tokenizer, 4x4 grid and codebook 64 as in configs/parti_tiny.py),
+then times:
   jpeg:   decode + resize + crop to 256 px + tokenize + batch (data.kind "images")
   tokens: read token shards + pad + caption dropout + batch (data.kind "tokens")
 and runs benchmarks/train_throughput.py on configs/parti_tiny.py to get the examples/s a
 tiny training run consumes. The last line printed is one JSON object.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from parti_jax import cli, tokenizers
 from parti_jax import config as common
 from parti_jax.data import encode, images, pipeline, records, spm
 
@@ -53,7 +54,7 @@ def make_data(root: str, n: int, token_records: int = 16_384) -> dict:
   spm_model = os.path.join(root, "spm")
   spm.train((r["captions"][0] for r in recs), spm_model, vocab_size=200)
   encoded = os.path.join(root, "encoded")
-  encode.encode(jpegs, encoded, encode.color_tokenizer(256, patch=64, levels=4),
+  encode.encode(jpegs, encoded, tokenizers.color(256, patch=64, levels=4),
                 spm.Tokenizer(spm_model + ".model", 16), batch_size=32)
   # Token records are small and cheap to read, so the timing should not be dominated by a
   # tiny set: grain's index shuffle costs ~45,000/N microseconds per record for N records
@@ -90,16 +91,18 @@ def tiny_training_examples_per_s() -> dict:
               num_devices=r["num_devices"], global_batch=r["global_batch"])
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.integer("images", 512, "JPEGs in the image shard set.")
+FLAGS.integer("batch_size", 32, "Examples per batch.")
+FLAGS.integer("token_records", 16_384, "Size of the token set.")
+FLAGS.integer("batches", 20, "Timed batches (after 3 warm-up).")
+FLAGS.integer("num_threads", -1,
+              "data.num_threads; -1: 8 for JPEGs, 0 for token records (the default).")
+FLAGS.integer("num_workers", 0, "data.num_workers.")
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--images", type=int, default=512)
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--token_records", type=int, default=16_384, help="size of the token set")
-  p.add_argument("--batches", type=int, default=20, help="timed batches (after 3 warm-up)")
-  p.add_argument("--num_threads", type=int, default=-1,
-                 help="data.num_threads; -1: 8 for JPEGs, 0 for token records (the default)")
-  p.add_argument("--num_workers", type=int, default=0)
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as root:
     data = make_data(root, a.images, a.token_records)
@@ -113,7 +116,8 @@ def main(argv=None):
   print(json.dumps(dict(
       cores=cores, num_threads=a.num_threads, num_workers=a.num_workers,
       mean_jpeg_kb=round(data["mean_jpeg_kb"], 1),
-      jpeg_256px_images_per_s=round(jpeg, 1), jpeg_256px_images_per_s_per_core=round(jpeg / cores, 1),
+      jpeg_256px_images_per_s=round(jpeg, 1),
+      jpeg_256px_images_per_s_per_core=round(jpeg / cores, 1),
       token_examples_per_s=round(tokens, 1), token_examples_per_s_per_core=round(tokens / cores, 1),
       tiny_training_examples_per_s=round(train["examples_per_s"], 1),
       tiny_training_devices=train["num_devices"],
@@ -122,4 +126,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

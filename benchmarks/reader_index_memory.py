@@ -9,12 +9,13 @@ the growth of the process's resident memory divided by N. The last line printed 
 JSON object.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+from parti_jax import cli
 
 MEASURE = """
 import sys, psutil
@@ -32,10 +33,12 @@ print((process.memory_info().rss - before) / n)
 """
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.integer("records", 2_000_000, "Records in the shard.")
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--records", type=int, default=2_000_000)
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
   from parti_jax.data import records
   with tempfile.TemporaryDirectory() as scratch:
     path = os.path.join(scratch, "index-00000-of-00001.array_record")
@@ -51,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -18,6 +18,7 @@ each row needed on its own) and its wall time relative to token-by-token decodin
 SJD forward counts only mean something for a trained model: pass `--workdir` (prompts
 are then the captions of the run's token shards; with `--config` alone they are random
 tokens). Weights are cast to the model's dtype for sampling, as `parti_jax.sample` does.
+Tokens are drawn at temperature 1.0 (not the sampler's default), as in BENCHMARKS.md's figures.
 """
 
 import json
@@ -28,22 +29,29 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from parti_jax import checkpoints, decoding, sharding
+from parti_jax import cli, decoding, runs, sharding
 from parti_jax import config as config_lib
-from parti_jax import train_step as ts
-from parti_jax.data import records, spm
+from parti_jax import text as text_lib
+from parti_jax.data import records
+from parti_jax.tasks import parti
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (random weights).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run: its config and weights.")
-_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch sizes (prompts).")
-_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "The guidance scale of the guided runs.")
-_WINDOW = flags.DEFINE_integer("sjd_window", 16, "Draft tokens per SJD forward.")
-_SJD_IMAGES = flags.DEFINE_integer("sjd_images", 64, "Images SJD statistics are taken over.")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (median) after one warm-up.")
-_HBM = flags.DEFINE_float("hbm_gbps", None, "HBM bandwidth per device in GB/s (overrides).")
+FLAGS = cli.Flags(__doc__)
+FLAGS.config(help="Config file (random weights).")
+FLAGS.string("workdir", None, "A trained run: its config and weights.")
+FLAGS.strings("batch_sizes", ["1", "8", "64"],
+              "Batch sizes (prompts), comma-separated or repeated")
+FLAGS.float("guidance", 3.0, "The guidance scale of the guided runs.")
+FLAGS.integer("sjd_window", 16, "Draft tokens per SJD forward.")
+FLAGS.integer("sjd_images", 64, "Images SJD statistics are taken over.")
+FLAGS.integer("reps", 3, "Timed repetitions (median) after one warm-up.")
+FLAGS.float("hbm_gbps", None, "HBM bandwidth per device in GB/s (overrides).")
+FLAGS.bool("verbose", False, "Log at INFO (orbax then logs every checkpoint read).")
+
+# The figures in BENCHMARKS.md were drawn at temperature 1.0, the sampler's default then;
+# kept so that they stay comparable (the default is now 0.2).
+TEMPERATURE = 1.0
 
 # HBM bandwidth per chip in GB/s, by substring of jax's device_kind (first match wins).
 SPEC_HBM_GBPS = {
@@ -53,9 +61,9 @@ SPEC_HBM_GBPS = {
 }
 
 
-def hbm_gbps() -> tuple[float, str]:
-  if _HBM.value:
-    return _HBM.value, "--hbm_gbps"
+def hbm_gbps(flag_gbps: float | None) -> tuple[float, str]:
+  if flag_gbps:
+    return flag_gbps, "--hbm_gbps"
   kind = jax.devices()[0].device_kind
   for name, gbps in SPEC_HBM_GBPS.items():
     if name in kind:
@@ -74,40 +82,49 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def load_config():
-  if _WORKDIR.value:
-    from parti_jax import sample  # reads a run's config.json
-    return sample.read_config(_WORKDIR.value)
-  if _CONFIG.value is None:
+def load_config(a):
+  try:
+    config = runs.read_config(a.workdir) if a.workdir else a.config
+  except runs.RunError as e:
+    sys.exit(f"error: {e}")
+  if config is None:
     sys.exit("--config or --workdir is required")
-  return _CONFIG.value
+  if config.get("task", "parti") != "parti":  # only Parti samples
+    sys.exit(f"error: {a.workdir or a.config_file} is not a Parti model")
+  return config
 
 
-def prompt_tokens(config, count: int) -> np.ndarray:
+def prompt_tokens(config, count: int, trained: bool) -> np.ndarray:
   """[count, text_len] prompts: the run's captions, or random tokens without a run."""
   m = config.model
-  if _WORKDIR.value and config.data.train:
+  if trained and config.data.train:
     rows = []
     for record in records.ShardSet.open(config.data.train).read_all():
-      rows.append(spm.pad(record["text_tokens"][0], m.text_len))
+      rows.append(text_lib.pad(record["text_tokens"][0], m.text_len))
       if len(rows) == count:
         return np.stack(rows)
   rng = np.random.default_rng(0)
   text = rng.integers(3, m.text_vocab_size, (count, m.text_len), dtype=np.int32)
-  text[:, m.text_len // 2:] = spm.PAD_ID
+  text[:, m.text_len // 2:] = text_lib.PAD_ID
   return text
 
 
-def setup_for(config, batch_size: int):
-  """The model on as many devices as divide the batch (batch over `data`)."""
+def setup_for(config, batch_size: int, workdir: str | None):
+  """The model on as many devices as divide the batch (batch over `data`): the run's
+  weights, or random ones without a run."""
   devices = jax.devices()[:math.gcd(batch_size, jax.device_count())]
-  config = config.copy_and_resolve_references()
-  config.mesh.update(data=-1, fsdp=1, tensor=1)
-  config.global_batch_size = len(devices)
-  setup = ts.Setup(config, sharding.make_mesh(config, devices))
-  if _WORKDIR.value:
-    params = checkpoints.load_params(_WORKDIR.value, setup.abstract_state().params)
+  if workdir:
+    try:
+      run, params = runs.load(workdir, task="parti", mesh_axes=dict(data=-1, fsdp=1, tensor=1),
+                              devices=devices)
+    except runs.RunError as e:
+      sys.exit(f"error: {e}")
+    setup, config = run.setup, run.config
   else:
+    config = config.copy_and_resolve_references()
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config.global_batch_size = len(devices)  # random weights need a training setup's init
+    setup = parti.Setup(config, sharding.make_mesh(config, devices))
     params = setup.init_state().params
   if config.model.dtype != "float32":
     params = jax.jit(lambda p: decoding.cast_params(p, config.model.dtype))(params)
@@ -147,23 +164,24 @@ def compiled(setup, params, settings: decoding.Settings, batch_size: int, step_b
   return generate, prefill, compile_s, float((cost or {}).get("bytes accessed", float("nan")))
 
 
-def median_s(fn, *args) -> float:
-  """Median seconds of `fn(*args)` over --reps calls, after a warm-up call."""
+def median_s(reps: int, fn, *args) -> float:
+  """Median seconds of `fn(*args)` over `reps` calls, after a warm-up call."""
   jax.block_until_ready(fn(*args))
   return float(np.median([_timed(lambda: jax.block_until_ready(fn(*args)))
-                          for _ in range(_REPS.value)]))
+                          for _ in range(reps)]))
 
 
-def run_batch(config, batch_size: int, prompts: np.ndarray, bandwidth: float) -> list[dict]:
-  setup, params = setup_for(config, batch_size)
+def run_batch(a, config, batch_size: int, prompts: np.ndarray, bandwidth: float) -> list[dict]:
+  setup, params = setup_for(config, batch_size, a.workdir)
   n = config.model.image_grid ** 2
   results = []
-  for guidance in (1.0, _GUIDANCE.value):
+  for guidance in (1.0, a.guidance):
     text = prompts[:batch_size]
     keys = decoding.row_keys(0, np.arange(batch_size), np.zeros(batch_size))
     generate, prefill, compile_s, step_bytes = compiled(
-        setup, params, decoding.Settings(guidance=guidance), batch_size)
-    gen_s, prefill_s = median_s(generate, params, text, keys), median_s(prefill, params, text, keys)
+        setup, params, decoding.Settings(guidance=guidance, temperature=TEMPERATURE), batch_size)
+    gen_s = median_s(a.reps, generate, params, text, keys)
+    prefill_s = median_s(a.reps, prefill, params, text, keys)
     step_ms = (gen_s - prefill_s) / n * 1e3
     entry = dict(batch=batch_size, guidance=guidance, devices=setup.mesh.size,
                  ms_per_step=step_ms, prefill_ms=prefill_s * 1e3, generate_ms=gen_s * 1e3,
@@ -175,11 +193,12 @@ def run_batch(config, batch_size: int, prompts: np.ndarray, bandwidth: float) ->
     entry["xla_step_bytes_over_floor_bytes"] = step_bytes / (
         entry["weight_bytes"] + entry["kv_cache_bytes_per_device"])
 
-    settings = decoding.Settings(guidance=guidance, sjd_window=_WINDOW.value)
+    settings = decoding.Settings(guidance=guidance, temperature=TEMPERATURE,
+                                 sjd_window=a.sjd_window)
     generate = compiled(setup, params, settings, batch_size, step_bytes=False)[0]
     jax.block_until_ready(generate(params, text, keys))  # warm-up
     forwards, row_forwards, times = [], [], []
-    for b in range(max(1, _SJD_IMAGES.value // batch_size)):
+    for b in range(max(1, a.sjd_images // batch_size)):
       rows = np.arange(b * batch_size, (b + 1) * batch_size) % len(prompts)
       keys = decoding.row_keys(0, rows, np.zeros(batch_size))
       start = time.perf_counter()
@@ -189,7 +208,7 @@ def run_batch(config, batch_size: int, prompts: np.ndarray, bandwidth: float) ->
       row_forwards += list(out.done_at)
     per_image = float(np.mean(forwards))
     entry["sjd"] = dict(
-        window=_WINDOW.value, images=len(row_forwards), forwards_per_image=per_image,
+        window=a.sjd_window, images=len(row_forwards), forwards_per_image=per_image,
         token_forwards_per_image=n, forward_ratio=n / per_image,
         row_forwards_per_image=float(np.mean(row_forwards)),
         wall_ms_per_batch=float(np.mean(times)) * 1e3,
@@ -204,37 +223,38 @@ def _is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
+def main(argv=None):
+  a = FLAGS.parse(argv)
+  if not a.verbose:  # orbax logs every read at INFO
     logging.set_verbosity(logging.WARNING)
-  config = load_config()
+  config = load_config(a)
   m = config.model
-  bandwidth, bandwidth_source = hbm_gbps()
-  batch_sizes = [int(b) for b in _BATCHES.value]
-  prompts = prompt_tokens(config, max(max(batch_sizes), _SJD_IMAGES.value))
-  runs = []
+  bandwidth, bandwidth_source = hbm_gbps(a.hbm_gbps)
+  # cli's repeated flag keeps "1,8" whole: split it here.
+  batch_sizes = [int(b) for v in a.batch_sizes for b in v.split(",") if b]
+  prompts = prompt_tokens(config, max(max(batch_sizes), a.sjd_images), bool(a.workdir))
+  results = []
   for batch_size in batch_sizes:
     try:
-      runs += run_batch(config, batch_size, prompts, bandwidth)
+      results += run_batch(a, config, batch_size, prompts, bandwidth)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_out_of_memory(e):
         raise
       print(f"batch {batch_size} does not fit; skipped", file=sys.stderr)
   goals = {}
-  for r in runs:
+  for r in results:
     tag = f"b{r['batch']}_{'guided' if r['guidance'] != 1 else 'unguided'}"
     goals[f"sjd_forward_ratio_{tag}"] = r["sjd"]["forward_ratio"]
     goals[f"step_over_floor_{tag}"] = r["step_over_floor"]
   print(json.dumps(dict(
       device_kind=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-      weights=f"{_WORKDIR.value} (trained)" if _WORKDIR.value else "random init",
+      weights=f"{a.workdir} (trained)" if a.workdir else "random init",
       hbm_gbps=bandwidth, hbm_source=bandwidth_source, dtype=m.dtype,
       d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers, text_len=m.text_len,
-      image_tokens=m.image_grid ** 2, codebook=m.codebook_size, guidance=_GUIDANCE.value,
-      goals=goals, runs=runs)))
+      image_tokens=m.image_grid ** 2, codebook=m.codebook_size, guidance=a.guidance,
+      temperature=TEMPERATURE, goals=goals, runs=results)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,14 +19,13 @@ import time
 import jax
 import numpy as np
 import tqdm
-from absl import app, flags
-from ml_collections import config_flags
 
+from parti_jax import cli, distributed, sharding, tasks
 from parti_jax import config as config_lib
-from parti_jax import distributed, sharding, vqgan_train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls of each function (after a warm-up).")
+FLAGS = cli.Flags(__doc__)
+FLAGS.config()
+FLAGS.integer("steps", 10, "Timed calls of each function (after a warm-up).")
 
 
 def timed(fn, *args, steps: int, desc: str):
@@ -48,29 +47,32 @@ def synthetic_images(setup, batch_size: int):
   return sharding.place_global_batch(setup.batch_sharding, images)
 
 
-def main(argv):
-  del argv
+def main(argv=None):
+  a = FLAGS.parse(argv)
   distributed.initialize()
-  config = _CONFIG.value
+  config = a.config
   if config is None:
     sys.exit("--config is required")
+  if config.get("task", "parti") != "vitvqgan":  # encode and decode are the tokenizer's
+    sys.exit(f"error: {a.config_file} is not an image tokenizer's config (task=vitvqgan)")
   if config.loss.get("perceptual", 0) and not config.loss.get("perceptual_weights", ""):
     config.loss.perceptual_weights = "random:0"
   try:
     config_lib.check(config)
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
-  setup = vqgan_train.Setup(config)
+  task = tasks.build(config, sharding.make_mesh(config))
+  setup = task.setup
   state = setup.init_state()
   images = synthetic_images(setup, config.global_batch_size)
-  b, steps = config.global_batch_size, _STEPS.value
+  b, steps = config.global_batch_size, a.steps
 
   encode = jax.jit(lambda p, x: setup.model(p).encode(x), out_shardings=setup.batch_sharding)
   decode = jax.jit(lambda p, c: setup.model(p).decode(c), out_shardings=setup.batch_sharding)
   encode_s, codes = timed(encode, state.params, images, steps=steps, desc="encode")
   decode_s, _ = timed(decode, state.params, codes, steps=steps, desc="decode")
 
-  step = vqgan_train.jit_train_step(setup)
+  step = task.train_step
   state, metrics = step(state, {"images": images})  # compile and warm up
   jax.block_until_ready(metrics)
   times = []
@@ -99,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

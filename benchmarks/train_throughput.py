@@ -5,9 +5,9 @@
       --config.global_batch_size=64 --find_max_batch --steps 10     # on a GPU
 
 The last line printed is one JSON object. MFU = analytic model FLOPs per second per
-device (parti_jax.flops, 3x forward) / peak per device. The peak on a CPU is a float32
-matrix product measured in this same run (shared between the host's simulated devices);
-on GPU/TPU it is the chip's bf16 spec, looked up by device kind (or --peak_tflops).
+device (the task's `train_step_flops`, 3x forward) / peak per device. The peak on a CPU
+is a float32 matrix product measured in this same run (shared between the host's simulated
+devices); on GPU/TPU it is the chip's bf16 spec, looked up by device kind (or --peak_tflops).
 Synthetic random tokens are used: the input pipeline is not part of this measurement.
 """
 
@@ -18,22 +18,22 @@ import time
 import jax
 import numpy as np
 import tqdm
-from absl import app, flags
-from ml_collections import config_flags
 
+from parti_jax import cli, distributed, flops, sharding, tasks
 from parti_jax import config as config_lib
-from parti_jax import distributed, flops, sharding
-from parti_jax import train_step as ts
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (overrides lookup).")
-_FIND_MAX_BATCH = flags.DEFINE_bool(
-    "find_max_batch", False, "Double the global batch until it no longer fits; time the largest.")
+FLAGS = cli.Flags(__doc__)
+FLAGS.config()
+FLAGS.integer("steps", 10, "Timed steps (after one warm-up step).")
+FLAGS.float("peak_tflops", None, "Peak TFLOP/s per device (overrides lookup).")
+FLAGS.bool("find_max_batch", False,
+           "Double the global batch until it no longer fits; time the largest.")
 
-def peak_tflops_per_device(cpu_peak_before: float | None) -> tuple[float, str]:
-  if _PEAK.value:
-    return _PEAK.value, "--peak_tflops"
+
+def peak_tflops_per_device(flag_peak: float | None,
+                           cpu_peak_before: float | None) -> tuple[float, str]:
+  if flag_peak:
+    return flag_peak, "--peak_tflops"
   device = jax.devices()[0]
   if device.platform == "cpu":
     # A shared CPU's speed drifts: take the best of a measurement before and one after
@@ -47,7 +47,7 @@ def peak_tflops_per_device(cpu_peak_before: float | None) -> tuple[float, str]:
   sys.exit(f"no peak TFLOP/s known for device kind {device.device_kind!r}; pass --peak_tflops")
 
 
-def synthetic_batch(setup: ts.Setup, batch_size: int) -> dict:
+def synthetic_batch(setup, batch_size: int) -> dict:
   """Random tokens: one global batch (seed 0), each process placing its own rows."""
   m, rng = setup.config.model, np.random.default_rng(0)
   text = rng.integers(1, m.text_vocab_size, (batch_size, m.text_len), dtype=np.int32)
@@ -58,12 +58,11 @@ def synthetic_batch(setup: ts.Setup, batch_size: int) -> dict:
 
 
 def time_steps(config, steps: int) -> dict:
-  setup = ts.Setup(config)
-  state = setup.init_state()
-  batch = synthetic_batch(setup, config.global_batch_size)
-  step = ts.jit_train_step(setup)
+  task = tasks.build(config, sharding.make_mesh(config))
+  state = task.setup.init_state()
+  batch = synthetic_batch(task.setup, config.global_batch_size)
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = task.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
@@ -82,7 +81,8 @@ def time_steps(config, steps: int) -> dict:
 def log_trial(config, result: dict) -> None:
   """One line per timed batch size on stderr, so a search cut short still leaves figures."""
   if jax.process_index() == 0:
-    tflops = flops.train_step_flops(config) / result["step_time_s"] / jax.device_count() / 1e12
+    tflops = (tasks.of(config).train_step_flops(config) / result["step_time_s"]
+              / jax.device_count() / 1e12)
     print(json.dumps(dict(global_batch=config.global_batch_size,
                           model_tflops_per_s_per_device=tflops, **result)), file=sys.stderr)
 
@@ -91,26 +91,30 @@ def _is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def main(argv):
-  del argv
+def main(argv=None):
+  a = FLAGS.parse(argv)
   distributed.initialize()
-  config = _CONFIG.value
+  config = a.config
   if config is None:
     sys.exit("--config is required")
   try:
+    task = tasks.of(config)
     config_lib.check(config)
-  except config_lib.ConfigError as e:
+  except (tasks.UnknownTask, config_lib.ConfigError) as e:
     sys.exit(f"error: {e}")
+  if task is not tasks.parti:  # the synthetic batch and the report are Parti's
+    sys.exit(f"error: {a.config_file} trains {config.task!r}; this benchmark times Parti "
+             "(benchmarks/tokenizer_throughput.py times the image tokenizer)")
 
   on_cpu = jax.devices()[0].platform == "cpu"
-  cpu_peak_before = flops.cpu_matmul_peak_tflops() if on_cpu and not _PEAK.value else None
-  result = time_steps(config, _STEPS.value)
+  cpu_peak_before = flops.cpu_matmul_peak_tflops() if on_cpu and not a.peak_tflops else None
+  result = time_steps(config, a.steps)
   log_trial(config, result)
-  while _FIND_MAX_BATCH.value:
+  while a.find_max_batch:
     bigger = config.copy_and_resolve_references()
     bigger.global_batch_size *= 2
     try:
-      trial = time_steps(bigger, _STEPS.value)
+      trial = time_steps(bigger, a.steps)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_out_of_memory(e):
         raise
@@ -123,10 +127,11 @@ def main(argv):
   if jax.process_index() != 0:
     return  # every process timed the same global steps; process 0 reports
   m, n = config.model, jax.device_count()
-  peak, peak_source = peak_tflops_per_device(cpu_peak_before)
-  model_tflops = flops.train_step_flops(config) / result["step_time_s"] / n / 1e12
+  peak, peak_source = peak_tflops_per_device(a.peak_tflops, cpu_peak_before)
+  model_tflops = task.train_step_flops(config) / result["step_time_s"] / n / 1e12
+  tokens = config.global_batch_size * task.tokens_per_example(config)
   print(json.dumps(dict(
-      image_tokens_per_s=config.global_batch_size * m.image_grid ** 2 / result["step_time_s"],
+      image_tokens_per_s=tokens / result["step_time_s"],
       model_tflops_per_s_per_device=model_tflops,
       peak_tflops_per_device=peak,
       peak_source=peak_source,
@@ -147,4 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

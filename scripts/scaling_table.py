@@ -19,7 +19,6 @@ Each compile's report is cached (--cache, one JSON line per compile), so a rerun
 compiles what it has not seen.
 """
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -34,8 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only libtpu's compiler is used, not a TPU
 
+from parti_jax import cli, sharding, topologies  # noqa: E402
 from parti_jax import config as config_lib  # noqa: E402
-from parti_jax import sharding, topologies  # noqa: E402
 
 GLOBAL_BATCH = 8192
 # The 20B rows first: the paper trained 20B on 1024 TPU v4 chips (v4-2048); v4-1024 is half.
@@ -329,14 +328,16 @@ def write_doc(rows: list[dict], path: str) -> None:
     f.write("\n".join(lines) + "\n")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", default="", help="model:slice,... (default: all rows)")
-  parser.add_argument("--max_compiles", type=int, default=3, help="per row")
-  parser.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
-  parser.add_argument("--out", default=os.path.join(REPO, "docs", "scaling.md"))
-  parser.add_argument("--cache", default=DEFAULT_CACHE, help="compile reports, one per line")
-  args = parser.parse_args()
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("rows", "", "model:slice,... (default: all rows).")
+FLAGS.integer("max_compiles", 3, "Compiles per row.")
+FLAGS.integer("timeout", 3600, "Seconds per compile.")
+FLAGS.string("out", os.path.join(REPO, "docs", "scaling.md"), "The page written.")
+FLAGS.string("cache", DEFAULT_CACHE, "Compile reports, one per line.")
+
+
+def main(argv=None):
+  args = FLAGS.parse(argv)
   rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else ROWS
   results = []
   for model, topology in rows:
@@ -347,4 +348,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

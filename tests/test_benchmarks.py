@@ -40,8 +40,9 @@ def test_benchmark_refuses_a_bad_config_with_the_field_named():
 
 def test_lowering_time_of_a_deep_config_on_an_abstract_pod():
   r = _last_json(["benchmarks/lowering_time.py", "--config", "configs/parti_tiny.py",
-                  "--num_devices", "64", "--decoder_layers", "3", "--config.model.decoder_layers=32",
-                  "--config.global_batch_size=64", "--platform", "cpu"])
+                  "--num_devices", "64", "--decoder_layers", "3",
+                  "--config.model.decoder_layers=32", "--config.global_batch_size=64",
+                  "--platform", "cpu"])
   shallow, deep = r["runs"]
   assert (shallow["decoder_layers"], deep["decoder_layers"]) == (3, 32)
   # One scanned block, whatever the depth. (Both depths differ from the encoder's 2: a
@@ -118,3 +119,13 @@ def test_gpu_figures_script_keeps_to_its_time_budget_and_named_benchmarks(tmp_pa
   assert out.returncode == 0, out.stderr[-3000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.log", "train_xla.log"]
   assert (tmp_path / "tokenizer.log").read_text().startswith("== tokenizer: skipped")
+
+
+@pytest.mark.parametrize("script", sorted(
+    str(p.relative_to(ROOT)) for d in ("benchmarks", "scripts") for p in (ROOT / d).glob("*.py")))
+def test_every_benchmark_and_script_answers_help(script):
+  """All are on parti_jax.cli: the docstring, then the flags, and exit 0."""
+  out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert "flags:" in out.stdout, out.stdout[-3000:]
