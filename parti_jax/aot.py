@@ -26,11 +26,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
-
+from parti_jax import cli, sharding, tasks, topologies
 from parti_jax import config as config_lib
-from parti_jax import sharding, topologies
 
 FITS, DOES_NOT_FIT, REFUSED = 0, 1, 2
 # Without remat, the compiler's count exceeds the analytic one by the elementwise work
@@ -48,8 +45,7 @@ class Program(NamedTuple):
 
 def train_program(config: ml_collections.ConfigDict, mesh) -> Program:
   """The step `parti_jax.train` compiles, with the state and batch it is called with."""
-  from parti_jax import train  # the trainer's tasks: one step function per model family
-  task = train.TASKS[config.task](config, mesh)
+  task = tasks.build(config, mesh)
   return Program(task.train_step, (task.setup.abstract_state(), task.setup.abstract_batch()),
                  task.step_flops)
 
@@ -60,7 +56,7 @@ def sample_program(config: ml_collections.ConfigDict, mesh) -> Program:
   decoding state is what the cache costs per chip."""
   from parti_jax import decoding  # the sampler's programs, only when asked
   step, args = decoding.decode_step_and_args(config, mesh, config.global_batch_size,
-                                             decoding.Settings(guidance=3.0))
+                                             decoding.Settings())  # guided by default
   return Program(step, args)
 
 
@@ -82,7 +78,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
     config.mesh.num_slices = num_slices
   slices = int(config.mesh.get("num_slices", 1))
   chips = tpu.chips * slices
-  config_lib.check(config, chips)
+  tasks.of(config)
+  config_lib.check(config, chips)  # before building the devices: names a wrong mesh first
   devices = tpu.devices(slices)
   try:
     mesh = sharding.make_mesh(config, devices)
@@ -282,16 +279,25 @@ def print_report(r: dict, config_name: str) -> None:
     print("verdict: does NOT fit: " + "; ".join(r["overflow"]))
 
 
-def main(argv):
-  del argv
+FLAGS = cli.Flags(__doc__)
+FLAGS.config()
+FLAGS.string("topology", None, f"TPU slice, one of: {', '.join(topologies.names())}")
+FLAGS.enum("mode", "train", list(MODES), "Which program to plan.")
+FLAGS.integer("num_slices", None, "Slices of --topology joined over DCN, the data axis split "
+              "across them (default: the config's mesh.num_slices).")
+FLAGS.bool("json", False, "Print one JSON object instead of the report.")
+
+
+def main(argv=None):
+  f = FLAGS.parse(argv)
   # The host's own accelerators (if any) are not needed: only the compiler is.
   jax.config.update("jax_platforms", "cpu")
-  config, f = flags.FLAGS.config, flags.FLAGS
+  config = f.config
   if config is None or not f.topology:
     sys.exit("error: --config and --topology are required")
   try:
     report = plan(config, f.topology, f.mode, f.num_slices)
-  except (topologies.UnknownTopology, config_lib.ConfigError) as e:
+  except (topologies.UnknownTopology, config_lib.ConfigError, tasks.UnknownTask) as e:
     if f.json:
       print(json.dumps(dict(topology=f.topology, refused=str(e))))
     print(f"error: {e}", file=sys.stderr)
@@ -299,15 +305,9 @@ def main(argv):
   if f.json:
     print(json.dumps(report))
   else:
-    print_report(report, config_flags.get_config_filename(flags.FLAGS["config"]))
+    print_report(report, f.config_file)
   sys.exit(FITS if report["fits"] else DOES_NOT_FIT)
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
-  flags.DEFINE_string("topology", None, f"TPU slice, one of: {', '.join(topologies.names())}")
-  flags.DEFINE_enum("mode", "train", list(MODES), "Which program to plan.")
-  flags.DEFINE_integer("num_slices", None, "Slices of --topology joined over DCN, the data "
-                       "axis split across them (default: the config's mesh.num_slices).")
-  flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
-  app.run(main)
+  cli.run(main)

@@ -2,7 +2,7 @@
 
 Layout of a work directory (local or a bucket path; orbax and etils.epath read both):
 
-  WORKDIR/config.json             the resolved config of the first start
+  WORKDIR/config.json             the resolved config of the first start (parti_jax.runs)
   WORKDIR/checkpoints/STEP/state  model and optimizer state, step, RNG (sharded arrays)
   WORKDIR/checkpoints/STEP/data   every process's grain iterator state (one JSON each)
   WORKDIR/checkpoints/STEP/data_position  the global data position and reading layout
@@ -16,7 +16,6 @@ and the data continues from the saved global position when the processes or the 
 size differ, so a run saved on one slice resumes on another.
 """
 
-import json
 import os
 import time
 
@@ -27,50 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from parti_jax.config import ConfigError
-
-# Fields whose change alters the shapes or structure of the saved state: a restart with a
-# different value cannot restore its checkpoints and is refused.
-SHAPE_FIELDS = (
-    "task", "model.text_vocab_size", "model.text_len", "model.image_grid", "model.codebook_size",
-    "model.d_model", "model.num_heads", "model.head_dim", "model.mlp_dim",
-    "model.encoder_layers", "model.decoder_layers", "model.share_image_embedding",
-    "optimizer.name", "optimizer.momentum_dtype",
-    # the image tokenizer's
-    "model.resolution", "model.patch_size", "model.code_dim", "model.logit_laplace",
-    "model.encoder", "model.decoder",
-)
-
-
-def _lookup(config_dict: dict, dotted: str):
-  for part in dotted.split("."):
-    if not isinstance(config_dict, dict) or part not in config_dict:
-      return None
-    config_dict = config_dict[part]
-  return config_dict
-
 
 def absolute(path) -> epath.Path:
   """orbax wants absolute local paths; bucket paths (gs://...) stay as given."""
   return epath.Path(path if "://" in str(path) else os.path.abspath(path))
-
-
-def check_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """Saves the config at the first start; refuses a restart that changes a shape field."""
-  path = epath.Path(workdir) / "config.json"
-  current = json.loads(config.to_json_best_effort())
-  if path.exists():
-    saved = json.loads(path.read_text())
-    changed = [f"{f}: {_lookup(saved, f)!r} in {path}, now {_lookup(current, f)!r}"
-               for f in SHAPE_FIELDS if _lookup(saved, f) != _lookup(current, f)]
-    if changed:
-      raise ConfigError("the config changes fields that the checkpoints' shapes depend on:\n  "
-                        + "\n  ".join(changed)
-                        + "\nuse a new --workdir, or --config.init_from to start from this run")
-    return
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
 # How a process read a checkpoint, worst last (the processes act on the worst of theirs).
@@ -292,23 +251,15 @@ def finished_steps(directory) -> list[int]:
     manager.close()
 
 
-def load_params(path, abstract_params, groups=()):
-  """Parameters of another run (its workdir: the latest checkpoint; or a STEP directory).
+def load_params(step_dir, abstract_params, groups=()):
+  """The parameters saved in a checkpoint's STEP directory (`parti_jax.runs` finds it).
 
   Only the parameters are read (orbax partial restore), with the shardings of
   `abstract_params`, so a run can start from one with another optimizer or mesh. With
   `groups`, only those top-level groups are read (e.g. a tokenizer's encoder and codebook
   for a run whose decoder has another size).
   """
-  path = absolute(path)
-  if (path / "checkpoints").exists():
-    steps = finished_steps(path / "checkpoints")
-    if not steps:
-      raise FileNotFoundError(f"init_from={path}: no checkpoints in {path / 'checkpoints'}")
-    path = path / "checkpoints" / str(steps[-1])
-  if not (path / "state").exists():
-    raise FileNotFoundError(f"init_from={path}: not a run directory or a checkpoint step "
-                            "directory (no state/ inside)")
+  path = absolute(step_dir)
   if groups:
     abstract_params = {g: abstract_params[g] for g in groups}
   target = {"params": abstract_params}

@@ -64,7 +64,8 @@ class Flags:
     self._define(flags.DEFINE_enum, name, default, values, help, **kwargs)
 
   def strings(self, name, default, help, **kwargs):
-    """A flag given once per value (`--x a --x b`), or as a comma-separated list."""
+    """A flag given once per value (`--x a --x b`); a value is never split (a prompt may
+    hold commas)."""
     self._define(flags.DEFINE_multi_string, name, default, help, **kwargs)
 
   def config(self, name: str = "config", help: str = "Config file (configs/NAME.py); "
@@ -91,12 +92,17 @@ class Flags:
     except (flags.Error, ValueError) as e:  # ValueError: a config file that cannot load
       print(f"error: {e}\n(--help for the usage)", file=sys.stderr)
       raise SystemExit(2) from None
-    return types.SimpleNamespace(**{n: values[n].value for n in values if "." not in n},
-                                 args=rest[1:])
+    parsed = {n: values[n].value for n in values if "." not in n}
+    for define, (name, *_), _ in self._definitions:  # which file each config came from
+      if define is config_flags.DEFINE_config_file and parsed[name] is not None:
+        parsed[f"{name}_file"] = config_flags.get_config_filename(values[name])
+    return types.SimpleNamespace(**parsed, args=rest[1:])
 
 
 def run(main: Callable[[list[str] | None], object]) -> None:
-  """A command's `__main__`: absl's logging set up, then `main(sys.argv[1:])`."""
+  """A command's `__main__`: `main(sys.argv[1:])`, with absl's global flags (which libraries
+  such as absl logging and grain's workers consult) marked parsed at their defaults."""
+  flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
   result = main(sys.argv[1:])
   sys.exit(0 if result is None or not isinstance(result, int) else result)

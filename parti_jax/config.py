@@ -29,7 +29,7 @@ DEFAULT_RULES = (
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "parti"  # what the trainer trains (parti_jax.train.TASKS)
+  c.task = "parti"  # what the trainer trains (parti_jax.tasks.TASKS)
   c.seed = 0
   c.global_batch_size = 8192
   c.grad_accum_steps = 1  # micro-batches per step; gradients are averaged over them
@@ -52,7 +52,7 @@ def base() -> ml_collections.ConfigDict:
   m.conv_kernel_rows = 9  # conv mask: rows above (and including) the query's row
   m.conv_kernel_cols = 9  # conv mask: columns centred on the query's column
   # 2-D rotary embeddings in the decoder's self-attention, on top of the learned positions
-  # (parti_jax.model): attention sees row and column offsets, the same at every place.
+  # (parti_jax.models.parti): attention sees row and column offsets, the same at every place.
   m.image_rope = False
   # 1-D rotary embeddings in the encoder's self-attention, on top of the learned positions:
   # attention sees word offsets, which bind a color word to the shape after it.
@@ -64,7 +64,7 @@ def base() -> ml_collections.ConfigDict:
   # demo's Parti: 55 ms against 81; configs/demo_parti.py).
   m.scan_unroll = 1
   # "auto": cuDNN's fused attention on NVIDIA GPUs where it applies (16-bit matmuls, heads
-  # at most 128 wide in multiples of 8; parti_jax/model.py: attention_impl), XLA's
+  # at most 128 wide in multiples of 8; parti_jax/models/layers.py: attention_impl), XLA's
   # everywhere else. On an H200 the fused kernel nearly doubles 350M training throughput
   # (BENCHMARKS.md). "xla" or "cudnn" force one.
   m.attention_impl = "auto"
@@ -193,12 +193,12 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.code_dim = 32  # factorized lookup space
   m.commitment = 0.25
   # Off by default: every N steps, entries unused in that step's global batch restart from
-  # the batch's worst-fitted latents (parti_jax/vqgan_train.py: restart_dead_codes).
+  # the batch's worst-fitted latents (parti_jax/tasks/vitvqgan.py: restart_dead_codes).
   m.dead_code_restart_every = 0
   m.dead_code_restart_until = -1  # no restarts from this step on (-1: restarts to the end)
   # Steps at the start in which the decoder sees the encoder's continuous latents, not their
   # codes, while the codebook follows the latents (its loss and restarts): see
-  # parti_jax/vqgan.py. 0: quantized from the first step, as in the paper.
+  # parti_jax/models/vitvqgan.py. 0: quantized from the first step, as in the paper.
   m.quantize_start = 0
   m.logit_laplace = True  # decoder also predicts per-pixel scales (Parti's decoder: False)
   m.encoder = ml_collections.ConfigDict(dict(d_model=512, num_heads=8, mlp_dim=2048, layers=8))
@@ -208,7 +208,7 @@ def vitvqgan_base() -> ml_collections.ConfigDict:
   m.remat = "none"
   m.scan_unroll = 1  # as in Parti's model config
   m.attention_impl = "auto"  # as in Parti's model config
-  # StyleGAN-style discriminator (parti_jax/discriminator.py): channels at full resolution,
+  # StyleGAN-style discriminator (parti_jax/models/discriminator.py): channels at full resolution,
   # doubling per halving up to max_channels. channels=0: no discriminator.
   m.discriminator = ml_collections.ConfigDict(dict(channels=64, max_channels=512))
   c.loss = ml_collections.ConfigDict()
@@ -314,11 +314,15 @@ def _check_slices(num_slices: int, shape: tuple[int, ...]) -> None:
         "multiple of mesh.num_slices")
 
 
-def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> tuple[int, ...]:
-  """Refuses a config that cannot run, before compiling. Returns the resolved mesh shape."""
+def check(config: ml_collections.ConfigDict, num_devices: int | None = None,
+          training: bool = True) -> tuple[int, ...]:
+  """Refuses a config that cannot run, before compiling. Returns the resolved mesh shape.
+
+  `training=False` (inference) checks the model and mesh only: no batch, optimizer or loss.
+  """
   num_devices = jax.device_count() if num_devices is None else num_devices
   if config.get("task", "parti") == "vitvqgan":
-    return _check_vitvqgan(config, mesh_shape(config, num_devices))
+    return _check_vitvqgan(config, mesh_shape(config, num_devices), training)
   m = config.model
   shape = dict(zip(MESH_AXES, mesh_shape(config, num_devices)))
   problems = []
@@ -341,11 +345,11 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
        f"columns, in pairs); it is {head_dim(m)}")
   need(not m.get("text_rope", False) or head_dim(m) % 2 == 0,
        f"model.text_rope needs an even head dimension (rotated in pairs); it is {head_dim(m)}")
-  need(config.optimizer.name in ("adafactor", "adamw"),
+  need(not training or config.optimizer.name in ("adafactor", "adamw"),
        f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
-  need(config.schedule.name in SCHEDULES,
+  need(not training or config.schedule.name in SCHEDULES,
        f"schedule.name={config.schedule.name!r} is not one of {SCHEDULES}")
-  need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
+  need(not training or config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
 
   # Every sharded dimension must split evenly over the mesh axes the rules give it.
   rules = dict()
@@ -369,7 +373,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
   n, desc = ways("batch")
   per_step = n * config.grad_accum_steps
-  need(config.global_batch_size % per_step == 0,
+  need(not training or config.global_batch_size % per_step == 0,
        f"global_batch_size={config.global_batch_size} is not divisible by the batch shards "
        f"({desc or 'none'}) x grad_accum_steps={config.grad_accum_steps} = {per_step}")
   if problems:
@@ -378,7 +382,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
 
 def _shared_model_problems(m: ml_collections.ConfigDict) -> list[str]:
-  """Fields both models' layer stacks read (parti_jax/model.py: Stack, Attention)."""
+  """Fields both models' layer stacks read (parti_jax/models/layers.py: Stack, Attention)."""
   problems = []
   unroll = m.get("scan_unroll", 1)
   if unroll < 1:
@@ -392,7 +396,7 @@ def _shared_model_problems(m: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _check_vitvqgan(config, shape: tuple[int, ...], training: bool) -> tuple[int, ...]:
   m, sizes, problems = config.model, dict(zip(MESH_AXES, shape)), []
   if m.resolution % m.patch_size:
     problems.append(f"model.resolution={m.resolution} is not a multiple of "
@@ -406,7 +410,15 @@ def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
       problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
                       f"divisible by mesh.tensor={sizes['tensor']}")
   problems += _shared_model_problems(m)
-  w = config.loss
+  if training:
+    problems += _vitvqgan_training_problems(config, sizes)
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  return shape
+
+
+def _vitvqgan_training_problems(config, sizes: dict) -> list[str]:
+  m, w, problems = config.model, config.loss, []
   if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
     problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "
                     "model.discriminator.channels is 0")
@@ -422,7 +434,5 @@ def _check_vitvqgan(config, shape: tuple[int, ...]) -> tuple[int, ...]:
   if config.global_batch_size % batch_shards:
     problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "
                     f"batch shards (mesh.data x mesh.fsdp = {batch_shards})")
-  if problems:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-  return shape
+  return problems
 

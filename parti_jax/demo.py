@@ -25,7 +25,6 @@ sizes below suit a 2-core CPU; `--train_images`, `--tokenizer_steps`, `--parti_s
 `--eval_prompts` scale the run (the test suite runs a much smaller one).
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -37,7 +36,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from parti_jax import metrics
+from parti_jax import cli, decoding, metrics
 from parti_jax.data import records
 
 PREEMPTED_EXIT_CODE = 75  # the trainer's exit code after SIGTERM or Ctrl-C (it saved first)
@@ -51,6 +50,8 @@ def python(*args) -> list[str]:
 class Demo:
 
   def __init__(self, a):
+    del a.args  # the demo takes flags only
+    a.configs = pathlib.Path(a.configs)
     self.a = a
     self.dir = pathlib.Path(a.workdir).absolute()
     self.data = self.dir / "data"
@@ -250,36 +251,32 @@ def _last_eval(run_dir: pathlib.Path) -> dict:
   return last
 
 
+DEFAULTS = decoding.Settings()  # the project's sampling defaults
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("workdir", None, "Everything the demo makes goes here.", required=True)
+FLAGS.integer("train_images", 32000, "Images of the train split.")
+FLAGS.integer("eval_prompts", 400, "Validation and held-out prompts each (400: about 100 of "
+              "each kind, so a kind's score has a standard error of up to 5 points).")
+FLAGS.integer("lattice", 8, "Objects on multiples of this many pixels, the tokenizer's 8 px "
+              "patches, so each shows the same codes wherever it stands and no patch shows two "
+              "objects; 0 puts objects anywhere, which the demo's small Parti learns far less "
+              "well (BENCHMARKS.md).")
+FLAGS.string("train_kinds", "single:1,count:1,binding:2,relation:3", "How often the train "
+             "split draws each kind of caption; validation and held-out prompts draw them "
+             "equally. Drawing the two-object kinds more often raised the seen score from 83% "
+             "to 92.5% (BENCHMARKS.md).")
+FLAGS.integer("tokenizer_steps", 1000, "Training steps of the image tokenizer.")
+FLAGS.integer("parti_steps", 6000, "Training steps of the Parti model.")
+FLAGS.float("guidance", DEFAULTS.guidance, "Classifier-free guidance scale.")
+FLAGS.float("temperature", DEFAULTS.temperature, "Sampling temperature.")
+FLAGS.integer("seed", 0, "Seed of the shapes data and of the samples.")
+FLAGS.string("configs", str(pathlib.Path(__file__).resolve().parents[1] / "configs"),
+             "Directory with demo_tokenizer.py and demo_parti.py.")
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True, help="everything the demo makes goes here")
-  p.add_argument("--train_images", type=int, default=32000)
-  p.add_argument("--eval_prompts", type=int, default=400,
-                 help="validation and held-out each (400: about 100 of each kind, so a kind's "
-                 "score has a standard error of up to 5 points)")
-  p.add_argument("--lattice", type=int, default=8,
-                 help="objects on multiples of this many pixels, the tokenizer's 8 px "
-                 "patches, so each shows the same codes wherever it stands and no patch "
-                 "shows two objects; 0 puts objects anywhere, which the demo's small Parti "
-                 "learns far less well (BENCHMARKS.md)")
-  p.add_argument("--train_kinds", default="single:1,count:1,binding:2,relation:3",
-                 help="how often the train split draws each kind of caption; validation "
-                 "and held-out prompts draw them equally. Drawing the two-object kinds "
-                 "more often raised the seen score from 83%% to 92.5%% (BENCHMARKS.md)")
-  p.add_argument("--tokenizer_steps", type=int, default=1000)
-  p.add_argument("--parti_steps", type=int, default=6000)
-  p.add_argument("--guidance", type=float, default=1.5,
-                 help="classifier-free guidance scale (1.0 to 1.5 score alike on the demo "
-                 "model, 3 far worse: BENCHMARKS.md)")
-  p.add_argument("--temperature", type=float, default=0.2,
-                 help="sampling temperature (on 2000 prompts: 0.1 to 0.3 score alike, 0.5 "
-                 "3 points lower, 1.0 worse; BENCHMARKS.md)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--configs", type=pathlib.Path,
-                 default=pathlib.Path(__file__).resolve().parents[1] / "configs",
-                 help="directory with demo_tokenizer.py and demo_parti.py")
-  Demo(p.parse_args(argv)).run()
+  Demo(FLAGS.parse(argv)).run()
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

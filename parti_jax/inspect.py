@@ -11,24 +11,21 @@ import math
 import sys
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
 
+from parti_jax import cli, sharding, tasks
 from parti_jax import config as config_lib
-from parti_jax import flops, sharding
-from parti_jax.train_step import Setup
-
 
 
 def plan(config, num_devices: int) -> dict:
   """Parameter table and per-device bytes of `config` on an abstract mesh of `num_devices`."""
-  setup = Setup(config, sharding.abstract_mesh(config, num_devices))
+  task = tasks.of(config)
+  setup = task.Setup(config, sharding.abstract_mesh(config, num_devices))
   state = setup.abstract_state()
   rows = []
   for (path, p), (_, logical), (_, s) in zip(
       jax.tree_util.tree_leaves_with_path(setup.abstract_params),
       jax.tree_util.tree_leaves_with_path(setup.logical_specs),
-      jax.tree_util.tree_leaves_with_path(setup.state_shardings.params)):
+      jax.tree_util.tree_leaves_with_path(setup.param_shardings)):
     rows.append(dict(name=jax.tree_util.keystr(path, simple=True, separator="/"),
                      shape=list(p.shape), logical=list(logical), spec=[_axes(a) for a in s.spec],
                      bytes_per_device=sharding.shard_bytes(p.shape, p.dtype, s)))
@@ -39,7 +36,7 @@ def plan(config, num_devices: int) -> dict:
       mesh=dict(setup.mesh.shape),
       param_bytes_per_device=per_device(state.params),
       opt_state_bytes_per_device=per_device(state.opt_state),
-      train_step_tflops=flops.train_step_flops(config) / 1e12,
+      train_step_tflops=task.train_step_flops(config) / 1e12,
       params=rows)
 
 
@@ -61,24 +58,25 @@ def _print_table(p: dict) -> None:
   print(f"train step: {p['train_step_tflops']:.1f} TFLOP at the global batch")
 
 
-def main(argv):
-  del argv
-  config = flags.FLAGS.config
-  if config is None:
+FLAGS = cli.Flags(__doc__)
+FLAGS.config(lock_config=True)
+FLAGS.integer("num_devices", None, "Plan for this many devices.")
+FLAGS.bool("json", False, "Print one JSON object instead of a table.")
+
+
+def main(argv=None):
+  a = FLAGS.parse(argv)
+  if a.config is None:
     sys.exit("--config is required, e.g. --config configs/parti_350m.py")
   try:
-    p = plan(config, flags.FLAGS.num_devices or jax.device_count())
-  except config_lib.ConfigError as e:
+    p = plan(a.config, a.num_devices or jax.device_count())
+  except (config_lib.ConfigError, tasks.UnknownTask) as e:
     sys.exit(f"error: {e}")
-  if flags.FLAGS.json:
+  if a.json:
     print(json.dumps(p))
   else:
     _print_table(p)
 
 
 if __name__ == "__main__":
-  # Defined here, not at import, so that other modules can import `plan`.
-  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  flags.DEFINE_integer("num_devices", None, "Plan for this many devices.")
-  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-  app.run(main)
+  cli.run(main)

@@ -27,7 +27,8 @@ Rules = Sequence[tuple[str, Any]]
 _ACTIVATION_MESH: list[Mesh] = []
 
 
-def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config, devices: Sequence[jax.Device] | None = None,
+              training: bool = True) -> Mesh:
   """A (data, fsdp, tensor) mesh over all devices, checked against the config first.
 
   Over several TPU slices (mesh.num_slices), the data axis is split across the slices and
@@ -35,7 +36,7 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   crosses the slow network between slices, once per step.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = config_lib.check(config, len(devices))
+  shape = config_lib.check(config, len(devices), training)
   # Auto axes: GSPMD propagates shardings between the constraints we set.
   axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
   num_slices = int(config.mesh.get("num_slices", 1))

@@ -24,27 +24,24 @@ the last write (`skipped_records/REASON`), skipped updates (in the window and in
 data-wait time, and evaluation loss and accuracy on `data.eval`.
 """
 
-import dataclasses
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
-from parti_jax import checkpoints, distributed, flops, sharding
+from parti_jax import checkpoints, cli, distributed, flops, runs, sharding, tasks
 from parti_jax import config as config_lib
 from parti_jax import metrics as metrics_lib
-from parti_jax import train_step as ts
 from parti_jax.data import pipeline, records
+from parti_jax.tasks.base import Task
 
 PREEMPTED_EXIT_CODE = os.EX_TEMPFAIL  # 75
 MULTI_PROCESS_STOP_CHECK = 10
@@ -56,45 +53,6 @@ class Preempted(Exception):
 
 class TrainingError(RuntimeError):
   """The run cannot go on (non-finite updates); the message says why and where."""
-
-
-@dataclasses.dataclass
-class Task:
-  """What the loop needs from a model family; one trainer serves every stage.
-
-  `inputs`: the batch fields the steps take. `train_step(state, batch) -> (state, metrics)`
-  and `eval_step(params, batch) -> metrics` (weighted by `weight`) are jitted on the mesh.
-  """
-  setup: ts.Setup
-  inputs: tuple[str, ...]
-  train_step: Callable
-  eval_step: Callable
-  step_flops: float  # model FLOPs of one train step (the numerator of MFU)
-  tokens_per_example: int  # image tokens predicted per example
-  # (params, eval batch) -> uint8 [H, W, 3], a picture written at each evaluation
-  picture: Callable | None = None
-
-
-def parti_task(config, mesh) -> Task:
-  setup = ts.Setup(config, mesh)
-  return Task(setup, ("text_tokens", "image_tokens"), ts.jit_train_step(setup),
-              ts.jit_eval_step(setup), flops.train_step_flops(config),
-              config.model.image_grid ** 2)
-
-
-def vitvqgan_task(config, mesh) -> Task:
-  from parti_jax import vqgan_train  # the image tokenizer's losses and steps
-  setup = vqgan_train.Setup(config, mesh)
-  reconstruct = vqgan_train.reconstruct_fn(setup)
-  return Task(setup, ("images",), vqgan_train.jit_train_step(setup),
-              ts.jit_eval_step(setup, vqgan_train.eval_step),
-              vqgan_train.train_step_flops(config),
-              (config.model.resolution // config.model.patch_size) ** 2,
-              picture=lambda params, batch: vqgan_train.reconstruction_grid(
-                  reconstruct, params, batch["images"]))
-
-
-TASKS = {"parti": parti_task, "vitvqgan": vitvqgan_task}
 
 
 class StopRequest:
@@ -187,19 +145,24 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   """
   devices = devices or jax.devices()
   workdir = checkpoints.absolute(workdir)
-  config_lib.check(config, len(devices))
-  pipeline.check(config)
+  tasks.of(config)  # a task the trainer knows
+  mesh = sharding.make_mesh(config, devices)  # checks the config against the devices
   if config.optimizer.get("frozen") and not config.init_from:
     raise config_lib.ConfigError(
         f"optimizer.frozen={tuple(config.optimizer.frozen)} without init_from: the frozen "
         "groups would keep their random initial values")
   t = config.train
-  use_compilation_cache(t.compilation_cache, workdir)
-  mesh = sharding.make_mesh(config, devices)
-  task = TASKS[config.task](config, mesh)
-  checkpoints.check_config(workdir, config)
-  ckpt = checkpoints.Checkpoints(workdir, config)
-  loader = pipeline.Loader(config, mesh, train=True)
+  if config.data.eval:  # before anything is compiled, not at the first evaluation
+    pipeline.check(config, train=False)
+  loader = pipeline.Loader(config, mesh, train=True)  # checks the data config
+  try:
+    use_compilation_cache(t.compilation_cache, workdir)
+    task = tasks.build(config, mesh)
+    runs.write_config(workdir, config)
+    ckpt = checkpoints.Checkpoints(workdir, config)
+  except BaseException:
+    loader.close()
+    raise
   total = config.num_train_steps
   writer = metrics_lib.Writer(workdir, total)
   abstract_state = task.setup.abstract_state()
@@ -208,7 +171,8 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
     state = task.setup.init_state()
     if config.init_from:
       groups = tuple(config.get("init_from_groups", ()))
-      loaded = checkpoints.load_params(config.init_from, abstract_state.params, groups)
+      loaded = checkpoints.load_params(runs.resolve_checkpoint(config.init_from),
+                                       abstract_state.params, groups)
       state = state.replace(params={**state.params, **loaded})
       writer.log(f"parameters {', '.join(groups) or 'all'} from {config.init_from}")
   else:
@@ -327,21 +291,26 @@ class Profiler:
       self._active = False
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
+FLAGS = cli.Flags(__doc__)
+FLAGS.config()
+FLAGS.string("workdir", None, "Work directory: checkpoints, metrics, config.")
+FLAGS.bool("verbose", False, "Log at INFO (orbax logs every save there).")
+
+
+def main(argv=None):
+  a = FLAGS.parse(argv)
+  logging.set_verbosity(logging.INFO if a.verbose else logging.WARNING)
   try:
     distributed.initialize()
   except distributed.DistributedError as e:
     sys.exit(f"error: {e}")
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  config, workdir = a.config, a.workdir
   if config is None or not workdir:
     sys.exit("error: --config and --workdir are required")
   try:
     summary = train(config, workdir)
   except (config_lib.ConfigError, records.DataError, TrainingError,
-          checkpoints.CheckpointError) as e:
+          checkpoints.CheckpointError, tasks.UnknownTask, runs.RunError) as e:
     sys.exit(f"error: {e}")
   except Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
@@ -352,7 +321,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: the module is imported by tests and other tools.
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
-  flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, config.")
-  app.run(main)
+  cli.run(main)

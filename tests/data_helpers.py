@@ -122,12 +122,14 @@ def prepare_tfds(data_dir):
 def token_data(root, num_validation: int = 40):
   """Shapes at 32 px -> SentencePiece -> colour-code token shards (4x4, codebook 64) under
   `root` (tokens/train, tokens/validation, spm.model): what the trainer tests train on."""
-  from parti_jax.data import encode, shapes
-  shapes.write(root / "shapes", shapes.Spec(), num=256, num_validation=num_validation,
-               num_heldout=0, progress=False)
+  from parti_jax import tokenizers
+  from parti_jax.data import encode
+  from parti_jax.shapes import dataset, scenes
+  dataset.write(root / "shapes", scenes.Spec(), num=256, num_validation=num_validation,
+                num_heldout=0, progress=False)
   spm.train(spm.captions_of([root / "shapes" / "train"]), root / "spm", vocab_size=128)
   tokenizer = spm.Tokenizer(root / "spm.model", 16)
   for split in ("train", "validation"):
     encode.encode(root / "shapes" / split, root / "tokens" / split,
-                  encode.color_tokenizer(32), tokenizer, batch_size=64)
+                  tokenizers.color(32), tokenizer, batch_size=64)
   return root

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from parti_jax import sharding
-from parti_jax import train_step as ts
+from parti_jax.tasks import parti as parti_task
 
 
 def random_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
@@ -18,10 +18,10 @@ def random_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
   return dict(text_tokens=text, image_tokens=image)
 
 
-def setup_on(config, mesh_shape, num_devices) -> ts.Setup:
+def setup_on(config, mesh_shape, num_devices) -> parti_task.Setup:
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
-  return ts.Setup(config, sharding.make_mesh(config, jax.devices()[:num_devices]))
+  return parti_task.Setup(config, sharding.make_mesh(config, jax.devices()[:num_devices]))
 
 
 def vitvqgan_run(workdir):
@@ -29,10 +29,11 @@ def vitvqgan_run(workdir):
   import orbax.checkpoint as ocp
 
   from conftest import load_config
-  from parti_jax import checkpoints, vqgan_train
+  from parti_jax import checkpoints, runs
+  from parti_jax.tasks import vitvqgan as vqgan_task
   config = load_config("vitvqgan_tiny")
-  checkpoints.check_config(workdir, config)
-  setup = vqgan_train.Setup(config)
+  runs.write_config(workdir, config)
+  setup = vqgan_task.Setup(config)
   # Random values of the right shapes: initializing the model compiles for ~20 s.
   rng = np.random.default_rng(5)
   params = jax.tree_util.tree_map_with_path(

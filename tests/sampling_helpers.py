@@ -11,7 +11,9 @@ import jax
 
 from conftest import load_config
 from parti_jax import train as trainer
-from parti_jax.data import encode, shapes, spm
+from parti_jax import tokenizers
+from parti_jax.data import encode, spm
+from parti_jax.shapes import dataset, scenes
 
 STEPS = 150
 
@@ -22,10 +24,10 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
   workdir = root / "run"
   if (workdir / "checkpoints" / str(STEPS)).exists():
     return workdir
-  shapes.write(root / "shapes", shapes.Spec(), num=1000, num_validation=8, num_heldout=0,
-               progress=False)
+  dataset.write(root / "shapes", scenes.Spec(), num=1000, num_validation=8, num_heldout=0,
+                progress=False)
   spm.train(spm.captions_of([root / "shapes" / "train"]), root / "spm", vocab_size=128)
-  encode.encode(root / "shapes" / "train", root / "tokens", encode.color_tokenizer(32),
+  encode.encode(root / "shapes" / "train", root / "tokens", tokenizers.color(32),
                 spm.Tokenizer(root / "spm.model", 16), batch_size=64)
   config = load_config("parti_tiny")
   config.data.train = str(root / "tokens")

@@ -171,9 +171,9 @@ def test_a_process_killed_while_saving_resumes_from_the_last_finished_step(data,
   assert unfinished[0] > finished[-1]
   last = finished[-1]
   # Tools (sample, init_from) take orbax's finished steps, never the half-written one.
-  from parti_jax import checkpoints, sample
+  from parti_jax import checkpoints, runs
   assert checkpoints.finished_steps(gs_dir / "checkpoints") == finished
-  assert sample.checkpoint_dir(gs_dir, None)[1] == last
+  assert runs.checkpoint_dir(gs_dir)[1] == last
   again = run_cli(gs_dir, data, f"--config.num_train_steps={last + 3}",
                   "--config.train.checkpoint_every=1", "--config.train.log_every=1",
                   "--config.train.keep_checkpoints=100000")

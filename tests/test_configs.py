@@ -9,7 +9,7 @@ from conftest import ROOT, load_config
 
 from parti_jax import config as config_lib
 from parti_jax import inspect as inspect_lib
-from parti_jax import train_step as ts
+from parti_jax.tasks import parti as parti_task
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -46,7 +46,7 @@ def test_command_line_override_reaches_the_model():
 
 def _error(config, num_devices=8):
   with pytest.raises(config_lib.ConfigError) as e:
-    ts.Setup(config) if num_devices is None else config_lib.check(config, num_devices)
+    parti_task.Setup(config) if num_devices is None else config_lib.check(config, num_devices)
   return str(e.value)
 
 

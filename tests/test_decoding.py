@@ -12,9 +12,10 @@ from jax.sharding import PartitionSpec as P
 from sampling_helpers import tiny_run
 from scipy import stats
 
-from parti_jax import decoding, sample, sharding
-from parti_jax import model as model_lib
-from parti_jax.data import spm
+from parti_jax import decoding, sampling, sharding
+from parti_jax import text as text_lib
+from parti_jax.models import layers as layers_lib
+from parti_jax.models import parti as parti_model
 
 # Every filter at once, so the distribution test covers each of them.
 FILTERED = decoding.Settings(guidance=2.0, temperature=1.2, top_k=16, top_p=0.95)
@@ -26,7 +27,7 @@ PROMPTS = ["a red circle", "two blue squares", "a large yellow star", "a green h
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  return sample.load_run(tiny_run(tmp_path_factory))
+  return sampling.load_run(tiny_run(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_cached_logits_equal_the_full_forward_with_rows_at_their_own_positions(
   c = load_config("parti_tiny").model
   c.decoder_attention, c.conv_kernel_rows, c.conv_kernel_cols = "conv", 2, 3
   c.image_rope, c.text_rope, c.scan_unroll = image_rope, text_rope, unroll
-  model = model_lib.Parti(c, rngs=nnx.Rngs(0))
+  model = parti_model.Parti(c, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   text = rng.integers(3, c.text_vocab_size, (3, c.text_len)).astype(np.int32)
   text[:, 9:] = 0
@@ -97,10 +98,10 @@ def test_cached_greedy_decoding_picks_the_uncached_argmax_tokens(run, samplers, 
     rng = np.random.default_rng(0)
     params = jax.device_put(
         jax.tree.map(lambda x: x + rng.normal(0, 0.3, x.shape).astype(x.dtype), params),
-        setup.state_shardings.params)
+        setup.param_shardings)
   text, keys = text_of(run, PROMPTS), keys_of(0, PROMPTS, np.zeros(8))
   forward = jax.jit(lambda p, t, i: setup.model(p)(t, i))
-  uncond = np.tile(spm.pad([], setup.config.model.text_len), (8, 1))
+  uncond = np.tile(text_lib.pad([], setup.config.model.text_len), (8, 1))
   expected = np.zeros((8, 16), np.int32)
   for i in range(16):  # every position: the full forward over the tokens so far
     c, u = (np.asarray(forward(params, t, expected))[:, i] for t in (text, uncond))
@@ -180,7 +181,7 @@ def test_a_prompt_and_seed_give_the_same_image_in_any_batch(run, samplers, windo
 
 def test_filters_shape_the_distribution():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05, 0.0]]) + 1e-30)
-  probs = lambda **kw: np.exp(decoding.log_probs(logits, decoding.Settings(**kw), 4))[0]
+  probs = lambda **kw: np.exp(decoding.log_probs(logits, decoding.Settings(**{'temperature': 1.0, **kw}), 4))[0]
   np.testing.assert_allclose(probs(), [0.5, 0.3, 0.15, 0.05, 0], atol=1e-6)
   np.testing.assert_allclose(probs(top_k=2), [0.625, 0.375, 0, 0, 0], atol=1e-6)
   np.testing.assert_allclose(probs(top_p=0.8), [0.625, 0.375, 0, 0, 0], atol=1e-6)
@@ -190,7 +191,7 @@ def test_filters_shape_the_distribution():
   hot = probs(temperature=2.0)
   assert hot[3] > 0.05 and hot[0] < 0.5  # flatter
   # Codes past num_codes (a tokenizer's smaller codebook) get nothing.
-  narrow = np.exp(decoding.log_probs(logits, decoding.Settings(), 2))[0]
+  narrow = np.exp(decoding.log_probs(logits, decoding.Settings(temperature=1.0), 2))[0]
   np.testing.assert_allclose(narrow, [0.625, 0.375, 0, 0, 0], atol=1e-6)
   # Guidance: rows (conditional, unconditional) pairs -> u + s (c - u).
   pairs = jnp.array([[1.0, 2.0], [0.5, 0.0]])

@@ -341,7 +341,7 @@ def test_cli_names_what_is_missing(tmp_path):
 
 def test_cli_rfid_compares_a_tokenizers_reconstructions_with_the_originals(
     tmp_path, monkeypatch, capsys):
-  from parti_jax import vqgan_train
+  from parti_jax.tasks import vitvqgan as vqgan_task
   setup, params = helpers.vitvqgan_run(tmp_path / "run")
   rng = np.random.default_rng(4)
   pixels = rng.integers(0, 256, (6, 32, 32, 3), np.uint8)
@@ -371,7 +371,7 @@ def test_cli_rfid_compares_a_tokenizers_reconstructions_with_the_originals(
       "rfid", 6, 0, 32)
   assert np.isfinite(result["fid"]) and result["fid"] > 0
 
-  recon = vqgan_train.reconstruct_fn(setup)(params, image_lib.to_model_range(pixels, -1, 1))
+  recon = vqgan_task.reconstruct_fn(setup)(params, image_lib.to_model_range(pixels, -1, 1))
   rebuilt = image_lib.to_uint8(np.asarray(recon), -1, 1)  # as a saved picture
   (mu_a, sigma_a, mu_b, sigma_b), = calls
   f = first_values(None, pixels.astype(np.float64))

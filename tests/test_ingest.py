@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from parti_jax.data import images, ingest, records, spm, tfds_source
+from parti_jax.data import images, ingest, records, shard_writer, sources, spm
+from parti_jax.data.sources import tfds, webdataset
 
 
 
@@ -50,12 +51,12 @@ def read(out) -> dict:
 def test_shard_ranges_are_the_contiguous_blocks_of_i_times_k_over_n():
   for n in range(25):
     for k in range(1, 7):
-      got = [i for s in range(k) for i in ingest.shard_range(s, n, k)]
+      got = [i for s in range(k) for i in sources.shard_range(s, n, k)]
       assert got == list(range(n))
       for s in range(k):
-        assert all(i * k // n == s for i in ingest.shard_range(s, n, k))
-  assert ingest.default_num_shards(0) == 1
-  assert ingest.default_num_shards(10_001) == 2
+        assert all(i * k // n == s for i in sources.shard_range(s, n, k))
+  assert sources.default_num_shards(0) == 1
+  assert sources.default_num_shards(10_001) == 2
 
 
 def test_folder_with_jsonl_captions(tmp_path, capsys):
@@ -190,12 +191,12 @@ def test_tar_patterns_expand_globs_braces_and_lists(tmp_path):
   for i in range(3):
     (tmp_path / f"s-{i:03d}.tar").write_bytes(b"")
   d = str(tmp_path)
-  assert ingest.expand_tar_patterns([f"{d}/s-{{000..001}}.tar,{d}/s-002.tar"]) == [
+  assert webdataset.expand_tar_patterns([f"{d}/s-{{000..001}}.tar,{d}/s-002.tar"]) == [
       f"{d}/s-000.tar", f"{d}/s-001.tar", f"{d}/s-002.tar"]
-  assert ingest.expand_tar_patterns([f"{d}/s-002.tar", f"{d}/s-*.tar"]) == [
+  assert webdataset.expand_tar_patterns([f"{d}/s-002.tar", f"{d}/s-*.tar"]) == [
       f"{d}/s-002.tar", f"{d}/s-000.tar", f"{d}/s-001.tar"]
   with pytest.raises(records.DataError, match="nothing found"):
-    ingest.expand_tar_patterns([f"{d}/missing-*.tar"])
+    webdataset.expand_tar_patterns([f"{d}/missing-*.tar"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,8 +246,7 @@ def test_tfds_tensor_images_and_sequence_captions(tfds_dir, tmp_path, capsys):
 
 
 def test_tfds_records_gives_random_access_for_the_pipeline(tfds_dir):
-  source = tfds_source.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train", "image",
-                               "caption")
+  source = tfds.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train", "image", "caption")
   assert len(source) == 6
   copy = pickle.loads(pickle.dumps(source))  # grain workers receive a pickled copy
   for index in range(6):
@@ -256,8 +256,7 @@ def test_tfds_records_gives_random_access_for_the_pipeline(tfds_dir):
     if captions != [""]:
       i = int(captions[0].split()[-1])
       assert captions == [f"tfds caption {i}"] and record["image"] == h.tfds_png(i)
-  pixels = tfds_source.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train[2:]", "pixels",
-                               "alt")
+  pixels = tfds.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train[2:]", "pixels", "alt")
   assert len(pixels) == 4
   i = int(spm.clean_caption(pixels[0]["captions"][0])[0].split()[-1])
   np.testing.assert_array_equal(pixels[0]["image"], h.tfds_pixels(i))
@@ -271,9 +270,9 @@ def test_tfds_wrong_feature_names_the_available_ones(tfds_dir, tmp_path, capsys)
   assert "no feature 'picture'" in message
   assert all(name in message for name in ("image", "caption", "pixels", "alt"))
   with pytest.raises(records.DataError, match="not text"):
-    tfds_source.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train", "image", "pixels")
+    tfds.TfdsRecords("ingest_tiny_captions", str(tfds_dir), "train", "image", "pixels")
   with pytest.raises(records.DataError, match="not found"):
-    tfds_source.TfdsRecords("no_such_dataset_here", str(tmp_path), "train", "image", "caption")
+    tfds.TfdsRecords("no_such_dataset_here", str(tmp_path), "train", "image", "caption")
 
 
 # ------------------------------------------------------------------------------------------
@@ -408,7 +407,7 @@ def test_a_failure_inside_a_shard_leaves_no_shard_and_a_rerun_completes(tmp_path
     write(src / f"img{i}.txt", f"image {i}")
   out = tmp_path / "crash"
   argv = ["folder", "--images", src, "--out", out, "--num_shards", "2", "--num_threads", "1"]
-  real, calls = ingest.check_record, []
+  real, calls = shard_writer.check_record, []
 
   def dies_on_the_fifth(*args, **kwargs):  # as if the machine went away mid-shard
     calls.append(1)
@@ -416,14 +415,14 @@ def test_a_failure_inside_a_shard_leaves_no_shard_and_a_rerun_completes(tmp_path
       raise KeyboardInterrupt
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(ingest, "check_record", dies_on_the_fifth)
+  monkeypatch.setattr(shard_writer, "check_record", dies_on_the_fifth)
   with pytest.raises(KeyboardInterrupt):
     run(capsys, *argv)
   names = sorted(p.name for p in out.iterdir())
   assert records.shard_name("crash", 0, 2) in names  # finished before the failure
   assert records.shard_name("crash", 1, 2) not in names  # never reads as complete
   assert not [n for n in names if n.endswith(".tmp")] and "metadata.json" not in names
-  monkeypatch.setattr(ingest, "check_record", real)
+  monkeypatch.setattr(shard_writer, "check_record", real)
   meta, printed = run(capsys, *argv)
   assert "resuming: 1 of 2 shards already done" in printed and meta["count"] == 6
 

@@ -15,8 +15,9 @@ from flax import nnx
 from helpers import random_batch, setup_on
 
 from parti_jax import config as config_lib
-from parti_jax import model as model_lib
-from parti_jax import train_step as ts
+from parti_jax.models import layers as layers_lib
+from parti_jax.models import parti as parti_model
+from parti_jax.tasks import parti as parti_task
 
 _forward = nnx.jit(lambda model, text, image: model(text, image))
 
@@ -24,7 +25,7 @@ _forward = nnx.jit(lambda model, text, image: model(text, image))
 @pytest.fixture(scope="module")
 def tiny():
   c = load_config("parti_tiny")
-  return c, model_lib.Parti(c.model, rngs=nnx.Rngs(0))
+  return c, parti_model.Parti(c.model, rngs=nnx.Rngs(0))
 
 
 def test_logits_are_causal_in_the_image_tokens(tiny):
@@ -72,7 +73,7 @@ def test_rotary_attention_scores_depend_only_on_the_2d_offset():
   q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32) for _ in range(2))
 
   def score(q_at, k_at):
-    rotated = [model_lib.rotate(x, model_lib.rotary_2d(jnp.array([r]), jnp.array([c]), 16))
+    rotated = [layers_lib.rotate(x, layers_lib.rotary_2d(jnp.array([r]), jnp.array([c]), 16))
                for x, (r, c) in ((q, q_at), (k, k_at))]
     return np.asarray(jnp.sum(rotated[0] * rotated[1], -1))
 
@@ -83,7 +84,7 @@ def test_rotary_attention_scores_depend_only_on_the_2d_offset():
   # Rows and columns are told apart: swapping the offset's axes changes the score.
   assert not np.allclose(score((3, 5), (2, 3)), score((3, 5), (1, 4)), atol=1e-3)
   # And the rotation keeps each vector's length.
-  rotated = model_lib.rotate(q, model_lib.rotary_2d(jnp.array([7]), jnp.array([2]), 16))
+  rotated = layers_lib.rotate(q, layers_lib.rotary_2d(jnp.array([7]), jnp.array([2]), 16))
   np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(q, axis=-1),
                              rtol=1e-5)
 
@@ -93,7 +94,7 @@ def test_image_rope_changes_the_decoder_and_needs_head_dim_divisible_by_4(tiny):
   b = random_batch(c, batch_size=2)
   rope = c.model.copy_and_resolve_references()
   rope.image_rope = True
-  with_rope = model_lib.Parti(rope, rngs=nnx.Rngs(0))  # same seed: same parameters
+  with_rope = parti_model.Parti(rope, rngs=nnx.Rngs(0))  # same seed: same parameters
   assert not np.allclose(_forward(with_rope, b["text_tokens"], b["image_tokens"]),
                          _forward(model, b["text_tokens"], b["image_tokens"]), atol=1e-4)
   bad = load_config("parti_tiny")
@@ -111,7 +112,7 @@ def test_text_rope_makes_the_encoder_see_word_order(tiny):
   swapped = text.at[:, 2].set(text[:, 4]).at[:, 4].set(text[:, 2])
   outputs = {}
   for name, m in (("plain", c.model), ("rope", rope)):
-    model = model_lib.Parti(m, rngs=nnx.Rngs(0))
+    model = parti_model.Parti(m, rngs=nnx.Rngs(0))
     # Without learned positions, attention alone is blind to order: two words swapped
     # leave the encoding of every other word as it was. Rotations by position are not.
     model.text_pos[...] = jnp.zeros_like(model.text_pos[...])
@@ -124,8 +125,8 @@ def test_text_rope_makes_the_encoder_see_word_order(tiny):
   rng = np.random.default_rng(1)
   q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32) for _ in range(2))
   score = lambda i, j: np.asarray(jnp.sum(
-      model_lib.rotate(q, model_lib.rotary_1d(jnp.array([i]), 16))
-      * model_lib.rotate(k, model_lib.rotary_1d(jnp.array([j]), 16)), -1))
+      layers_lib.rotate(q, layers_lib.rotary_1d(jnp.array([i]), 16))
+      * layers_lib.rotate(k, layers_lib.rotary_1d(jnp.array([j]), 16)), -1))
   np.testing.assert_allclose(score(5, 2), score(9, 6), rtol=1e-5, atol=1e-5)
   assert not np.allclose(score(5, 2), score(5, 3), atol=1e-3)
   bad = load_config("parti_tiny")
@@ -139,7 +140,7 @@ def test_unrolled_layers_compute_what_the_scanned_loop_does(tiny):
   b = random_batch(c, batch_size=2)
   unrolled = c.model.copy_and_resolve_references()
   unrolled.scan_unroll = c.model.decoder_layers
-  other = model_lib.Parti(unrolled, rngs=nnx.Rngs(0))  # same seed: same parameters
+  other = parti_model.Parti(unrolled, rngs=nnx.Rngs(0))  # same seed: same parameters
   scanned = _forward(model, b["text_tokens"], b["image_tokens"])
   np.testing.assert_allclose(_forward(other, b["text_tokens"], b["image_tokens"]), scanned,
                              rtol=1e-5, atol=1e-5)
@@ -156,13 +157,13 @@ def test_unrolled_layers_compute_what_the_scanned_loop_does(tiny):
 def test_conv_mask_is_causal_and_local():
   c = load_config("parti_tiny").model
   c.image_grid, c.decoder_attention, c.conv_kernel_rows, c.conv_kernel_cols = 5, "conv", 2, 3
-  mask = np.asarray(model_lib.decoder_mask(c))[0, 0]
+  mask = np.asarray(parti_model.decoder_mask(c))[0, 0]
   q = 2 * 5 + 2  # row 2, column 2
   allowed = {int(k) for k in np.flatnonzero(mask[q])}
   # Row 1 columns 1..3 and row 2 columns 1..2 (causal: not column 3 of its own row).
   assert allowed == {6, 7, 8, 11, 12}
   c.decoder_attention = "dense"
-  np.testing.assert_array_equal(np.asarray(model_lib.decoder_mask(c))[0, 0],
+  np.testing.assert_array_equal(np.asarray(parti_model.decoder_mask(c))[0, 0],
                                 np.tril(np.ones((25, 25), bool)))
 
 
@@ -172,7 +173,7 @@ def test_lowered_train_step_does_not_grow_with_depth():
     c = load_config("parti_tiny")
     c.model.encoder_layers = c.model.decoder_layers = layers
     setup = setup_on(c, (1, 8, 1), 8)
-    lowered = ts.jit_train_step(setup).lower(setup.abstract_state(), setup.abstract_batch())
+    lowered = parti_task.jit_train_step(setup).lower(setup.abstract_state(), setup.abstract_batch())
     sizes.append(len(lowered.as_text().splitlines()))
   # Scanned layers: one copy of the block in the program, whatever the depth.
   assert sizes[0] == sizes[1], sizes
@@ -183,7 +184,7 @@ def test_full_length_mask_attends_as_the_broadcast_mask_does():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32) for _ in range(3))
   keys = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]  # [B, 1, 1, S]
-  full = model_lib.full_length_mask(keys, 5, 5)
+  full = layers_lib.full_length_mask(keys, 5, 5)
   assert full.shape == (2, 1, 5, 5)
   short_out = jax.nn.dot_product_attention(q, k, v, mask=keys)
   np.testing.assert_allclose(jax.nn.dot_product_attention(q, k, v, mask=full), short_out,
@@ -196,14 +197,14 @@ def test_auto_attention_is_cudnn_only_on_nvidia_gpus_with_16_bit_heads_that_fit(
   h100, cpu = device("gpu", "NVIDIA H100 80GB HBM3"), device("cpu", "cpu")
   m = load_config("parti_350m").model  # bf16, 16 heads of 64
   assert m.attention_impl == "auto"
-  assert model_lib.attention_impl(m, h100) == "cudnn"
-  assert model_lib.attention_impl(m, cpu) == "xla"
-  assert model_lib.attention_impl(m, device("tpu", "TPU v5 lite")) == "xla"
-  assert model_lib.attention_impl(m, device("gpu", "AMD Instinct MI300X")) == "xla"
+  assert layers_lib.attention_impl(m, h100) == "cudnn"
+  assert layers_lib.attention_impl(m, cpu) == "xla"
+  assert layers_lib.attention_impl(m, device("tpu", "TPU v5 lite")) == "xla"
+  assert layers_lib.attention_impl(m, device("gpu", "AMD Instinct MI300X")) == "xla"
   for change in (dict(dtype="float32"), dict(head_dim=256), dict(head_dim=60)):
-    assert model_lib.attention_impl(_changed(m, change), h100) == "xla", change
-  assert model_lib.attention_impl(_changed(m, dict(attention_impl="xla")), h100) == "xla"
-  assert model_lib.attention_impl(_changed(m, dict(attention_impl="cudnn")), cpu) == "cudnn"
+    assert layers_lib.attention_impl(_changed(m, change), h100) == "xla", change
+  assert layers_lib.attention_impl(_changed(m, dict(attention_impl="xla")), h100) == "xla"
+  assert layers_lib.attention_impl(_changed(m, dict(attention_impl="cudnn")), cpu) == "cudnn"
 
 
 def _changed(m, change):
@@ -232,7 +233,8 @@ import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 sys.path.insert(0, "tests")
 from helpers import random_batch  # not conftest: it would pin JAX to the CPU
-from parti_jax import model as model_lib
+from parti_jax.models import layers as layers_lib
+from parti_jax.models import parti as parti_model
 
 def tiny_config():
   spec = importlib.util.spec_from_file_location("parti_tiny", "configs/parti_tiny.py")
@@ -243,7 +245,7 @@ def tiny_config():
 def loss_and_grad_norm(impl):
   c = tiny_config()
   c.model.update(dtype="bfloat16", attention_impl=impl)
-  model = model_lib.Parti(c.model, rngs=nnx.Rngs(0))
+  model = parti_model.Parti(c.model, rngs=nnx.Rngs(0))
   b = random_batch(c, batch_size=4)  # text padded to different lengths
   def loss(model):
     logits = model(b["text_tokens"], b["image_tokens"])

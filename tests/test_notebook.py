@@ -41,3 +41,16 @@ def test_the_notebook_is_valid_with_a_form():
   for name in ("CHECKPOINT", "PROMPTS", "NUM_SAMPLES", "GUIDANCE", "SEED", "SJD", "PACKAGE"):
     assert re.search(rf"^{name} = .*  # @param", cell.source, flags=re.M), name
   assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
+
+
+def test_the_notebook_form_starts_at_the_project_sampling_defaults():
+  """A Colab form holds literals, so the notebook cannot import the defaults: it must state
+  the ones `decoding.Settings` holds (and the sample command takes from there)."""
+  from parti_jax import decoding
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+  form = {name: float(re.search(rf"^{name} = ([0-9.]+)", cell.source, flags=re.M)[1])
+          for name in ("GUIDANCE", "TEMPERATURE", "TOP_K", "TOP_P")}
+  defaults = decoding.Settings()
+  assert form == dict(GUIDANCE=defaults.guidance, TEMPERATURE=defaults.temperature,
+                      TOP_K=defaults.top_k, TOP_P=defaults.top_p)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parti_jax import perceptual
+from parti_jax.models import perceptual
 from parti_jax.convert import vgg16 as convert_vgg16
 
 SIZE = 32  # 2x2 at relu5_3: the last block still sees neighbouring pixels

@@ -10,9 +10,11 @@ import pytest
 from conftest import ROOT
 
 from parti_jax import config as common
-from parti_jax import sharding
+from parti_jax import sharding, tokenizers
+from parti_jax import text as text_lib
 from parti_jax.data import encode as encode_lib
-from parti_jax.data import images, pipeline, records, spm, tfds_source
+from parti_jax.data import images, pipeline, records, spm
+from parti_jax.data.sources import tfds
 
 REASONS = records.SKIP_REASONS
 
@@ -23,7 +25,7 @@ def data(tmp_path_factory):
   model = h.spm_model(root)
   image_set = h.write_set(root / "images", h.image_records(40), num_shards=2)
   token_set = root / "tokens"
-  encode_lib.encode(image_set, token_set, encode_lib.color_tokenizer(32),
+  encode_lib.encode(image_set, token_set, tokenizers.color(32),
                     spm.Tokenizer(model, 16), batch_size=16)
   return dict(root=root, spm=model, images=image_set, tokens=str(token_set))
 
@@ -126,7 +128,7 @@ def test_token_shards_hold_the_tokenizer_codes_of_the_centre_crop(data):
   assert tokens.meta["tokens"]["grid"] == 4 and tokens.meta["tokens"]["codebook_size"] == 64
   source = {r["id"]: r for r in records.ShardSet.open(data["images"]).read_all()}
   tok = spm.Tokenizer(data["spm"], 16)
-  encode = encode_lib.color_tokenizer(32).encode
+  encode = tokenizers.color(32).encode
   for r in list(tokens.read_all())[:5]:
     img = images.square(images.open_image(source[r["id"]]["image"]), 32)
     want = np.asarray(encode(None, images.to_model_range(img, -1, 1)[None]))[0]
@@ -140,7 +142,7 @@ def test_token_shards_hold_the_tokenizer_codes_of_the_centre_crop(data):
 def test_caption_dropout_gives_the_unconditional_input(data, p, expect):
   for kind in ("tokens", "images"):
     b = next(iter(pipeline.dataset(config_for(data, kind, caption_dropout=p), True, 8)))
-    unconditional = (b["text_tokens"] == spm.pad([], 16)).all(axis=1)
+    unconditional = (b["text_tokens"] == text_lib.pad([], 16)).all(axis=1)
     assert unconditional.all() if expect == "always" else not unconditional.any()
 
 
@@ -196,7 +198,7 @@ def test_bad_records_are_skipped_and_counted_by_reason(data, tmp_path):
   assert upright[2, 16, 2] > 0.5 and upright[2, 16, 0] < -0.5
   np.testing.assert_allclose(by_id["png_16bit"][3], 128 / 127.5 - 1, atol=0.02)
   np.testing.assert_allclose(by_id["rgba_png"][3], 1.0, atol=0.01)  # transparent -> white
-  unconditional = spm.pad([], 16)
+  unconditional = text_lib.pad([], 16)
   for name in ("caption_empty", "caption_whitespace"):
     np.testing.assert_array_equal(by_id[name][4], unconditional)
   assert (by_id["caption_not_utf8"][4] != unconditional).any()
@@ -259,8 +261,7 @@ def test_a_tfds_source_is_read_directly(data, tmp_path):
           for i, m, img, text in zip(b["index"], b["mask"], b["images"], b["text_tokens"]) if m]
   assert sorted(i for i, _, _ in rows) == list(range(6))
   tok = spm.Tokenizer(data["spm"], 16)
-  source = tfds_source.TfdsRecords("ingest_tiny_captions", str(tmp_path), "train", "image",
-                                    "caption")
+  source = tfds.TfdsRecords("ingest_tiny_captions", str(tmp_path), "train", "image", "caption")
   for i, img, text in rows:
     record = source[i]
     want = images.square(images.open_image(record["image"]), 32)
@@ -281,7 +282,7 @@ def test_random_choices_do_not_depend_on_the_number_of_processes(data, kind):
   for key in one:
     np.testing.assert_array_equal(one[key][:10], two[0][key])
     np.testing.assert_array_equal(one[key][10:], two[1][key])
-  dropped = (one["text_tokens"] == spm.pad([], 16)).all(axis=1).mean()
+  dropped = (one["text_tokens"] == text_lib.pad([], 16)).all(axis=1).mean()
   assert 0.15 < dropped < 0.85  # 20 draws at p = 0.5
 
 

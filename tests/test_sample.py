@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sampling_helpers import tiny_run
 
-from parti_jax import decoding, sample
+from parti_jax import decoding, sample, sampling
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,9 @@ def test_the_command_writes_images_grids_and_a_report(workdir, tmp_path, capsys)
       "a red circle", "two blue squares", "a very long prom"]
   assert [p["truncated"] for p in report["prompts"]] == [False, False, True]
   assert report["settings"]["sjd_window"] == 16 and report["settings"]["top_k"] == 32
-  assert report["settings"]["guidance"] == 3.0 and report["decoding"] == "sjd"
+  defaults = decoding.Settings()  # the command samples at the project's defaults
+  assert report["settings"]["guidance"] == defaults.guidance and report["decoding"] == "sjd"
+  assert report["settings"]["temperature"] == defaults.temperature
   assert report["seed"] == 7 and report["step"] == 150 and report["batch_size"] == 16
   for key in ("load_s", "compile_s", "sample_s", "images_per_s", "forwards_per_batch"):
     assert report["timings"][key] > 0, key
@@ -53,32 +55,32 @@ def test_the_command_writes_images_grids_and_a_report(workdir, tmp_path, capsys)
 
 
 def test_a_prompt_and_seed_give_the_same_image_whatever_else_is_sampled(workdir):
-  run = sample.load_run(workdir)
+  run = sampling.load_run(workdir)
   settings = decoding.Settings(guidance=3.0)
-  a = sample.generate(run, ["a red circle", "two blue squares"], settings, 4, seed=1,
+  a = sampling.generate(run, ["a red circle", "two blue squares"], settings, 4, seed=1,
                       batch_size=8, progress=False)
   # 12 rows: a batch of 8 and a padded one, each prompt elsewhere than before.
-  b = sample.generate(run, ["a purple heart", "two blue squares", "a red circle"], settings,
+  b = sampling.generate(run, ["a purple heart", "two blue squares", "a red circle"], settings,
                       4, seed=1, batch_size=8, progress=False)
   assert a["timings"]["compile_s"] > 0 and b["timings"]["compile_s"] == 0  # compiled once
   np.testing.assert_array_equal(a["images"][0], b["images"][2])
   np.testing.assert_array_equal(a["images"][1], b["images"][1])
-  c = sample.generate(run, ["a red circle"], settings, 4, seed=2, batch_size=8, progress=False)
+  c = sampling.generate(run, ["a red circle"], settings, 4, seed=2, batch_size=8, progress=False)
   assert not np.array_equal(a["images"][0], c["images"][0])
 
 
 def test_prompts_files(tmp_path):
   tsv = tmp_path / "p.tsv"
   tsv.write_text(TSV)
-  assert sample.read_prompts(tsv, challenge="basic") == ["a red circle", "a cat on a mat"]
-  assert len(sample.read_prompts(tsv)) == 4  # the empty one skipped
+  assert sampling.read_prompts(tsv, challenge="basic") == ["a red circle", "a cat on a mat"]
+  assert len(sampling.read_prompts(tsv)) == 4  # the empty one skipped
   text = tmp_path / "p.txt"
   text.write_text("a red circle\n\n  two blue squares  \n")
-  assert sample.read_prompts(text) == ["a red circle", "two blue squares"]
-  with pytest.raises(sample.SampleError, match="filter a TSV with a Prompt column"):
-    sample.read_prompts(text, category="Shapes")
-  with pytest.raises(sample.SampleError, match="no prompts in .* after filtering"):
-    sample.read_prompts(tsv, category="Vehicles")
+  assert sampling.read_prompts(text) == ["a red circle", "two blue squares"]
+  with pytest.raises(sampling.SampleError, match="filter a TSV with a Prompt column"):
+    sampling.read_prompts(text, category="Shapes")
+  with pytest.raises(sampling.SampleError, match="no prompts in .* after filtering"):
+    sampling.read_prompts(tsv, category="Vehicles")
 
 
 def test_clear_errors(workdir, tmp_path):

@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 
 from parti_jax.data import images, records
-from parti_jax.data import shapes as S
+from parti_jax.data import shapes as shapes_command
+from parti_jax.shapes import dataset, grammar, layout, render, scenes, vocabulary
 
-SPEC = S.Spec()
-LATTICE = S.Spec(lattice=4)
+SPEC = scenes.Spec()
+LATTICE = scenes.Spec(lattice=4)
 
 
-def scenes(split: str, num: int, seed: int = 0, spec: S.Spec = SPEC):
+def sample_scenes(split: str, num: int, seed: int = 0, spec: scenes.Spec = SPEC):
   rng = np.random.default_rng(seed)
-  return [S.sample_scene(rng, spec, split) for _ in range(num)]
+  return [scenes.sample_scene(rng, spec, split) for _ in range(num)]
 
 
 def nearest_color(pixel) -> str:
   """The palette name (or "background") closest to an RGB pixel."""
-  palette = dict(S.COLORS, background=S.BACKGROUND)
+  palette = dict(vocabulary.COLORS, background=vocabulary.BACKGROUND)
   dist = {k: np.abs(np.subtract(v, pixel, dtype=np.int64)).sum() for k, v in palette.items()}
   return min(dist, key=dist.get)
 
@@ -31,7 +32,7 @@ def relation_scene(first, relation, second, centers=((8.0, 16.0), (24.0, 16.0)))
   objs = []
   for name, (x, y) in zip((first, second), centers):
     color, shape = name.split()
-    half = S.SIZES["small"] * 32 / 2
+    half = vocabulary.SIZES["small"] * 32 / 2
     objs.append({"color": color, "shape": shape, "size": "small", "center": [x, y],
                  "bbox": [x - half, y - half, x + half, y + half]})
   fields = {"kind": "relation", "relation": relation,
@@ -42,79 +43,80 @@ def relation_scene(first, relation, second, centers=((8.0, 16.0), (24.0, 16.0)))
 @pytest.mark.parametrize("split", ["train", "heldout"])
 @pytest.mark.parametrize("spec", [SPEC, LATTICE], ids=["anywhere", "lattice"])
 def test_captions_parse_back_into_their_scenes(split, spec):
-  samples = scenes(split, 600, spec=spec)
+  samples = sample_scenes(split, 600, spec=spec)
   kinds = collections.Counter(scene["kind"] for scene, _ in samples)
-  assert set(kinds) == set(S.KINDS), kinds
+  assert set(kinds) == set(vocabulary.KINDS), kinds
   if split == "train":
     assert min(kinds.values()) > 100, kinds  # kinds are drawn uniformly
   for scene, caption in samples:
-    fields = S.parse_caption(caption)
+    fields = grammar.parse_caption(caption)
     assert fields == scene["caption_fields"], caption
-    assert S.format_caption(fields) == caption
-    assert S.caption_matches_scene(caption, scene), (caption, scene)
+    assert grammar.format_caption(fields) == caption
+    assert scenes.caption_matches_scene(caption, scene), (caption, scene)
     n = len(scene["objects"])
     assert 1 <= n <= 4
     assert n == {"single": 1, "count": fields.get("count"), "binding": 2,
                  "relation": 2}[scene["kind"]]
     for desc, obj in zip(fields["objects"], scene["objects"]):
       assert desc["color"] == obj["color"] and desc["shape"] == obj["shape"]
-  sized = [c for _, c in samples if any(w in c.split() for w in S.SIZES)]
+  sized = [c for _, c in samples if any(w in c.split() for w in vocabulary.SIZES)]
   assert 0 < len(sized) < len(samples)  # size words come and go
 
 
 def test_captions_of_other_scenes_do_not_match():
-  samples = scenes("train", 300, seed=1)
+  samples = sample_scenes("train", 300, seed=1)
   for (scene, caption), (other, _) in zip(samples, samples[1:] + samples[:1]):
     words = caption.split()
     # Recolor the first object: no object in the scene has the new color and shape.
-    i = next(i for i, w in enumerate(words) if w in S.COLORS)
-    recolored = " ".join(words[:i] + [next(c for c in S.COLORS if c != words[i])]
+    i = next(i for i, w in enumerate(words) if w in vocabulary.COLORS)
+    recolored = " ".join(words[:i] + [next(c for c in vocabulary.COLORS if c != words[i])]
                           + words[i + 1:])
-    assert not S.caption_matches_scene(recolored, scene), (recolored, scene)
+    assert not scenes.caption_matches_scene(recolored, scene), (recolored, scene)
     if scene["kind"] == "relation":
       rel = scene["caption_fields"]["relation"]
-      flipped = caption.replace(f" {S.RELATIONS[rel]} ",
-                                f" {S.RELATIONS[S.CONVERSE[rel]]} ")
-      assert not S.caption_matches_scene(flipped, scene), flipped
+      flipped = caption.replace(f" {vocabulary.RELATIONS[rel]} ",
+                                f" {vocabulary.RELATIONS[vocabulary.CONVERSE[rel]]} ")
+      assert not scenes.caption_matches_scene(flipped, scene), flipped
     if scene["kind"] == "count":
       n = scene["caption_fields"]["count"]
-      other_n = S.NUMBERS[2 if n != 2 else 3]
-      assert not S.caption_matches_scene(caption.replace(S.NUMBERS[n], other_n), scene)
+      other_n = vocabulary.NUMBERS[2 if n != 2 else 3]
+      recounted = caption.replace(vocabulary.NUMBERS[n], other_n)
+      assert not scenes.caption_matches_scene(recounted, scene)
     # Another scene with a different number of objects never matches.
     if len(other["objects"]) != len(scene["objects"]):
-      assert not S.caption_matches_scene(caption, other), (caption, other)
-  assert not S.caption_matches_scene("a red circle", samples[0][0] | {"objects": []})
-  assert not S.caption_matches_scene("not a caption at all", samples[0][0])
+      assert not scenes.caption_matches_scene(caption, other), (caption, other)
+  assert not scenes.caption_matches_scene("a red circle", samples[0][0] | {"objects": []})
+  assert not scenes.caption_matches_scene("not a caption at all", samples[0][0])
 
 
 def test_parse_caption_examples_and_errors():
-  assert S.parse_caption("a large blue square") == {
+  assert grammar.parse_caption("a large blue square") == {
       "kind": "single", "objects": [{"size": "large", "color": "blue", "shape": "square"}]}
-  assert S.parse_caption("three yellow stars") == {
+  assert grammar.parse_caption("three yellow stars") == {
       "kind": "count", "count": 3, "objects": [{"color": "yellow", "shape": "star"}]}
-  assert S.parse_caption("a red circle and an orange heart")["kind"] == "binding"
-  fields = S.parse_caption("a red circle to the left of a small blue square")
+  assert grammar.parse_caption("a red circle and an orange heart")["kind"] == "binding"
+  fields = grammar.parse_caption("a red circle to the left of a small blue square")
   assert fields == {"kind": "relation", "relation": "left", "objects": [
       {"color": "red", "shape": "circle"},
       {"size": "small", "color": "blue", "shape": "square"}]}
   for bad in ("", "a red", "a red circle and", "two red circle", "a red circles",
               "a red circle near a blue square", "a pink circle", "a red circle extra"):
     with pytest.raises(ValueError):
-      S.parse_caption(bad)
+      grammar.parse_caption(bad)
 
 
 def test_same_seed_same_bytes():
-  spec = S.Spec(resolution=32)
-  a = S.make_split(spec, "train", 24, seed=5)
-  b = S.make_split(spec, "train", 24, seed=5)
+  spec = scenes.Spec(resolution=32)
+  a = dataset.make_split(spec, "train", 24, seed=5)
+  b = dataset.make_split(spec, "train", 24, seed=5)
   assert [r["image"] for r in a] == [r["image"] for r in b]
   assert [records.pack(r) for r in a] == [records.pack(r) for r in b]
-  c = S.make_split(spec, "train", 24, seed=6)
+  c = dataset.make_split(spec, "train", 24, seed=6)
   assert [r["image"] for r in a] != [r["image"] for r in c]
   # Records have their own random streams: a shorter split is a prefix of a longer one.
-  assert [records.pack(r) for r in S.make_split(spec, "train", 10, seed=5)] == [
+  assert [records.pack(r) for r in dataset.make_split(spec, "train", 10, seed=5)] == [
       records.pack(r) for r in a[:10]]
-  validation = S.make_split(spec, "validation", 24, seed=5)
+  validation = dataset.make_split(spec, "validation", 24, seed=5)
   assert [r["captions"] for r in validation] != [r["captions"] for r in a]
 
 
@@ -127,32 +129,33 @@ def test_worker_processes_render_the_same_bytes(monkeypatch):
       super().__init__(*args, **kwargs)
 
   monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountedPool)
-  spec = S.Spec(resolution=32, lattice=8)
-  num = 2 * S.RENDER_CHUNK + 3  # enough for the worker pool, with a short last chunk
-  parallel = S.make_split(spec, "train", num, seed=3, workers=2)
+  spec = scenes.Spec(resolution=32, lattice=8)
+  num = 2 * dataset.RENDER_CHUNK + 3  # enough for the worker pool, with a short last chunk
+  parallel = dataset.make_split(spec, "train", num, seed=3, workers=2)
   assert pools == [2]  # rendered by two real worker processes
   assert [records.pack(r) for r in parallel] == [
-      records.pack(r) for r in S.make_split(spec, "train", num, seed=3)]
+      records.pack(r) for r in dataset.make_split(spec, "train", num, seed=3)]
   assert pools == [2]  # one worker, the default: in this process
 
 
 def test_train_kinds_weigh_train_only():
-  spec = S.Spec(train_kinds=[("relation", "3"), ("binding", 1)])
+  spec = scenes.Spec(train_kinds=[("relation", "3"), ("binding", 1)])
   assert spec.train_kinds == (("single", 0.0), ("count", 0.0), ("binding", 1.0),
                               ("relation", 3.0))
-  train = collections.Counter(scene["kind"] for scene, _ in scenes("train", 400, spec=spec))
+  train = collections.Counter(scene["kind"] for scene, _ in sample_scenes("train", 400, spec=spec))
   assert set(train) == {"binding", "relation"}
   assert 2.4 < train["relation"] / train["binding"] < 3.8  # 3 up to sampling noise
   # Validation keeps every kind at a quarter, whatever train draws.
-  validation = collections.Counter(s["kind"] for s, _ in scenes("validation", 400, spec=spec))
-  assert set(validation) == set(S.KINDS)
+  validation = collections.Counter(
+      s["kind"] for s, _ in sample_scenes("validation", 400, spec=spec))
+  assert set(validation) == set(vocabulary.KINDS)
   assert all(70 < n < 130 for n in validation.values()), validation
-  assert np.allclose(S.Spec().kind_probabilities("train"), 0.25)
+  assert np.allclose(scenes.Spec().kind_probabilities("train"), 0.25)
   for bad in ([("single", -1)], [("single", "many")], [("pairs", 1)],
               [("single", 1), ("single", 2)], [("single", 0), ("count", 0)],
               [("single", float("inf"))]):
     with pytest.raises(ValueError, match="train kind"):
-      S.Spec(train_kinds=bad)
+      scenes.Spec(train_kinds=bad)
 
 
 def _shows_pair(scene, pairs):
@@ -162,8 +165,8 @@ def _shows_pair(scene, pairs):
 def test_train_and_validation_never_show_heldout_compositions():
   pairs = set(SPEC.heldout_pairs)
   for split in ("train", "validation"):
-    for scene, _ in scenes(split, 1500, seed=2):
-      assert not S.is_heldout(scene, SPEC)
+    for scene, _ in sample_scenes(split, 1500, seed=2):
+      assert not scenes.is_heldout(scene, SPEC)
       assert not _shows_pair(scene, pairs), scene
       if scene["kind"] == "relation":
         a, b = (o["shape"] for o in scene["objects"])
@@ -175,8 +178,8 @@ def test_train_and_validation_never_show_heldout_compositions():
 
 def test_heldout_split_shows_only_heldout_compositions():
   seen = collections.Counter()
-  for scene, caption in scenes("heldout", 400, seed=3):
-    assert S.is_heldout(scene, SPEC), caption
+  for scene, caption in sample_scenes("heldout", 400, seed=3):
+    assert scenes.is_heldout(scene, SPEC), caption
     for pair in SPEC.heldout_pairs:
       seen[pair] += any((o["color"], o["shape"]) == pair for o in scene["objects"])
     if scene["kind"] == "relation":
@@ -187,33 +190,34 @@ def test_heldout_split_shows_only_heldout_compositions():
 
 
 def test_is_heldout_rules():
-  assert S.is_heldout(relation_scene("red star", "left", "blue square"), SPEC)
-  assert S.is_heldout(relation_scene("green circle", "above", "blue triangle",
+  assert scenes.is_heldout(relation_scene("red star", "left", "blue square"), SPEC)
+  assert scenes.is_heldout(relation_scene("green circle", "above", "blue triangle",
                                      ((16, 8), (16, 24))), SPEC)
   # The converse wording shows the same picture, so it is held out too.
-  assert S.is_heldout(relation_scene("blue triangle", "below", "green circle",
+  assert scenes.is_heldout(relation_scene("blue triangle", "below", "green circle",
                                      ((16, 24), (16, 8))), SPEC)
-  assert not S.is_heldout(relation_scene("green circle", "left", "blue triangle"), SPEC)
-  assert not S.is_heldout(relation_scene("green triangle", "above", "blue circle",
+  assert not scenes.is_heldout(relation_scene("green circle", "left", "blue triangle"), SPEC)
+  assert not scenes.is_heldout(relation_scene("green triangle", "above", "blue circle",
                                          ((16, 8), (16, 24))), SPEC)
-  specific = S.Spec(heldout_pairs=[], heldout_triples=[("red circle", "left", "square")])
-  assert S.is_heldout(relation_scene("red circle", "left", "blue square"), specific)
-  assert not S.is_heldout(relation_scene("blue circle", "left", "red square"), specific)
-  assert not S.is_heldout(relation_scene("red star", "left", "blue square"), specific)
-  for scene, _ in scenes("heldout", 50, spec=specific):
+  specific = scenes.Spec(heldout_pairs=[], heldout_triples=[("red circle", "left", "square")])
+  assert scenes.is_heldout(relation_scene("red circle", "left", "blue square"), specific)
+  assert not scenes.is_heldout(relation_scene("blue circle", "left", "red square"), specific)
+  assert not scenes.is_heldout(relation_scene("red star", "left", "blue square"), specific)
+  for scene, _ in sample_scenes("heldout", 50, spec=specific):
     assert scene["kind"] == "relation" and scene["objects"][0]["color"] == "red"
   with pytest.raises(ValueError):
-    S.Spec(heldout_pairs=[("pink", "star")])
+    scenes.Spec(heldout_pairs=[("pink", "star")])
   with pytest.raises(ValueError):
-    S.Spec(heldout_triples=[("circle", "near", "square")])
+    scenes.Spec(heldout_triples=[("circle", "near", "square")])
   with pytest.raises(ValueError):
-    S.sample_scene(np.random.default_rng(0), S.Spec(heldout_pairs=(), heldout_triples=()),
-                   "heldout")
+    scenes.sample_scene(np.random.default_rng(0),
+                        scenes.Spec(heldout_pairs=(), heldout_triples=()), "heldout")
 
 
 @pytest.mark.parametrize("spec", [SPEC, LATTICE], ids=["anywhere", "lattice"])
 def test_relation_geometry_holds(spec):
-  samples = [s for s, _ in scenes("train", 800, seed=4, spec=spec) if s["kind"] == "relation"]
+  samples = [s for s, _ in sample_scenes("train", 800, seed=4, spec=spec)
+             if s["kind"] == "relation"]
   assert len(samples) > 120
   for scene in samples:
     a, b = scene["objects"]
@@ -223,21 +227,21 @@ def test_relation_geometry_holds(spec):
               "above": (by - ay, bx - ax), "below": (ay - by, ax - bx)}[rel]
     assert dx >= 0.2 * scene["resolution"], scene  # a clear margin along the axis
     assert dx >= 2 * abs(dy), scene  # and the axis dominates
-    assert S.relation_holds(a, b, rel, scene["resolution"])
-    assert not S.relation_holds(a, b, S.CONVERSE[rel], scene["resolution"])
+    assert layout.relation_holds(a, b, rel, scene["resolution"])
+    assert not layout.relation_holds(a, b, vocabulary.CONVERSE[rel], scene["resolution"])
 
 
-@pytest.mark.parametrize("spec", [SPEC, S.Spec(lattice=8)], ids=["anywhere", "lattice"])
+@pytest.mark.parametrize("spec", [SPEC, scenes.Spec(lattice=8)], ids=["anywhere", "lattice"])
 def test_binding_captions_name_objects_in_reading_order(spec):
   """Top to bottom; left to right when the tops are within READING_ROW of each other."""
-  row = S.READING_ROW * spec.resolution
+  row = layout.READING_ROW * spec.resolution
   seen = collections.Counter()
   for split in ("train", "heldout"):
-    for scene, caption in scenes(split, 500, seed=12, spec=spec):
+    for scene, caption in sample_scenes(split, 500, seed=12, spec=spec):
       if scene["kind"] != "binding":
         continue
       a, b = scene["objects"]
-      named = [(o["color"], o["shape"]) for o in S.parse_caption(caption)["objects"]]
+      named = [(o["color"], o["shape"]) for o in grammar.parse_caption(caption)["objects"]]
       assert named == [(a["color"], a["shape"]), (b["color"], b["shape"])], caption
       (ax0, ay0, *_), (bx0, by0, *_) = a["bbox"], b["bbox"]
       if abs(ay0 - by0) <= row:
@@ -250,16 +254,16 @@ def test_binding_captions_name_objects_in_reading_order(spec):
   # The helper itself: a row groups objects by their tops, then reads left to right.
   boxes = {"p": [20, 0.5], "q": [2, 2], "r": [10, 0]}  # x0, y0 at 32 px: q is 2 px low
   objs = [{"name": k, "bbox": [x, y, x + 5, y + 5]} for k, (x, y) in boxes.items()]
-  assert [o["name"] for o in S.reading_order(objs, 32)] == ["q", "r", "p"]
+  assert [o["name"] for o in layout.reading_order(objs, 32)] == ["q", "r", "p"]
   objs[1]["bbox"] = [2, 8, 7, 13]  # q a row lower
-  assert [o["name"] for o in S.reading_order(objs, 32)] == ["r", "p", "q"]
+  assert [o["name"] for o in layout.reading_order(objs, 32)] == ["r", "p", "q"]
 
 
 def test_objects_inside_apart_and_drawn_where_stored():
   """Each object's pixels sit in its stored box, centred on its stored centre."""
   r = 64
-  spec = S.Spec(resolution=r)
-  for scene, _ in scenes("train", 150, seed=5, spec=spec):
+  spec = scenes.Spec(resolution=r)
+  for scene, _ in sample_scenes("train", 150, seed=5, spec=spec):
     objs = scene["objects"]
     for i, o in enumerate(objs):
       x0, y0, x1, y1 = o["bbox"]
@@ -267,15 +271,16 @@ def test_objects_inside_apart_and_drawn_where_stored():
       for p in objs[i + 1:]:
         px0, py0, px1, py1 = p["bbox"]
         assert x1 <= px0 or px1 <= x0 or y1 <= py0 or py1 <= y0, (o, p)
-      alone = S.render_scene(dict(scene, objects=[o]))
-      ys, xs = np.nonzero(np.any(alone != S.BACKGROUND, axis=-1))
+      alone = render.render_scene(dict(scene, objects=[o]))
+      ys, xs = np.nonzero(np.any(alone != vocabulary.BACKGROUND, axis=-1))
       assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
       # The box is tight: the drawn shape reaches (nearly) every side of it.
       assert xs.min() <= x0 + 1 and xs.max() >= x1 - 2 and ys.min() <= y0 + 1
       assert ys.max() >= y1 - 2, o
       if o["shape"] in ("circle", "square", "diamond"):  # symmetric: centroid is centre
-        channel = np.argmax(np.abs(np.subtract(S.COLORS[o["color"]], S.BACKGROUND)))
-        cover = np.abs(alone[..., channel].astype(float) - S.BACKGROUND[channel])
+        channel = np.argmax(np.abs(np.subtract(vocabulary.COLORS[o["color"]],
+                                               vocabulary.BACKGROUND)))
+        cover = np.abs(alone[..., channel].astype(float) - vocabulary.BACKGROUND[channel])
         yy, xx = np.mgrid[:r, :r] + 0.5
         centroid = (cover * xx).sum() / cover.sum(), (cover * yy).sum() / cover.sum()
         assert np.allclose(centroid, o["center"], atol=0.3), (centroid, o)
@@ -286,30 +291,31 @@ def test_lattice_objects_show_the_same_patches_everywhere():
   an object's 4x4 patches are the same pixels wherever it stands."""
   looks = {}  # (color, shape, size) -> the patches of its square
   places = collections.defaultdict(set)
-  for scene, _ in scenes("train", 400, seed=11, spec=LATTICE):
+  for scene, _ in sample_scenes("train", 400, seed=11, spec=LATTICE):
     for o in scene["objects"]:
-      side = S.SIZES[o["size"]] * 32
+      side = vocabulary.SIZES[o["size"]] * 32
       corner = np.subtract(o["center"], side / 2)
       assert np.allclose(corner, np.round(corner / 4) * 4, atol=1e-3), o
       assert (corner >= -1e-3).all() and (corner + side <= 32 + 1e-3).all(), o
       x, y = (int(round(v)) for v in corner)
       reach = -(-int(np.ceil(side)) // 4) * 4  # whole patches covering the square
-      alone = S.render_scene(dict(scene, objects=[o]))
+      alone = render.render_scene(dict(scene, objects=[o]))
       padded = np.pad(alone, ((0, reach), (0, reach), (0, 0)), constant_values=128)
       key = (o["color"], o["shape"], o["size"])
       crop = padded[y:y + reach, x:x + reach]
       assert (looks.setdefault(key, crop) == crop).all(), o
       places[key].add((x, y))
   assert max(len(v) for v in places.values()) > 5  # the same object seen in many places
-  anywhere = [o["center"] for scene, _ in scenes("train", 50, seed=11) for o in scene["objects"]]
+  anywhere = [o["center"] for scene, _ in sample_scenes("train", 50, seed=11)
+              for o in scene["objects"]]
   assert len({tuple(c) for c in anywhere}) > 0.9 * len(anywhere)  # lattice 0: anywhere
   with pytest.raises(ValueError, match="lattice 12"):
-    S.Spec(lattice=12)
+    scenes.Spec(lattice=12)
 
 
 def test_sizes_are_distinguishable():
   small, large = [], []
-  for scene, _ in scenes("train", 300, seed=6):
+  for scene, _ in sample_scenes("train", 300, seed=6):
     for o in scene["objects"]:
       side = max(o["bbox"][2] - o["bbox"][0], o["bbox"][3] - o["bbox"][1])
       (small if o["size"] == "small" else large).append(side / scene["resolution"])
@@ -321,10 +327,10 @@ def test_sizes_are_distinguishable():
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_pixel_colors_match_names_on_grey(resolution):
-  spec = S.Spec(resolution=resolution)
-  for scene, caption in scenes("train", 200, seed=7, spec=spec) + scenes(
+  spec = scenes.Spec(resolution=resolution)
+  for scene, caption in sample_scenes("train", 200, seed=7, spec=spec) + sample_scenes(
       "heldout", 40, seed=7, spec=spec):
-    pixels = S.render_scene(scene, resolution)
+    pixels = render.render_scene(scene, resolution)
     assert pixels.shape == (resolution, resolution, 3) and pixels.dtype == np.uint8
     covered = np.zeros((resolution, resolution), bool)
     for o in scene["objects"]:
@@ -332,27 +338,27 @@ def test_pixel_colors_match_names_on_grey(resolution):
       assert nearest_color(pixels[y, x]) == o["color"], (caption, o, pixels[y, x])
       x0, y0, x1, y1 = o["bbox"]
       covered[max(int(y0) - 1, 0):int(y1) + 2, max(int(x0) - 1, 0):int(x1) + 2] = True
-    assert (pixels[~covered] == S.BACKGROUND).all(), caption
+    assert (pixels[~covered] == vocabulary.BACKGROUND).all(), caption
 
 
 @pytest.mark.parametrize("resolution", [16, 32, 64, 100])
 def test_every_resolution(resolution):
-  spec = S.Spec(resolution=resolution)
-  for split in S.SPLITS:
-    for rec in S.make_split(spec, split, 12, seed=8):
+  spec = scenes.Spec(resolution=resolution)
+  for split in scenes.SPLITS:
+    for rec in dataset.make_split(spec, split, 12, seed=8):
       img = images.open_image(rec["image"])
       assert img.size == (resolution, resolution)
       scene = rec["extra"]["scene"]
       assert scene["resolution"] == resolution
-      assert S.caption_matches_scene(rec["captions"][0], scene)
+      assert scenes.caption_matches_scene(rec["captions"][0], scene)
       assert all(0 <= v <= resolution for o in scene["objects"] for v in o["bbox"])
   with pytest.raises(ValueError):
-    S.Spec(resolution=8)
+    scenes.Spec(resolution=8)
 
 
 def test_render_at_another_resolution_scales_the_scene():
-  scene, _ = scenes("train", 1, seed=9)[0]
-  big = S.render_scene(scene, 128)
+  scene, _ = sample_scenes("train", 1, seed=9)[0]
+  big = render.render_scene(scene, 128)
   assert big.shape == (128, 128, 3)
   for o in scene["objects"]:
     x, y = (int(v * 4) for v in o["center"])
@@ -360,7 +366,7 @@ def test_render_at_another_resolution_scales_the_scene():
 
 
 def test_scenes_are_msgpack_friendly():
-  for rec in S.make_split(SPEC, "train", 20, seed=10):
+  for rec in dataset.make_split(SPEC, "train", 20, seed=10):
     assert records.unpack(records.pack(rec)) == rec
 
     def plain(v):
@@ -375,11 +381,12 @@ def test_scenes_are_msgpack_friendly():
 
 def test_cli_writes_three_readable_shard_sets(tmp_path, capsys):
   out = tmp_path / "shapes"
-  S.main(["--out", str(out), "--num", "40", "--resolution", "24", "--seed", "3",
-          "--num_shards", "2", "--num_heldout", "7", "--heldout_pairs", "green:square",
-          "--heldout_triples", "red_circle:left:star,heart:below:diamond", "--lattice", "2"])
-  spec = S.Spec(24, (("green", "square"),),
-                (("red circle", "left", "star"), ("heart", "below", "diamond")))
+  shapes_command.main([
+      "--out", str(out), "--num", "40", "--resolution", "24", "--seed", "3",
+      "--num_shards", "2", "--num_heldout", "7", "--heldout_pairs", "green:square",
+      "--heldout_triples", "red_circle:left:star,heart:below:diamond", "--lattice", "2"])
+  spec = scenes.Spec(24, (("green", "square"),),
+                     (("red circle", "left", "star"), ("heart", "below", "diamond")))
   expected = {"train": 40, "validation": 4, "heldout": 7}
   for split, count in expected.items():
     shard_set = records.ShardSet.open(out / split)
@@ -391,44 +398,45 @@ def test_cli_writes_three_readable_shard_sets(tmp_path, capsys):
     assert meta["lattice"] == 2
     assert meta["heldout_pairs"] == [["green", "square"]]
     assert meta["heldout_triples"][0] == ["red circle", "left", "star"]
-    assert set(meta["colors"]) == set(S.COLORS) and meta["shapes"] == list(S.SHAPES)
+    assert set(meta["colors"]) == set(vocabulary.COLORS)
+    assert meta["shapes"] == list(vocabulary.SHAPES)
     assert meta["fields"] == ["id", "image", "captions", "extra"]
     assert len({r["id"] for r in recs}) == count
     for rec in recs:
       assert images.open_image(rec["image"]).size == (24, 24)
       scene = rec["extra"]["scene"]
-      assert S.caption_matches_scene(rec["captions"][0], scene)
-      assert S.is_heldout(scene, spec) == (split == "heldout")
+      assert scenes.caption_matches_scene(rec["captions"][0], scene)
+      assert scenes.is_heldout(scene, spec) == (split == "heldout")
       for o in scene["objects"]:  # square corners on the 2 px lattice
-        corner = np.subtract(o["center"], S.SIZES[o["size"]] * 24 / 2)
+        corner = np.subtract(o["center"], vocabulary.SIZES[o["size"]] * 24 / 2)
         assert np.allclose(corner, np.round(corner / 2) * 2, atol=1e-3)
   printed = capsys.readouterr().out
   assert "images/s" in printed and "40 records" in printed
 
 
 def test_cli_train_kinds(tmp_path, capsys):
-  S.main(["--out", str(tmp_path), "--num", "30", "--num_validation", "40",
-          "--train_kinds", "relation:1"])
+  shapes_command.main(["--out", str(tmp_path), "--num", "30", "--num_validation", "40",
+                       "--train_kinds", "relation:1"])
   train = records.ShardSet.open(tmp_path / "train")
   assert {r["extra"]["scene"]["kind"] for r in train.read_all()} == {"relation"}
   assert train.meta["train_kinds"] == {"single": 0, "count": 0, "binding": 0, "relation": 1}
   validation = records.ShardSet.open(tmp_path / "validation").read_all()
-  assert {r["extra"]["scene"]["kind"] for r in validation} == set(S.KINDS)
+  assert {r["extra"]["scene"]["kind"] for r in validation} == set(vocabulary.KINDS)
   with pytest.raises(SystemExit):
-    S.main(["--out", str(tmp_path), "--num", "5", "--train_kinds", "relation:-1"])
+    shapes_command.main(["--out", str(tmp_path), "--num", "5", "--train_kinds", "relation:-1"])
   with pytest.raises(SystemExit):
-    S.main(["--out", str(tmp_path), "--num", "5", "--train_kinds", "relation"])
+    shapes_command.main(["--out", str(tmp_path), "--num", "5", "--train_kinds", "relation"])
   capsys.readouterr()
 
 
 def test_cli_defaults(tmp_path, capsys):
-  S.main(["--out", str(tmp_path), "--num", "25"])
-  counts = {s: len(records.ShardSet.open(tmp_path / s)) for s in S.SPLITS}
+  shapes_command.main(["--out", str(tmp_path), "--num", "25"])
+  counts = {s: len(records.ShardSet.open(tmp_path / s)) for s in scenes.SPLITS}
   assert counts == {"train": 25, "validation": 2, "heldout": 2}
   rec = next(records.ShardSet.open(tmp_path / "train").read_all())
   assert images.open_image(rec["image"]).size == (32, 32)
   with pytest.raises(SystemExit):
-    S.main(["--out", str(tmp_path), "--num", "5", "--heldout_pairs", "pink:star"])
+    shapes_command.main(["--out", str(tmp_path), "--num", "5", "--heldout_pairs", "pink:star"])
   with pytest.raises(SystemExit):
-    S.main(["--out", str(tmp_path), "--num", "5", "--heldout_triples", "circle:above"])
+    shapes_command.main(["--out", str(tmp_path), "--num", "5", "--heldout_triples", "circle:above"])
   capsys.readouterr()

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from parti_jax import config as config_lib
 from parti_jax import sharding
-from parti_jax import train_step as ts
+from parti_jax.tasks import parti as parti_task
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_loss_and_grads_on_a_2x2x2_mesh_equal_one_device(config):
     setup = setup_on(config, shape, n)
     params = setup.init_state().params
     key = jax.random.key(7)
-    results.append(jax.device_get(ts.jit_loss_and_grads(setup)(params, batch, key)))
+    results.append(jax.device_get(parti_task.jit_loss_and_grads(setup)(params, batch, key)))
   (loss1, acc1, grads1), (loss8, acc8, grads8) = results
   # float32 sums in a different order across devices: agreement to ~1e-6 relative.
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -44,7 +44,7 @@ def test_train_steps_on_a_2x2x2_mesh_equal_one_device(config):
   finals = []
   for shape, n in [((1, 1, 1), 1), ((2, 2, 2), 8)]:
     setup = setup_on(config, shape, n)
-    state, step = setup.init_state(), ts.jit_train_step(setup)
+    state, step = setup.init_state(), parti_task.jit_train_step(setup)
     for _ in range(3):
       state, metrics = step(state, batch)
     finals.append(jax.device_get((state.params, metrics)))

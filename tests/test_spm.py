@@ -8,6 +8,7 @@ import pytest
 import sentencepiece
 
 from parti_jax import config as common
+from parti_jax import text as text_lib
 from parti_jax.data import pipeline, spm
 
 
@@ -25,22 +26,22 @@ def test_captions_round_trip(tokenizer):
     ids = tokenizer.encode(caption)
     assert ids.shape == (32,) and ids.dtype == np.int32
     assert tokenizer.decode(ids) == caption
-    n = int((ids != spm.PAD_ID).sum())
-    assert ids[n - 1] == spm.END_ID and (ids[n:] == spm.PAD_ID).all()
+    n = int((ids != text_lib.PAD_ID).sum())
+    assert ids[n - 1] == text_lib.END_ID and (ids[n:] == text_lib.PAD_ID).all()
 
 
 def test_empty_captions_are_the_unconditional_input(tokenizer):
-  want = np.array([spm.END_ID] + [spm.PAD_ID] * 31, np.int32)
+  want = np.array([text_lib.END_ID] + [text_lib.PAD_ID] * 31, np.int32)
   for caption in ("", "   "):
     np.testing.assert_array_equal(tokenizer.encode(caption), want)
   np.testing.assert_array_equal(tokenizer.unconditional, want)
-  np.testing.assert_array_equal(spm.pad([], 32), want)
+  np.testing.assert_array_equal(text_lib.pad([], 32), want)
 
 
 def test_long_captions_are_cut_exactly(tokenizer):
   caption = " ".join(h.CAPTIONS * 400)  # ~15,000 characters
   ids = tokenizer.encode(caption)
-  assert (ids != spm.PAD_ID).all()
+  assert (ids != text_lib.PAD_ID).all()
   full = tokenizer._sp.encode(caption)  # the whole caption, uncut
   np.testing.assert_array_equal(ids, full[:32])
 
@@ -73,8 +74,8 @@ def test_foreign_models_and_oversized_vocabularies_are_refused(tmp_path, tokeniz
 
 
 def test_bpe_keeps_whole_words_of_a_small_vocabulary(tmp_path):
-  from parti_jax.data import shapes
-  captions = [shapes.sample_scene(np.random.default_rng(i), shapes.Spec(), "train")[1]
+  from parti_jax.shapes import scenes
+  captions = [scenes.sample_scene(np.random.default_rng(i), scenes.Spec(), "train")[1]
               for i in range(1500)]
   spm.train(captions, tmp_path / "bpe", 128, model_type="bpe")
   tokenizer = spm.Tokenizer(tmp_path / "bpe.model", 16)

@@ -19,10 +19,10 @@ import pytest
 from conftest import ROOT, load_config
 from orbax import checkpoint as ocp
 
-from parti_jax import checkpoints, sharding
+from parti_jax import checkpoints, runs, sharding
 from parti_jax import config as common
 from parti_jax import train as trainer
-from parti_jax import train_step as ts
+from parti_jax.tasks import parti as parti_task
 from parti_jax.data import encode
 
 
@@ -43,7 +43,7 @@ def tiny(data, **train_fields):
 
 def final_params(workdir, config, devices=None):
   """The parameters of the run's last checkpoint, on the host."""
-  setup = ts.Setup(config, sharding.make_mesh(config, devices or jax.devices()))
+  setup = parti_task.Setup(config, sharding.make_mesh(config, devices or jax.devices()))
   manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints", item_names=("state",))
   step = manager.latest_step()
   state = manager.restore(step, args=ocp.args.Composite(
@@ -133,7 +133,7 @@ def test_a_run_saved_on_one_mesh_resumes_on_another(data, tmp_path):
   trainer.train(on_eight, tmp_path, stop_after_step=4)
   on_four = tiny(data)
   on_four.mesh.update(data=1, fsdp=4, tensor=1)
-  setup = ts.Setup(on_four, sharding.make_mesh(on_four, jax.devices()[:4]))
+  setup = parti_task.Setup(on_four, sharding.make_mesh(on_four, jax.devices()[:4]))
   ckpts = checkpoints.Checkpoints(tmp_path, on_four)
   from parti_jax.data import pipeline
   loader = pipeline.Loader(on_four, setup.mesh)
@@ -184,8 +184,9 @@ def test_a_restart_that_changes_shapes_is_refused(data, tmp_path):
 def test_init_from_starts_from_another_runs_parameters(data, uninterrupted, tmp_path):
   other = tiny(data)
   other.optimizer.name = "adafactor"  # another optimizer: only the parameters are read
-  setup = ts.Setup(other)
-  params = checkpoints.load_params(uninterrupted[0], setup.abstract_state().params)
+  setup = parti_task.Setup(other)
+  params = checkpoints.load_params(runs.resolve_checkpoint(uninterrupted[0]),
+                                  setup.abstract_state().params)
   assert_same_params(jax.device_get(params), final_params(uninterrupted[0], tiny(data))[1])
   other.init_from = str(uninterrupted[0])
   other.num_train_steps = 2

@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from parti_jax import sharding, vqgan, vqgan_train
+from parti_jax import sharding, tokenizers
+from parti_jax.models import vitvqgan as vqgan
+from parti_jax.tasks import vitvqgan as vqgan_task
 
 
 def count(module) -> int:
@@ -107,9 +109,10 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   """Same command, same checkpoints and metrics: the tokenizer plugs into the trainer."""
   from parti_jax import metrics
   from parti_jax import train as trainer
-  from parti_jax.data import images, shapes
-  shapes.write(tmp_path / "shapes", shapes.Spec(), num=64, num_validation=16, num_heldout=0,
-               progress=False)
+  from parti_jax.data import images
+  from parti_jax.shapes import dataset, scenes
+  dataset.write(tmp_path / "shapes", scenes.Spec(), num=64, num_validation=16, num_heldout=0,
+                progress=False)
   config = load_config("vitvqgan_tiny")
   config.data.update(train=str(tmp_path / "shapes" / "train"),
                      eval=str(tmp_path / "shapes" / "validation"))
@@ -129,7 +132,7 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   # Its codes: data.encode with --tokenizer vitvqgan:RUN_DIR gives the model's own codes.
   from parti_jax.data import encode, records, spm
   spm.train(spm.captions_of([tmp_path / "shapes" / "train"]), tmp_path / "spm", 64)
-  tokenizer = encode.load_tokenizer(f"vitvqgan:{tmp_path / 'run'}", resolution=0)
+  tokenizer = tokenizers.load(f"vitvqgan:{tmp_path / 'run'}")
   assert (tokenizer.resolution, tokenizer.grid, tokenizer.codebook_size) == (32, 4, 64)
   meta = encode.encode(tmp_path / "shapes" / "validation", tmp_path / "tokens", tokenizer,
                        spm.Tokenizer(tmp_path / "spm.model", 16), batch_size=8)
@@ -139,7 +142,7 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
             .read_all()}
   pixels = images.to_model_range(images.square(images.open_image(
       source[record["id"]]["image"]), 32), -1, 1)
-  model = vqgan_train.Setup(config).model(tokenizer.params)
+  model = vqgan_task.Setup(config).model(tokenizer.params)
   np.testing.assert_array_equal(np.frombuffer(record["image_codes"], np.uint16),
                                 np.asarray(model.encode(pixels[None]))[0])
 
@@ -152,7 +155,7 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
   mix.optimizer.frozen = mix.init_from_groups
   mix.train.update(log_every=2, eval_every=0, checkpoint_every=4)
   trainer.train(mix, tmp_path / "mix")
-  tuned = encode.vitvqgan_tokenizer(tmp_path / "mix")
+  tuned = tokenizers.vitvqgan(tmp_path / "mix")
   for group in mix.optimizer.frozen:
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuned.params[group]),
                  jax.device_get(tokenizer.params[group]))
@@ -165,13 +168,13 @@ def test_the_trainer_trains_the_tokenizer(tmp_path):
 
 def test_evaluation_ignores_padding_rows():
   config = load_config("vitvqgan_tiny")
-  setup = vqgan_train.Setup(config)
+  setup = vqgan_task.Setup(config)
   params = setup.init_state().params
   x = np.array(images(8))
   x[4:] = 0.0  # padding rows, as the eval pipeline fills them
   mask = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.int32)
   batch = {"images": jnp.asarray(x), "mask": jnp.asarray(mask)}
-  got = jax.device_get(vqgan_train.eval_step(setup, params, batch))
+  got = jax.device_get(vqgan_task.eval_step(setup, params, batch))
   model = setup.model(params)
   real = jnp.asarray(x[:4])
   used, _ = vqgan.codebook_usage(model.encode(real), config.model.codebook_size)
@@ -201,8 +204,8 @@ def test_a_tiny_tokenizer_overfits_a_handful_of_photographs():
   config.mesh.update(data=1, fsdp=1, tensor=1)
   config.optimizer.learning_rate = 2e-3
   config.model.logit_laplace = False  # L2 alone, as Parti's decoder
-  setup = vqgan_train.Setup(config, sharding.make_mesh(config, jax.devices()[:1]))
-  state, step = setup.init_state(), vqgan_train.jit_train_step(setup)
+  setup = vqgan_task.Setup(config, sharding.make_mesh(config, jax.devices()[:1]))
+  state, step = setup.init_state(), vqgan_task.jit_train_step(setup)
   batch = {"images": jnp.asarray(photographs(32))}
   for _ in range(config.num_train_steps):
     state, metrics = step(state, batch)
@@ -217,7 +220,7 @@ def test_a_tiny_tokenizer_overfits_a_handful_of_photographs():
 def test_sharded_encode_and_decode_equal_unsharded():
   config = load_config("vitvqgan_tiny")
   config.mesh.update(data=2, fsdp=4, tensor=1)
-  setup = vqgan_train.Setup(config)
+  setup = vqgan_task.Setup(config)
   params = setup.init_state().params
   x = images(8, seed=3)
   sharded_x = jax.device_put(x, setup.batch_sharding)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import load_config
 from parti_jax import config as config_lib
-from parti_jax import vqgan_train
+from parti_jax.tasks import vitvqgan as vqgan_task
 
 
 def gan_config(**loss):
@@ -31,8 +31,8 @@ def changed(a, b) -> bool:
 
 def test_generator_and_discriminator_each_update_from_their_own_loss():
   config = gan_config()
-  setup = vqgan_train.Setup(config)
-  step = vqgan_train.jit_train_step(setup)
+  setup = vqgan_task.Setup(config)
+  step = vqgan_task.jit_train_step(setup)
   state = setup.init_state()
   assert "discriminator" in state.params
   snapshots, rows = [jax.device_get(state.params)], []
@@ -55,11 +55,11 @@ def test_generator_and_discriminator_each_update_from_their_own_loss():
 
 def test_discriminator_update_lowers_its_loss_on_the_same_images():
   """Its gradients are its own loss's: one step of its Adam makes real and fake easier to tell."""
-  from parti_jax import discriminator as disc
+  from parti_jax.models import discriminator as disc
   config = gan_config(adversarial_start=0, r1=0.0, perceptual=0.0)
   config.discriminator_optimizer.learning_rate = 1e-3
   config.schedule.warmup_steps = 0
-  setup = vqgan_train.Setup(config)
+  setup = vqgan_task.Setup(config)
   state = setup.init_state()
   real = batch(0)["images"]
 
@@ -69,7 +69,7 @@ def test_discriminator_update_lowers_its_loss_on_the_same_images():
     return float(disc.discriminator_loss(model.discriminator(real), model.discriminator(fake)))
 
   before = d_loss(state.params)
-  state, _ = vqgan_train.jit_train_step(setup)(state, {"images": real})
+  state, _ = vqgan_task.jit_train_step(setup)(state, {"images": real})
   # Measured with the discriminator's new parameters against the old generator's output.
   old_generator = jax.device_get(state.params)
   assert d_loss(old_generator) < before
@@ -88,18 +88,18 @@ def test_adversarial_and_perceptual_settings_are_checked():
 def test_perceptual_loss_without_weights_is_off_with_a_warning(caplog):
   c = gan_config(perceptual_weights="")
   with caplog.at_level("WARNING"):
-    assert vqgan_train.load_perceptual_weights(c) == {}
+    assert vqgan_task.load_perceptual_weights(c) == {}
   assert "perceptual loss is OFF" in caplog.text and "parti_jax.convert.vgg16" in caplog.text
 
 
 def test_dead_codes_restart_from_the_batch():
   config = load_config("vitvqgan_tiny")
   config.model.dead_code_restart_every = 1
-  setup = vqgan_train.Setup(config)
+  setup = vqgan_task.Setup(config)
   state = setup.init_state()
   # A batch of one flat colour uses a single code; every other entry is dead and restarts.
   flat = {"images": jnp.full((16, 32, 32, 3), 0.3)}
-  state, metrics = vqgan_train.jit_train_step(setup)(state, flat)
+  state, metrics = vqgan_task.jit_train_step(setup)(state, flat)
   assert int(metrics["codes_restarted"]) >= config.model.codebook_size - 16
   model = setup.model(state.params)
   z = np.asarray(model.latents(flat["images"])).reshape(-1, config.model.code_dim)
@@ -118,7 +118,7 @@ def test_dead_codes_restart_at_the_worst_fitted_latents():
   latents = jnp.array([[1.0, 0.0]] * 6 + [[0.0, 1.0], [-1.0, 0.0]])
   out = {"latents": latents[None], "codes": jnp.zeros((1, 8), jnp.int32)}
   state = type("State", (), dict(step=jnp.int32(0), rng=jax.random.key(0)))
-  params, restarted = vqgan_train.restart_dead_codes(config, state, {"codebook": codebook}, out)
+  params, restarted = vqgan_task.restart_dead_codes(config, state, {"codebook": codebook}, out)
   assert int(restarted) == 3
   book = np.asarray(params["codebook"])
   np.testing.assert_array_equal(book[0], [1.0, 0.0])  # in use: kept
@@ -128,7 +128,7 @@ def test_dead_codes_restart_at_the_worst_fitted_latents():
 def test_decoder_sees_latents_until_quantize_start():
   config = load_config("vitvqgan_tiny")
   config.model.update(quantize_start=2, dead_code_restart_every=0)
-  setup = vqgan_train.Setup(config)
+  setup = vqgan_task.Setup(config)
   state = setup.init_state()
   model = setup.model(state.params)
   x = batch(0, 2)["images"]
@@ -139,7 +139,7 @@ def test_decoder_sees_latents_until_quantize_start():
   # Same codes, same picture (to float rounding: the straight-through sum z + (zq - z)).
   np.testing.assert_allclose(*quantized, atol=1e-5)
   assert np.max(np.abs(continuous[0] - continuous[1])) > 1e-4
-  step = vqgan_train.jit_train_step(setup)
+  step = vqgan_task.jit_train_step(setup)
   flags = []
   for i in range(3):
     state, metrics = step(state, batch(i, config.global_batch_size))

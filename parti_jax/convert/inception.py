@@ -17,12 +17,12 @@ The output format is described in `parti_jax.eval.inception`. The file is read w
 torch-free reader `parti_jax.convert.torch_file`, so torch need not be installed.
 """
 
-import argparse
 import sys
 
 import numpy as np
 from etils import epath
 
+from parti_jax import cli
 from parti_jax.convert import torch_file
 from parti_jax.eval import inception
 
@@ -88,13 +88,14 @@ def convert(pytorch_fid_path, out_path) -> dict[str, np.ndarray]:
   return arrays
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("pytorch_fid", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.",
+             required=True)
+FLAGS.string("out", None, "The .npz to write.", required=True)
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m parti_jax.convert.inception",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--pytorch_fid", required=True,
-                 help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-  p.add_argument("--out", required=True, help="the .npz to write")
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
   arrays = convert(a.pytorch_fid, a.out)
   params = sum(v.size for k, v in arrays.items() if k != "format_version")
   print(f"wrote {a.out}: {len(inception.LAYERS)} convolutions, {params:,} parameters")
@@ -102,6 +103,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
   try:
-    main()
+    cli.run(main)
   except (ConversionError, torch_file.TorchFileError, OSError) as e:
     sys.exit(f"error: {e}")

@@ -12,18 +12,18 @@ Inputs, which the user fetches; the package downloads nothing:
            installed `lpips` package): `lin0.model.1.weight` ... `lin4.model.1.weight`, each
            [1, channels, 1, 1]. Files saved without LPIPS's dropout layer name them
            `lin0.model.0.weight` or `lin0.weight`; both are accepted. Without --lpips every
-           channel is weighted alike: the untrained baseline (see `parti_jax.perceptual`).
-The output format is described in `parti_jax.perceptual`. Files are read with the torch-free
+           channel is weighted alike: the untrained baseline (see `parti_jax.models.perceptual`).
+The output format is described in `parti_jax.models.perceptual`. Files are read with the torch-free
 reader `parti_jax.convert.torch_file`, so torch need not be installed.
 """
 
-import argparse
 
 import numpy as np
 from etils import epath
 
-from parti_jax import perceptual
+from parti_jax import cli
 from parti_jax.convert import torch_file
+from parti_jax.models import perceptual
 
 # Index of each convolution in torchvision's `vgg16().features` (ReLUs and pools between).
 _TORCHVISION_INDEX = dict(zip(perceptual.CONV_LAYERS,
@@ -86,13 +86,14 @@ def convert(vgg16_path, out_path, lpips_path=None) -> dict[str, np.ndarray]:
   return arrays
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("vgg16", None, "torchvision's vgg16-397923af.pth.", required=True)
+FLAGS.string("lpips", None, "LPIPS's weights/v0.1/vgg.pth (optional: else the baseline).")
+FLAGS.string("out", None, "The .npz to write.", required=True)
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m parti_jax.convert.vgg16",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--vgg16", required=True, help="torchvision's vgg16-397923af.pth")
-  p.add_argument("--lpips", help="LPIPS's weights/v0.1/vgg.pth (optional: else the baseline)")
-  p.add_argument("--out", required=True, help="the .npz to write")
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
   arrays = convert(a.vgg16, a.out, a.lpips)
   params = sum(v.size for k, v in arrays.items() if k != "format_version")
   variant = "LPIPS lin weights" if a.lpips else "no lin weights: the uniform baseline"
@@ -100,4 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -10,29 +10,17 @@ A token record keeps the source record's `id`, `captions` and `extra`, adds `tex
 (unpadded SentencePiece ids of every caption, end id included) and `image_codes` (uint16
 bytes of the grid, row-major). Training reads them with `config.data.kind = "tokens"`.
 
-Tokenizers (`--tokenizer`):
-  vitvqgan:RUN_DIR       a ViT-VQGAN trained with `python -m parti_jax.train` (its latest
-                         checkpoint; its own resolution)
-  color                  built in: each PATCHxPATCH patch becomes its mean colour quantized
-                         to LEVELS per channel (codebook LEVELS**3); `color:patch=8,levels=4`
-  MODULE:FUNCTION        FUNCTION(resolution=R) returning an `ImageTokenizer`
-The built-in one needs no training, so token shards (and the Parti trainer on them) can be
-made and tested before an image tokenizer has been trained.
+`--tokenizer` names an image tokenizer as `parti_jax.tokenizers` reads it: `color` (built
+in, `color:patch=8,levels=4`), `vitvqgan:RUN_DIR` or `MODULE:FUNCTION`.
 
 DIR, OUT and the SentencePiece model may be in buckets (gs://...). A shard in a bucket is
 uploaded whole when it is finished, and metadata.json after every shard. A rerun encodes
 everything again (it does not resume), replacing the shards.
 """
 
-import argparse
-import dataclasses
-import importlib
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
@@ -40,68 +28,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from parti_jax import cli, distributed, sharding, tokenizers
+from parti_jax import text as text_lib
 from parti_jax import config as common
-from parti_jax import distributed, sharding
 from parti_jax.data import buckets, pipeline, records, spm
 
 TOKEN_FIELDS = ("id", "captions", "text_tokens", "image_codes", "extra")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageTokenizer:
-  """`encode(params, images [B, R, R, 3] in [-1, 1]) -> codes int32 [B, grid * grid]`.
-
-  `params` (None for the colour tokenizer) are passed to the jitted `encode` as an
-  argument, so a large model's weights stay sharded arrays, not compiled-in constants.
-  """
-  encode: Callable[[Any, jax.Array], jax.Array]
-  resolution: int
-  grid: int
-  codebook_size: int
-  name: str
-  params: Any = None
-
-
-def color_tokenizer(resolution: int, patch: int = 8, levels: int = 4) -> ImageTokenizer:
-  if resolution % patch:
-    raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch}")
-  grid = resolution // patch
-
-  def encode(params, images):
-    del params
-    b = images.shape[0]
-    patches = images.reshape(b, grid, patch, grid, patch, 3).mean(axis=(2, 4))
-    q = jnp.clip(jnp.round((patches + 1) / 2 * (levels - 1)), 0, levels - 1).astype(jnp.int32)
-    return (q[..., 0] * levels * levels + q[..., 1] * levels + q[..., 2]).reshape(b, grid * grid)
-
-  return ImageTokenizer(encode, resolution, grid, levels ** 3, f"color:patch={patch},levels={levels}")
-
-
-def vitvqgan_tokenizer(workdir, mesh=None) -> ImageTokenizer:
-  """The ViT-VQGAN trained in `workdir` (its config.json and latest checkpoint)."""
-  from parti_jax import vqgan_train  # the model only when it is asked for
-  try:
-    setup, params = vqgan_train.load_run(workdir, mesh)
-  except (ValueError, FileNotFoundError) as e:
-    raise ValueError(f"--tokenizer=vitvqgan:{workdir}: {e}") from None
-  m = setup.config.model
-  return ImageTokenizer(lambda p, images: setup.model(p).encode(images), m.resolution,
-                        m.resolution // m.patch_size, m.codebook_size, f"vitvqgan:{workdir}",
-                        params)
-
-
-def load_tokenizer(spec: str, resolution: int) -> ImageTokenizer:
-  name, _, args = spec.partition(":")
-  if name == "vitvqgan":
-    return vitvqgan_tokenizer(args)
-  if name == "color":
-    kwargs = dict(kv.split("=") for kv in args.split(",") if kv)
-    return color_tokenizer(resolution, **{k: int(v) for k, v in kwargs.items()})
-  try:
-    factory = getattr(importlib.import_module(name), args)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"--tokenizer={spec}: cannot load {args!r} from module {name!r} ({e})") from None
-  return factory(resolution=resolution)
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
@@ -117,11 +49,11 @@ def local_rows(x: jax.Array) -> np.ndarray:
 def token_record(record: dict, codes: np.ndarray, text_tokenizer: spm.Tokenizer) -> dict:
   captions, _ = spm.clean_captions(record.get("captions"))
   return dict(id=str(record.get("id", "")), captions=captions,
-              text_tokens=[text_tokenizer.ids(c) for c in captions] or [[spm.END_ID]],
+              text_tokens=[text_tokenizer.ids(c) for c in captions] or [[text_lib.END_ID]],
               image_codes=codes.astype(np.uint16).tobytes(), extra=record.get("extra") or {})
 
 
-def encode(data_dir, out_dir, tokenizer: ImageTokenizer, text_tokenizer: spm.Tokenizer,
+def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokenizer: spm.Tokenizer,
            batch_size: int = 64, shards_per_process: int = 1, mesh=None,
            made_by: dict | None = None) -> dict | None:
   """Writes the token shard set; returns its metadata on process 0 (None elsewhere)."""
@@ -194,24 +126,27 @@ def _text_tokenizer(model_path, length: int) -> spm.Tokenizer:
     raise records.DataError(f"--spm {model_path}: {e.strerror or e}") from None
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("data", None, "Image shard set directory.", required=True)
+FLAGS.string("out", None, "Output token shard set directory.", required=True)
+FLAGS.string("spm", None, "SentencePiece model (PREFIX.model).", required=True)
+FLAGS.string("tokenizer", "color", "color[:patch=8,levels=4], vitvqgan:RUN_DIR or "
+             "MODULE:FUNCTION (parti_jax.tokenizers).")
+FLAGS.integer("resolution", 256, "For the colour or a MODULE:FUNCTION tokenizer; a ViT-VQGAN "
+              "uses its own.")
+FLAGS.integer("text_len", 128, "Text tokens per caption.")
+FLAGS.integer("batch_size", 64, "Global batch.")
+FLAGS.integer("shards_per_process", 1, "Output shards each process writes.")
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data", required=True, help="image shard set directory")
-  p.add_argument("--out", required=True, help="output token shard set directory")
-  p.add_argument("--spm", required=True, help="SentencePiece model (PREFIX.model)")
-  p.add_argument("--tokenizer", default="color", help="'color[:patch=8,levels=4]' or MODULE:FUNCTION")
-  p.add_argument("--resolution", type=int, default=256,
-                 help="for the colour or a MODULE:FUNCTION tokenizer; a ViT-VQGAN uses its own")
-  p.add_argument("--text_len", type=int, default=128)
-  p.add_argument("--batch_size", type=int, default=64, help="global batch")
-  p.add_argument("--shards_per_process", type=int, default=1)
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
   distributed.initialize()
   try:
-    meta = encode(a.data, a.out, load_tokenizer(a.tokenizer, a.resolution),
+    meta = encode(a.data, a.out, tokenizers.load(a.tokenizer, a.resolution),
                   _text_tokenizer(a.spm, a.text_len), a.batch_size, a.shards_per_process,
                   made_by=dict(command=" ".join(sys.argv)))
-  except records.DataError as e:  # data or a bucket that cannot be read or written
+  except (records.DataError, tokenizers.TokenizerError) as e:  # data, bucket or tokenizer
     sys.exit(f"error: {e}")
   if meta:
     skipped = sum(meta["skipped"].values())
@@ -220,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -15,19 +15,17 @@ Two kinds of data (`config.data.kind`):
   "images": image shards; a batch has `images` float32 [B, R, R, 3] in
             `config.data.value_range`, and `text_tokens` int32 [B, text_len] when a
             SentencePiece model is configured.
-  "tokens": token shards from `python -m parti_jax.data.encode`; a batch has
-            `text_tokens` and `image_tokens` int32 [B, image_grid**2], what the Parti
-            train step takes.
+  "tokens": token shards (`python -m parti_jax.data.encode`); a batch has `text_tokens`
+            and `image_tokens` int32 [B, image_grid**2], what the Parti task takes.
 Every batch also has `mask` int32 [B] (0 for eval padding and, in eval, for bad records)
 and `skipped` int32 [B, len(SKIP_REASONS)]: the bad records dropped just before each row,
 so `batch["skipped"].sum(0)` counts them per reason across all processes.
 
 The iterator state (grain's, plus our per-shard counts) is a small JSON-able dict:
 restoring it, on a loader started at the same `Loader.start`, continues with exactly the
-batches that would have come next. It belongs to
-one layout of processes; `Loader.position` is the global one (the first position of the
-global order no process has read), from which a run on another number of processes or
-another global batch size starts (`Loader.start_at`).
+batches that would have come next. It belongs to one layout of processes;
+`Loader.position` is the global one (the first position no process has read), from which
+a run on another number of processes or global batch size starts (`Loader.start_at`).
 """
 
 import dataclasses
@@ -41,8 +39,10 @@ import numpy as np
 from absl import flags
 
 from parti_jax import sharding
+from parti_jax import text as text_lib
 from parti_jax.data import images as image_lib
-from parti_jax.data import records, spm, tfds_source
+from parti_jax.data import records, spm
+from parti_jax.data.sources import tfds
 
 REASON_INDEX = {r: i for i, r in enumerate(records.SKIP_REASONS)}
 TFDS_PREFIX = "tfds:"
@@ -73,7 +73,7 @@ class Source:
   def __init__(self, spec: str, data_config):
     if spec.startswith(TFDS_PREFIX):
       name, _, split = spec[len(TFDS_PREFIX):].partition("/")
-      self._records = tfds_source.TfdsRecords(
+      self._records = tfds.TfdsRecords(
           name, data_config.tfds_data_dir or None, split or "train",
           data_config.tfds_image_feature, data_config.tfds_caption_feature)
       self.shard_names = [spec]
@@ -221,7 +221,7 @@ class Preprocess:
     else:
       example["images"] = np.zeros((self.resolution,) * 2 + (3,), np.float32)
     if self.kind == "tokens" or self.tokenizer is not None:
-      example["text_tokens"] = spm.pad([], self.text_len)
+      example["text_tokens"] = text_lib.unconditional(self.text_len)
     return example
 
   def _caption_index(self, n: int, rng) -> int:
@@ -261,7 +261,8 @@ class Preprocess:
     if ids.ndim != 1 or ids.size and (ids.min() < 0 or ids.max() >= self.text_vocab_size):
       raise records.BadRecord("missing_tokens", f"text ids outside [0, {self.text_vocab_size})")
     dropped = self._dropped(rng)
-    return dict(text_tokens=spm.pad([] if dropped else ids, self.text_len), image_tokens=codes)
+    text = text_lib.unconditional(self.text_len) if dropped else text_lib.pad(ids, self.text_len)
+    return dict(text_tokens=text, image_tokens=codes)
 
 
 class _CountBadIterator(grain.DatasetIterator):
@@ -385,10 +386,11 @@ def dataset(config, train: bool, global_batch: int, rows=None, start: int = 0,
 
   `start` is the global position of the first batch's row 0 (`Loader.start_at`).
   """
-  check(config, train)
   d, m = config.data, config.model
   rows = range(global_batch) if rows is None else rows
-  source = source or Source(d.train if train else d.eval, d)
+  if source is None:  # a given source was checked when it was opened for this config
+    check(config, train)
+    source = Source(d.train if train else d.eval, d)
   if not train:  # whole batches, the last padded with masked rows
     source.pad_to(-(-source.num_records // global_batch) * global_batch)
   ds = grain.MapDataset.source(source)
@@ -444,10 +446,10 @@ class Loader:
     self._local_row = {r: i for i, r in enumerate(self.rows)}
     self.layout = dict(process_count=jax.process_count(), global_batch=self.global_batch,
                        rows_digest=_digest(by_process))
-    check(config, train)
-    # A given source is reused (the eval set, opened and checked once per run).
-    self.source = source or Source(config.data.train if train else config.data.eval,
-                                   config.data)
+    if source is None:  # a given source is reused (the eval set, checked once per run)
+      check(config, train)
+      source = Source(config.data.train if train else config.data.eval, config.data)
+    self.source = source
     self.data_wait_s = 0.0
     self.start_at(0)
 

@@ -13,7 +13,6 @@ maps to the unconditional input `[END, PAD, ...]`, the same input classifier-fre
 guidance dropout uses, so training and sampling agree on what "no text" means.
 """
 
-import argparse
 import pathlib
 import re
 import sys
@@ -23,7 +22,9 @@ import unicodedata
 import numpy as np
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, END_ID = 0, 1, 2
+from parti_jax import cli
+from parti_jax import text as text_lib
+from parti_jax.text import END_ID, PAD_ID, UNK_ID
 # SentencePiece pieces are at most 16 characters, so the first `length` ids of a caption
 # never depend on characters past 16 * length; cutting there first keeps tokenizing a
 # 10,000-character caption as cheap as a short one without changing its ids.
@@ -97,9 +98,7 @@ class Tokenizer:
 
   @property
   def unconditional(self) -> np.ndarray:
-    out = np.zeros(self.length, np.int32)
-    out[0] = END_ID
-    return out
+    return text_lib.unconditional(self.length)
 
   def ids(self, caption: str) -> list[int]:
     """Unpadded ids of a caption, end id included, at most `length` of them."""
@@ -108,19 +107,11 @@ class Tokenizer:
     return (ids + [END_ID])[:self.length]
 
   def encode(self, caption: str) -> np.ndarray:
-    return pad(self.ids(caption), self.length)
+    return text_lib.pad(self.ids(caption), self.length)
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids if int(i) not in (PAD_ID, END_ID)]
     return self._sp.decode(ids)
-
-
-def pad(ids, length: int) -> np.ndarray:
-  """Ids cut or zero-padded to `length`; an empty list becomes the unconditional input."""
-  out = np.zeros(length, np.int32)
-  ids = list(ids)[:length] or [END_ID]
-  out[:len(ids)] = ids
-  return out
 
 
 def train(captions, out_prefix, vocab_size: int = 16_000,
@@ -173,15 +164,16 @@ def captions_of(directories):
           for caption in clean_captions(record.get("captions"))[0])
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.strings("data", None, "Shard set directory (repeat the flag for several).", required=True)
+FLAGS.string("out", None, "Output prefix: writes PREFIX.model, PREFIX.vocab.", required=True)
+FLAGS.integer("vocab_size", 16_000, "Pieces to aim for.")
+FLAGS.integer("max_sentences", 2_000_000, "Captions sampled for training.")
+FLAGS.enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece model type.")
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data", action="append", required=True, help="shard set directory (repeatable)")
-  p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
-  p.add_argument("--vocab_size", type=int, default=16_000)
-  p.add_argument("--max_sentences", type=int, default=2_000_000,
-                 help="captions sampled for training")
-  p.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
-  a = p.parse_args(argv)
+  a = FLAGS.parse(argv)
   from parti_jax.data import records
   try:
     size = train(captions_of(a.data), a.out, a.vocab_size, a.max_sentences, a.model_type)
@@ -192,4 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

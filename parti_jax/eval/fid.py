@@ -28,7 +28,6 @@ Prints one JSON line: the FID, the images used and skipped per set, the seconds 
 The Inception weights are pytorch-fid's, converted by `python -m parti_jax.convert.inception`.
 """
 
-import argparse
 import collections
 import json
 import sys
@@ -46,6 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from parti_jax import cli, tokenizers
 from parti_jax.data import buckets, records
 from parti_jax.data import images as image_lib
 from parti_jax.eval import inception
@@ -235,26 +235,24 @@ def _image_set(x) -> ImageSet:
   return x if isinstance(x, ImageSet) else ImageSet(x)
 
 
-def load_vitvqgan(spec: str):
-  """(setup, params) of the ViT-VQGAN run named by `vitvqgan:RUN_DIR` (latest checkpoint)."""
-  from parti_jax import vqgan_train  # the model only when it is asked for
-  kind, _, workdir = spec.partition(":")
-  if kind != "vitvqgan" or not workdir:
-    raise FidError(f"--tokenizer={spec}: expected vitvqgan:RUN_DIR")
+def load_tokenizer(spec: str) -> tokenizers.ImageTokenizer:
+  """The image tokenizer of an rFID (any spec `parti_jax.tokenizers` reads that decodes)."""
   try:
-    return vqgan_train.load_run(workdir)
-  except (ValueError, FileNotFoundError) as e:
+    tokenizer = tokenizers.load(spec)
+  except tokenizers.TokenizerError as e:
     raise FidError(f"--tokenizer={spec}: {e}") from None
+  if tokenizer.decode is None:
+    raise FidError(f"--tokenizer={spec}: it has no decoder")
+  return tokenizer
 
 
-def reconstruction_features(setup):
+def reconstruction_features(tokenizer: tokenizers.ImageTokenizer):
   """`(params, weights, pixels uint8) -> (features of pixels, of their reconstructions)`."""
-  low, high = setup.config.data.value_range
+  low, high = tokenizer.value_range
 
   def step(params, weights, pixels):
-    model = setup.model(params)
     images = pixels.astype(jnp.float32) * ((high - low) / 255.0) + low
-    out = model.decode(model.encode(images)).astype(jnp.float32)
+    out = tokenizer.decode(params, tokenizer.encode(params, images)).astype(jnp.float32)
     # As `images.to_uint8` would save it: clipped and rounded to 8 bits.
     out = jnp.clip(jnp.floor((out - low) * (255.0 / (high - low)) + 0.5), 0, 255)
     return inception.features(weights, pixels), inception.features(weights, out.astype(jnp.uint8))
@@ -283,49 +281,52 @@ def fid(weights, a, b, resolution: int = DEFAULT_RESOLUTION, batch_size: int = 6
 
 def rfid(weights, tokenizer: str, data, batch_size: int = 64, max_images: int | None = None,
          num_threads: int = 8) -> dict:
-  """FID between the images of `data` and their reconstructions by a ViT-VQGAN run."""
+  """FID between the images of `data` and their reconstructions by an image tokenizer."""
   image_set = _image_set(data)
-  setup, params = load_vitvqgan(tokenizer)
-  mesh = setup.mesh
-  batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows on every device
-  step = reconstruction_features(setup)
-  weights = jax.device_put(weights, NamedSharding(mesh, P()))
-  run = lambda pixels: step(params, weights, jax.device_put(pixels, setup.batch_sharding))
-  resolution = setup.config.model.resolution
+  spec, tokenizer = tokenizer, load_tokenizer(tokenizer)
+  rows = tokenizer.batch_sharding  # the images' batch on the tokenizer's mesh (or None)
+  if rows is not None:
+    batch_size = -(-batch_size // rows.mesh.size) * rows.mesh.size  # whole rows on every device
+    weights = jax.device_put(weights, NamedSharding(rows.mesh, P()))
+  else:
+    weights = jax.device_put(weights)  # once, not with every batch
+  step = reconstruction_features(tokenizer)
+  run = lambda pixels: step(tokenizer.params, weights, jax.device_put(pixels, rows))
+  resolution = tokenizer.resolution
   (originals, reconstructions), skipped = accumulate(
       image_set, run, 2, resolution, batch_size, max_images, num_threads)
   mu_a, sigma_a, _ = _moments(originals, str(image_set.path), skipped)
   mu_b, sigma_b, _ = reconstructions.result()
   return dict(mode="rfid", fid=frechet_distance(mu_a, sigma_a, mu_b, sigma_b),
-              data=str(image_set.path), tokenizer=tokenizer, images=originals.count,
+              data=str(image_set.path), tokenizer=spec, images=originals.count,
               skipped=skipped, resolution=resolution)
 
 
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("weights", None, "Inception .npz from `python -m parti_jax.convert.inception`.",
+             required=True)
+FLAGS.string("tokenizer", None, "An image tokenizer (vitvqgan:RUN_DIR): rFID of its "
+             "reconstructions of the one set given.")
+FLAGS.integer("resolution", None, f"Square size images are brought to (default "
+              f"{DEFAULT_RESOLUTION}; with --tokenizer, the tokenizer's).")
+FLAGS.integer("batch_size", 64, "Images per batch.")
+FLAGS.integer("max_images", None, "Use at most this many images of each set.")
+FLAGS.integer("num_threads", 8, "Image decoding threads.")
+
+
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m parti_jax.eval.fid",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("sets", nargs="+", metavar="SET",
-                 help="two image folders or image shard sets (one with --tokenizer)")
-  p.add_argument("--weights", required=True,
-                 help="Inception .npz from `python -m parti_jax.convert.inception`")
-  p.add_argument("--tokenizer", help="vitvqgan:RUN_DIR: rFID of that run's reconstructions")
-  p.add_argument("--resolution", type=int,
-                 help=f"square size images are brought to (default {DEFAULT_RESOLUTION}; "
-                      "with --tokenizer, the tokenizer's)")
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--max_images", type=int, help="use at most this many images of each set")
-  p.add_argument("--num_threads", type=int, default=8, help="image decoding threads")
-  a = p.parse_args(argv)
-  if a.tokenizer and len(a.sets) != 1:
-    p.error(f"--tokenizer takes one set (the originals), got {len(a.sets)}")
-  if not a.tokenizer and len(a.sets) != 2:
-    p.error(f"FID compares two sets, got {len(a.sets)}")
+  a = FLAGS.parse(argv)
+  sets = a.args  # two image folders or image shard sets (one with --tokenizer)
+  if a.tokenizer and len(sets) != 1:
+    raise SystemExit(f"error: --tokenizer takes one set (the originals), got {len(sets)}")
+  if not a.tokenizer and len(sets) != 2:
+    raise SystemExit(f"error: FID compares two sets, got {len(sets)}")
   if a.tokenizer and a.resolution:
-    p.error("--resolution is the tokenizer's with --tokenizer")
+    raise SystemExit("error: --resolution is the tokenizer's with --tokenizer")
   if a.batch_size < 1 or (a.resolution is not None and a.resolution < 1):
-    p.error("--batch_size and --resolution must be positive")
+    raise SystemExit("error: --batch_size and --resolution must be positive")
   start = time.perf_counter()
-  sets = [ImageSet(path) for path in a.sets]  # a wrong path fails before anything slow
+  sets = [ImageSet(path) for path in sets]  # a wrong path fails before anything slow
   weights = inception.load_weights(a.weights)
   kwargs = dict(batch_size=a.batch_size, max_images=a.max_images, num_threads=a.num_threads)
   if a.tokenizer:
@@ -339,6 +340,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   try:
-    main()
+    cli.run(main)
   except (FidError, inception.InceptionWeightsError, records.DataError) as e:
     sys.exit(f"error: {e}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from parti_jax.model import _dense_init
+from parti_jax.models.layers import dense_init
 
 
 def channels_per_block(m: ml_collections.ConfigDict) -> list[int]:
@@ -80,10 +80,10 @@ class Discriminator(nnx.Module):
     self.blocks = nnx.List([ResBlock(a, b, d, rngs) for a, b in zip(ch[:-1], ch[1:])])
     self.final_conv = _conv(ch[-1] + 1, ch[-1], 3, d, rngs)
     self.dense = nnx.Linear(ch[-1] * 16, ch[-1], dtype=d, rngs=rngs,
-                            kernel_init=_dense_init(("channels_in", "channels")),
+                            kernel_init=dense_init(("channels_in", "channels")),
                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
                                                             ("channels",)))
-    self.logit = nnx.Linear(ch[-1], 1, rngs=rngs, kernel_init=_dense_init(("channels", None)))
+    self.logit = nnx.Linear(ch[-1], 1, rngs=rngs, kernel_init=dense_init(("channels", None)))
 
   def __call__(self, images) -> jax.Array:
     """Logits [B] (float32)."""

@@ -1,7 +1,7 @@
 """The ViT-VQGAN image tokenizer: images -> a grid of codes -> images.
 
 Encoder: non-overlapping PxP patches, a linear patch embedding plus learned positions,
-pre-LN Transformer blocks (the Parti blocks of `parti_jax.model`, scanned), the final
+pre-LN Transformer blocks (the Parti blocks of `parti_jax.models.layers`, scanned), the final
 LayerNorm, then the paper's two-layer feed-forward with tanh in the middle. Decoder: the
 same in reverse, ending in a linear map from each token to its patch's pixels.
 
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from parti_jax.discriminator import Discriminator
-from parti_jax.model import Stack, _dense_init, flat_dot_general
+from parti_jax.models.discriminator import Discriminator
+from parti_jax.models.layers import Stack, dense_init, flat_dot_general
 from parti_jax.sharding import constrain
 
 
@@ -45,7 +45,7 @@ def side_config(m: ml_collections.ConfigDict, side: str) -> ml_collections.Confi
 
 def _linear(i, o, names, dtype, rngs, use_bias=True):
   return nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, dot_general=flat_dot_general,
-                    rngs=rngs, kernel_init=_dense_init(names),
+                    rngs=rngs, kernel_init=dense_init(names),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)))
 
 

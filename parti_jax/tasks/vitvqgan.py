@@ -1,10 +1,10 @@
-"""Training the ViT-VQGAN (stage 1) with the same trainer: its setup, losses and steps.
+"""The ViT-VQGAN task (stage 1, the image tokenizer): its setup, losses and steps.
 
   python -m parti_jax.train --config configs/vitvqgan_tiny.py --workdir DIR \
       --config.data.train=data/shapes/train --config.data.eval=data/shapes/validation
 
-The state, sharding, optimizer, checkpoints, resume and metrics are the Parti trainer's
-(`parti_jax.train_step.Setup` with this model). Loss terms, each weighted in `loss`:
+The state, sharding, optimizer, checkpoints, resume and metrics are the trainer's
+(`parti_jax.tasks.base.Setup` with this model). Loss terms, each weighted in `loss`:
   L2 (`loss.l2`); logit-laplace likelihood (`loss.logit_laplace`, with `model.logit_laplace`);
   codebook and commitment (`model.commitment`); LPIPS-style VGG-16 perceptual distance
   (`loss.perceptual`, weights from `loss.perceptual_weights`; off with a warning without);
@@ -16,10 +16,8 @@ Evaluation reports PSNR, L2 and codebook usage on the held-out split.
 Codebook collapse: without help the tiny config's codebook falls to a few codes within ~100
 steps on the shapes data. `model.dead_code_restart_every` restarts unused entries at the
 batch's worst-fitted latents (the tiny config does; the paper's configs leave it off), and
-`model.quantize_start` lets the decoder see the continuous latents first (parti_jax/vqgan.py).
+`model.quantize_start` lets the decoder see the continuous latents first (parti_jax/models/vitvqgan.py).
 """
-
-import json
 
 import jax
 import jax.numpy as jnp
@@ -27,18 +25,17 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
-from parti_jax import checkpoints, discriminator, perceptual
-from parti_jax import config as config_lib
-from parti_jax import train_step as ts
-from parti_jax import vqgan
 from parti_jax.data import images as image_lib
+from parti_jax.models import discriminator, perceptual
+from parti_jax.models import vitvqgan as vqgan
+from parti_jax.tasks import base
+
+INPUTS = ("images",)
 
 
-class Setup(ts.Setup):
+class Setup(base.Setup):
   model_class = vqgan.ViTVQGAN
 
   def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -95,8 +92,8 @@ def discriminator_grads(config, model, disc_params, images, fake, on) -> tuple[d
   return jax.lax.cond(on, train, wait, disc_params)
 
 
-def train_step(setup: Setup, state: ts.TrainState, batch,
-               perceptual_weights=None) -> tuple[ts.TrainState, dict]:
+def train_step(setup: Setup, state: base.TrainState, batch,
+               perceptual_weights=None) -> tuple[base.TrainState, dict]:
   """One generator update and one discriminator update, each by its own optimizer.
 
   The generator's loss sees the discriminator as it was before this step; the
@@ -145,7 +142,7 @@ def train_step(setup: Setup, state: ts.TrainState, batch,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def restart_dead_codes(config, state: ts.TrainState, params, out) -> tuple[dict, jax.Array]:
+def restart_dead_codes(config, state: base.TrainState, params, out) -> tuple[dict, jax.Array]:
   """Every `model.dead_code_restart_every` steps, entries no latent of this global batch
   chose are replaced by the batch's latents that their nearest entries fit worst.
 
@@ -215,14 +212,13 @@ def load_perceptual_weights(config) -> dict:
 
 
 def jit_train_step(setup: Setup):
-  """`(state, batch) -> (state, metrics)` as in `train_step.jit_train_step`, the perceptual
-  network's frozen weights bound as a third, replicated argument."""
-  replicated = NamedSharding(setup.mesh, P())
-  weights = jax.device_put(load_perceptual_weights(setup.config), replicated)
-  jitted = jax.jit(ts.with_activation_mesh(setup, train_step),
-                   in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
-                   out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-  return ts.BoundStep(jitted, weights)
+  """`(state, batch) -> (state, metrics)`, the perceptual network's frozen weights bound as a
+  third, replicated argument."""
+  return base.jit_train_step(setup, train_step, load_perceptual_weights(setup.config))
+
+
+def jit_eval_step(setup: Setup):
+  return base.jit_eval_step(setup, eval_step)
 
 
 def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:
@@ -241,7 +237,12 @@ def forward_flops_per_example(m: ml_collections.ConfigDict) -> float:
 
 
 def train_step_flops(config) -> float:
+  """FLOPs of one generator step over the global batch (forward + backward: 3x forward)."""
   return 3 * forward_flops_per_example(config.model) * config.global_batch_size
+
+
+def tokens_per_example(config) -> int:
+  return (config.model.resolution // config.model.patch_size) ** 2
 
 
 def reconstruct_fn(setup: Setup):
@@ -257,30 +258,10 @@ def reconstruction_grid(reconstruct, params, images, count: int = 8) -> np.ndarr
   return image_lib.to_uint8(np.concatenate(rows, axis=0), -1.0, 1.0)
 
 
-def load_run(workdir, mesh=None) -> tuple[Setup, dict]:
-  """(setup, params) of the ViT-VQGAN trained in `workdir`: its config.json and latest
-  checkpoint, laid out on `mesh` (default: this machine's devices over fsdp), whatever mesh
-  it trained on. Raises ValueError or FileNotFoundError saying what is wrong (callers name
-  the run)."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise ValueError("no config.json; not a training run directory")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if config.get("task") != "vitvqgan":
-    raise ValueError(f"config.json has task {config.get('task')!r}, not a ViT-VQGAN run")
-  config.sharding_rules = tuple(tuple(rule) for rule in config.sharding_rules)
-  if mesh is None:
-    config.mesh.update(data=1, fsdp=-1, tensor=1)
-    batch_shards = jax.device_count()
-  else:
-    config.mesh.update(dict(zip(config_lib.MESH_AXES, mesh.devices.shape)))
-    batch_shards = config.mesh.data * config.mesh.fsdp
-  # Training-only fields that the config checks would hold against this machine: the batch
-  # is not used here, and no perceptual weights are needed to encode or decode.
-  config.global_batch_size = batch_shards
-  config.loss.perceptual = 0.0
+def build(config: ml_collections.ConfigDict, mesh) -> base.Task:
   setup = Setup(config, mesh)
-  try:
-    return setup, checkpoints.load_params(workdir, setup.abstract_state().params)
-  except FileNotFoundError:
-    raise FileNotFoundError("no checkpoint (nothing in checkpoints/); train it first") from None
+  reconstruct = reconstruct_fn(setup)
+  return base.Task(setup, INPUTS, jit_train_step(setup), jit_eval_step(setup),
+                   train_step_flops(config), tokens_per_example(config),
+                   picture=lambda params, batch: reconstruction_grid(
+                       reconstruct, params, batch["images"]))

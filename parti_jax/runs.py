@@ -1,0 +1,158 @@
+"""Run directories: the one place that reads and writes them, for every task.
+
+  RUN/config.json        the resolved config of the first start (`write_config`)
+  RUN/checkpoints/STEP/  orbax checkpoints (parti_jax.checkpoints writes them)
+
+`load(RUN)` gives any task's model and parameters for inference on any mesh, with the
+config held to what the model needs (no batch size, optimizer or loss weights are checked).
+Run directories may be in buckets (gs://...).
+"""
+
+import dataclasses
+import json
+
+import jax
+import ml_collections
+from etils import epath
+
+from parti_jax import checkpoints, sharding, tasks
+from parti_jax import config as config_lib
+from parti_jax.data import buckets, records
+
+# Fields whose change alters the shapes or structure of the saved state: a restart with a
+# different value cannot restore its checkpoints and is refused.
+SHAPE_FIELDS = (
+    "task", "model.text_vocab_size", "model.text_len", "model.image_grid", "model.codebook_size",
+    "model.d_model", "model.num_heads", "model.head_dim", "model.mlp_dim",
+    "model.encoder_layers", "model.decoder_layers", "model.share_image_embedding",
+    "optimizer.name", "optimizer.momentum_dtype",
+    # the image tokenizer's
+    "model.resolution", "model.patch_size", "model.code_dim", "model.logit_laplace",
+    "model.encoder", "model.decoder",
+)
+
+
+class RunError(ValueError):
+  """A run directory cannot be used; the message names it and says why."""
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """RUN/config.json as a ConfigDict (with the tuples JSON turned into lists restored)."""
+  try:
+    text = buckets.read_text(epath.Path(workdir) / "config.json")
+  except FileNotFoundError:
+    raise RunError(f"{workdir}: no config.json; not a training run directory") from None
+  except records.DataError as e:  # a bucket that cannot be reached
+    raise RunError(str(e)) from None
+  try:
+    config = ml_collections.ConfigDict(json.loads(text))
+  except (ValueError, TypeError) as e:
+    raise RunError(f"{workdir}/config.json is not a config ({e})") from None
+  config.sharding_rules = tuple(tuple(rule) for rule in config.get("sharding_rules", ()))
+  return config
+
+
+def write_config(workdir, config: ml_collections.ConfigDict) -> None:
+  """Saves the config at the first start; refuses a restart that changes a shape field."""
+  path = epath.Path(workdir) / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    saved = json.loads(path.read_text())
+    changed = [f"{f}: {_lookup(saved, f)!r} in {path}, now {_lookup(current, f)!r}"
+               for f in SHAPE_FIELDS if _lookup(saved, f) != _lookup(current, f)]
+    if changed:
+      raise config_lib.ConfigError(
+          "the config changes fields that the checkpoints' shapes depend on:\n  "
+          + "\n  ".join(changed)
+          + "\nuse a new --workdir, or --config.init_from to start from this run")
+    return
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+
+
+def _lookup(config_dict: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(config_dict, dict) or part not in config_dict:
+      return None
+    config_dict = config_dict[part]
+  return config_dict
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The run's finished checkpoint steps, ascending (never a step still being written)."""
+  return checkpoints.finished_steps(checkpoints.absolute(workdir) / "checkpoints")
+
+
+def checkpoint_dir(workdir, step: int | None = None) -> tuple[epath.Path, int]:
+  """The directory of checkpoint `step` (default: the latest) and its step."""
+  directory = checkpoints.absolute(workdir) / "checkpoints"
+  steps = checkpoints.finished_steps(directory)
+  if not steps:
+    raise RunError(f"{workdir} has no checkpoint (nothing in {directory}); train it first")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise RunError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}")
+  return directory / str(step), step
+
+
+def resolve_checkpoint(path) -> epath.Path:
+  """A run directory's latest checkpoint, or a checkpoint's STEP directory as given (what
+  `--config.init_from` names)."""
+  path = checkpoints.absolute(path)
+  if (path / "checkpoints").exists():
+    steps = checkpoints.finished_steps(path / "checkpoints")
+    if not steps:
+      raise RunError(f"init_from={path}: no checkpoints in {path / 'checkpoints'}")
+    return path / "checkpoints" / str(steps[-1])
+  if not (path / "state").exists():
+    raise RunError(f"init_from={path}: not a run directory or a checkpoint step directory "
+                   "(no state/ inside)")
+  return path
+
+
+@dataclasses.dataclass
+class Run:
+  """A run opened for inference at one checkpoint: `setup.model(load_params())` is the
+  network. Opening checks everything but reads no parameters, so that a caller can check
+  its own inputs before the slow part."""
+  workdir: str
+  step: int
+  path: epath.Path  # the checkpoint's directory
+  config: ml_collections.ConfigDict
+  setup: object  # the task's Setup, built with training=False
+
+  def load_params(self) -> dict:
+    return checkpoints.load_params(self.path, self.setup.sharded_abstract_params())
+
+
+def prepare(workdir, step: int | None = None, task: str | None = None, mesh=None,
+            mesh_axes: dict | None = None, devices=None) -> Run:
+  """Opens the run at `step` (default: the latest) for inference on `mesh`, or on a mesh
+  of `devices` (default: all) shaped by `mesh_axes` (default: every device on fsdp),
+  whatever mesh the run trained on. `task`: refuse a run of another task."""
+  workdir = str(workdir)
+  config = read_config(workdir)
+  name = config.get("task", "parti")
+  if task and name != task:
+    raise RunError(f"{workdir} trained {name!r}, not {task!r}")
+  path, step = checkpoint_dir(workdir, step)
+  try:
+    if mesh is None:
+      config.mesh.update(mesh_axes or dict(data=1, fsdp=-1, tensor=1))
+      mesh = sharding.make_mesh(config, devices, training=False)
+    else:
+      config.mesh.update(dict(zip(config_lib.MESH_AXES, mesh.devices.shape)))
+      config_lib.check(config, mesh.size, training=False)
+    setup = tasks.of(config).Setup(config, mesh, training=False)
+  except config_lib.ConfigError as e:
+    raise RunError(f"{workdir}: {e}") from None
+  return Run(workdir, step, path, config, setup)
+
+
+def load(workdir, step: int | None = None, task: str | None = None, mesh=None,
+         mesh_axes: dict | None = None, devices=None) -> tuple[Run, dict]:
+  """`prepare`, then the parameters: (run, params)."""
+  run = prepare(workdir, step, task, mesh, mesh_axes, devices)
+  return run, run.load_params()

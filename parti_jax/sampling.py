@@ -1,0 +1,281 @@
+"""Prompts in, images out: loading a Parti run for sampling, batching prompt rows over the
+local devices, and writing PNGs and samples.json (`python -m parti_jax.sample` is the command).
+
+Sample s of a prompt draws from fold_in(fold_in(key(seed), prompt_id), s), prompt_id
+being a checksum of the prompt's text: a prompt and seed give the same image in any
+batch, file or order. Token-by-token and speculative Jacobi decoding draw from the same
+distribution, with different images for a seed.
+
+The run's config.json gives the model; its token shards (`config.data.train`) name the
+image tokenizer and the SentencePiece model they were made with (`config.data.spm_model`,
+or the `tokenizer` and `spm_model` arguments, override them, e.g. when the run moved
+machines). Rows (prompt x sample) run in batches on this process's devices (batch over
+`data`, heads over `tensor` devices; weights in the model's dtype); the last batch is padded.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from PIL import Image
+from tqdm import tqdm
+
+from parti_jax import decoding, runs, tokenizers
+from parti_jax import text as text_lib
+from parti_jax.data import buckets, records, spm
+
+
+class SampleError(Exception):
+  """Sampling cannot start; the message says what is missing and where."""
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def read_prompts(path, category: str | None = None, challenge: str | None = None) -> list[str]:
+  """Prompts of a text file (one per line) or a TSV with a `Prompt` column, filtered."""
+  try:
+    text = buckets.read_text(path)
+  except (OSError, UnicodeDecodeError) as e:
+    raise SampleError(f"cannot read the prompts file {path}: {e}") from None
+  except records.DataError as e:  # a bucket that cannot be reached
+    raise SampleError(f"cannot read the prompts file: {e}") from None
+  lines = text.splitlines()
+  header = lines[0].split("\t") if lines else []
+  if "Prompt" in header:
+    rows = list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+    for name, wanted in (("Category", category), ("Challenge", challenge)):
+      if wanted:
+        rows = [r for r in rows if (r.get(name) or "").strip().lower() == wanted.lower()]
+    prompts = [r["Prompt"] for r in rows]
+  elif category or challenge:
+    raise SampleError(f"--category and --challenge filter a TSV with a Prompt column; {path} "
+                      "has none")
+  else:
+    prompts = lines
+  prompts = [p.strip() for p in prompts if p and p.strip()]
+  if not prompts:
+    raise SampleError(f"no prompts in {path}" + (" after filtering" if category or challenge
+                                                 else ""))
+  return prompts
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+@dataclasses.dataclass
+class Run:
+  """A Parti run loaded for sampling: model setup and parameters, the text tokenizer, the
+  image tokenizer that decodes its codes."""
+  workdir: str
+  step: int
+  setup: object  # parti_jax.tasks.parti.Setup, for inference
+  params: dict
+  text_tokenizer: spm.Tokenizer
+  image_tokenizer: tokenizers.ImageTokenizer
+  load_s: float
+  _compiled: dict = dataclasses.field(default_factory=dict)
+
+  def generate_fn(self, settings: decoding.Settings, batch_size: int):
+    """(compiled `Sampler.generate`, seconds it took): compiled once per run and settings."""
+    key = (settings, batch_size)
+    if key in self._compiled:
+      return self._compiled[key], 0.0
+    start = time.perf_counter()
+    sampler = decoding.Sampler(self.setup, settings, batch_size)
+    _, text, keys = sampler.abstract_inputs()
+    self._compiled[key] = sampler.generate.lower(self.params, text, keys).compile()
+    return self._compiled[key], time.perf_counter() - start
+
+
+def load_run(workdir, step: int | None = None, tokenizer: str | None = None,
+             spm_model: str | None = None, tensor: int = 1, devices=None) -> Run:
+  """The run's model on the local devices (batch over `data`, heads over `tensor`)."""
+  start = time.perf_counter()
+  try:
+    run = runs.prepare(workdir, step, task="parti", mesh_axes=dict(data=-1, fsdp=1, tensor=tensor),
+                       devices=devices or jax.local_devices())
+  except runs.RunError as e:
+    raise SampleError(str(e)) from None
+  config = run.config
+  spm_model = spm_model or config.data.get("spm_model")  # a config may name it
+  tokens = _token_metadata(config, required=not (tokenizer and spm_model))
+  spm_model = spm_model or _locate(tokens.get("spm_model", ""), config.data.train)
+  if not spm_model:
+    raise SampleError(f"{config.data.train}: metadata.json names no SentencePiece model; "
+                      "pass --spm")
+  try:
+    image_tokenizer = tokenizers.load(tokenizer or tokens["tokenizer"], tokens.get("resolution"),
+                                      run.setup.mesh, grid=config.model.image_grid)
+  except tokenizers.TokenizerError as e:
+    raise SampleError(f"image tokenizer {e}") from None
+  if image_tokenizer.decode is None:
+    raise SampleError(f"image tokenizer {image_tokenizer.name}: it has no decoder")
+  text_tokenizer = _text_tokenizer(spm_model, config.model)
+  _check_codebook(image_tokenizer, config.model)
+  params = run.load_params()
+  if config.model.dtype != "float32":  # matmuls run in it anyway: half the bytes to read
+    params = jax.jit(lambda p: decoding.cast_params(p, config.model.dtype))(params)
+  return Run(run.workdir, run.step, run.setup, params, text_tokenizer, image_tokenizer,
+             time.perf_counter() - start)
+
+
+def _token_metadata(config, required: bool) -> dict:
+  """The image tokenizer and SentencePiece model that made the run's token shards
+  (nothing, if they cannot be read and are not `required`)."""
+  where = config.data.train
+  try:
+    tokens = records.read_metadata(where).get("tokens", {})
+  except (OSError, records.DataError, ValueError) as e:
+    if not required:
+      return {}
+    raise SampleError(f"cannot read the run's token shards {where!r} to find its tokenizers "
+                      f"({e}); pass --tokenizer and --spm") from None
+  if required and "tokenizer" not in tokens:
+    raise SampleError(f"{where}: metadata.json names no tokenizer; pass --tokenizer and --spm")
+  return tokens
+
+
+def _locate(path: str, token_shards: str) -> str:
+  """A path recorded relative to wherever encode ran: tried from here, then from the token
+  shard directory and each directory above it."""
+  if "://" in path or epath.Path(path).is_absolute() or epath.Path(path).exists():
+    return path
+  for folder in [epath.Path(token_shards), *epath.Path(token_shards).parents]:
+    if (folder / path).exists():
+      return str(folder / path)
+  return path
+
+
+def _text_tokenizer(spm_model, m) -> spm.Tokenizer:
+  try:
+    tokenizer = spm.Tokenizer(spm_model, m.text_len)
+  except (OSError, records.DataError) as e:
+    raise SampleError(f"cannot read the SentencePiece model {spm_model}: {e}; pass --spm") \
+        from None
+  if tokenizer.vocab_size > m.text_vocab_size:
+    raise SampleError(f"the SentencePiece model {spm_model} has {tokenizer.vocab_size} pieces; "
+                      f"the model's text vocabulary only {m.text_vocab_size}")
+  return tokenizer
+
+
+def _check_codebook(tokenizer: tokenizers.ImageTokenizer, m) -> None:
+  if tokenizer.codebook_size > m.codebook_size or tokenizer.grid != m.image_grid:
+    raise SampleError(
+        f"the image tokenizer {tokenizer.name} ({tokenizer.grid}x{tokenizer.grid} codes of "
+        f"{tokenizer.codebook_size}) does not match the model ({m.image_grid}x{m.image_grid} "
+        f"codes of {m.codebook_size})")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def grid(images: np.ndarray) -> np.ndarray:
+  """uint8 [n, H, W, 3] -> one picture, ceil(sqrt(n)) images a row."""
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = -(-n // cols)
+  canvas = np.full((rows * h, cols * w, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    canvas[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = image
+  return canvas
+
+
+def generate(run: Run, prompts: list[str], settings: decoding.Settings, num_samples: int,
+             seed: int = 0, batch_size: int = 0, out=None, progress: bool = True,
+             log=print) -> dict:
+  """Samples every prompt `num_samples` times; writes files to `out` when given.
+
+  Returns the report written as samples.json, plus `images`: uint8 [num_samples, R, R, 3]
+  per prompt.
+  """
+  m, mesh = run.setup.config.model, run.setup.mesh
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
+  batch_size = batch_size or min(len(rows), 16)
+  batch_size = -(-batch_size // ways) * ways  # whole rows on every device
+  if run.image_tokenizer.codebook_size < m.codebook_size:
+    settings = dataclasses.replace(settings, num_codes=run.image_tokenizer.codebook_size)
+
+  text, truncated = [], []
+  for i, prompt in enumerate(prompts):
+    ids = run.text_tokenizer.ids(prompt)
+    if ids[-1] != text_lib.END_ID:
+      truncated.append(i)
+      log(f"warning: prompt {i} is longer than {m.text_len} text tokens; truncated: "
+          f"{prompt[:80]!r}")
+    text.append(text_lib.pad(ids, m.text_len))
+  ids = [decoding.prompt_id(p) for p in prompts]
+
+  generate_fn, compile_s = run.generate_fn(settings, batch_size)
+
+  images = [[None] * num_samples for _ in prompts]
+  remaining = [num_samples] * len(prompts)
+  forwards, start = [], time.perf_counter()
+  bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, file=sys.stderr)
+  for b in range(0, len(rows), batch_size):
+    batch = rows[b:b + batch_size]
+    padded = batch + [batch[-1]] * (batch_size - len(batch))
+    tokens = np.stack([text[i] for i, _ in padded])
+    keys = decoding.row_keys(seed, [ids[i] for i, _ in padded], [s for _, s in padded])
+    out_batch = jax.device_get(generate_fn(run.params, tokens, keys))
+    forwards.append(int(out_batch.forwards))
+    pictures = run.image_tokenizer.decode_codes(out_batch.tokens[:len(batch)])
+    for (i, s), picture in zip(batch, pictures):
+      images[i][s] = picture
+      remaining[i] -= 1
+      if not remaining[i]:
+        bar.update(1)
+  bar.close()
+  sample_s = time.perf_counter() - start
+
+  report = dict(
+      workdir=run.workdir, step=run.step, image_tokenizer=run.image_tokenizer.name,
+      settings=dataclasses.asdict(settings), decoding="sjd" if settings.sjd_window else "token",
+      seed=seed, key=("fold_in(fold_in(jax.random.key(seed), prompt_id), sample); "
+                      "prompt_id = crc32(prompt utf-8) & 0x7fffffff"),
+      num_samples=num_samples, batch_size=batch_size, devices=mesh.size,
+      device_kind=mesh.devices.flat[0].device_kind,
+      timings=dict(load_s=run.load_s, compile_s=compile_s, sample_s=sample_s,
+                   images_per_s=len(rows) / sample_s, s_per_image=sample_s / len(rows),
+                   batches=len(forwards), forwards_per_batch=float(np.mean(forwards)),
+                   image_tokens=m.image_grid ** 2),
+      prompts=[dict(index=i, prompt=p, prompt_id=ids[i], truncated=i in truncated)
+               for i, p in enumerate(prompts)])
+  if out is not None:
+    with buckets.reported(out):  # a bucket's errors as one line naming it
+      _write(epath.Path(out), report, images)
+  report["images"] = [np.stack(x) for x in images]
+  return report
+
+
+def _write(out: epath.Path, report: dict, images) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+
+  def save(name, pixels):
+    with (out / name).open("wb") as f:
+      Image.fromarray(pixels).save(f, format="PNG")
+
+  for entry, pictures in zip(report["prompts"], images):
+    i = entry["index"]
+    entry["files"] = [f"{i:04d}_{s:02d}.png" for s in range(len(pictures))]
+    entry["grid"] = f"{i:04d}_grid.png"
+    for name, picture in zip(entry["files"], pictures):
+      save(name, picture)
+    save(entry["grid"], grid(np.stack(pictures)))
+  (out / "samples.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def check_out(out) -> None:
+  """A bucket for `out` that is missing or unreachable is said before anything is loaded."""
+  try:
+    buckets.check_bucket(out)
+  except records.DataError as e:
+    raise SampleError(f"--out {e}") from None
