@@ -78,7 +78,6 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
     config.mesh.num_slices = num_slices
   slices = int(config.mesh.get("num_slices", 1))
   chips = tpu.chips * slices
-  tasks.of(config)
   config_lib.check(config, chips)  # before building the devices: names a wrong mesh first
   devices = tpu.devices(slices)
   try:
@@ -297,7 +296,7 @@ def main(argv=None):
     sys.exit("error: --config and --topology are required")
   try:
     report = plan(config, f.topology, f.mode, f.num_slices)
-  except (topologies.UnknownTopology, config_lib.ConfigError, tasks.UnknownTask) as e:
+  except (topologies.UnknownTopology, config_lib.ConfigError) as e:
     if f.json:
       print(json.dumps(dict(topology=f.topology, refused=str(e))))
     print(f"error: {e}", file=sys.stderr)

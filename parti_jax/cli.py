@@ -74,7 +74,9 @@ class Flags:
 
   def help_text(self) -> str:
     listed = self._values(["command"]).get_help(include_special_flags=False)
-    return f"{self.usage.strip()}\n\nflags:\n{listed}"
+    # absl heads the list with the module that defined the flags: here always this one.
+    listed = listed.replace(f"\n{__name__}:\n", "\n", 1)
+    return f"{self.usage.strip()}\n\nflags:{listed}"
 
   def parse(self, argv: Sequence[str] | None = None) -> types.SimpleNamespace:
     """Flag values as attributes, positional arguments as `args`. argv excludes the program

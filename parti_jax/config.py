@@ -9,7 +9,6 @@ import math
 
 import jax
 import ml_collections
-from etils import epath
 
 # Priority-ordered logical-to-mesh rules: for each array, the rules are tried in order
 # and a mesh axis is used at most once per array. `batch` comes first, so activations
@@ -318,70 +317,32 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None,
           training: bool = True) -> tuple[int, ...]:
   """Refuses a config that cannot run, before compiling. Returns the resolved mesh shape.
 
-  `training=False` (inference) checks the model and mesh only: no batch, optimizer or loss.
+  The mesh is checked here, the model, batch and losses by the config's task
+  (`config_problems` of its module in parti_jax.tasks). `training=False` (inference)
+  checks the model and mesh only: no batch, optimizer or loss.
   """
+  from parti_jax import tasks  # the tasks import this module: resolved at call time
   num_devices = jax.device_count() if num_devices is None else num_devices
-  if config.get("task", "parti") == "vitvqgan":
-    return _check_vitvqgan(config, mesh_shape(config, num_devices), training)
-  m = config.model
-  shape = dict(zip(MESH_AXES, mesh_shape(config, num_devices)))
-  problems = []
-
-  def need(ok, msg):
-    if not ok:
-      problems.append(msg)
-
-  need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}")
-  problems += _shared_model_problems(m)
-  need(m.decoder_attention in ("dense", "conv"),
-       f"model.decoder_attention={m.decoder_attention!r} is not 'dense' or 'conv'")
-  need(m.dtype in ("float32", "bfloat16", "float16"),
-       f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
-  need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
-       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
-       "(or set model.head_dim)")
-  need(not m.get("image_rope", False) or head_dim(m) % 4 == 0,
-       f"model.image_rope needs a head dimension divisible by 4 (half for rows, half for "
-       f"columns, in pairs); it is {head_dim(m)}")
-  need(not m.get("text_rope", False) or head_dim(m) % 2 == 0,
-       f"model.text_rope needs an even head dimension (rotated in pairs); it is {head_dim(m)}")
-  need(not training or config.optimizer.name in ("adafactor", "adamw"),
-       f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
-  need(not training or config.schedule.name in SCHEDULES,
-       f"schedule.name={config.schedule.name!r} is not one of {SCHEDULES}")
-  need(not training or config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
-
-  # Every sharded dimension must split evenly over the mesh axes the rules give it.
-  rules = dict()
-  for logical, mesh_axes in config.sharding_rules:
-    rules.setdefault(logical, mesh_axes)  # first rule wins for these whole-dimension checks
-
-  def ways(logical):
-    axes = rules.get(logical)
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.prod(shape[a] for a in axes), " x ".join(f"mesh.{a}={shape[a]}" for a in axes)
-
-  for field, value, logical in [
-      ("model.num_heads", m.num_heads, "heads"),
-      ("model.mlp_dim", m.mlp_dim, "mlp"),
-      ("model.d_model", m.d_model, "embed"),
-      ("model.text_vocab_size (padded)", round_up(m.text_vocab_size), "vocab"),
-      ("model.codebook_size (padded, with BOS)", round_up(m.codebook_size + 1), "vocab"),
-  ]:
-    n, desc = ways(logical)
-    need(value % n == 0, f"{field}={value} is not divisible by {desc} (logical axis '{logical}')")
-
-  n, desc = ways("batch")
-  per_step = n * config.grad_accum_steps
-  need(not training or config.global_batch_size % per_step == 0,
-       f"global_batch_size={config.global_batch_size} is not divisible by the batch shards "
-       f"({desc or 'none'}) x grad_accum_steps={config.grad_accum_steps} = {per_step}")
+  shape = mesh_shape(config, num_devices)
+  task = tasks.of(config)  # an unknown task is refused here, naming the known ones
+  problems = task.config_problems(config, dict(zip(MESH_AXES, shape)), training)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-  return tuple(shape[a] for a in MESH_AXES)
+  return shape
 
 
-def _shared_model_problems(m: ml_collections.ConfigDict) -> list[str]:
+def ways(config: ml_collections.ConfigDict, sizes: dict, logical: str) -> tuple[int, str]:
+  """How many shards the mesh axes that `logical` maps to (its first rule) make, and their
+  description ("mesh.fsdp=8 x mesh.tensor=2")."""
+  rules = dict()
+  for name, mesh_axes in config.sharding_rules:
+    rules.setdefault(name, mesh_axes)  # first rule wins for these whole-dimension checks
+  axes = rules.get(logical)
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(sizes[a] for a in axes), " x ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+
+
+def layer_problems(m: ml_collections.ConfigDict) -> list[str]:
   """Fields both models' layer stacks read (parti_jax/models/layers.py: Stack, Attention)."""
   problems = []
   unroll = m.get("scan_unroll", 1)
@@ -394,45 +355,3 @@ def _shared_model_problems(m: ml_collections.ConfigDict) -> list[str]:
     problems.append("model.attention_impl='cudnn' needs model.dtype bfloat16 or float16 "
                     "(cuDNN's fused attention has no float32 kernel); 'auto' picks XLA's here")
   return problems
-
-
-def _check_vitvqgan(config, shape: tuple[int, ...], training: bool) -> tuple[int, ...]:
-  m, sizes, problems = config.model, dict(zip(MESH_AXES, shape)), []
-  if m.resolution % m.patch_size:
-    problems.append(f"model.resolution={m.resolution} is not a multiple of "
-                    f"model.patch_size={m.patch_size}")
-  for side in ("encoder", "decoder"):
-    s = m[side]
-    if s.d_model % s.num_heads:
-      problems.append(f"model.{side}.d_model={s.d_model} is not divisible by "
-                      f"model.{side}.num_heads={s.num_heads}")
-    if s.num_heads % sizes["tensor"] or s.mlp_dim % sizes["tensor"]:
-      problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
-                      f"divisible by mesh.tensor={sizes['tensor']}")
-  problems += _shared_model_problems(m)
-  if training:
-    problems += _vitvqgan_training_problems(config, sizes)
-  if problems:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-  return shape
-
-
-def _vitvqgan_training_problems(config, sizes: dict) -> list[str]:
-  m, w, problems = config.model, config.loss, []
-  if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
-    problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "
-                    "model.discriminator.channels is 0")
-  if w.get("adversarial", 0) and m.resolution & (m.resolution - 1):
-    problems.append(f"loss.adversarial={w.adversarial}: the discriminator needs a power-of-two "
-                    f"model.resolution, not {m.resolution}")
-  weights = w.get("perceptual_weights", "")
-  if w.get("perceptual", 0) and weights and not weights.startswith("random:") \
-      and not epath.Path(weights).exists():
-    problems.append(f"loss.perceptual_weights={weights!r} does not exist (convert VGG-16 "
-                    "weights with python -m parti_jax.convert.vgg16)")
-  batch_shards = sizes["data"] * sizes["fsdp"]
-  if config.global_batch_size % batch_shards:
-    problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "
-                    f"batch shards (mesh.data x mesh.fsdp = {batch_shards})")
-  return problems
-

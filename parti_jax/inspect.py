@@ -70,7 +70,7 @@ def main(argv=None):
     sys.exit("--config is required, e.g. --config configs/parti_350m.py")
   try:
     p = plan(a.config, a.num_devices or jax.device_count())
-  except (config_lib.ConfigError, tasks.UnknownTask) as e:
+  except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   if a.json:
     print(json.dumps(p))

@@ -145,7 +145,6 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   """
   devices = devices or jax.devices()
   workdir = checkpoints.absolute(workdir)
-  tasks.of(config)  # a task the trainer knows
   mesh = sharding.make_mesh(config, devices)  # checks the config against the devices
   if config.optimizer.get("frozen") and not config.init_from:
     raise config_lib.ConfigError(
@@ -310,7 +309,7 @@ def main(argv=None):
   try:
     summary = train(config, workdir)
   except (config_lib.ConfigError, records.DataError, TrainingError,
-          checkpoints.CheckpointError, tasks.UnknownTask, runs.RunError) as e:
+          checkpoints.CheckpointError, runs.RunError) as e:
     sys.exit(f"error: {e}")
   except Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -1,7 +1,8 @@
 """The tasks the trainer knows, by the name a config gives in `config.task`.
 
 Each task module has a `Setup` (its model and batch shapes on the model-agnostic
-`base.Setup`), `train_step_flops(config)`, `tokens_per_example(config)` and
+`base.Setup`), `config_problems(config, mesh_sizes, training)` (what `config.check`
+refuses), `train_step_flops(config)`, `tokens_per_example(config)` and
 `build(config, mesh) -> base.Task`, which the trainer, `inspect`, `aot`, the benchmarks
 and the run loader (`parti_jax.runs`) use. A new task is one module here, its network
 under `parti_jax/models/`, a config, and a line in TASKS (docs/architecture.md).
@@ -11,13 +12,14 @@ import types
 
 import ml_collections
 
+from parti_jax.config import ConfigError
 from parti_jax.tasks import parti, vitvqgan
 
 TASKS = {"parti": parti, "vitvqgan": vitvqgan}
 
 
-class UnknownTask(ValueError):
-  pass
+class UnknownTask(ConfigError):
+  """`config.task` names no task here."""
 
 
 def get(name: str) -> types.ModuleType:

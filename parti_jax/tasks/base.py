@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -105,6 +106,8 @@ class Task:
 
   `inputs`: the batch fields the steps take. `train_step(state, batch) -> (state, metrics)`
   and `eval_step(params, batch) -> metrics` (weighted by `weight`) are jitted on the mesh.
+  A train step's metrics hold `loss` and those of `apply_gradients`, which the trainer
+  reads to report and to stop on non-finite updates.
   """
   setup: Setup
   inputs: tuple[str, ...]
@@ -114,6 +117,20 @@ class Task:
   tokens_per_example: int  # image tokens per example (throughput is reported in them)
   # (params, eval batch) -> uint8 [H, W, 3], a picture written at each evaluation
   picture: Callable | None = None
+
+
+def apply_gradients(setup: Setup, state: TrainState, grads) -> tuple[dict, Any, dict]:
+  """(params, optimizer state, metrics) after one optimizer update.
+
+  Non-finite gradients skip the update (optax.apply_if_finite in `optim.make`): parameters
+  and optimizer state stay as they were, so a NaN never reaches a checkpoint.
+  """
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(grad_norm=optax.tree.norm(grads), learning_rate=setup.schedule(state.step),
+                 update_skipped=1 - opt_state.last_finite.astype(jnp.int32),
+                 consecutive_skips=opt_state.notfinite_count)
+  return params, opt_state, metrics
 
 
 def mean_over_micro_batches(setup: Setup, grad_fn: Callable, params, batch, dropout_key,

@@ -27,6 +27,55 @@ class Setup(base.Setup):
     return dict(text_tokens=shape(m.text_len), image_tokens=shape(m.image_grid ** 2))
 
 
+def config_problems(config: ml_collections.ConfigDict, sizes: dict, training: bool) -> list[str]:
+  """What in `config` cannot run on a mesh of `sizes` (`config.check` raises them)."""
+  m, problems = config.model, config_lib.layer_problems(config.model)
+
+  def need(ok, msg):
+    if not ok:
+      problems.append(msg)
+
+  need(m.remat in config_lib.REMAT_POLICIES,
+       f"model.remat={m.remat!r} is not one of {config_lib.REMAT_POLICIES}")
+  need(m.decoder_attention in ("dense", "conv"),
+       f"model.decoder_attention={m.decoder_attention!r} is not 'dense' or 'conv'")
+  need(m.dtype in ("float32", "bfloat16", "float16"),
+       f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
+  need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
+       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
+       "(or set model.head_dim)")
+  head_dim = config_lib.head_dim(m)
+  need(not m.get("image_rope", False) or head_dim % 4 == 0,
+       f"model.image_rope needs a head dimension divisible by 4 (half for rows, half for "
+       f"columns, in pairs); it is {head_dim}")
+  need(not m.get("text_rope", False) or head_dim % 2 == 0,
+       f"model.text_rope needs an even head dimension (rotated in pairs); it is {head_dim}")
+  # Every sharded dimension must split evenly over the mesh axes the rules give it.
+  for field, value, logical in [
+      ("model.num_heads", m.num_heads, "heads"),
+      ("model.mlp_dim", m.mlp_dim, "mlp"),
+      ("model.d_model", m.d_model, "embed"),
+      ("model.text_vocab_size (padded)", config_lib.round_up(m.text_vocab_size), "vocab"),
+      ("model.codebook_size (padded, with BOS)", config_lib.round_up(m.codebook_size + 1),
+       "vocab"),
+  ]:
+    n, desc = config_lib.ways(config, sizes, logical)
+    need(value % n == 0, f"{field}={value} is not divisible by {desc} (logical axis '{logical}')")
+  if training:
+    need(config.optimizer.name in ("adafactor", "adamw"),
+         f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
+    need(config.schedule.name in config_lib.SCHEDULES,
+         f"schedule.name={config.schedule.name!r} is not one of {config_lib.SCHEDULES}")
+    need(config.grad_accum_steps >= 1,
+         f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
+    n, desc = config_lib.ways(config, sizes, "batch")
+    per_step = n * config.grad_accum_steps
+    need(config.global_batch_size % per_step == 0,
+         f"global_batch_size={config.global_batch_size} is not divisible by the batch shards "
+         f"({desc or 'none'}) x grad_accum_steps={config.grad_accum_steps} = {per_step}")
+  return problems
+
+
 def loss_and_accuracy(logits, targets):
   """Mean softmax cross-entropy over all image tokens, and token accuracy."""
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
@@ -48,8 +97,7 @@ def loss_and_grads(setup: Setup, params, batch, dropout_key):
 
 
 def train_step(setup: Setup, state: base.TrainState, batch) -> tuple[base.TrainState, dict]:
-  """One update. Non-finite gradients skip it (optax.apply_if_finite in `optim.make`):
-  parameters and optimizer state stay as they were, so a NaN never reaches a checkpoint."""
+  """One update (skipped, and counted, when the gradients are not finite)."""
   dropout_key = jax.random.fold_in(state.rng, state.step)
   if setup.config.model.dropout_rate == 0:
     dropout_key = None
@@ -58,12 +106,8 @@ def train_step(setup: Setup, state: base.TrainState, batch) -> tuple[base.TrainS
   if injected:  # fault injection, for the tests of the guard
     poison = jnp.where(jnp.isin(state.step, jnp.asarray(injected)), jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss, accuracy=accuracy, grad_norm=optax.tree.norm(grads),
-                 learning_rate=setup.schedule(state.step),
-                 update_skipped=1 - opt_state.last_finite.astype(jnp.int32),
-                 consecutive_skips=opt_state.notfinite_count)
+  params, opt_state, metrics = base.apply_gradients(setup, state, grads)
+  metrics = dict(loss=loss, accuracy=accuracy, **metrics)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 
+from parti_jax import config as config_lib
 from parti_jax.data import images as image_lib
 from parti_jax.models import discriminator, perceptual
 from parti_jax.models import vitvqgan as vqgan
@@ -42,6 +43,41 @@ class Setup(base.Setup):
     r, b = self.config.model.resolution, batch_size or self.config.global_batch_size
     return dict(images=jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32,
                                             sharding=self.batch_sharding))
+
+
+def config_problems(config: ml_collections.ConfigDict, sizes: dict, training: bool) -> list[str]:
+  """What in `config` cannot run on a mesh of `sizes` (`config.check` raises them)."""
+  m, problems = config.model, config_lib.layer_problems(config.model)
+  if m.resolution % m.patch_size:
+    problems.append(f"model.resolution={m.resolution} is not a multiple of "
+                    f"model.patch_size={m.patch_size}")
+  for side in ("encoder", "decoder"):
+    s = m[side]
+    if s.d_model % s.num_heads:
+      problems.append(f"model.{side}.d_model={s.d_model} is not divisible by "
+                      f"model.{side}.num_heads={s.num_heads}")
+    if s.num_heads % sizes["tensor"] or s.mlp_dim % sizes["tensor"]:
+      problems.append(f"model.{side}.num_heads={s.num_heads} and mlp_dim={s.mlp_dim} must be "
+                      f"divisible by mesh.tensor={sizes['tensor']}")
+  if not training:
+    return problems
+  w = config.loss
+  if w.get("adversarial", 0) and not m.get("discriminator", {}).get("channels", 0):
+    problems.append(f"loss.adversarial={w.adversarial} needs a discriminator: "
+                    "model.discriminator.channels is 0")
+  if w.get("adversarial", 0) and m.resolution & (m.resolution - 1):
+    problems.append(f"loss.adversarial={w.adversarial}: the discriminator needs a power-of-two "
+                    f"model.resolution, not {m.resolution}")
+  weights = w.get("perceptual_weights", "")
+  if w.get("perceptual", 0) and weights and not weights.startswith("random:") \
+      and not epath.Path(weights).exists():
+    problems.append(f"loss.perceptual_weights={weights!r} does not exist (convert VGG-16 "
+                    "weights with python -m parti_jax.convert.vgg16)")
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if config.global_batch_size % batch_shards:
+    problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "
+                    f"batch shards (mesh.data x mesh.fsdp = {batch_shards})")
+  return problems
 
 
 def losses(config: ml_collections.ConfigDict, out: dict, images, perceptual_weights) -> dict:
@@ -128,15 +164,11 @@ def train_step(setup: Setup, state: base.TrainState, batch,
         jax.lax.stop_gradient(out["reconstruction"]), on)
     grads = dict(grads, discriminator=d_grads)
     terms.update(d_terms, adversarial_on=on.astype(jnp.float32))
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params, opt_state, update_metrics = base.apply_gradients(setup, state, grads)
   usage, perplexity = vqgan.codebook_usage(out["codes"], config.model.codebook_size)
   metrics = dict(terms, psnr=jnp.mean(vqgan.psnr(out["reconstruction"], images)),
                  codebook_usage=usage, codebook_perplexity=perplexity,
-                 grad_norm=optax.tree.norm(grads), learning_rate=setup.schedule(state.step),
-                 quantized=quantized.astype(jnp.float32),
-                 update_skipped=1 - opt_state.last_finite.astype(jnp.int32),
-                 consecutive_skips=opt_state.notfinite_count)
-  params = optax.apply_updates(state.params, updates)
+                 quantized=quantized.astype(jnp.float32), **update_metrics)
   if config.model.dead_code_restart_every:
     params, metrics["codes_restarted"] = restart_dead_codes(config, state, params, out)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
