@@ -36,19 +36,29 @@ class RunError(ValueError):
   """A run directory cannot be used; the message names it and says why."""
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a resolved config is a few kilobytes
+
+
 def read_config(workdir) -> ml_collections.ConfigDict:
-  """RUN/config.json as a ConfigDict (with the tuples JSON turned into lists restored)."""
+  """RUN/config.json as a ConfigDict (with the tuples JSON turned into lists restored).
+
+  The file is data, parsed as JSON and never run (docs/trust.md); one over MAX_CONFIG_BYTES
+  is refused unread.
+  """
+  path = epath.Path(workdir) / "config.json"
   try:
-    text = buckets.read_text(epath.Path(workdir) / "config.json")
+    text = records.read_limited(path, MAX_CONFIG_BYTES, "a run's config.json").decode("utf-8")
   except FileNotFoundError:
     raise RunError(f"{workdir}: no config.json; not a training run directory") from None
-  except records.DataError as e:  # a bucket that cannot be reached
+  except records.DataError as e:  # too large, or a bucket that cannot be reached
     raise RunError(str(e)) from None
+  except UnicodeDecodeError as e:
+    raise RunError(f"{path} is not a config (not UTF-8 text: {e})") from None
   try:
     config = ml_collections.ConfigDict(json.loads(text))
-  except (ValueError, TypeError) as e:
-    raise RunError(f"{workdir}/config.json is not a config ({e})") from None
-  config.sharding_rules = tuple(tuple(rule) for rule in config.get("sharding_rules", ()))
+    config.sharding_rules = tuple(tuple(rule) for rule in config.get("sharding_rules", ()))
+  except (ValueError, TypeError, AttributeError, RecursionError) as e:
+    raise RunError(f"{path} is not a config ({type(e).__name__}: {str(e)[:200]})") from None
   return config
 
 

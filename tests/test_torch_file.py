@@ -51,3 +51,36 @@ def test_refuses_pickled_objects_and_other_files(tmp_path):
   junk.write_bytes(b"\x80\x04K\x07.")  # a pickled 7, not a torch file
   with pytest.raises(torch_file.TorchFileError, match="not a PyTorch file"):
     torch_file.load(junk)
+
+
+def test_a_file_zipped_again_with_deflate_still_reads(tmp_path):
+  """The zip bounds refuse bombs, not compression: random weights shrink a little."""
+  import zipfile
+  sd = _state_dict()
+  path = tmp_path / "w.pth"
+  torch.save(sd, path)
+  deflated = tmp_path / "deflated.pth"
+  with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w",
+                                                        zipfile.ZIP_DEFLATED) as out:
+    for info in source.infolist():
+      out.writestr(info.filename, source.read(info))
+  out = torch_file.load(deflated)
+  np.testing.assert_array_equal(out["weight"], sd["weight"].numpy())
+
+
+def test_refusals_name_the_file_and_run_nothing(tmp_path):
+  """A legacy file whose header pickle calls os.system (what torch's own loader would run)."""
+  import os
+  import pickle
+
+  marker = tmp_path / "marker"
+
+  class Shell:
+    def __reduce__(self):
+      return os.system, (f"touch '{marker}'",)
+
+  path = tmp_path / "evil.pth"
+  path.write_bytes(pickle.dumps(Shell(), 2))
+  with pytest.raises(torch_file.TorchFileError, match=r"evil\.pth: not a PyTorch file"):
+    torch_file.load(path)
+  assert not marker.exists()

@@ -4,20 +4,32 @@ Every decoder failure becomes a `BadRecord` with a reason, so the caller can ski
 count it. What can be converted is converted: grayscale, palette, CMYK, 16-bit and
 float images become 8-bit RGB; transparency is composited over white; EXIF rotation is
 applied; images of any size down to 1x1 are cropped square and resized.
+
+An image is data from anywhere (docs/trust.md), so its cost is bounded before decoding: the
+pixel count is read from the header and checked against `max_pixels` (a small file that
+declares a huge image, a "decompression bomb", is skipped as image_too_large without being
+decoded); of an animated or multi-page file (GIF, APNG, WebP, TIFF) only the first frame is
+decoded; metadata that Pillow decompresses (PNG text chunks) is capped below.
 """
 
 import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
-from parti_jax.data.records import BadRecord
+from parti_jax.data.records import MAX_IMAGE_BYTES, BadRecord
 
 # PIL refuses images over ~179M pixels as "decompression bombs" with its own error type;
 # we apply our own, configurable limit instead and report it as a skip reason.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 100_000_000
+# A PNG's compressed text chunks (zTXt, iTXt, iCCP) are inflated whole: each to at most
+# MAX_TEXT_CHUNK, all of a file's together to at most MAX_TEXT_MEMORY, or the file is
+# corrupt_image. Set here, not left to Pillow's defaults (1 MB and 64 MB), so that they hold
+# whatever else changes them; no picture needs more than a few kilobytes of text.
+PngImagePlugin.MAX_TEXT_CHUNK = 1 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = 8 << 20
 
 
 def open_image(data, target: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -38,20 +50,26 @@ def open_image(data, target: int | None = None, max_pixels: int = DEFAULT_MAX_PI
   data = bytes(data)
   if not data:
     raise BadRecord("missing_image", "zero bytes")
+  if len(data) > MAX_IMAGE_BYTES:
+    raise BadRecord("image_too_large", f"{len(data):,} bytes > {MAX_IMAGE_BYTES:,}")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # PIL warns on odd but readable files; we only count skips
-      img = Image.open(io.BytesIO(data))
+      img = Image.open(io.BytesIO(data))  # reads the header only: size, mode, frame 0's place
       w, h = img.size
       if w * h > max_pixels:
         raise BadRecord("image_too_large", f"{w}x{h} > {max_pixels} pixels")
       if target and img.format == "JPEG" and min(w, h) >= 2 * target:
         scale = min(w, h) / target
         img.draft(img.mode, (int(w / scale), int(h / scale)))
+      # Decodes the current frame, the first, only. Nothing here may ask for n_frames or
+      # seek: on a GIF that walks every frame.
       img.load()
       return _upright_rgb(img)
   except BadRecord:
     raise
+  except Image.DecompressionBombError as e:  # where something set PIL's own limit again
+    raise BadRecord("image_too_large", str(e)[:120]) from None
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
     raise BadRecord("corrupt_image", f"{type(e).__name__}: {str(e)[:120]}") from None
 

@@ -29,6 +29,7 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -61,6 +62,13 @@ SKIP_REASONS = (
 )
 
 
+# What one input may cost (docs/trust.md): each far above any real file of its kind, so only
+# a broken or hostile one meets it. A larger input is refused or skipped unread.
+MAX_IMAGE_BYTES = 256 << 20  # an image file or tar member (a 100-megapixel JPEG is ~50 MB)
+MAX_TEXT_BYTES = 1 << 20  # a caption line or .txt, a tar's txt or json member
+MAX_METADATA_BYTES = 64 << 20  # metadata.json (shard counts and errors: ~1 MB per 50k shards)
+
+
 class BadRecord(Exception):
   """A record that cannot be used; `reason` is one of SKIP_REASONS."""
 
@@ -83,7 +91,11 @@ def pack(record: dict) -> bytes:
 
 
 def unpack(data: bytes) -> dict:
-  """Decodes one record; raises BadRecord for anything that is not a msgpack map."""
+  """Decodes one record; raises BadRecord for anything that is not a msgpack map.
+
+  msgpack bounds every length a record declares by the record's own size and its nesting
+  by a fixed depth, so a hostile record costs no more than its bytes.
+  """
   try:
     record = msgpack.unpackb(data, raw=False, unicode_errors="replace", strict_map_key=False)
   except Exception as e:  # msgpack raises several unrelated types for bad input
@@ -281,12 +293,67 @@ def read_metadata(directory) -> dict:
                     "(make one with `python -m parti_jax.data.ingest` or "
                     "`python -m parti_jax.data.shapes`)")
   try:
-    meta = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise DataError(f"{path} is not valid JSON: {e}") from None
+    meta = json.loads(read_limited(path, MAX_METADATA_BYTES, "a shard set's metadata.json"))
+  except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; nested past the stack
+    raise DataError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+  if not isinstance(meta, dict):
+    raise DataError(f"{path} holds a JSON {type(meta).__name__}, not a shard set's metadata")
   if meta.get("format") != FORMAT:
-    raise DataError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    raise DataError(f"{path}: format {meta.get('format')!r:.80} is not {FORMAT!r}")
+  problem = _metadata_problem(meta)
+  if problem:
+    raise DataError(f"{path}: {problem}; the file was edited or damaged (ingest writes it)")
   return meta
+
+
+def _metadata_problem(meta: dict) -> str | None:
+  """What is wrong with the fields ShardSet relies on, if anything."""
+  name, counts, n = meta.get("name"), meta.get("shard_counts"), meta.get("num_shards")
+  if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name
+      or "\\" in name):
+    return f"name {name!r:.80} is not a file name prefix"
+  if not isinstance(meta.get("kind"), str):
+    return f"kind {meta.get('kind')!r:.80} is not a string"
+  if not isinstance(counts, list) or not all(type(c) is int and c >= 0 for c in counts):
+    return "shard_counts is not a list of record counts"
+  if type(n) is not int or n != len(counts):  # bounds the shard paths made from it
+    return f"num_shards {n!r:.40} is not the {len(counts)} shard_counts listed"
+  if type(meta.get("count")) is not int or meta["count"] != sum(counts):
+    return f"count {meta.get('count')!r:.40} is not the sum of shard_counts ({sum(counts)})"
+  return None
+
+
+def read_limited(path, limit: int, what: str) -> bytes:
+  """A file's bytes, local or in a bucket; DataError naming it if it holds more than `limit`.
+
+  Its size is checked first, and at most `limit` + 1 bytes are read whatever it says. A
+  missing file raises FileNotFoundError, local or not (AccessError if its bucket is
+  missing); a bucket's other failures raise AccessError.
+  """
+  path = epath.Path(path)
+  try:
+    with path.open("rb") as f:
+      data = None if size_of(f) > limit else f.read(limit + 1)
+  except Exception as e:  # noqa: BLE001  gcsfs, google-auth and requests raise their own types
+    if not is_bucket(path) or isinstance(e, DataError):
+      raise  # Python's own errors name the path
+    if isinstance(e, FileNotFoundError) and bucket_exists(path):  # gcsfs's names a request
+      raise FileNotFoundError(errno.ENOENT, "no such object", str(path)) from None
+    raise access_error(path, e) from e
+  if data is None or len(data) > limit:
+    raise DataError(f"{path}: more than the {limit:,} bytes {what} may hold; refused "
+                    "(see docs/trust.md)")
+  return data
+
+
+def size_of(file) -> int:
+  """An open file's size, by seeking to its end (local files and gcsfs's know it without
+  reading); 0 for one that cannot seek, whose reads are bounded instead."""
+  if not file.seekable():
+    return 0
+  size = file.seek(0, os.SEEK_END)
+  file.seek(0)
+  return size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,18 +68,35 @@ def clean_captions(raw_captions) -> tuple[list[str], list[str]]:
   return captions, repairs
 
 
+# A 16,000-piece model is ~0.5 MB and a 256,000-piece one a few MB; a larger file is refused
+# before it is read.
+MAX_MODEL_BYTES = 64 << 20
+
+
 class Tokenizer:
-  """Captions -> fixed-length int32 ids; picklable, so grain worker processes can hold it."""
+  """Captions -> fixed-length int32 ids; picklable, so grain worker processes can hold it.
+
+  A model file that is too large, empty, or not a SentencePiece model raises
+  records.DataError naming it (a missing one FileNotFoundError).
+  """
 
   def __init__(self, model_path, length: int):
     self.model_path = str(model_path)
     self.length = length
-    from parti_jax.data import buckets  # as in captions_of: `import spm` stays light
-    self._proto = buckets.read_bytes(model_path)  # local or in a bucket
+    from parti_jax.data import records  # as in captions_of: `import spm` stays light
+    self._proto = records.read_limited(model_path, MAX_MODEL_BYTES, "a SentencePiece model")
+    if not self._proto:  # SentencePiece takes empty bytes for "no model" and fails later
+      raise records.DataError(f"{self.model_path} is empty, not a SentencePiece model")
     self._load()
 
   def _load(self):
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    except Exception as e:  # noqa: BLE001  RuntimeError today; whatever the library raises
+      from parti_jax.data import records
+      why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise records.DataError(f"{self.model_path} is not a SentencePiece model ({why}); "
+                              "train one with `python -m parti_jax.data.spm`") from None
     if (self._sp.pad_id(), self._sp.unk_id(), self._sp.eos_id()) != (PAD_ID, UNK_ID, END_ID):
       raise ValueError(f"{self.model_path}: expected pad/unk/end ids {PAD_ID}/{UNK_ID}/{END_ID}, "
                        f"got {self._sp.pad_id()}/{self._sp.unk_id()}/{self._sp.eos_id()}; train "

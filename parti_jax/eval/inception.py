@@ -143,20 +143,52 @@ def fold_batch_norm(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def load_weights(path) -> dict[str, np.ndarray]:
-  """The folded weights of a file written by `parti_jax.convert.inception`, checked key by key."""
+  """The folded weights of a file written by `parti_jax.convert.inception`, checked key by key.
+
+  The file is data (docs/trust.md): never unpickled, and no larger than its expected arrays
+  may be, whole or member by member, before any array is read.
+  """
   path = epath.Path(path)
   how = "make it with `python -m parti_jax.convert.inception` from pytorch-fid's weights"
+  # Each member: a .npy header (at most a few hundred bytes) and its array at up to 8 bytes
+  # an element; members of unknown keys (format_version) hold a scalar.
+  slack = 4096
+  member_limits = {f"{key}.npy": slack + 8 * int(np.prod(shape))
+                   for key, shape in expected_shapes().items()}
+  file_limit = sum(member_limits.values()) + 16 * slack
   try:
-    raw = path.read_bytes()
+    with path.open("rb") as f:
+      size = f.seek(0, 2)  # the size first: a huge file is refused unread
+      f.seek(0)
+      raw = f.read(file_limit + 1) if size <= file_limit else b""
   except OSError as e:
     raise InceptionWeightsError(f"cannot read the Inception weights {path} ({e}); {how}") from e
+  if size > file_limit or len(raw) > file_limit:
+    raise InceptionWeightsError(f"{path} holds more than the {file_limit:,} bytes "
+                                f"Inception's weights can take; refused; {how}")
   if not zipfile.is_zipfile(io.BytesIO(raw)):
     raise InceptionWeightsError(f"{path} is not an .npz file; {how}")
-  with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-    arrays = {key: npz[key] for key in npz.files}
+  problem, arrays = None, {}
+  try:
+    with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+      for info in npz.zip.infolist():  # declared sizes, before anything is inflated
+        if info.file_size > member_limits.get(info.filename, slack):
+          problem = (f"member {info.filename} declares {info.file_size:,} bytes, more than "
+                     f"its key may hold ({member_limits.get(info.filename, slack):,})")
+          break
+      else:
+        arrays = {key: npz[key] for key in npz.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+    problem = f"unreadable ({type(e).__name__}: {str(e)[:200]})"  # e.g. an object array
+  if problem:
+    raise InceptionWeightsError(f"{path}: {problem}; {how}")
   if "format_version" not in arrays:
     raise InceptionWeightsError(f"{path}: missing key 'format_version'; {how}")
-  version = int(arrays.pop("format_version"))
+  version = arrays.pop("format_version")
+  if version.shape != () or version.dtype.kind not in "iu":
+    raise InceptionWeightsError(
+        f"{path}: format_version is a {version.dtype}{list(version.shape)}, not an integer")
+  version = int(version)
   if version != FORMAT_VERSION:
     raise InceptionWeightsError(
         f"{path}: format_version {version}, this code reads {FORMAT_VERSION}; convert again")
@@ -166,6 +198,9 @@ def load_weights(path) -> dict[str, np.ndarray]:
     if arrays[key].shape != shape:
       raise InceptionWeightsError(
           f"{path}: key '{key}' has shape {arrays[key].shape}, expected {shape}")
+    if arrays[key].dtype.kind not in "fiu":  # float32 as written; any real number will do
+      raise InceptionWeightsError(
+          f"{path}: key '{key}' holds {arrays[key].dtype}, not numbers")
   return fold_batch_norm(arrays)
 
 

@@ -5,6 +5,11 @@ file (file, caption; header optional; one row per caption) or, without one, a sa
 .txt next to each image (one caption per non-empty line). A record's id is its image's path
 relative to the directory; a caption entry without an image, or a line of the captions file
 that cannot be read, is an item of its own that the writer counts as skipped.
+
+What a file may cost is bounded (docs/trust.md): a captions-file line longer than
+records.MAX_TEXT_BYTES is never held whole (it is read past in blocks and counted as an
+undecodable_record); a .txt over that size, or an image file over records.MAX_IMAGE_BYTES,
+skips its record, read no further than the limit.
 """
 
 import collections
@@ -175,21 +180,44 @@ FILE_KEYS = ("file", "file_name", "filename", "image", "path")
 
 def _jsonl_rows(path: epath.Path):
   """(line number, file key, raw captions, problem) for each non-empty line."""
+  for number, line in _lines(path):
+    if line is None:
+      yield number, None, None, f"longer than {records.MAX_TEXT_BYTES:,} bytes"
+      continue
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; nested past the stack
+      yield number, None, None, f"not JSON ({str(e)[:80]})"
+      continue
+    key = next((entry[k] for k in FILE_KEYS if isinstance(entry, dict)
+                and isinstance(entry.get(k), str)), None)
+    if key is None:
+      yield number, None, None, f"no {FILE_KEYS[0]!r} field"
+      continue
+    yield number, key, sources.json_captions(entry), None
+
+
+def _lines(path: epath.Path, limit: int = records.MAX_TEXT_BYTES, block: int = 1 << 20):
+  """(line number, line bytes) of a file, or (number, None) for a line over `limit` bytes,
+  which is never held whole: the file is read in blocks, and what is held of a line is
+  dropped once it passes the limit. (Not readline(limit): 8 KB at a time, it takes seconds
+  to pass a gigabyte.)"""
+  number, held, too_long = 0, b"", False
   with path.open("rb") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        entry = json.loads(line)
-      except ValueError as e:  # bad JSON or bad UTF-8
-        yield number, None, None, f"not JSON ({str(e)[:80]})"
-        continue
-      key = next((entry[k] for k in FILE_KEYS if isinstance(entry, dict)
-                  and isinstance(entry.get(k), str)), None)
-      if key is None:
-        yield number, None, None, f"no {FILE_KEYS[0]!r} field"
-        continue
-      yield number, key, sources.json_captions(entry), None
+    while data := f.read(block):
+      held += data
+      start = 0
+      while (end := held.find(b"\n", start)) >= 0:
+        number += 1
+        yield number, None if too_long or end - start > limit else held[start:end + 1]
+        start, too_long = end + 1, False
+      held = held[start:]
+      if len(held) > limit:  # a line past the limit, its end not yet read
+        held, too_long = b"", True
+  if held or too_long:  # the last line, without a newline
+    yield number + 1, None if too_long else held
 
 
 HEADER_FIELDS = ("file", "filename", "file_name", "image", "image_file", "path", "name", "key",
@@ -198,17 +226,19 @@ HEADER_FIELDS = ("file", "filename", "file_name", "image", "image_file", "path",
 
 def _tsv_rows(path: epath.Path):
   """(line number, file, [raw caption bytes], None); the first line may be a header."""
-  with path.open("rb") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip(b"\r\n")
-      if not line.strip():
-        continue
-      name, _, caption = line.partition(b"\t")
-      # File names are decoded as the filesystem does, so odd bytes still match a file.
-      key = os.fsdecode(name.strip())
-      if number == 1 and _looks_like_header(key, caption):
-        continue
-      yield number, key, [caption] if caption.strip() else [], None
+  for number, line in _lines(path):
+    if line is None:
+      yield number, None, None, f"longer than {records.MAX_TEXT_BYTES:,} bytes"
+      continue
+    line = line.rstrip(b"\r\n")
+    if not line.strip():
+      continue
+    name, _, caption = line.partition(b"\t")
+    # File names are decoded as the filesystem does, so odd bytes still match a file.
+    key = os.fsdecode(name.strip())
+    if number == 1 and _looks_like_header(key, caption):
+      continue
+    yield number, key, [caption] if caption.strip() else [], None
 
 
 def _looks_like_header(first: str, second: bytes) -> bool:
@@ -225,22 +255,29 @@ def _raw_record(item: FolderItem) -> dict:
   captions = list(item.captions)
   if item.caption_file is not None:
     try:
-      lines = _input_bytes(item.caption_file).splitlines()
+      text = _input_bytes(item.caption_file, records.MAX_TEXT_BYTES)
     except OSError as e:
       raise BadRecord("missing_caption", f"{item.caption_file}: {_why(e)}") from None
-    captions += [line for line in lines if line.strip()]
+    if text is None:
+      raise BadRecord("undecodable_record", f"{item.caption_file}: larger than "
+                      f"{records.MAX_TEXT_BYTES:,} bytes")
+    captions += [line for line in text.splitlines() if line.strip()]
   if not captions:  # before reading the image: no caption, no need for its bytes
     raise BadRecord("missing_caption", "no caption entry for this image")
   try:
-    data = _input_bytes(item.image)
+    data = _input_bytes(item.image, records.MAX_IMAGE_BYTES)
   except OSError as e:
     raise BadRecord("missing_image", _why(e)) from None
+  if data is None:
+    raise BadRecord("image_too_large", f"a file larger than {records.MAX_IMAGE_BYTES:,} bytes")
   return {"id": item.id, "image": data, "captions": captions}
 
 
-def _input_bytes(path: epath.Path) -> bytes:
-  with sources.reading(path):
-    return path.read_bytes()
+def _input_bytes(path: epath.Path, limit: int) -> bytes | None:
+  """A file's bytes, or None if it holds more than `limit` (no more than that is read)."""
+  with sources.reading(path), path.open("rb") as f:
+    data = None if records.size_of(f) > limit else f.read(limit + 1)
+  return data if data is not None and len(data) <= limit else None
 
 
 def _why(error: OSError) -> str:
