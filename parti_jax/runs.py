@@ -17,7 +17,7 @@ from etils import epath
 
 from parti_jax import checkpoints, sharding, tasks
 from parti_jax import config as config_lib
-from parti_jax.data import buckets, records
+from parti_jax.data import records
 
 # Fields whose change alters the shapes or structure of the saved state: a restart with a
 # different value cannot restore its checkpoints and is refused.

@@ -21,7 +21,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 from PIL import Image
@@ -39,10 +38,13 @@ class SampleError(Exception):
 # --------------------------------------------------------------------------- prompts
 
 
+MAX_PROMPTS_BYTES = 64 << 20  # PartiPrompts' TSV is 150 KB; past this a file is no prompt list
+
+
 def read_prompts(path, category: str | None = None, challenge: str | None = None) -> list[str]:
   """Prompts of a text file (one per line) or a TSV with a `Prompt` column, filtered."""
   try:
-    text = buckets.read_text(path)
+    text = records.read_limited(path, MAX_PROMPTS_BYTES, "a prompts file").decode("utf-8")
   except (OSError, UnicodeDecodeError) as e:
     raise SampleError(f"cannot read the prompts file {path}: {e}") from None
   except records.DataError as e:  # a bucket that cannot be reached

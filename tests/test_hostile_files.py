@@ -13,6 +13,8 @@ import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -23,10 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from parti_jax import runs
+from parti_jax import runs, sampling
 from parti_jax.convert import torch_file
 from parti_jax.data import images, ingest, records, spm
-from parti_jax.eval import inception
+from parti_jax.eval import fid, inception
+from parti_jax.eval import shapes as eval_shapes
 from parti_jax.models import perceptual
 
 MEMORY_BOUND_MB = 200
@@ -199,6 +202,20 @@ def test_a_code_running_pickle_anywhere_in_a_torch_file_never_runs(tmp_path, pos
                                 match=r"evil\.pth: .*holds a (io\.open|posix\.system)"):
     torch_file.load(path)
   assert not marker.exists()
+
+
+@pytest.mark.parametrize("converter", ["vgg16", "inception"])
+def test_the_converters_refuse_a_code_running_file_with_one_line(tmp_path, converter):
+  """What a user who downloaded the wrong file sees: one error line, no traceback, no file."""
+  marker, path, out = tmp_path / "marker", tmp_path / "evil.pth", tmp_path / "out.npz"
+  path.write_bytes(legacy_bytes(obj=pickle.dumps(RunsShell(marker), 2)))
+  flag = "--vgg16" if converter == "vgg16" else "--pytorch_fid"
+  result = subprocess.run(
+      [sys.executable, "-m", f"parti_jax.convert.{converter}", flag, str(path), "--out", str(out)],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1, result.stderr
+  assert re.fullmatch(r"error: .*evil\.pth: .*holds a posix\.system.*\n", result.stderr)
+  assert not marker.exists() and not out.exists()
 
 
 def _shared_lists():
@@ -496,3 +513,31 @@ def test_a_hostile_npz_is_refused_unread(tmp_path, reader, case):
   with bounded(), pytest.raises(error, match=rf"evil\.npz:? {message}"):
     load(path)
   assert not marker.exists()
+
+
+# --- What the sampler and the evaluations read
+
+
+def test_a_huge_prompts_file_is_refused_unread(tmp_path):
+  path = sparse_file(tmp_path / "prompts.txt", 8 * GB, head=b"a red star\n")
+  with bounded(), pytest.raises(sampling.SampleError, match=r"prompts\.txt: more than"):
+    sampling.read_prompts(path)
+
+
+def test_fid_skips_an_image_file_larger_than_any_image_unread(tmp_path):
+  folder = tmp_path / "images"
+  folder.mkdir()
+  Image.new("RGB", (8, 8), "red").save(folder / "a.png")
+  sparse_file(folder / "b.png", 8 * GB, head=b"\x89PNG\r\n\x1a\n")
+  image_set = fid.ImageSet(folder)
+  with bounded():
+    assert image_set.pixels(0, 8).shape == (8, 8, 3)
+    assert image_set.pixels(1, 8) is None  # skipped and counted by fid.accumulate
+
+
+def test_the_shapes_evaluator_refuses_a_huge_sample_unread(tmp_path):
+  (tmp_path / "samples.json").write_text(json.dumps(
+      {"prompts": [{"prompt": "a red star", "files": ["0.png"]}]}))
+  sparse_file(tmp_path / "0.png", 8 * GB, head=b"\x89PNG\r\n\x1a\n")
+  with bounded(), pytest.raises(records.TooLarge, match=r"0\.png: more than"):
+    eval_shapes.samples_of(tmp_path)

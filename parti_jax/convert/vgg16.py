@@ -17,6 +17,7 @@ The output format is described in `parti_jax.models.perceptual`. Files are read 
 reader `parti_jax.convert.torch_file`, so torch need not be installed.
 """
 
+import sys
 
 import numpy as np
 from etils import epath
@@ -101,4 +102,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  try:
+    cli.run(main)
+  except (ConversionError, torch_file.TorchFileError, OSError) as e:
+    sys.exit(f"error: {e}")

@@ -82,6 +82,10 @@ class DataError(RuntimeError):
   """A dataset that cannot be read as asked; the message names the file or shard."""
 
 
+class TooLarge(DataError):
+  """A file larger than its kind may be (`read_limited`): broken or hostile, never read."""
+
+
 def shard_name(name: str, index: int, num_shards: int) -> str:
   return f"{name}-{index:05d}-of-{num_shards:05d}.array_record"
 
@@ -324,7 +328,7 @@ def _metadata_problem(meta: dict) -> str | None:
 
 
 def read_limited(path, limit: int, what: str) -> bytes:
-  """A file's bytes, local or in a bucket; DataError naming it if it holds more than `limit`.
+  """A file's bytes, local or in a bucket; TooLarge naming it if it holds more than `limit`.
 
   Its size is checked first, and at most `limit` + 1 bytes are read whatever it says. A
   missing file raises FileNotFoundError, local or not (AccessError if its bucket is
@@ -341,7 +345,7 @@ def read_limited(path, limit: int, what: str) -> bytes:
       raise FileNotFoundError(errno.ENOENT, "no such object", str(path)) from None
     raise access_error(path, e) from e
   if data is None or len(data) > limit:
-    raise DataError(f"{path}: more than the {limit:,} bytes {what} may hold; refused "
+    raise TooLarge(f"{path}: more than the {limit:,} bytes {what} may hold; refused "
                     "(see docs/trust.md)")
   return data
 

@@ -272,8 +272,8 @@ def _finish(plan: Plan, out: epath.Path, name: str, command: str) -> dict | None
 def _read_stats(out: epath.Path, name: str, shard: int, k: int) -> dict:
   path = _stats_path(out, name, shard, k)
   try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
+    return json.loads(records.read_limited(path, records.MAX_METADATA_BYTES, "a shard's tally"))
+  except (OSError, ValueError, records.TooLarge):
     # A shard without its tally (copied in by hand, or stats deleted): count its records.
     count = records.num_records(_shard_path(out, name, shard, k))
     print(f"warning: {path} missing; counting {count} records in the shard itself")

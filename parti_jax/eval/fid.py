@@ -149,7 +149,7 @@ class ImageSet:
     else:
       files = _image_files(self.path)
       self._size = len(files)
-      self._encoded = lambda i: buckets.read_bytes(files[i])
+      self._encoded = lambda i: _image_file(files[i])
     if not self._size:
       raise FidError(f"{self.path}: no images (neither {'/'.join(IMAGE_SUFFIXES)} files nor "
                      f"an image shard set's {records.METADATA})")
@@ -164,6 +164,14 @@ class ImageSet:
     except records.BadRecord:
       return None
     return image_lib.square(img, resolution)
+
+
+def _image_file(path: epath.Path) -> bytes:
+  """An image file's bytes; one larger than any image is skipped unread (docs/trust.md)."""
+  try:
+    return records.read_limited(path, records.MAX_IMAGE_BYTES, "an image file")
+  except records.TooLarge as e:
+    raise records.BadRecord("image_too_large", str(e)) from None
 
 
 def _image_files(directory: epath.Path) -> list[epath.Path]:

@@ -49,14 +49,15 @@ def samples_of(directory) -> tuple[list, scenes.Spec | None]:
   directory = epath.Path(directory)
   index = directory / "samples.json"
   try:
-    meta = json.loads(buckets.read_text(index))
+    meta = json.loads(records.read_limited(index, records.MAX_METADATA_BYTES, "samples.json"))
   except FileNotFoundError:
     raise FileNotFoundError(f"{index} not found: --images must be a sampler output "
                             "directory") from None
   files = [(entry["prompt"], directory / name)
            for entry in meta["prompts"] for name in entry["files"]]
   with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-    pngs = list(pool.map(buckets.read_bytes, [path for _, path in files]))
+    read = lambda path: records.read_limited(path, records.MAX_IMAGE_BYTES, "a sample image")
+    pngs = list(pool.map(read, [path for _, path in files]))
   items = [(prompt, np.asarray(image_lib.rgb_array(image_lib.open_image(png))))
            for (prompt, _), png in zip(files, pngs)]
   return items, None

@@ -25,7 +25,6 @@ import ml_collections
 from flax import nnx
 
 from parti_jax import config as config_lib
-from parti_jax import sharding
 from parti_jax.models.layers import (CACHE_AXES, Stack, dense_init, embed_init, embedding_lookup,
                                      flat_dot_general, rotary_1d, rotary_2d)
 from parti_jax.sharding import constrain
