@@ -1,0 +1,265 @@
+"""A web page for sampling a Parti run, and its JSON API (Gradio).
+
+  python -m parti_jax.serve --workdir RUN [--step N] [--host 127.0.0.1 --port 7860] \\
+      [--max_images 16 --batch_sizes 4,16,32 --batch_wait_ms 100 --max_users 16 \\
+       --queue_size 32 --sjd_window 16]
+
+Open http://HOST:PORT: type one or more prompts (one a line), set the number of images,
+seed, guidance, temperature, top-k, top-p and speculative decoding, press Generate; the
+grid fills in as decodes finish, each image with its prompt, seed and sample index, a
+download button, and a link (URL query parameters) that draws it again. Scripts call the
+same thing through Gradio's client (`gradio_client.Client(URL).predict(..., api_name=
+"/generate")`; docs/serve.md).
+
+Requests decoding at the same time share decodes (parti_jax/batcher.py): up to
+--max_users requests are taken at once, and their rows of the same settings go into one
+program of up to the largest --batch_sizes rows, after waiting up to --batch_wait_ms for
+more. Gradio's own batching (`batch=True`) is not used: it refuses generator functions,
+so no grid could fill in, and gives batched events no progress bar. More than
+--queue_size waiting requests get Gradio's "Queue is full! Please try again." Settings
+are compiled into the sampler: the default ones at start, others on first use.
+
+A sample's image depends only on its prompt, seed and index, as with `python -m
+parti_jax.sample` (parti_jax/sampling.py): alone or batched, it is the same image.
+"""
+
+import itertools
+import os
+import sys
+import time
+import urllib.parse
+
+from parti_jax import batcher as batcher_lib
+from parti_jax import cli, decoding, sampling, web
+from parti_jax import text as text_lib
+from parti_jax.data import records
+
+DEFAULTS = decoding.Settings()
+FLAGS = cli.Flags(__doc__)
+FLAGS.string("workdir", None, "Training run directory (local or bucket).", required=True)
+FLAGS.integer("step", None, "Checkpoint step (default: the latest).")
+FLAGS.string("tokenizer", None, "Image tokenizer (default: the run's token shards').")
+FLAGS.string("spm", None, "SentencePiece model (default: the run's token shards').")
+FLAGS.integer("tensor", 1, "Devices that split the heads.")
+FLAGS.string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+FLAGS.integer("port", 7860, "Port to listen on.")
+FLAGS.integer("max_images", 16, "Most images one request may ask (prompts x images).")
+FLAGS.string("batch_sizes", "4,16,32", "Rows per decode the sampler is compiled for, "
+             "comma-separated (rounded up to the devices); the largest is the most one "
+             "decode takes.")
+FLAGS.integer("batch_wait_ms", 100, "How long a request waits for others to share its "
+              "decode.")
+FLAGS.integer("max_users", 16, "Requests decoding at once (Gradio's concurrency limit).")
+FLAGS.integer("queue_size", 32, "Requests waiting beyond those; more are told to retry.")
+FLAGS.integer("sjd_window", 16, "Draft tokens per forward when speculative decoding is on.")
+FLAGS.bool("warmup", True, "Compile the default settings before serving.")
+
+RESULT_TIMEOUT_S = 900  # a decode that long has hung: the request is told, not left waiting
+
+
+def log(message: str) -> None:
+  # One write per line: requests log from several threads at once.
+  sys.stderr.write(f"{time.strftime('%H:%M:%S')} serve: {message}\n")
+  sys.stderr.flush()
+
+
+def load(a) -> sampling.Run:
+  """The model to serve, on this process's devices. (An exported model folder will load
+  here too, as another source of the same sampling.Run.)"""
+  return sampling.load_run(a.workdir, a.step, a.tokenizer, a.spm, a.tensor)
+
+
+def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
+          sjd_window: int, max_users: int):
+  """The Gradio page and its /generate API."""
+  import gradio as gr
+
+  requests = itertools.count(1)
+  text_len = run.setup.config.model.text_len
+
+  def rows_of(r: web.Request) -> list[batcher_lib.Row]:
+    rows = []
+    for prompt in r.prompts:
+      text = text_lib.pad(run.text_tokenizer.ids(prompt), text_len)
+      rows += [batcher_lib.Row(text, decoding.prompt_id(prompt), r.seed, r.start + s)
+               for s in range(r.num_images)]
+    return rows
+
+  def generate(prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd,
+               request: gr.Request, progress=gr.Progress()):
+    number, began = next(requests), time.perf_counter()
+    fields = dict(zip(web.FIELDS, (prompts, num_images, seed, start, guidance, temperature,
+                                   top_k, top_p, sjd)))
+    try:
+      r = web.parse(fields, limits, run.text_tokenizer, sjd_window)
+    except web.RequestError as e:
+      log(f"request {number}: refused: {e}")
+      raise gr.Error(str(e), title="Cannot draw that") from None
+    for warning in r.warnings:
+      gr.Warning(warning)
+    rows = rows_of(r)
+    s = r.settings
+    log(f"request {number} from {request.client.host if request.client else '?'}: "
+        f"{len(r.prompts)} prompts x {r.num_images} images, seed {r.seed}, start {r.start}, "
+        f"guidance {s.guidance}, temperature {s.temperature}, top_k {s.top_k}, top_p "
+        f"{s.top_p}, sjd {r.sjd}; {batcher.waiting_rows()} rows already waiting")
+    job = batcher.submit(s, rows)
+    images, batches = [None] * len(rows), []
+    progress(0, desc=f"waiting to decode {len(rows)} images")
+    yield [], _status(r, rows, images, batches), _details(r, rows, images, batches, number)
+    try:
+      for indices, pictures, report in job.finished(RESULT_TIMEOUT_S):
+        for i, picture in zip(indices, pictures):
+          images[i] = picture
+        batches.append(report)
+        done = sum(x is not None for x in images)
+        progress(done / len(rows), desc=f"{done} of {len(rows)} images")
+        gallery = [(images[i], f"{prompt[:60]} | seed {r.seed}, sample {sample}")
+                   for i, prompt, sample in _entries(r) if images[i] is not None]
+        yield gallery, _status(r, rows, images, batches), _details(r, rows, images, batches,
+                                                                   number)
+    except Exception as e:  # noqa: BLE001  a failed decode or none in time: said, not hung
+      message = str(e) or f"no images after {RESULT_TIMEOUT_S} s"
+      log(f"request {number}: failed: {message}")
+      raise gr.Error(message, title="Decoding failed") from None
+    log(f"request {number}: {len(rows)} images in {time.perf_counter() - began:.2f} s; "
+        "decodes " + ", ".join(f"{b.number} ({b.rows} rows of {b.requests} requests, "
+                               f"{b.decode_s:.2f} s)" for b in batches))
+
+  defaults = dict(prompts="", num_images=4, seed=0, start=0, guidance=DEFAULTS.guidance,
+                  temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
+                  top_p=DEFAULTS.top_p, sjd=False)
+
+  with gr.Blocks(title="parti_jax", analytics_enabled=False) as page:
+    gr.Markdown(f"## parti_jax: {run.workdir} (step {run.step})\nOne prompt a line. Up to "
+                f"{limits.max_images} images a request; a prompt is read up to {text_len} "
+                "text tokens.")
+    with gr.Row():
+      prompts = gr.Textbox(label="Prompts", lines=3, placeholder="a red circle above a blue "
+                           "square", elem_id="prompts", scale=4)
+      go = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
+    with gr.Row():
+      num_images = gr.Number(defaults["num_images"], label="Images per prompt",
+                             info=f"1 to {limits.max_images}", elem_id="num_images")
+      seed = gr.Number(defaults["seed"], label="Seed", info=f"0 to {web.MAX_SEED}",
+                       elem_id="seed")
+      start = gr.Number(defaults["start"], label="First sample", info="sample indices "
+                        "start here", elem_id="start")
+    with gr.Row():
+      guidance = gr.Number(defaults["guidance"], label="Guidance", info="0 to 20; 1: none",
+                           elem_id="guidance")
+      temperature = gr.Number(defaults["temperature"], label="Temperature",
+                              info="0 (greedy) to 10", elem_id="temperature")
+      top_k = gr.Number(defaults["top_k"], label="Top-k",
+                        info=f"0 (all) to {limits.codebook_size}", elem_id="top_k")
+      top_p = gr.Number(defaults["top_p"], label="Top-p", info="above 0 to 1 (all)",
+                        elem_id="top_p")
+      sjd = gr.Checkbox(defaults["sjd"], label="Speculative decoding",
+                        info=f"{sjd_window} drafts a forward", elem_id="sjd")
+    gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto",
+                         buttons=["download", "fullscreen"], elem_id="gallery")
+    status = gr.Markdown(elem_id="status")
+    with gr.Accordion("Details (JSON)", open=False):
+      details = gr.JSON(elem_id="details")
+    inputs = [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd]
+    outputs = [gallery, status, details]
+    go.click(generate, inputs, outputs, api_name="generate", concurrency_limit=max_users,
+             concurrency_id="generate")
+    prompts.submit(generate, inputs, outputs, api_visibility="private",
+                   concurrency_id="generate")
+
+    # A link fills the page from its query parameters and draws at once.
+    linked = gr.State(False)
+
+    def fill(request: gr.Request):
+      query = urllib.parse.parse_qs(str(request.query_params))
+      fields = web.from_query(query, defaults)
+      return [fields[name] for name in web.FIELDS] + ["prompt" in query]
+
+    def draw_linked(is_linked, *values, request: gr.Request, progress=gr.Progress()):
+      if not is_linked:
+        yield gr.skip(), gr.skip(), gr.skip()
+        return
+      yield from generate(*values, request=request, progress=progress)
+
+    page.load(fill, None, inputs + [linked], api_visibility="private").then(
+        draw_linked, [linked, *inputs], outputs, api_visibility="private",
+        concurrency_id="generate")
+  return page
+
+
+def _entries(r: web.Request):
+  """(row index, prompt, sample index) of every image of a request, in row order."""
+  for i, prompt in enumerate(r.prompts):
+    for s in range(r.num_images):
+      yield i * r.num_images + s, prompt, r.start + s
+
+
+def _details(r: web.Request, rows, images, batches, number: int) -> dict:
+  return dict(
+      request=number, seed=r.seed, settings=dict(guidance=r.settings.guidance,
+                                                 temperature=r.settings.temperature,
+                                                 top_k=r.settings.top_k, top_p=r.settings.top_p,
+                                                 sjd=r.sjd),
+      link=r.link(), warnings=r.warnings,
+      images=[dict(prompt=prompt, seed=r.seed, sample=sample, done=images[i] is not None,
+                   link=r.link([prompt], sample, 1)) for i, prompt, sample in _entries(r)],
+      batches=[dict(number=b.number, rows=b.rows, requests=b.requests, padded_to=b.padded_to,
+                    decode_s=round(b.decode_s, 3)) for b in batches])
+
+
+def _status(r: web.Request, rows, images, batches) -> str:
+  done = sum(x is not None for x in images)
+  lines = [f"**Warning:** {w}" for w in r.warnings]
+  if done < len(rows):
+    lines.append(f"{done} of {len(rows)} images drawn…")
+  else:
+    shared = max(b.requests for b in batches)
+    lines.append(f"{len(rows)} images drawn in {len(batches)} decode(s)"
+                 + (f", shared with up to {shared - 1} other request(s)" if shared > 1 else "")
+                 + f". [Link to this request]({r.link()})")
+  lines += ["", "| image | prompt | seed | sample | link |", "|---|---|---|---|---|"]
+  lines += [f"| {i + 1} | {prompt[:60]} | {r.seed} | {sample} | "
+            f"[draw again]({r.link([prompt], sample, 1)}) |"
+            for i, prompt, sample in _entries(r)]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  a = FLAGS.parse(argv)
+  try:
+    sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    raise SystemExit(f"error: --batch_sizes {a.batch_sizes!r}: expected positive whole "
+                     "numbers, comma-separated")
+  for name in ("max_images", "max_users", "queue_size", "sjd_window"):
+    if getattr(a, name) < 1:
+      raise SystemExit(f"error: --{name} must be at least 1")
+  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local server phones no one
+  try:
+    import gradio  # noqa: F401  before the slow load: say it is missing at once
+  except ImportError:
+    raise SystemExit("error: the web page needs Gradio: pip install -e '.[serve]'") from None
+  try:
+    run = load(a)
+  except (sampling.SampleError, records.DataError) as e:
+    sys.exit(f"error: {e}")
+  log(f"loaded {run.workdir} step {run.step} in {run.load_s:.1f} s")
+  batcher = batcher_lib.Batcher(run, sizes, a.batch_wait_ms / 1000, log)
+  if a.warmup:
+    log(f"compiled the default settings for batches of {batcher.sizes} in "
+        f"{batcher.compile(DEFAULTS):.1f} s")
+  limits = web.Limits(a.max_images, batcher.settings_for(DEFAULTS).num_codes
+                      or run.setup.config.model.codebook_size)
+  page = build(run, batcher, limits, a.sjd_window, a.max_users)
+  page.queue(max_size=a.queue_size, default_concurrency_limit=a.max_users)
+  page.launch(server_name=a.host, server_port=a.port, show_error=True, prevent_thread_lock=True,
+              quiet=True, ssr_mode=False, max_threads=max(40, 2 * a.max_users + 8))
+  print(f"serving http://{a.host}:{a.port}", flush=True)
+  page.block_thread()
+
+
+if __name__ == "__main__":
+  cli.run(main)
