@@ -33,6 +33,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from parti_jax import disk_full
 from parti_jax.data import images
 
 SEGMENT_BYTES = 1 << 20
@@ -240,12 +241,13 @@ class Writer:
         if path.parent not in self._made:
           path.parent.mkdir(parents=True, exist_ok=True)
           self._made.add(path.parent)
-        if isinstance(contents, bytes):
-          path.write_bytes(contents)
-        else:
-          path.write_text(contents)
+        _write_whole(path, contents)
       except Exception as e:  # noqa: BLE001  kept for the next try, and reported
-        self._upload_error = f"{path}: {type(e).__name__}: {e}"
+        if disk_full.path_of(e) is not None:
+          self._upload_error = (f"{path}: no space left on the device (the disk is full); "
+                                "kept, and written once there is space")
+        else:
+          self._upload_error = f"{path}: {type(e).__name__}: {e}"
         with self._lock:
           self._unwritten.setdefault(path, contents)
 
@@ -269,6 +271,24 @@ class Writer:
     if self._upload_error:
       self.log(f"metrics: could not write {self._upload_error}")
     shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _write_whole(path: epath.Path, contents: str | bytes) -> None:
+  """Replaces a file whole. An object in a bucket is; on a disk, a file is written under a
+  temporary name and renamed, so that a write that fails (a full disk) leaves the version
+  before it, not a truncated one. The name holds neither ".jsonl" nor "tfevents", which
+  `read` and TensorBoard would take for theirs."""
+  data = contents.encode() if isinstance(contents, str) else contents
+  if "://" in str(path):
+    path.write_bytes(data)
+    return
+  tmp = path.parent / f".partial-{secrets.token_hex(6)}"
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def _short(v) -> str:

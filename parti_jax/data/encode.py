@@ -15,7 +15,9 @@ in, `color:patch=8,levels=4`), `vitvqgan:RUN_DIR` or `MODULE:FUNCTION`.
 
 DIR, OUT and the SentencePiece model may be in buckets (gs://...). A shard in a bucket is
 uploaded whole when it is finished, and metadata.json after every shard. A rerun encodes
-everything again (it does not resume), replacing the shards.
+everything again (it does not resume), replacing the shards: a run killed part-way leaves
+no shard that reads as finished (each is renamed into place, or uploaded, once whole) and
+no metadata.json, and the rerun deletes the temporary files it left beside OUT's shards.
 """
 
 import sys
@@ -79,9 +81,10 @@ def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokeniz
   p, n = jax.process_index(), jax.process_count()
   name = source.shard_set.meta["name"]
   total = n * shards_per_process
-  writers = [records.ShardWriter(out_dir / records.shard_name(name, p * shards_per_process + j,
-                                                              total))
-             for j in range(shards_per_process)]
+  names = [records.shard_name(name, p * shards_per_process + j, total)
+           for j in range(shards_per_process)]
+  _remove_temps(out_dir, names)
+  writers = [records.ShardWriter(out_dir / shard) for shard in names]
   skipped = np.zeros(len(records.SKIP_REASONS), np.int64)
   num_batches = -(-len(source) // batch_size)
   written = 0
@@ -117,6 +120,17 @@ def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokeniz
                   codebook_size=tokenizer.codebook_size, text_len=text_tokenizer.length,
                   text_vocab_size=text_tokenizer.vocab_size,
                   spm_model=text_tokenizer.model_path))
+
+
+def _remove_temps(out_dir: epath.Path, shard_names: list[str]) -> None:
+  """Deletes what a killed run left of these shards (this process's own: another may be
+  writing its own now). In a bucket there is nothing: a shard is written locally, then
+  uploaded whole."""
+  if records.is_bucket(out_dir):
+    return
+  for leftover in out_dir.iterdir():
+    if records.is_temp_of(leftover.name, shard_names):
+      leftover.unlink(missing_ok=True)
 
 
 def _text_tokenizer(model_path, length: int) -> spm.Tokenizer:

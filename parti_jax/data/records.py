@@ -179,8 +179,12 @@ def atomic_write_text(path, text: str) -> None:
     path.write_text(text)  # an object is replaced whole when its upload completes
     return
   tmp = temp_path(pathlib.Path(path))
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)  # a full disk: nothing half-written left behind
+    raise
 
 
 class ShardWriter:
