@@ -40,6 +40,7 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 SETTLE_S = 2.0  # buckets: how long a racing writer has to show before the read-back
 READ_TRIES = 3  # a local lock is read again when found empty (created, not yet written)
+MAX_LOCK_BYTES = 1 << 16  # a lock is a few hundred bytes; a larger file is not read whole
 
 
 class LockError(RuntimeError):
@@ -104,23 +105,27 @@ class WorkdirLock:
   # -- reading and judging
 
   def read(self) -> dict | None:
-    """The lock's contents; None when there is none; {} when it cannot be parsed."""
+    """The lock's contents; None when there is none; {} when they are not a lock's (then
+    judged by no host, no process and no heartbeat: stale)."""
+    from parti_jax.data import records
     for attempt in range(READ_TRIES):
       try:
-        text = self.path.read_text()
+        holder = json.loads(records.read_limited(self.path, MAX_LOCK_BYTES, "a lock"))
       except FileNotFoundError:
         return None
-      try:
-        return json.loads(text)
-      except ValueError:
-        # Locally, a lock between its exclusive create and its contents reads empty.
-        if attempt + 1 < READ_TRIES:
-          time.sleep(0.2)
+      except (ValueError, records.TooLarge):
+        holder = None
+      if isinstance(holder, dict):
+        return holder
+      # Locally, a lock between its exclusive create and its contents reads empty.
+      if attempt + 1 < READ_TRIES:
+        time.sleep(0.2)
     return {}
 
   def stale_reason(self, holder: dict) -> str | None:
     """Why `holder` no longer holds the lock, or None when it may be alive."""
-    age = time.time() - float(holder.get("heartbeat", 0))
+    heartbeat = holder.get("heartbeat")
+    age = time.time() - (heartbeat if isinstance(heartbeat, (int, float)) else 0)
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
       if not _process_alive(holder["pid"], holder.get("pid_start")):
         return f"process {holder['pid']} is not running on this host"
@@ -133,7 +138,8 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock (a stale one with a message, any with force) or raises LockError."""
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self._local:  # a bucket has no folders (and making one could make a bucket)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._create():
       self._start_heartbeat()
       return
@@ -149,8 +155,9 @@ class WorkdirLock:
           f"{self.path}: the work directory is in use by another run ({describe(holder)}; "
           f"command: {holder.get('command', '?')}). Two runs in one work directory break "
           "each other's checkpoints: wait for it to end, stop it, or use another --workdir. "
-          f"If that run is gone (its heartbeat stops; the lock is taken over once it is "
-          f"{self._stale_after_s:.0f} s old), or you know better, start with --force")
+          "Once that run is gone, a start takes its lock over (on its host at once, "
+          f"elsewhere when its heartbeat is {self._stale_after_s:.0f} s old); if you know "
+          "better, start with --force")
     self._log(f"taking over the lock {self.path} of {describe(holder)}: {reason}")
     self._write()
     if not self._verify():

@@ -153,6 +153,12 @@ def test_the_lock_refuses_a_live_holder_and_takes_over_a_gone_one(tmp_path, quic
   assert "last heartbeat was 1000 s ago (stale after 300 s)" in messages[-1]
   taker.release()
 
+  (tmp_path / "lock.json").write_text('["not a lock"]')  # no holder, no heartbeat: stale
+  taker = workdir_lock.WorkdirLock(tmp_path, log=messages.append)
+  taker.acquire()
+  assert "of host ?, process ?, started ?" in messages[-1]
+  taker.release()
+
 
 def test_the_lock_in_a_bucket(gs_dir, quick_settle):
   messages = []
