@@ -1,0 +1,155 @@
+"""The sampling server through its JSON API: a real server process on a free port, a tiny
+trained run, gradio_client requests (concurrent ones too), every refusal."""
+
+import time
+
+import numpy as np
+import pytest
+from sampling_helpers import tiny_run
+from serve_helpers import gallery_pixels, server
+
+gradio_client = pytest.importorskip("gradio_client", reason="pip install -e '.[test]'")
+from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.utils import QueueError, Status  # noqa: E402
+
+MAX_IMAGES = 16
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def served(workdir, tmp_path_factory):
+  # A long batch wait, so that requests sent together are surely decoded together.
+  with server(workdir, tmp_path_factory.mktemp("serve") / "server.log", "--batch_sizes", "8,32",
+              "--batch_wait_ms", "500", "--max_images", str(MAX_IMAGES)) as (url, log):
+    yield gradio_client.Client(url, verbose=False), log
+
+
+def fields(prompts="a red circle", num_images=4, seed=0, start=0, guidance=1.5,
+           temperature=0.2, top_k=0, top_p=1.0, sjd=False):
+  """/generate's inputs, in its order."""
+  return [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd]
+
+
+def generate(client, *args, **kwargs):
+  """(images, status markdown, details) of one request."""
+  gallery, status, details = client.predict(*fields(*args, **kwargs), api_name="/generate")
+  return gallery_pixels(gallery), status, details, gallery
+
+
+def test_images_seeds_and_links(served):
+  client, _ = served
+  images, status, details, gallery = generate(client, "a red circle\ntwo blue squares", 2,
+                                              seed=5, top_k=32)
+  assert len(images) == 4 and all(x.shape == (32, 32, 3) for x in images)
+  assert [g["caption"] for g in gallery] == [
+      "a red circle | seed 5, sample 0", "a red circle | seed 5, sample 1",
+      "two blue squares | seed 5, sample 0", "two blue squares | seed 5, sample 1"]
+  assert details["settings"] == dict(guidance=1.5, temperature=0.2, top_k=32, top_p=1.0,
+                                     sjd=False)
+  assert [(x["prompt"], x["seed"], x["sample"]) for x in details["images"]] == [
+      ("a red circle", 5, 0), ("a red circle", 5, 1), ("two blue squares", 5, 0),
+      ("two blue squares", 5, 1)]
+  link = details["images"][3]["link"]
+  assert link.startswith("?prompt=two+blue+squares&n=1&seed=5&start=1&") and "top_k=32" in link
+  assert "4 images drawn" in status and f"[draw again]({link})" in status
+  # The link's fields draw that image again, alone.
+  again, *_ = generate(client, "two blue squares", 1, seed=5, start=1, top_k=32)
+  np.testing.assert_array_equal(again[0], images[3])
+  assert not np.array_equal(images[0], images[1])  # samples of a prompt differ
+  other, *_ = generate(client, "a red circle", 2, seed=6, top_k=32)
+  assert not np.array_equal(other[0], images[0])  # and so do seeds
+
+
+def test_concurrent_requests_share_decodes_and_draw_what_each_draws_alone(served):
+  client, log = served
+  alone, _, details, _ = generate(client, "a green triangle", 4, seed=11)
+  assert details["batches"][0]["requests"] == 1
+  requests = [fields("a green triangle", 4, seed=11)] + [
+      fields(f"{n} blue squares", 4, seed=i) for i, n in enumerate(("two", "three", "four"))] + [
+      fields(f"a {c} circle", 4, seed=20 + i) for i, c in enumerate(("red", "gray", "purple",
+                                                                       "yellow"))]
+  jobs = [client.submit(*r, api_name="/generate") for r in requests]
+  answers = [job.result(timeout=300) for job in jobs]
+  np.testing.assert_array_equal(np.stack(gallery_pixels(answers[0][0])), np.stack(alone))
+  batches = {b["number"]: b for _, _, d in answers for b in d["batches"]}
+  assert sum(b["rows"] for b in batches.values()) == 32
+  # 8 requests of 4 images in fewer decodes than requests: they were batched.
+  assert len(batches) < len(requests) and max(b["requests"] for b in batches.values()) > 1, \
+      batches
+  # The server logs every request and every decode, with timings.
+  text = log.read_text()
+  assert "2 prompts x 2 images, seed 5" in text and " decode " in text
+  assert any(f"batch {b['number']}: {b['rows']} rows of {b['requests']} requests" in text
+             for b in batches.values())
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompts=""), "the prompt is empty"),
+    (dict(prompts="  \n \n"), "the prompt is empty"),
+    (dict(num_images="abc"), "num_images: 'abc' is not a number"),
+    (dict(num_images=0), "num_images = 0 is out of range: from 1 to 16"),
+    (dict(num_images=MAX_IMAGES + 1), "num_images = 17 is out of range"),
+    (dict(prompts="a\nb\nc", num_images=6), "3 prompts x 6 images = 18 images; this server "
+                                            "draws at most 16 per request"),
+    (dict(guidance=99), "guidance = 99 is out of range: from 0.0 to 20.0"),
+    (dict(guidance=None), "guidance is empty"),
+    (dict(temperature=-1), "temperature = -1 is out of range"),
+    (dict(temperature="nan"), "temperature = 'nan' is out of range"),
+    (dict(top_k=2.5), "top_k = 2.5 is not a whole number"),
+    (dict(top_k=65), "top_k = 65 is out of range: from 0 to 64"),
+    (dict(top_p=0), "top_p = 0 is out of range: above 0.0 to 1.0"),
+    (dict(seed=-1), "seed = -1 is out of range"),
+    (dict(sjd="maybe"), "sjd: expected true or false, got 'maybe'"),
+    (dict(prompts="x" * 20_000), "prompts: 20000 characters; at most 10000"),
+])
+def test_bad_input_is_refused_with_a_message_and_the_server_goes_on(served, change, message):
+  client, _ = served
+  with pytest.raises(AppError) as e:
+    client.predict(*fields(**change), api_name="/generate")
+  assert message in str(e.value)
+  images, *_ = generate(client, "a red circle", 1)  # still serving
+  assert len(images) == 1
+
+
+def test_a_long_prompt_is_drawn_truncated_with_a_warning(served):
+  client, _ = served
+  long = "a very long prompt about " + "many green triangles " * 12
+  images, status, details, _ = generate(client, long, 2)
+  assert len(images) == 2
+  [warning] = details["warnings"]
+  head = "prompt 1 is longer than the model's 16 text tokens; it reads only '"
+  assert warning.startswith(head) and warning.endswith("'"), warning
+  read = warning[len(head):-1]  # what the model reads: the prompt's start
+  assert len(read) > 5 and long.startswith(read) and len(read) < len(long.strip())
+  assert "**Warning:** prompt 1 is longer" in status
+
+
+def wait_for(job, code, timeout_s=120):
+  deadline = time.monotonic() + timeout_s
+  while job.status().code != code:
+    assert time.monotonic() < deadline, f"job never reached {code}: {job.status()}"
+    time.sleep(0.05)
+
+
+def test_a_full_queue_says_retry_and_big_requests_fill_in(workdir, tmp_path):
+  # One request decodes at a time, one waits; a request of 4 rows waits 3 s for others.
+  with server(workdir, tmp_path / "server.log", "--batch_sizes", "8", "--batch_wait_ms", "3000",
+              "--max_users", "1", "--queue_size", "1", "--nowarmup") as (url, _):
+    client = gradio_client.Client(url, verbose=False)
+    first = client.submit(*fields("a red circle", 4), api_name="/generate")
+    wait_for(first, Status.PROCESSING)
+    second = client.submit(*fields("a blue square", 4), api_name="/generate")
+    wait_for(second, Status.IN_QUEUE)
+    third = client.submit(*fields("a gray star", 4), api_name="/generate")
+    with pytest.raises(QueueError, match="Queue is full! Please try again"):
+      third.result(timeout=60)
+    assert len(first.result(timeout=300)[0]) == 4 and len(second.result(timeout=300)[0]) == 4
+    # 16 images in decodes of 8: the grid fills in, 8 then 16.
+    job = client.submit(*fields("a red circle\na blue square", 8), api_name="/generate")
+    gallery, _, details = job.result(timeout=300)
+    assert len(gallery) == 16 and [b["rows"] for b in details["batches"]] == [8, 8]
+    assert [len(out[0]) for out in job.outputs()] == [0, 8, 16]
