@@ -16,6 +16,7 @@ from parti_jax.models.parti import Parti
 from parti_jax.tasks import base
 
 INPUTS = ("text_tokens", "image_tokens")
+EVAL_METRICS = ("loss", "accuracy")  # what eval_step reports (the trainer adds "eval/")
 
 
 class Setup(base.Setup):

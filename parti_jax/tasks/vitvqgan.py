@@ -34,6 +34,7 @@ from parti_jax.models import vitvqgan as vqgan
 from parti_jax.tasks import base
 
 INPUTS = ("images",)
+EVAL_METRICS = ("psnr", "l2", "codebook_usage")  # what eval_step reports (as "eval/...")
 
 
 class Setup(base.Setup):
