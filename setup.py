@@ -31,6 +31,8 @@ setuptools.setup(
         # etils[epath] does not bring.
         "gcsfs>=2024.2",
         "scipy>=1.10",
+        # Model folders' weights (python -m parti_jax.export), read without orbax.
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.22", "nbclient>=0.10",

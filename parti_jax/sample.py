@@ -1,8 +1,9 @@
-"""Images from a trained Parti run.
+"""Images from a trained Parti run or a model folder.
 
-  python -m parti_jax.sample --workdir RUN [--step N] (--prompt "..." | --prompts FILE) \\
-      --num_samples 16 --out DIR [--guidance 1.5 --temperature 0.2 --top_k 0 --top_p 1 \\
-      --seed 0 --sjd --sjd_window 16 --batch_size 16 --tensor 1]
+  python -m parti_jax.sample (--workdir RUN [--step N|best] | --model FOLDER) \\
+      (--prompt "..." | --prompts FILE) --num_samples 16 --out DIR [--guidance 1.5 \\
+      --temperature 0.2 --top_k 0 --top_p 1 --seed 0 --sjd --sjd_window 16 --batch_size 16 \\
+      --tensor 1]
 
 FILE is a text file (one prompt per line; empty lines skipped) or a PartiPrompts-style
 TSV (column `Prompt`; `--category` and `--challenge` filter its rows). DIR receives one
@@ -10,21 +11,25 @@ PNG per sample (`PPPP_SS.png`), a grid per prompt (`PPPP_grid.png`) and `samples
 the settings, every prompt with its files and seeds, and timings. RUN, FILE and DIR may be
 in buckets (gs://...); samples.json is written last.
 
-The image tokenizer and SentencePiece model are those the run's token shards were made
-with (`--tokenizer` and `--spm` override them). A prompt and seed give the same image in
-any batch, file or order (parti_jax/sampling.py). The sampling defaults are the project's
-one set (`parti_jax.decoding.Settings`).
+RUN is a training run (`--step best`: the checkpoint of its best evaluation, kept with
+`train.keep_best`); FOLDER a model folder written by `python -m parti_jax.export`, read
+without orbax or the run. The image tokenizer and SentencePiece model are the folder's, or
+those the run's token shards were made with (`--tokenizer` and `--spm` override them). A
+prompt and seed give the same image in any batch, file or order (parti_jax/sampling.py).
+The sampling defaults are the project's one set (`parti_jax.decoding.Settings`).
 """
 
 import sys
 
-from parti_jax import cli, decoding, sampling
+from parti_jax import cli, decoding, runs, sampling
 from parti_jax.data import records
 
 DEFAULTS = decoding.Settings()
 FLAGS = cli.Flags(__doc__)
-FLAGS.string("workdir", None, "Training run directory (local or bucket).", required=True)
-FLAGS.integer("step", None, "Checkpoint step (default: the latest).")
+FLAGS.string("workdir", None, "Training run directory (local or bucket).")
+FLAGS.string("step", None, "Checkpoint step of --workdir: a number or 'best' (default: the "
+             "latest).")
+FLAGS.string("model", None, "Model folder (python -m parti_jax.export), instead of --workdir.")
 FLAGS.strings("prompt", None, "A prompt (repeat the flag for several).")
 FLAGS.string("prompts", None, "Text file (one per line) or TSV with a Prompt column.")
 FLAGS.string("category", None, "TSV: only rows of this Category.")
@@ -49,6 +54,10 @@ def main(argv=None):
   a = FLAGS.parse(argv)
   if bool(a.prompt) == bool(a.prompts):
     raise SystemExit("error: give one of --prompt or --prompts")
+  if bool(a.workdir) == bool(a.model):
+    raise SystemExit("error: give one of --workdir or --model")
+  if a.model and a.step:
+    raise SystemExit("error: --step is for --workdir; a model folder holds one step")
   settings = decoding.Settings(guidance=a.guidance, temperature=a.temperature, top_k=a.top_k,
                                top_p=a.top_p, sjd_window=a.sjd_window if a.sjd else 0)
   log = lambda msg: print(msg, file=sys.stderr)
@@ -58,10 +67,13 @@ def main(argv=None):
     if not prompts:
       raise sampling.SampleError("every --prompt is empty")
     sampling.check_out(a.out)
-    run = sampling.load_run(a.workdir, a.step, a.tokenizer, a.spm, a.tensor)
+    if a.model:
+      run = sampling.load_model(a.model, a.tokenizer, a.spm, a.tensor)
+    else:
+      run = sampling.load_run(a.workdir, runs.parse_step(a.step), a.tokenizer, a.spm, a.tensor)
     report = sampling.generate(run, prompts, settings, a.num_samples, a.seed, a.batch_size,
                                a.out, log=log)
-  except (sampling.SampleError, records.DataError) as e:
+  except (sampling.SampleError, records.DataError, runs.RunError) as e:
     sys.exit(f"error: {e}")
   t = report["timings"]
   print(f"wrote {len(prompts) * a.num_samples} images of {len(prompts)} prompts to {a.out} "

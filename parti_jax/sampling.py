@@ -9,7 +9,9 @@ distribution, with different images for a seed.
 The run's config.json gives the model; its token shards (`config.data.train`) name the
 image tokenizer and the SentencePiece model they were made with (`config.data.spm_model`,
 or the `tokenizer` and `spm_model` arguments, override them, e.g. when the run moved
-machines). Rows (prompt x sample) run in batches on this process's devices (batch over
+machines). A model folder (`python -m parti_jax.export`, parti_jax/model_folder.py) holds
+its config, weights, image tokenizer and SentencePiece model itself (`load_model`; `load`
+takes either). Rows (prompt x sample) run in batches on this process's devices (batch over
 `data`, heads over `tensor` devices; weights in the model's dtype); the last batch is padded.
 """
 
@@ -26,7 +28,7 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from parti_jax import decoding, runs, tokenizers
+from parti_jax import decoding, model_folder, runs, tokenizers
 from parti_jax import text as text_lib
 from parti_jax.data import buckets, records, spm
 
@@ -97,35 +99,100 @@ class Run:
     return self._compiled[key], time.perf_counter() - start
 
 
-def load_run(workdir, step: int | None = None, tokenizer: str | None = None,
+def load_run(workdir, step: int | str | None = None, tokenizer: str | None = None,
              spm_model: str | None = None, tensor: int = 1, devices=None) -> Run:
-  """The run's model on the local devices (batch over `data`, heads over `tensor`)."""
+  """The run's model at `step` (default: the latest; `best`: the best evaluation's) on the
+  local devices (batch over `data`, heads over `tensor`)."""
   start = time.perf_counter()
   try:
     run = runs.prepare(workdir, step, task="parti", mesh_axes=dict(data=-1, fsdp=1, tensor=tensor),
                        devices=devices or jax.local_devices())
   except runs.RunError as e:
     raise SampleError(str(e)) from None
-  config = run.config
+  spec, resolution, spm_model = run_tokenizers(run.config, tokenizer, spm_model)
+  image_tokenizer = _image_tokenizer(
+      lambda: tokenizers.load(spec, resolution, run.setup.mesh, grid=run.config.model.image_grid))
+  text_tokenizer = _text_tokenizer(spm_model, run.config.model)
+  _check_codebook(image_tokenizer, run.config.model)
+  return _loaded(run.workdir, run.step, run.setup, run.load_params(), text_tokenizer,
+                 image_tokenizer, start)
+
+
+def load_model(folder, tokenizer: str | None = None, spm_model: str | None = None,
+               tensor: int = 1, devices=None) -> Run:
+  """A model folder's Parti model (`python -m parti_jax.export` writes them), as
+  `load_run` lays a run out; no orbax, no training run. `tokenizer` and `spm_model`
+  override the folder's."""
+  start = time.perf_counter()
+  try:
+    folder = model_folder.open_folder(folder)
+    config = folder.config(model_folder.MODEL)
+    if config.get("task", "parti") != "parti":
+      raise SampleError(f"{folder.path}: its model is a {config.task}, not a Parti model")
+    setup = runs.inference_setup(
+        config, str(folder.path / folder.stage(model_folder.MODEL)["config"]),
+        mesh_axes=dict(data=-1, fsdp=1, tensor=tensor), devices=devices or jax.local_devices())
+    entry = folder.stage(model_folder.IMAGE_TOKENIZER)
+    if tokenizer or "spec" in entry:
+      image_tokenizer = _image_tokenizer(lambda: tokenizers.load(
+          tokenizer or entry["spec"], None if tokenizer else entry.get("resolution"),
+          setup.mesh, grid=config.model.image_grid))
+    else:
+      _, tokenizer_setup, tokenizer_params = model_folder.load_stage(
+          folder, model_folder.IMAGE_TOKENIZER, mesh=setup.mesh)
+      image_tokenizer = _image_tokenizer(lambda: tokenizers.vitvqgan_of(
+          tokenizer_setup, tokenizer_params, str(folder.path / model_folder.IMAGE_TOKENIZER)))
+    spm_model = spm_model or folder.checked_file(folder.manifest.get("spm_model", ""),
+                                                 spm.MAX_MODEL_BYTES)
+    text_tokenizer = _text_tokenizer(spm_model, config.model)
+    _check_codebook(image_tokenizer, config.model)
+    params = model_folder.read_stage(folder, model_folder.MODEL,
+                                     setup.sharded_abstract_params())
+  except runs.RunError as e:  # model_folder.FolderError included
+    raise SampleError(str(e)) from None
+  return _loaded(str(folder.path), folder.manifest.get("step"), setup, params, text_tokenizer,
+                 image_tokenizer, start)
+
+
+def load(path, step: int | str | None = None, tokenizer: str | None = None,
+         spm_model: str | None = None, tensor: int = 1, devices=None) -> Run:
+  """A model folder (`load_model`) or a training run (`load_run`), whichever `path` is."""
+  if model_folder.is_model_folder(path):
+    if step is not None:
+      raise SampleError(f"{path} is a model folder: it holds one step "
+                        "(export another with python -m parti_jax.export --step)")
+    return load_model(path, tokenizer, spm_model, tensor, devices)
+  return load_run(path, step, tokenizer, spm_model, tensor, devices)
+
+
+def run_tokenizers(config, tokenizer: str | None = None,
+                   spm_model: str | None = None) -> tuple[str, int | None, str]:
+  """(image tokenizer spec, its resolution or None, SentencePiece model path) of a run:
+  those its token shards were made with, unless given."""
   spm_model = spm_model or config.data.get("spm_model")  # a config may name it
   tokens = _token_metadata(config, required=not (tokenizer and spm_model))
   spm_model = spm_model or _locate(tokens.get("spm_model", ""), config.data.train)
   if not spm_model:
     raise SampleError(f"{config.data.train}: metadata.json names no SentencePiece model; "
                       "pass --spm")
+  return tokenizer or tokens["tokenizer"], tokens.get("resolution"), spm_model
+
+
+def _image_tokenizer(make) -> tokenizers.ImageTokenizer:
   try:
-    image_tokenizer = tokenizers.load(tokenizer or tokens["tokenizer"], tokens.get("resolution"),
-                                      run.setup.mesh, grid=config.model.image_grid)
+    image_tokenizer = make()
   except tokenizers.TokenizerError as e:
     raise SampleError(f"image tokenizer {e}") from None
   if image_tokenizer.decode is None:
     raise SampleError(f"image tokenizer {image_tokenizer.name}: it has no decoder")
-  text_tokenizer = _text_tokenizer(spm_model, config.model)
-  _check_codebook(image_tokenizer, config.model)
-  params = run.load_params()
-  if config.model.dtype != "float32":  # matmuls run in it anyway: half the bytes to read
-    params = jax.jit(lambda p: decoding.cast_params(p, config.model.dtype))(params)
-  return Run(run.workdir, run.step, run.setup, params, text_tokenizer, image_tokenizer,
+  return image_tokenizer
+
+
+def _loaded(where: str, step, setup, params, text_tokenizer, image_tokenizer, start) -> Run:
+  """The Run, its weights cast to the model's dtype for decoding."""
+  if setup.config.model.dtype != "float32":  # matmuls run in it anyway: half the bytes to read
+    params = jax.jit(lambda p: decoding.cast_params(p, setup.config.model.dtype))(params)
+  return Run(where, step, setup, params, text_tokenizer, image_tokenizer,
              time.perf_counter() - start)
 
 

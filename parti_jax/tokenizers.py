@@ -106,12 +106,17 @@ def vitvqgan(workdir, mesh=None) -> ImageTokenizer:
     run, params = runs.load(workdir, task="vitvqgan", mesh=mesh)
   except (runs.RunError, FileNotFoundError) as e:
     raise TokenizerError(f"vitvqgan:{workdir}: {e}") from None
-  setup, m = run.setup, run.config.model
+  return vitvqgan_of(run.setup, params, f"vitvqgan:{workdir}")
+
+
+def vitvqgan_of(setup, params, name: str) -> ImageTokenizer:
+  """A ViT-VQGAN from its inference Setup and parameters (a run's, a model folder's)."""
+  config, m = setup.config, setup.config.model
   return ImageTokenizer(lambda p, images: setup.model(p).encode(images), m.resolution,
-                        m.resolution // m.patch_size, m.codebook_size, f"vitvqgan:{workdir}",
+                        m.resolution // m.patch_size, m.codebook_size, name,
                         params, decode=lambda p, codes: setup.model(p).decode(codes),
-                        value_range=tuple(run.config.data.value_range),
-                        batch_sharding=run.setup.batch_sharding)
+                        value_range=tuple(config.data.value_range),
+                        batch_sharding=setup.batch_sharding)
 
 
 def load(spec: str, resolution: int | None = None, mesh=None,
