@@ -29,6 +29,8 @@ import sys
 import time
 import urllib.parse
 
+from etils import epath
+
 from parti_jax import batcher as batcher_lib
 from parti_jax import cli, decoding, sampling, web
 from parti_jax import text as text_lib
@@ -131,7 +133,8 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
                   top_p=DEFAULTS.top_p, sjd=False)
 
   with gr.Blocks(title="parti_jax", analytics_enabled=False) as page:
-    gr.Markdown(f"## parti_jax: {run.workdir} (step {run.step})\nOne prompt a line. Up to "
+    gr.Markdown(f"## parti_jax · {epath.Path(run.workdir).name}, step {run.step}\nOne "
+                f"prompt a line. Up to "
                 f"{limits.max_images} images a request; a prompt is read up to {text_len} "
                 "text tokens.")
     with gr.Row():
@@ -173,14 +176,18 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
 
     def fill(request: gr.Request):
       query = urllib.parse.parse_qs(str(request.query_params))
+      if not query:  # a plain visit: leave the fields be (someone may be typing already)
+        return [gr.skip()] * len(web.FIELDS) + [False]
       fields = web.from_query(query, defaults)
       return [fields[name] for name in web.FIELDS] + ["prompt" in query]
 
-    def draw_linked(is_linked, *values, request: gr.Request, progress=gr.Progress()):
+    def draw_linked(is_linked, prompts, num_images, seed, start, guidance, temperature, top_k,
+                    top_p, sjd, request: gr.Request, progress=gr.Progress()):
       if not is_linked:
         yield gr.skip(), gr.skip(), gr.skip()
         return
-      yield from generate(*values, request=request, progress=progress)
+      yield from generate(prompts, num_images, seed, start, guidance, temperature, top_k, top_p,
+                          sjd, request, progress)
 
     page.load(fill, None, inputs + [linked], api_visibility="private").then(
         draw_linked, [linked, *inputs], outputs, api_visibility="private",
