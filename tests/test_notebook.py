@@ -34,6 +34,29 @@ def test_the_notebook_samples_a_trained_checkpoint(tmp_path_factory):
   assert len(pictures) == 2  # a grid per prompt
 
 
+def test_the_notebook_samples_a_model_folder_alone(tmp_path_factory, tmp_path):
+  """A folder from `python -m parti_jax.export`, with the run moved away: no orbax, no run."""
+  from parti_jax import model_folder
+  workdir = tiny_run(tmp_path_factory)
+  folder = tmp_path / "folder"
+  model_folder.export(workdir, folder, progress=False)
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  set_parameters(notebook, CHECKPOINT=str(folder), INSTALL=False, NUM_SAMPLES=2,
+                 PROMPTS="a red circle", SJD=False)
+  root = workdir.parent
+  root.rename(root.with_name(root.name + "_parked"))
+  try:
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+  finally:
+    root.with_name(root.name + "_parked").rename(root)
+  outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert f"{folder} step 150" in text and "2 images in" in text
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+
+
 def test_the_notebook_is_valid_with_a_form():
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(notebook)
