@@ -208,8 +208,11 @@ def test_kill_9_at_random_moments_resumes_bitwise_from_finished_checkpoints(
   first = start(workdir, data, tmp_path / "first.log", *often)
   try:
     wait_for(lambda: len(checkpoints.finished_steps(workdir / "checkpoints")) >= 2, first)
-    # A second start while it trains is refused, naming it.
+    # A second start while it trains is refused, naming it (stopped meanwhile, so that it
+    # cannot finish first: a stopped process is alive).
+    first.send_signal(signal.SIGSTOP)
     second = run(workdir, data, *often)
+    first.send_signal(signal.SIGCONT)
     assert second.returncode == 1 and (
         f"in use by another run (host {socket.gethostname()}, process {first.pid}, started"
         in second.stderr), second.stderr[-3000:]
@@ -246,8 +249,7 @@ def test_kill_9_at_random_moments_resumes_bitwise_from_finished_checkpoints(
   finished = checkpoints.finished_steps(workdir / "checkpoints")
   last = run(workdir, data, *often)
   assert last.returncode == 0, last.stderr[-3000:]
-  if finished:
-    assert f"resumed from {workdir / 'checkpoints' / str(max(finished))}\n" in last.stderr
+  assert f"resumed from {workdir / 'checkpoints' / str(max(finished))}\n" in last.stderr
   assert not (workdir / "lock.json").exists()  # released at the end
   assert_same_params(params_at(workdir, STEPS, tiny(data)), params_at(reference, STEPS,
                                                                        tiny(data)))
