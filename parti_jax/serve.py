@@ -1,6 +1,7 @@
-"""A web page for sampling a Parti run, and its JSON API (Gradio).
+"""A web page for sampling a Parti run or model folder, and its JSON API (Gradio).
 
-  python -m parti_jax.serve --workdir RUN [--step N] [--host 127.0.0.1 --port 7860] \\
+  python -m parti_jax.serve (--workdir RUN [--step N|best] | --model FOLDER) \\
+      [--host 127.0.0.1 --port 7860] \\
       [--max_images 16 --batch_sizes 4,16,32 --batch_wait_ms 100 --max_users 16 \\
        --queue_size 32 --sjd_window 16]
 
@@ -25,21 +26,27 @@ parti_jax.sample` (parti_jax/sampling.py): alone or batched, it is the same imag
 
 import itertools
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import urllib.parse
 
 from etils import epath
+from PIL import Image
 
 from parti_jax import batcher as batcher_lib
-from parti_jax import cli, decoding, sampling, web
+from parti_jax import cli, decoding, runs, sampling, web
 from parti_jax import text as text_lib
 from parti_jax.data import records
 
 DEFAULTS = decoding.Settings()
 FLAGS = cli.Flags(__doc__)
-FLAGS.string("workdir", None, "Training run directory (local or bucket).", required=True)
-FLAGS.integer("step", None, "Checkpoint step (default: the latest).")
+FLAGS.string("workdir", None, "Training run directory (local or bucket).")
+FLAGS.string("step", None, "Checkpoint step of --workdir: a number or 'best' (default: the "
+             "latest).")
+FLAGS.string("model", None, "Model folder (python -m parti_jax.export), instead of --workdir.")
 FLAGS.string("tokenizer", None, "Image tokenizer (default: the run's token shards').")
 FLAGS.string("spm", None, "SentencePiece model (default: the run's token shards').")
 FLAGS.integer("tensor", 1, "Devices that split the heads.")
@@ -66,9 +73,10 @@ def log(message: str) -> None:
 
 
 def load(a) -> sampling.Run:
-  """The model to serve, on this process's devices. (An exported model folder will load
-  here too, as another source of the same sampling.Run.)"""
-  return sampling.load_run(a.workdir, a.step, a.tokenizer, a.spm, a.tensor)
+  """The model to serve, a model folder's or a run's, on this process's devices."""
+  if a.model:
+    return sampling.load_model(a.model, a.tokenizer, a.spm, a.tensor)
+  return sampling.load_run(a.workdir, runs.parse_step(a.step), a.tokenizer, a.spm, a.tensor)
 
 
 def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
@@ -77,6 +85,10 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
   import gradio as gr
 
   requests = itertools.count(1)
+  # Our own PNG files, one folder a request: Gradio rewrites a numpy image's file in place
+  # each time it is output, and a second request for the same image then truncates the
+  # file while the first one's download reads it. Files it copies in are renamed into place.
+  files = epath.Path(tempfile.mkdtemp(prefix="parti_jax_serve_"))
   text_len = run.setup.config.model.text_len
 
   def rows_of(r: web.Request) -> list[batcher_lib.Row]:
@@ -106,24 +118,29 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
         f"guidance {s.guidance}, temperature {s.temperature}, top_k {s.top_k}, top_p "
         f"{s.top_p}, sjd {r.sjd}; {batcher.waiting_rows()} rows already waiting")
     job = batcher.submit(s, rows)
-    images, batches = [None] * len(rows), []
+    images, batches, entries = [None] * len(rows), [], list(_entries(r))
+    folder = files / f"request_{number}"
+    folder.mkdir()
     progress(0, desc=f"waiting to decode {len(rows)} images")
-    yield [], _status(r, rows, images, batches), _details(r, rows, images, batches, number)
     try:
       for indices, pictures, report in job.finished(RESULT_TIMEOUT_S):
         for i, picture in zip(indices, pictures):
-          images[i] = picture
+          images[i] = _save(folder, entries[i], r.seed, picture)
         batches.append(report)
         done = sum(x is not None for x in images)
         progress(done / len(rows), desc=f"{done} of {len(rows)} images")
         gallery = [(images[i], f"{prompt[:60]} | seed {r.seed}, sample {sample}")
-                   for i, prompt, sample in _entries(r) if images[i] is not None]
+                   for i, prompt, sample in entries if images[i] is not None]
         yield gallery, _status(r, rows, images, batches), _details(r, rows, images, batches,
                                                                    number)
     except Exception as e:  # noqa: BLE001  a failed decode or none in time: said, not hung
       message = str(e) or f"no images after {RESULT_TIMEOUT_S} s"
       log(f"request {number}: failed: {message}")
       raise gr.Error(message, title="Decoding failed") from None
+    finally:
+      # Gradio has copied every yielded file into its cache by the time this runs (the
+      # generator resumes only after its last output went out) or the request was dropped.
+      shutil.rmtree(folder, ignore_errors=True)
     log(f"request {number}: {len(rows)} images in {time.perf_counter() - began:.2f} s; "
         "decodes " + ", ".join(f"{b.number} ({b.rows} rows of {b.requests} requests, "
                                f"{b.decode_s:.2f} s)" for b in batches))
@@ -132,7 +149,8 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
                   temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
                   top_p=DEFAULTS.top_p, sjd=False)
 
-  with gr.Blocks(title="parti_jax", analytics_enabled=False) as page:
+  # Gradio's cache of served images: emptied of files older than a day, every hour.
+  with gr.Blocks(title="parti_jax", analytics_enabled=False, delete_cache=(3600, 86400)) as page:
     gr.Markdown(f"## parti_jax · {epath.Path(run.workdir).name}, step {run.step}\nOne "
                 f"prompt a line. Up to "
                 f"{limits.max_images} images a request; a prompt is read up to {text_len} "
@@ -195,6 +213,16 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
   return page
 
 
+def _save(folder: epath.Path, entry, seed: int, picture) -> str:
+  """A PNG named for what it shows (the name a download keeps)."""
+  _, prompt, sample = entry
+  words = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "prompt"
+  path = folder / f"{words}_seed{seed}_sample{sample}.png"
+  with path.open("wb") as f:
+    Image.fromarray(picture).save(f, format="PNG")
+  return str(path)
+
+
 def _entries(r: web.Request):
   """(row index, prompt, sample index) of every image of a request, in row order."""
   for i, prompt in enumerate(r.prompts):
@@ -234,6 +262,10 @@ def _status(r: web.Request, rows, images, batches) -> str:
 
 def main(argv=None):
   a = FLAGS.parse(argv)
+  if bool(a.workdir) == bool(a.model):
+    raise SystemExit("error: give one of --workdir or --model")
+  if a.model and a.step:
+    raise SystemExit("error: --step is for --workdir; a model folder holds one step")
   try:
     sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
   except ValueError:
@@ -251,9 +283,9 @@ def main(argv=None):
     raise SystemExit("error: the web page needs Gradio: pip install -e '.[serve]'") from None
   try:
     run = load(a)
-  except (sampling.SampleError, records.DataError) as e:
+  except (sampling.SampleError, records.DataError, runs.RunError) as e:
     sys.exit(f"error: {e}")
-  log(f"loaded {run.workdir} step {run.step} in {run.load_s:.1f} s")
+  log(f"loaded {run.workdir} (step {run.step}) in {run.load_s:.1f} s")
   batcher = batcher_lib.Batcher(run, sizes, a.batch_wait_ms / 1000, log)
   if a.warmup:
     log(f"compiled the default settings for batches of {batcher.sizes} in "
@@ -263,7 +295,10 @@ def main(argv=None):
   page = build(run, batcher, limits, a.sjd_window, a.max_users)
   page.queue(max_size=a.queue_size, default_concurrency_limit=a.max_users)
   page.launch(server_name=a.host, server_port=a.port, show_error=True, prevent_thread_lock=True,
-              quiet=True, ssr_mode=False, max_threads=max(40, 2 * a.max_users + 8))
+              quiet=True, ssr_mode=False, max_threads=max(40, 2 * a.max_users + 8),
+              # Gradio's run history records every request's images: work per request
+              # that a shared server does not need.
+              run_history=False)
   print(f"serving http://{a.host}:{a.port}", flush=True)
   page.block_thread()
 

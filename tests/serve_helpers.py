@@ -23,12 +23,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(workdir, log_path: pathlib.Path, *flags: str):
-  """Yields (url, log_path) once the server says it is serving; stops it after."""
+  """Yields (url, log_path) once the server says it is serving; stops it after. `workdir`
+  None: `flags` name the model (`--model FOLDER`)."""
   port = free_port()
   log = log_path.open("w")
   process = subprocess.Popen(
-      [sys.executable, "-m", "parti_jax.serve", "--workdir", str(workdir), "--port", str(port),
-       *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+      [sys.executable, "-m", "parti_jax.serve", *(["--workdir", str(workdir)] if workdir else []),
+       "--port", str(port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
   try:
     lines = queue.Queue()  # the server prints one line on stdout once it is up
     threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put("")],

@@ -1,16 +1,23 @@
 """The sampling server through its JSON API: a real server process on a free port, a tiny
-trained run, gradio_client requests (concurrent ones too), every refusal."""
+trained run (and its model folder), gradio_client requests (concurrent ones too), every
+refusal, a full queue."""
 
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from sampling_helpers import tiny_run
 from serve_helpers import gallery_pixels, server
 
+from parti_jax import model_folder
+
 gradio_client = pytest.importorskip("gradio_client", reason="pip install -e '.[test]'")
 from gradio_client.exceptions import AppError  # noqa: E402
-from gradio_client.utils import QueueError, Status  # noqa: E402
+from gradio_client.utils import QueueError  # noqa: E402
+import httpx  # noqa: E402  gradio_client's own HTTP client
 
 MAX_IMAGES = 16
 
@@ -128,28 +135,60 @@ def test_a_long_prompt_is_drawn_truncated_with_a_warning(served):
   assert "**Warning:** prompt 1 is longer" in status
 
 
-def wait_for(job, code, timeout_s=120):
+def wait_until(condition, what: str, timeout_s=120):
   deadline = time.monotonic() + timeout_s
-  while job.status().code != code:
-    assert time.monotonic() < deadline, f"job never reached {code}: {job.status()}"
+  while not condition():
+    assert time.monotonic() < deadline, f"never: {what}"
     time.sleep(0.05)
 
 
-def test_a_full_queue_says_retry_and_big_requests_fill_in(workdir, tmp_path):
-  # One request decodes at a time, one waits; a request of 4 rows waits 3 s for others.
-  with server(workdir, tmp_path / "server.log", "--batch_sizes", "8", "--batch_wait_ms", "3000",
-              "--max_users", "1", "--queue_size", "1", "--nowarmup") as (url, _):
-    client = gradio_client.Client(url, verbose=False)
-    first = client.submit(*fields("a red circle", 4), api_name="/generate")
-    wait_for(first, Status.PROCESSING)
-    second = client.submit(*fields("a blue square", 4), api_name="/generate")
-    wait_for(second, Status.IN_QUEUE)
-    third = client.submit(*fields("a gray star", 4), api_name="/generate")
-    with pytest.raises(QueueError, match="Queue is full! Please try again"):
-      third.result(timeout=60)
-    assert len(first.result(timeout=300)[0]) == 4 and len(second.result(timeout=300)[0]) == 4
-    # 16 images in decodes of 8: the grid fills in, 8 then 16.
-    job = client.submit(*fields("a red circle\na blue square", 8), api_name="/generate")
-    gallery, _, details = job.result(timeout=300)
-    assert len(gallery) == 16 and [b["rows"] for b in details["batches"]] == [8, 8]
-    assert [len(out[0]) for out in job.outputs()] == [0, 8, 16]
+@pytest.fixture(scope="module")
+def folder_server(workdir, tmp_path_factory):
+  """The run exported as a model folder, served with one request decoding at a time and one
+  waiting; a request of fewer than 8 rows waits 3 s for others."""
+  folder = tmp_path_factory.mktemp("model") / "tiny"
+  model_folder.export(workdir, folder, progress=False)
+  with server(None, tmp_path_factory.mktemp("serve") / "server.log", "--model", str(folder),
+              "--batch_sizes", "8", "--batch_wait_ms", "3000", "--max_users", "1",
+              "--queue_size", "1", "--nowarmup") as (url, log):
+    yield gradio_client.Client(url, verbose=False), url, log
+
+
+def test_a_model_folder_draws_the_runs_images(served, folder_server):
+  from_run, *_ = generate(served[0], "two blue squares\na red circle", 2, seed=3)
+  from_folder, *_ = generate(folder_server[0], "two blue squares\na red circle", 2, seed=3)
+  np.testing.assert_array_equal(np.stack(from_folder), np.stack(from_run))
+
+
+def test_a_full_queue_says_retry_and_the_server_goes_on(folder_server):
+  client, url, log = folder_server
+  started = log.read_text().count(" from 127.0.0.1: ")
+  first = client.submit(*fields("a red circle", 4), api_name="/generate")
+  # Its handler runs (the log has it) and waits 3 s for company: the one worker is busy.
+  wait_until(lambda: log.read_text().count(" from 127.0.0.1: ") > started, "first started")
+  second = client.submit(*fields("a blue square", 4), api_name="/generate")
+  queued = lambda: httpx.get(f"{url}/gradio_api/queue/status").json()["queue_size"] == 1
+  wait_until(queued, "second queued")
+  third = client.submit(*fields("a gray star", 4), api_name="/generate")
+  with pytest.raises(QueueError, match="Queue is full! Please try again"):
+    third.result(timeout=60)
+  assert len(first.result(timeout=300)[0]) == 4 and len(second.result(timeout=300)[0]) == 4
+  images, *_ = generate(client, "a gray star", 1)
+  assert len(images) == 1
+
+
+def test_a_request_larger_than_a_decode_fills_the_grid_in(folder_server):
+  job = folder_server[0].submit(*fields("a red circle\na blue square", 8), api_name="/generate")
+  gallery, _, details = job.result(timeout=300)
+  assert len(gallery) == 16 and [b["rows"] for b in details["batches"]] == [8, 8]
+  assert [len(out[0]) for out in job.outputs()] == [8, 16]  # the grid after each decode
+
+
+def test_the_command_wants_one_model(tmp_path):
+  for args in ([], ["--workdir", "a", "--model", "b"], ["--model", "b", "--step", "3"]):
+    out = subprocess.run([sys.executable, "-m", "parti_jax.serve", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "error: " in out.stderr and "Traceback" not in out.stderr
+  out = subprocess.run([sys.executable, "-m", "parti_jax.serve", "--workdir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "no config.json; not a training run" in out.stderr
