@@ -52,7 +52,7 @@ class FolderError(runs.RunError):
 
 
 def is_model_folder(path) -> bool:
-  return "@" not in str(path).rsplit("/", 1)[-1] and (epath.Path(path) / MANIFEST).exists()
+  return (epath.Path(path) / MANIFEST).exists()
 
 
 # -------------------------------------------------------------------------- parameters
@@ -137,7 +137,7 @@ def read_stage(folder: "Folder", stage: str, abstract_params, groups=()) -> dict
   for file, names in by_file.items():
     path = folder.checked_file(file, allowed[file] if not groups else None)
     loaded.update(_read_tensors(path, names, wanted))
-  leaves, treedef = jax.tree_util.tree_flatten(
+  _, treedef = jax.tree_util.tree_flatten(
       {g: abstract_params[g] for g in groups} if groups else abstract_params)
   return jax.tree_util.tree_unflatten(treedef, [loaded[n] for n in wanted])
 
