@@ -291,11 +291,11 @@ def test_a_full_disk_under_checkpoints_is_named_and_the_run_resumes_when_freed(
   workdir = disk / "run"
   keep = "--config.train.keep_checkpoints=100"
   full = run(workdir, data, "--config.train.checkpoint_every=4", keep)
-  assert full.returncode == 1
-  last_line = full.stderr.strip().splitlines()[-1]
-  assert last_line.startswith(f"error: {workdir}: no space left on the device (the disk is "
-                              "full"), full.stderr[-3000:]
-  assert "the latest: step 4" in last_line
+  assert full.returncode == 1, full.stderr[-3000:]
+  (said,) = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+  assert said.startswith(f"error: {workdir}: no space left on the device (the disk is "
+                         "full"), full.stderr[-3000:]
+  assert "the latest: step 4" in said
   assert checkpoints.finished_steps(workdir / "checkpoints") == [4]
   assert_same_params(params_at(workdir, 4, tiny(data)), params_at(reference, 4, tiny(data)))
   assert not (workdir / "lock.json").exists()
