@@ -117,6 +117,12 @@ def train_defaults() -> ml_collections.ConfigDict:
   t.max_consecutive_skips = 20  # this many skipped updates in a row stop the run
   t.inject_nan_steps = ()  # fault injection (tests): these steps get a NaN loss
   t.profile_steps = ()  # (first, last): capture a jax.profiler trace of these steps
+  # Keep the checkpoint of the best evaluation in WORKDIR/checkpoints_best (parameters only),
+  # beside the last ones; `sample --step best`, `init_from=RUN@best` (parti_jax/keep_best.py).
+  t.keep_best = False
+  t.best_metric = "eval/loss"  # an evaluation metric of the task ("eval/l2" for a tokenizer)
+  t.best_mode = "min"  # "min" or "max": which end of best_metric is best
+  t.worse_evals_note = 3  # a note when best_metric got worse at this many evaluations in a row
   return t
 
 
@@ -326,9 +332,31 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None,
   shape = mesh_shape(config, num_devices)
   task = tasks.of(config)  # an unknown task is refused here, naming the known ones
   problems = task.config_problems(config, dict(zip(MESH_AXES, shape)), training)
+  if training:
+    problems += best_problems(config, getattr(task, "EVAL_METRICS", None))
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return shape
+
+
+def best_problems(config: ml_collections.ConfigDict, eval_metrics) -> list[str]:
+  """`train.keep_best` needs evaluations to rank, and a metric they report (`eval_metrics`:
+  the task's, None when it does not list them)."""
+  t = config.train
+  if not t.get("keep_best"):
+    return []
+  problems = []
+  if not config.data.get("eval"):
+    problems.append("train.keep_best=True needs evaluations, but data.eval is empty")
+  if not t.eval_every:
+    problems.append("train.keep_best=True needs evaluations during training, but "
+                    "train.eval_every=0 evaluates only at the end")
+  if t.best_mode not in ("min", "max"):
+    problems.append(f"train.best_mode={t.best_mode!r} is not 'min' or 'max'")
+  if eval_metrics is not None and t.best_metric not in [f"eval/{m}" for m in eval_metrics]:
+    problems.append(f"train.best_metric={t.best_metric!r} is not one of the task's evaluation "
+                    f"metrics {[f'eval/{m}' for m in eval_metrics]}")
+  return problems
 
 
 def ways(config: ml_collections.ConfigDict, sizes: dict, logical: str) -> tuple[int, str]:

@@ -64,8 +64,9 @@ class BestCheckpoint:
     parameters again (resuming is exact).
     """
     if self.metric not in metrics:
-      raise config_lib.ConfigError(f"train.best_metric={self.metric!r} is not among the evaluation's "
-                     f"metrics {sorted(k for k in metrics if k.startswith('eval/'))}")
+      raise config_lib.ConfigError(
+          f"train.best_metric={self.metric!r} is not among the evaluation's metrics "
+          f"{sorted(k for k in metrics if k.startswith('eval/'))}")
     if step in self._manager.all_steps():
       return
     self._manager.save(step, force=True, metrics={self.metric: float(metrics[self.metric])},

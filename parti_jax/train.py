@@ -13,6 +13,9 @@ written and the process exits with status 75 (EX_TEMPFAIL: "stopped, start me ag
 With several processes, SIGTERM to any one reaches all through JAX's preemption service,
 and they save the same step. A restart on another number of processes or another global
 batch size goes on from the saved global data position.
+One run writes a work directory: process 0 holds DIR/lock.json while it trains, and a
+second start on it is refused naming the holder; a lock whose run is gone is taken over,
+and --force takes any (parti_jax.workdir_lock).
 An update whose gradients are not finite is skipped and counted; `train.nan_policy="halt"`
 stops at the first one instead, and `train.max_consecutive_skips` in a row stop the run.
 
@@ -37,7 +40,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parti_jax import checkpoints, cli, distributed, flops, runs, sharding, tasks
+from parti_jax import checkpoints, cli, disk_full, distributed, flops, runs, sharding, tasks
+from parti_jax import keep_best, workdir_lock
 from parti_jax import config as config_lib
 from parti_jax import metrics as metrics_lib
 from parti_jax.data import pipeline, records
@@ -170,8 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
     state = task.setup.init_state()
     if config.init_from:
       groups = tuple(config.get("init_from_groups", ()))
-      loaded = checkpoints.load_params(runs.resolve_checkpoint(config.init_from),
-                                       abstract_state.params, groups)
+      loaded = runs.load_init_params(config.init_from, abstract_state.params, groups)
       state = state.replace(params={**state.params, **loaded})
       writer.log(f"parameters {', '.join(groups) or 'all'} from {config.init_from}")
   else:
@@ -188,8 +191,11 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   window, window_start, wait_start = [], time.perf_counter(), loader.data_wait_s
   saved = start
   profiler = Profiler(t.profile_steps, workdir)
-  last, eval_source = {}, None
+  last, eval_source, at_evaluation = {}, None, None
   try:
+    if config.data.eval:  # the best checkpoint (train.keep_best) and the trend of evaluations
+      at_evaluation = keep_best.AtEvaluation(workdir, config, start,
+                                             metrics_lib.read(workdir), writer.log)
     with StopRequest(ckpt) as stop:
       for step in range(start, total):
         profiler.before(step)
@@ -211,6 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
           eval_source = eval_source or pipeline.Source(config.data.eval, config.data)
           last |= evaluate(config, task, state.params, writer, done, eval_source)
           writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
+          at_evaluation(done, state.params, last)
         if ckpt.save(done, state, loader, force=done == total):
           saved = done
         if not window:  # a report was made: time the next window from here
@@ -227,6 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
     profiler.stop()
     ckpt.wait()
     ckpt.close()
+    if at_evaluation is not None:
+      at_evaluation.close()
     loader.close()
     writer.close()
   last["peak_tflops_source"] = peak_source
@@ -294,6 +303,8 @@ FLAGS = cli.Flags(__doc__)
 FLAGS.config()
 FLAGS.string("workdir", None, "Work directory: checkpoints, metrics, config.")
 FLAGS.bool("verbose", False, "Log at INFO (orbax logs every save there).")
+FLAGS.bool("force", False, "Train even if WORKDIR/lock.json says another live run uses the "
+           "work directory (parti_jax.workdir_lock).")
 
 
 def main(argv=None):
@@ -306,6 +317,10 @@ def main(argv=None):
   config, workdir = a.config, a.workdir
   if config is None or not workdir:
     sys.exit("error: --config and --workdir are required")
+  try:  # one writer per work directory, before anything is written there
+    lock = workdir_lock.acquire_for_run(checkpoints.absolute(workdir), force=a.force)
+  except workdir_lock.LockError as e:
+    sys.exit(f"error: {e}")
   try:
     summary = train(config, workdir)
   except (config_lib.ConfigError, records.DataError, TrainingError,
@@ -313,6 +328,13 @@ def main(argv=None):
     sys.exit(f"error: {e}")
   except Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
+  except Exception as e:  # noqa: BLE001  a full disk is said plainly; the rest is raised
+    message = disk_full.message(e, workdir)
+    if message is None:
+      raise
+    sys.exit(f"error: {message}")
+  finally:
+    lock.release()
   if jax.process_index() == 0:
     shown = {k: round(float(v), 4) for k, v in summary.items()
              if k in ("loss", "accuracy", "eval/loss", "eval/accuracy")}

@@ -322,6 +322,12 @@ def test_sigterm_to_one_of_several_processes_saves_the_same_step_on_all(data, tm
   deadline = time.time() + 240
   while not logged_ok(tmp_path) and time.time() < deadline and launcher.poll() is None:
     time.sleep(0.5)
+  if launcher.poll() is not None or not logged_ok(tmp_path):  # say why, not a psutil error
+    if launcher.poll() is None:
+      for child in psutil.Process(launcher.pid).children(recursive=True):
+        child.kill()
+    out, _ = launcher.communicate(timeout=120)
+    pytest.fail(f"the run never logged a step (exit {launcher.returncode}):\n{out[-3000:]}")
   (second,) = [p for p in psutil.Process(launcher.pid).children()
                if p.environ().get("PARTI_PROCESS_ID") == "1"]
   second.send_signal(signal.SIGTERM)  # as a preempted host gets it
