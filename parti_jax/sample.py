@@ -26,10 +26,7 @@ from parti_jax.data import records
 
 DEFAULTS = decoding.Settings()
 FLAGS = cli.Flags(__doc__)
-FLAGS.string("workdir", None, "Training run directory (local or bucket).")
-FLAGS.string("step", None, "Checkpoint step of --workdir: a number or 'best' (default: the "
-             "latest).")
-FLAGS.string("model", None, "Model folder (python -m parti_jax.export), instead of --workdir.")
+sampling.define_model_flags(FLAGS)
 FLAGS.strings("prompt", None, "A prompt (repeat the flag for several).")
 FLAGS.string("prompts", None, "Text file (one per line) or TSV with a Prompt column.")
 FLAGS.string("category", None, "TSV: only rows of this Category.")
@@ -45,32 +42,23 @@ FLAGS.bool("sjd", False, "Speculative Jacobi decoding.")
 FLAGS.integer("sjd_window", 16, "Draft tokens per SJD forward.")
 FLAGS.integer("batch_size", 0, "Rows per forward (default: up to 16), rounded up to the "
               "devices.")
-FLAGS.integer("tensor", 1, "Devices that split the heads.")
-FLAGS.string("tokenizer", None, "Image tokenizer (default: the run's token shards').")
-FLAGS.string("spm", None, "SentencePiece model (default: the run's token shards').")
 
 
 def main(argv=None):
   a = FLAGS.parse(argv)
   if bool(a.prompt) == bool(a.prompts):
     raise SystemExit("error: give one of --prompt or --prompts")
-  if bool(a.workdir) == bool(a.model):
-    raise SystemExit("error: give one of --workdir or --model")
-  if a.model and a.step:
-    raise SystemExit("error: --step is for --workdir; a model folder holds one step")
   settings = decoding.Settings(guidance=a.guidance, temperature=a.temperature, top_k=a.top_k,
                                top_p=a.top_p, sjd_window=a.sjd_window if a.sjd else 0)
   log = lambda msg: print(msg, file=sys.stderr)
   try:
+    sampling.check_model_flags(a)
     prompts = ([q.strip() for q in a.prompt if q.strip()] if a.prompt
                else sampling.read_prompts(a.prompts, a.category, a.challenge))
     if not prompts:
       raise sampling.SampleError("every --prompt is empty")
     sampling.check_out(a.out)
-    if a.model:
-      run = sampling.load_model(a.model, a.tokenizer, a.spm, a.tensor)
-    else:
-      run = sampling.load_run(a.workdir, runs.parse_step(a.step), a.tokenizer, a.spm, a.tensor)
+    run = sampling.load_flagged(a)
     report = sampling.generate(run, prompts, settings, a.num_samples, a.seed, a.batch_size,
                                a.out, log=log)
   except (sampling.SampleError, records.DataError, runs.RunError) as e:

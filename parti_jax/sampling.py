@@ -165,6 +165,33 @@ def load(path, step: int | str | None = None, tokenizer: str | None = None,
   return load_run(path, step, tokenizer, spm_model, tensor, devices)
 
 
+def define_model_flags(flags) -> None:
+  """The flags that say what to sample from; `sample` and `serve` share them."""
+  flags.string("workdir", None, "Training run directory (local or bucket).")
+  flags.string("step", None, "Checkpoint step of --workdir: a number or 'best' (default: the "
+               "latest).")
+  flags.string("model", None, "Model folder (python -m parti_jax.export), instead of --workdir.")
+  flags.string("tokenizer", None, "Image tokenizer (default: the run's token shards').")
+  flags.string("spm", None, "SentencePiece model (default: the run's token shards').")
+  flags.integer("tensor", 1, "Devices that split the heads.")
+
+
+def check_model_flags(a) -> None:
+  """Refuses what `define_model_flags`' flags cannot mean, before anything slow."""
+  if bool(a.workdir) == bool(a.model):
+    raise SampleError("give one of --workdir or --model")
+  if a.model and a.step:
+    raise SampleError("--step is for --workdir; a model folder holds one step")
+
+
+def load_flagged(a) -> Run:
+  """The model that `define_model_flags`' flags name, on this process's devices."""
+  check_model_flags(a)
+  if a.model:
+    return load_model(a.model, a.tokenizer, a.spm, a.tensor)
+  return load_run(a.workdir, runs.parse_step(a.step), a.tokenizer, a.spm, a.tensor)
+
+
 def run_tokenizers(config, tokenizer: str | None = None,
                    spm_model: str | None = None) -> tuple[str, int | None, str]:
   """(image tokenizer spec, its resolution or None, SentencePiece model path) of a run:

@@ -43,13 +43,7 @@ from parti_jax.data import records
 
 DEFAULTS = decoding.Settings()
 FLAGS = cli.Flags(__doc__)
-FLAGS.string("workdir", None, "Training run directory (local or bucket).")
-FLAGS.string("step", None, "Checkpoint step of --workdir: a number or 'best' (default: the "
-             "latest).")
-FLAGS.string("model", None, "Model folder (python -m parti_jax.export), instead of --workdir.")
-FLAGS.string("tokenizer", None, "Image tokenizer (default: the run's token shards').")
-FLAGS.string("spm", None, "SentencePiece model (default: the run's token shards').")
-FLAGS.integer("tensor", 1, "Devices that split the heads.")
+sampling.define_model_flags(FLAGS)
 FLAGS.string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 FLAGS.integer("port", 7860, "Port to listen on.")
 FLAGS.integer("max_images", 16, "Most images one request may ask (prompts x images).")
@@ -70,13 +64,6 @@ def log(message: str) -> None:
   # One write per line: requests log from several threads at once.
   sys.stderr.write(f"{time.strftime('%H:%M:%S')} serve: {message}\n")
   sys.stderr.flush()
-
-
-def load(a) -> sampling.Run:
-  """The model to serve, a model folder's or a run's, on this process's devices."""
-  if a.model:
-    return sampling.load_model(a.model, a.tokenizer, a.spm, a.tensor)
-  return sampling.load_run(a.workdir, runs.parse_step(a.step), a.tokenizer, a.spm, a.tensor)
 
 
 def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
@@ -262,10 +249,10 @@ def _status(r: web.Request, rows, images, batches) -> str:
 
 def main(argv=None):
   a = FLAGS.parse(argv)
-  if bool(a.workdir) == bool(a.model):
-    raise SystemExit("error: give one of --workdir or --model")
-  if a.model and a.step:
-    raise SystemExit("error: --step is for --workdir; a model folder holds one step")
+  try:
+    sampling.check_model_flags(a)
+  except sampling.SampleError as e:
+    raise SystemExit(f"error: {e}") from None
   try:
     sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
   except ValueError:
@@ -282,7 +269,7 @@ def main(argv=None):
   except ImportError:
     raise SystemExit("error: the web page needs Gradio: pip install -e '.[serve]'") from None
   try:
-    run = load(a)
+    run = sampling.load_flagged(a)
   except (sampling.SampleError, records.DataError, runs.RunError) as e:
     sys.exit(f"error: {e}")
   log(f"loaded {run.workdir} (step {run.step}) in {run.load_s:.1f} s")
