@@ -200,3 +200,24 @@ def _say(what: str, timeout: int) -> None:
   print(f"parti_jax.distributed: {what}; waiting up to {timeout} s (PARTI_INIT_TIMEOUT) for "
         "the others. A DEADLINE_EXCEEDED abort means they did not all arrive.",
         file=sys.stderr, flush=True)
+
+
+BARRIER_TIMEOUT_S = 3600  # as long as compiling a large model on one host may take
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+  """Every process waits here for the others, through the coordination service.
+
+  Before the first step: processes finish compiling minutes apart (several processes on one
+  CPU, hosts of a pod under different load), and gloo gives the peers of a first collective
+  30 s to arrive. A barrier of the coordination service waits as long as asked instead, and
+  moves no data. Does nothing in a single process.
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # its barrier is the coordination service's
+  _barriers += 1  # a barrier's key may be used once
+  multihost.get_barrier_sync_fn()(key=f"parti_jax:{name}:{_barriers}",
+                                  timeout_ms=timeout_s * 1000)

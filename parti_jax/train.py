@@ -188,6 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   replicated = NamedSharding(mesh, P())
   count_skipped = jax.jit(lambda s: s.sum(0), out_shardings=replicated)
   skipped_records = jnp.zeros(len(records.SKIP_REASONS), jnp.int32)
+  distributed.barrier("compiled")  # the first step's collectives start together
   window, window_start, wait_start = [], time.perf_counter(), loader.data_wait_s
   saved = start
   profiler = Profiler(t.profile_steps, workdir)
