@@ -47,15 +47,21 @@ class LockError(RuntimeError):
   """The work directory is in use by another run; the message names it and how to go on."""
 
 
-def _process_start(pid: int) -> str | None:
-  """The start time of process `pid` in clock ticks since boot (/proc), to tell a process
-  from a later one that reuses its id; None where /proc does not say."""
+def _stat_fields(pid: int) -> list[str] | None:
+  """Fields 3 onwards of /proc/PID/stat (state, ppid, ..., start time); None where /proc
+  does not have the process (or there is no /proc: macOS)."""
   try:
     with open(f"/proc/{pid}/stat") as f:  # a kernel file, not a user path
-      fields = f.read().rsplit(")", 1)[1].split()
+      return f.read().rsplit(")", 1)[1].split()
   except OSError:
     return None
-  return fields[19]  # field 22 of stat(5); the split starts at field 3
+
+
+def _process_start(pid: int) -> str | None:
+  """The start time of process `pid` in clock ticks since boot, to tell a process from a
+  later one that reuses its id; None where /proc does not say."""
+  fields = _stat_fields(pid)
+  return fields[19] if fields else None  # field 22 of stat(5); the list starts at field 3
 
 
 def _process_alive(pid: int, start: str | None) -> bool:
@@ -66,14 +72,12 @@ def _process_alive(pid: int, start: str | None) -> bool:
     return False
   except PermissionError:
     pass  # another user's process: it exists
-  try:
-    with open(f"/proc/{pid}/stat") as f:  # a kernel file, not a user path
-      state = f.read().rsplit(")", 1)[1].split()[0]
-  except OSError:
+  fields = _stat_fields(pid)
+  if fields is None:
     return True  # no /proc (macOS): kill(0) is all there is
-  if state in ("Z", "X"):
+  if fields[0] in ("Z", "X"):
     return False
-  return start is None or _process_start(pid) == start
+  return start is None or fields[19] == start
 
 
 def describe(holder: dict) -> str:
