@@ -93,11 +93,8 @@ class Batcher:
     return self.sizes[-1]
 
   def settings_for(self, settings: decoding.Settings) -> decoding.Settings:
-    """The settings the sampler runs: only codes the image tokenizer has (as sampling.generate)."""
-    codes = self.run.image_tokenizer.codebook_size
-    if codes < self.run.setup.config.model.codebook_size:
-      settings = dataclasses.replace(settings, num_codes=codes)
-    return settings
+    """The settings the sampler runs (sampling.Run.sampler_settings)."""
+    return self.run.sampler_settings(settings)
 
   def compile(self, settings: decoding.Settings) -> float:
     """Compiles the sampler for `settings` at every batch size; the seconds it took."""

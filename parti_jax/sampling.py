@@ -87,6 +87,13 @@ class Run:
   load_s: float
   _compiled: dict = dataclasses.field(default_factory=dict)
 
+  def sampler_settings(self, settings: decoding.Settings) -> decoding.Settings:
+    """`settings` as the sampler runs them: drawing only codes the image tokenizer has."""
+    codes = self.image_tokenizer.codebook_size
+    if codes < self.setup.config.model.codebook_size:
+      settings = dataclasses.replace(settings, num_codes=codes)
+    return settings
+
   def generate_fn(self, settings: decoding.Settings, batch_size: int):
     """(compiled `Sampler.generate`, seconds it took): compiled once per run and settings."""
     key = (settings, batch_size)
@@ -297,8 +304,7 @@ def generate(run: Run, prompts: list[str], settings: decoding.Settings, num_samp
   rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
   batch_size = batch_size or min(len(rows), 16)
   batch_size = -(-batch_size // ways) * ways  # whole rows on every device
-  if run.image_tokenizer.codebook_size < m.codebook_size:
-    settings = dataclasses.replace(settings, num_codes=run.image_tokenizer.codebook_size)
+  settings = run.sampler_settings(settings)
 
   text, truncated = [], []
   for i, prompt in enumerate(prompts):
