@@ -102,7 +102,7 @@ def main(argv=None):
     config_lib.check(config)
   except (tasks.UnknownTask, config_lib.ConfigError) as e:
     sys.exit(f"error: {e}")
-  if task is not tasks.parti:  # the synthetic batch and the report are Parti's
+  if config.get("task", "parti") != "parti":  # the synthetic batch and the report are Parti's
     sys.exit(f"error: {a.config_file} trains {config.task!r}; this benchmark times Parti "
              "(benchmarks/tokenizer_throughput.py times the image tokenizer)")
 

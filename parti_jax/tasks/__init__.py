@@ -8,14 +8,21 @@ and the run loader (`parti_jax.runs`) use. A new task is one module here, its ne
 under `parti_jax/models/`, a config, and a line in TASKS (docs/architecture.md).
 """
 
+import importlib
 import types
 
 import ml_collections
 
 from parti_jax.config import ConfigError
-from parti_jax.tasks import parti, vitvqgan
 
-TASKS = {"parti": parti, "vitvqgan": vitvqgan}
+# A task's module is imported when a config names it, so that a run of one task does not
+# import the others' networks. Values are module paths or, in tests, modules.
+TASKS = {
+    "parti": "parti_jax.tasks.parti",
+    "vitvqgan": "parti_jax.tasks.vitvqgan",
+    "contrastive": "parti_jax.tasks.contrastive",  # the reranker's dual encoder
+    "superres": "parti_jax.tasks.superres",  # the super-resolution upsampler
+}
 
 
 class UnknownTask(ConfigError):
@@ -25,7 +32,8 @@ class UnknownTask(ConfigError):
 def get(name: str) -> types.ModuleType:
   if name not in TASKS:
     raise UnknownTask(f"task={name!r} is not one of {sorted(TASKS)}")
-  return TASKS[name]
+  module = TASKS[name]
+  return importlib.import_module(module) if isinstance(module, str) else module
 
 
 def of(config: ml_collections.ConfigDict) -> types.ModuleType:
