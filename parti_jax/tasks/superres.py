@@ -180,7 +180,8 @@ def train_step(setup: Setup, state: base.TrainState, batch,
   params, opt_state, update_metrics = base.apply_gradients(setup, state, grads)
   # PSNR of the whole batch's mean squared error: a flat crop (plain background) has almost
   # none, and its own PSNR, unbounded, would swamp a mean of per-crop PSNRs.
-  batch_psnr = lambda x: vqgan.psnr(jnp.clip(x, -1, 1)[None], target[None])[0]
+  whole = lambda x: x.reshape(1, -1, *x.shape[2:])  # the batch as one image
+  batch_psnr = lambda x: vqgan.psnr(whole(jnp.clip(x, -1, 1)), whole(target))[0]
   psnr, psnr_bicubic = batch_psnr(output), batch_psnr(sr.bicubic(lowres, m.scale))
   metrics = dict(terms, psnr=psnr, psnr_bicubic=psnr_bicubic, psnr_gain=psnr - psnr_bicubic,
                  **update_metrics)
