@@ -4,12 +4,15 @@
       --config.data.train=runs/demo/data/train --config.data.eval=runs/demo/data/validation \
       --config.data.spm_model=runs/demo/spm.model
 
-Matches the demo's data: 32 px shapes images, captions as ids of the demo's SentencePiece
-model (128 BPE pieces, 16 text tokens). Text tower: 2 Parti encoder blocks; image tower: 2
-ViT blocks over 8x8 patches (the demo's 8 px object lattice); both 64 wide, layers unrolled,
-projected to 64 dimensions; float32. The softmax contrastive loss over batches of 64
-(`--config.loss.name=sigmoid` for SigLIP's), AdamW at peak learning rate 2e-3. Expect (docs/reranker.md, measured
-on a 2-core CPU): ... 
+Matches the demo's data (stages 1 and 2 of `python -m parti_jax.demo`): 32 px
+shapes images, captions as ids of the demo's SentencePiece model (128 BPE pieces, 16 text
+tokens). Text tower: 2 Parti encoder blocks; image tower: 2 blocks over 8x8 patches (the
+demo's 8 px object lattice); both 64 wide, layers unrolled, projected to 64 dimensions;
+float32; 0.23M parameters. The softmax contrastive loss over batches of 64
+(`--config.loss.name=sigmoid` for SigLIP's), AdamW at peak learning rate 2e-3, 300 steps.
+Expect about 60 s on a 2-core CPU (11 s of it compiling) and, on the demo's 400 validation
+images in eval batches of 64, recall@1 of about 97% both ways and recall@5 of 100%
+(docs/reranker.md).
 """
 
 from parti_jax.tasks import contrastive

@@ -94,13 +94,14 @@ class Scorer:
     unique = sorted(set(prompts))
     text = np.stack([self.tokenizer.encode(p) for p in unique])
     text_emb = self._batched(self._embed_text, text)
-    image_emb = self._batched(self._embed_images, pixels)
+    image_emb = self._batched(self._embed_images, pixels,
+                              lambda x: image_lib.to_model_range(x, *self.value_range))
     row = {p: i for i, p in enumerate(unique)}
     which = np.asarray([row[p] for p in prompts])
     return np.sum(image_emb * text_emb[which], axis=-1).astype(np.float32)
 
   def _check(self, images, prompts) -> tuple[np.ndarray, list[str]]:
-    """Images as float32 [N, R, R, 3] in the model's value range, prompts as a list."""
+    """Images as uint8 [N, R, R, 3] at the model's resolution, prompts as a list."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
       raise RerankError("prompts must be a list of strings, one per image")
     prompts = list(prompts)
@@ -119,8 +120,8 @@ class Scorer:
           or min(image.shape[:2]) < 1:
         raise RerankError(f"image {i} is {image.dtype} {image.shape}; images must be uint8 "
                           "[H, W, 3]")
-      out.append(image_lib.to_model_range(self._resized(image), *self.value_range))
-    empty = np.zeros((0, self.resolution, self.resolution, 3), np.float32)
+      out.append(self._resized(image))
+    empty = np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
     return (np.stack(out) if out else empty), prompts
 
   def _resized(self, image: np.ndarray) -> np.ndarray:
@@ -131,14 +132,16 @@ class Scorer:
     box = image_lib.crop_box(w, h, None)  # the centred square, as the pipeline's eval crop
     return np.asarray(Image.fromarray(image).resize((r, r), Image.Resampling.BOX, box=box))
 
-  def _batched(self, fn, rows: np.ndarray) -> np.ndarray:
+  def _batched(self, fn, rows: np.ndarray, prepare=None) -> np.ndarray:
     """fn over `rows` in batches of at most `batch_size` (the last padded with copies of
-    its first row to a multiple of the devices); float32 [len(rows), embed_dim]."""
+    its first row to a multiple of the devices), each batch through `prepare` first (so
+    that only one batch at a time is float); float32 [len(rows), embed_dim]."""
     size = min(self.batch_size, _round_up(len(rows), self._ways))
     out = []
     for start in range(0, len(rows), size):
       chunk = rows[start:start + size]
       padded = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), 0)])
+      padded = padded if prepare is None else prepare(padded)
       out.append(np.asarray(jax.device_get(fn(self._params, padded)))[:len(chunk)])
     return np.concatenate(out).astype(np.float32)
 

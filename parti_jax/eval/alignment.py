@@ -16,6 +16,7 @@ samples.json and the images are data (docs/trust.md): read with size limits, fil
 only inside SAMPLE_DIR. RUN, SAMPLE_DIR and the output may be in buckets (gs://...).
 """
 
+import concurrent.futures
 import json
 import sys
 
@@ -25,6 +26,8 @@ from etils import epath
 from parti_jax import cli, rerank, runs
 from parti_jax.data import buckets, records
 from parti_jax.data import images as image_lib
+
+READ_THREADS = 16  # sample PNGs read at once (in a bucket, each is a round trip)
 
 FLAGS = cli.Flags(__doc__)
 FLAGS.string("model", None, "Contrastive reranker run (task 'contrastive').", required=True)
@@ -83,7 +86,8 @@ def read_image(path) -> np.ndarray:
 def score(scorer: rerank.Scorer, directory) -> dict:
   """The report: mean score and count over all images, and per prompt."""
   prompts = sample_files(directory)
-  images = [read_image(path) for _, files in prompts for path in files]
+  with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+    images = list(pool.map(read_image, [path for _, files in prompts for path in files]))
   texts = [prompt for prompt, files in prompts for _ in files]
   scores = scorer.scores(images, texts)
   per_prompt, start = [], 0
