@@ -14,7 +14,7 @@ higher matches better). Images of any size are centre-cropped to a square and re
 the model's resolution with PIL's box filter (each output pixel the mean of the input
 pixels it covers), as the input pipeline crops its training images. Each distinct prompt is
 embedded once. Batches are split over the devices (rows padded to whole batches); each
-batch shape compiles once.
+batch shape compiles once, and fewer rows than a batch are padded to a power of two.
 """
 
 import jax
@@ -136,7 +136,9 @@ class Scorer:
     """fn over `rows` in batches of at most `batch_size` (the last padded with copies of
     its first row to a multiple of the devices), each batch through `prepare` first (so
     that only one batch at a time is float); float32 [len(rows), embed_dim]."""
-    size = min(self.batch_size, _round_up(len(rows), self._ways))
+    # Batches of fewer rows take the next power of two: a server's requests of any size
+    # then compile a handful of shapes, not one per size.
+    size = min(self.batch_size, _round_up(1 << (len(rows) - 1).bit_length(), self._ways))
     out = []
     for start in range(0, len(rows), size):
       chunk = rows[start:start + size]

@@ -147,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = config_lib.DEFAULT_RULES + (("patch", None), ("joint", None))
   c.data.kind = "images"
   c.data.caption_dropout = 0.0  # every image keeps its caption to be matched with
-  c.data.resolution = c.model.resolution  # configs that change one change both
+  c.data.resolution = c.model.resolution  # must stay equal: a config changing one sets both
   # CLIP's AdamW (beta2 0.98, weight decay 0.2), warm-up then cosine.
   c.optimizer.update(name="adamw", learning_rate=5e-4, b1=0.9, b2=0.98, weight_decay=0.2,
                      grad_clip_norm=1.0, momentum_dtype="float32")
