@@ -291,3 +291,22 @@ def test_the_command_upsamples_a_folder_and_counts_what_it_skips(trained, tmp_pa
   assert summary.endswith("skipped 3 (corrupt_image 1, image_too_large 1, not_png_or_jpeg 1)")
   written = {p.name: Image.open(p).size for p in (tmp_path / "out").iterdir()}
   assert written == {"a.png": (64, 64), "b.png": (64, 64), "odd.png": (26, 42)}
+
+
+def test_the_benchmark_measures_a_run_against_bicubic(trained, tmp_path, capsys):
+  """benchmarks/superres.py on the shared run (no training of its own), in process."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "superres.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  run = str(trained[0])
+  bench.main(["--workdir", str(tmp_path), "--shapes_model", run, "--photos_model", run,
+              "--shapes", "8", "--shapes_train", "8", "--repeats", "1"])
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert r["shapes"]["images"] == 8 and r["shapes"]["output_size"] == [64, 64]
+  assert r["photos"]["images"] == len(bench.HELD_OUT) and r["photos"]["input_size"] == [128, 128]
+  for name in ("shapes", "photos"):
+    m = r[name]
+    assert m["step"] == STEPS and m["images_per_s"] > 0
+    assert m["psnr_gain"] == pytest.approx(m["psnr_model"] - m["psnr_bicubic"], abs=1e-6)
+  assert r["shapes"]["psnr_gain"] > 0  # the run trained on shapes beats bicubic on them
