@@ -10,7 +10,9 @@ images (32 px -> 64 px). 3 wide-activation blocks of 32 channels (expansion 4), 
 L2 loss alone, without the adversary and the perceptual loss, to stay fast on a CPU
 (`--config.loss.adversarial=0.1 --config.model.discriminator.channels=16` adds the former,
 `--config.loss.perceptual=0.1 --config.loss.perceptual_weights=vgg16_lpips.npz` the latter).
-XXX parameters. Expect XXX
+226,028 parameters. The 300 steps of batch 16 took 69 to 73 s on a shared 2-core CPU; expect
+eval/psnr_gain near +0.9 dB on held-out shapes (35.9 dB against bicubic's 35.0 on 256
+validation images: docs/superres.md, benchmarks/superres.py).
 """
 
 from parti_jax.tasks import superres
