@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
-from parti_jax import cli, sharding, tasks, topologies
+from parti_jax import cli, optim, sharding, tasks, topologies
 from parti_jax import config as config_lib
 
 FITS, DOES_NOT_FIT, REFUSED = 0, 1, 2
@@ -97,6 +97,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
       grad_accum_steps=config.get("grad_accum_steps", 1),
       remat=config.model.get("remat"), input_layout=layout, memory={}, overflow=[],
       argument_bytes_estimate=_argument_bytes(program.args),
+      momentum_bytes_per_device=(
+          _argument_bytes(optim.momentum_leaves(program.args[0].opt_state))
+          if mode == "train" else None),
       analytic_flops_per_device=program.flops and program.flops / chips)
   lowered = program.fn.lower(*program.args)
   # Counted on the program as handed to XLA: in the TPU-optimised program batched matmuls
@@ -267,6 +270,9 @@ def print_report(r: dict, config_name: str) -> None:
   else:
     print(f"per-device memory: arguments {gib(r['argument_bytes_estimate'])} (from the shardings); "
           "the compiler stopped before planning the rest")
+  if r.get("momentum_bytes_per_device"):
+    print(f"optimizer momentum: {gib(r['momentum_bytes_per_device'])} per device (in the "
+          "arguments)")
   compiler, analytic = r["compiler_flops_per_device"], r["analytic_flops_per_device"]
   if compiler and analytic:
     print(f"FLOPs per device and step: compiler {compiler:.3e} (XLA's count of the lowered "

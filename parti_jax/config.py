@@ -80,7 +80,11 @@ def base() -> ml_collections.ConfigDict:
   o.b2 = 0.96  # Adafactor: constant second-moment decay, as in the paper
   o.weight_decay = 4.5e-2  # decoupled: scaled by the learning rate, as in AdamW
   o.grad_clip_norm = 4.0
-  o.momentum_dtype = "bfloat16"  # first moment kept in low precision
+  # First moment kept in low precision: "float32", "bfloat16", or "int8" (Adafactor only,
+  # as the paper stored it: int8 values in blocks of momentum_block entries along each
+  # parameter's last axis, one float32 scale per block; parti_jax/quantized.py).
+  o.momentum_dtype = "bfloat16"
+  o.momentum_block = 128
 
   s = c.schedule = ml_collections.ConfigDict()
   s.name = "warmup_exponential"  # or "warmup_cosine", "warmup_constant", "warmup_rsqrt"

@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from parti_jax import cli, sharding, tasks
+from parti_jax import cli, optim, sharding, tasks
 from parti_jax import config as config_lib
 
 
@@ -36,6 +36,8 @@ def plan(config, num_devices: int) -> dict:
       mesh=dict(setup.mesh.shape),
       param_bytes_per_device=per_device(state.params),
       opt_state_bytes_per_device=per_device(state.opt_state),
+      # The first moment alone (optimizer.momentum_dtype: float32, bfloat16 or int8 blocks).
+      momentum_bytes_per_device=per_device(optim.momentum_leaves(state.opt_state)),
       train_step_tflops=task.train_step_flops(config) / 1e12,
       params=rows)
 
@@ -54,7 +56,8 @@ def _print_table(p: dict) -> None:
   print(f"\nparameters: {p['num_params']:,} ({p['num_params'] / 1e9:.3f} B)")
   print(f"mesh: {p['mesh']}")
   print(f"per device: params {gib(p['param_bytes_per_device'])}, "
-        f"optimizer state {gib(p['opt_state_bytes_per_device'])}")
+        f"optimizer state {gib(p['opt_state_bytes_per_device'])}, of which momentum "
+        f"{gib(p['momentum_bytes_per_device'])}")
   print(f"train step: {p['train_step_tflops']:.1f} TFLOP at the global batch")
 
 

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from parti_jax import quantized
+
 
 def schedule(config: ml_collections.ConfigDict, peak: float | None = None) -> optax.Schedule:
   """Linear warm-up to the peak (`optimizer.learning_rate` unless given), then the decay."""
@@ -36,20 +38,28 @@ def _decay_mask(params):
 
 def _optimizer(o: ml_collections.ConfigDict, lr) -> optax.GradientTransformation:
   """One optimizer section (`optimizer` or `discriminator_optimizer`) with its clipping."""
-  momentum_dtype = jnp.dtype(o.get("momentum_dtype", "float32"))
+  momentum_dtype = o.get("momentum_dtype", "float32")
   if o.name == "adafactor":
+    if momentum_dtype == "int8":
+      # The paper's int8 first moment: block-wise int8 values and float32 scales.
+      momentum = quantized.ema(o.b1, o.get("momentum_block", MOMENTUM_BLOCK))
+    else:
+      momentum = optax.ema(o.b1, debias=False, accumulator_dtype=jnp.dtype(momentum_dtype))
     # Assembled from optax's parts rather than optax.adafactor because the paper's beta2
     # is a constant decay (optax.adafactor only offers step**-decay_rate), and its
     # decoupled weight decay is scaled by the learning rate.
     tx = optax.chain(
         optax.scale_by_factored_rms(decay_rate=o.b2, decay_rate_fn=lambda _, rate: rate),
         optax.clip_by_block_rms(1.0),
-        optax.ema(o.b1, debias=False, accumulator_dtype=momentum_dtype),
+        momentum,
         optax.add_decayed_weights(o.weight_decay, mask=_decay_mask),
         optax.scale_by_learning_rate(lr))
+  elif momentum_dtype == "int8":
+    raise ValueError(f"optimizer.momentum_dtype='int8' is Adafactor's (the paper's); "
+                     f"optimizer.name={o.name!r} keeps its first moment in a float dtype")
   else:
-    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mu_dtype=momentum_dtype,
-                     mask=_decay_mask)
+    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                     mu_dtype=jnp.dtype(momentum_dtype), mask=_decay_mask)
   return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
 
 
@@ -90,3 +100,12 @@ def make(config: ml_collections.ConfigDict, params=None) -> optax.GradientTransf
 
 
 NEVER = 2 ** 31 - 1
+MOMENTUM_BLOCK = 128  # config.optimizer.momentum_block of configs saved before the field
+
+
+def momentum_leaves(opt_state) -> list:
+  """The leaves of an optimizer state that hold the first moment (to count its bytes):
+  optax.ema's `ema`, Adam's `mu`, and the int8 momentum's values and scales."""
+  names = {"ema", "mu", "ema_values", "ema_scales"}
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+          if any(getattr(k, "name", None) in names for k in path)]

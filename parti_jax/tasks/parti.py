@@ -65,6 +65,15 @@ def config_problems(config: ml_collections.ConfigDict, sizes: dict, training: bo
   if training:
     need(config.optimizer.name in ("adafactor", "adamw"),
          f"optimizer.name={config.optimizer.name!r} is not 'adafactor' or 'adamw'")
+    o = config.optimizer
+    need(o.get("momentum_dtype", "float32") in ("float32", "bfloat16", "int8"),
+         f"optimizer.momentum_dtype={o.get('momentum_dtype')!r} is not float32, bfloat16 or "
+         "int8")
+    need(o.get("momentum_dtype") != "int8" or o.name == "adafactor",
+         f"optimizer.momentum_dtype='int8' is Adafactor's first moment (the paper's); "
+         f"optimizer.name={o.name!r} keeps it in float32 or bfloat16")
+    need(o.get("momentum_block", 1) >= 1,
+         f"optimizer.momentum_block={o.get('momentum_block')} must be at least 1")
     need(config.schedule.name in config_lib.SCHEDULES,
          f"schedule.name={config.schedule.name!r} is not one of {config_lib.SCHEDULES}")
     need(config.grad_accum_steps >= 1,
