@@ -33,6 +33,10 @@ SHAPE_FIELDS = (
     # the image tokenizer's
     "model.resolution", "model.patch_size", "model.code_dim", "model.logit_laplace",
     "model.encoder", "model.decoder",
+    # the reranker's towers and the upsampler's network
+    "model.text", "model.image", "model.embed_dim",
+    "model.scale", "model.channels", "model.blocks", "model.expansion", "model.crop",
+    "model.discriminator",
 )
 
 

@@ -404,7 +404,7 @@ def dataset(config, train: bool, global_batch: int, rows=None, start: int = 0,
       tokenizer=tokenizer_of(config) if d.kind == "images" else None,
       # Text and code fields belong to the Parti model; the image tokenizer has none.
       text_len=m.get("text_len", 0), text_vocab_size=m.get("text_vocab_size", 0),
-      image_grid=m.get("image_grid", 0), codebook_size=m.codebook_size,
+      image_grid=m.get("image_grid", 0), codebook_size=m.get("codebook_size", 0),
       shard_of=source.shard_of, seed=config.seed + 1)
   ds = ds.map(preprocess)
   threads = d.num_threads if d.num_threads >= 0 else (0 if d.kind == "tokens" else 8)

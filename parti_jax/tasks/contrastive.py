@@ -138,10 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_logit_scale=100.0,  # CLIP's clip
       logit_bias_init=-10.0,  # SigLIP's (the softmax loss ignores the bias)
       dropout_rate=0.0, dtype="bfloat16", remat="none", scan_unroll=1,
-      attention_impl="auto",
-      # Read by the input pipeline for token shards (parti_jax/data/pipeline.py); this task
-      # reads image shards and has no image codes.
-      codebook_size=0))
+      attention_impl="auto"))
   c.loss = ml_collections.ConfigDict(dict(name="softmax"))  # or "sigmoid"
   # Patch pixels and the shared embedding are small: replicated.
   c.sharding_rules = config_lib.DEFAULT_RULES + (("patch", None), ("joint", None))

@@ -56,8 +56,6 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype of the convolutions; parameters are float32
   # The adversary over the crops (parti_jax/models/discriminator.py); channels=0: none.
   m.discriminator = ml_collections.ConfigDict(dict(channels=64, max_channels=512))
-  # Read by the input pipeline for token data only; this model has no codes.
-  m.codebook_size = 0
   c.loss = ml_collections.ConfigDict(dict(
       l2=1.0, perceptual=0.1, perceptual_weights="", adversarial=0.1,
       adversarial_start=50_000, r1=0.0))
