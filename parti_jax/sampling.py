@@ -191,6 +191,40 @@ def check_model_flags(a) -> None:
     raise SampleError("--step is for --workdir; a model folder holds one step")
 
 
+def define_helper_flags(flags) -> None:
+  """The flags that name Parti's two helper models; `sample` and `serve` share them."""
+  flags.string("rerank", None, "Contrastive reranker run (task 'contrastive') that scores every "
+               "image against its prompt, to keep the best.")
+  flags.string("rerank_step", None, "Checkpoint step of --rerank (default: the latest).")
+  flags.string("upsample", None, "Super-resolution run (task 'superres') that upsamples the "
+               "images.")
+  flags.string("upsample_step", None, "Checkpoint step of --upsample (default: the latest).")
+
+
+def load_helpers(a) -> tuple:
+  """(scorer, upsampler) that `define_helper_flags`' flags name, None where not asked for."""
+  if a.rerank_step and not a.rerank:
+    raise SampleError("--rerank_step needs --rerank")
+  if a.upsample_step and not a.upsample:
+    raise SampleError("--upsample_step needs --upsample")
+  scorer = upsampler = None
+  # Imported only when asked for: each is a second network, which a plain run does without.
+  if a.rerank:
+    from parti_jax import rerank
+    try:
+      scorer = rerank.Scorer.load(a.rerank, runs.parse_step(a.rerank_step, "--rerank_step"))
+    except rerank.RerankError as e:
+      raise SampleError(f"--rerank {a.rerank}: {e}") from None
+  if a.upsample:
+    from parti_jax import upsample
+    try:
+      upsampler = upsample.Upsampler.load(
+          a.upsample, runs.parse_step(a.upsample_step, "--upsample_step"))
+    except upsample.UpsampleError as e:
+      raise SampleError(f"--upsample {a.upsample}: {e}") from None
+  return scorer, upsampler
+
+
 def load_flagged(a) -> Run:
   """The model that `define_model_flags`' flags name, on this process's devices."""
   check_model_flags(a)
@@ -293,11 +327,16 @@ def grid(images: np.ndarray) -> np.ndarray:
 
 def generate(run: Run, prompts: list[str], settings: decoding.Settings, num_samples: int,
              seed: int = 0, batch_size: int = 0, out=None, progress: bool = True,
-             log=print) -> dict:
+             log=print, scorer=None, keep: int = 0, upsampler=None) -> dict:
   """Samples every prompt `num_samples` times; writes files to `out` when given.
 
+  `scorer` (a `parti_jax.rerank.Scorer`) scores every sample against its prompt and keeps
+  the `keep` best of each prompt (0: all, ranked); `upsampler` (a
+  `parti_jax.upsample.Upsampler`) upsamples the kept ones, written beside them.
+
   Returns the report written as samples.json, plus `images`: uint8 [num_samples, R, R, 3]
-  per prompt.
+  per prompt (every sample, in sample order) and, with an upsampler, `upsampled`: the kept
+  samples' upsampled images per prompt, in the order of the entry's `files`.
   """
   m, mesh = run.setup.config.model, run.setup.mesh
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -337,6 +376,18 @@ def generate(run: Run, prompts: list[str], settings: decoding.Settings, num_samp
         bar.update(1)
   bar.close()
   sample_s = time.perf_counter() - start
+  images = [np.stack(x) for x in images]
+
+  start = time.perf_counter()
+  ranking = (rank(scorer, prompts, images, keep) if scorer is not None else
+             [dict(kept=list(range(num_samples))) for _ in prompts])
+  rerank_s, start = time.perf_counter() - start, time.perf_counter()
+  upsampled = None
+  if upsampler is not None:
+    kept = [x[sorted(r["kept"])] for x, r in zip(images, ranking)]
+    flat = upsampler(np.concatenate(kept))
+    upsampled = np.split(flat, np.cumsum([len(k) for k in kept])[:-1])
+  upsample_s = time.perf_counter() - start
 
   report = dict(
       workdir=run.workdir, step=run.step, image_tokenizer=run.image_tokenizer.name,
@@ -348,30 +399,72 @@ def generate(run: Run, prompts: list[str], settings: decoding.Settings, num_samp
       timings=dict(load_s=run.load_s, compile_s=compile_s, sample_s=sample_s,
                    images_per_s=len(rows) / sample_s, s_per_image=sample_s / len(rows),
                    batches=len(forwards), forwards_per_batch=float(np.mean(forwards)),
-                   image_tokens=m.image_grid ** 2),
-      prompts=[dict(index=i, prompt=p, prompt_id=ids[i], truncated=i in truncated)
-               for i, p in enumerate(prompts)])
+                   image_tokens=m.image_grid ** 2, rerank_s=rerank_s, upsample_s=upsample_s),
+      prompts=[dict(index=i, prompt=p, prompt_id=ids[i], truncated=i in truncated, **r)
+               for i, (p, r) in enumerate(zip(prompts, ranking))])
+  if scorer is not None:
+    report["rerank"] = dict(model=scorer.name, keep=keep)
+  if upsampler is not None:
+    report["upsample"] = dict(model=upsampler.name, scale=upsampler.scale)
+  _name_files(report, upsampler)
   if out is not None:
     with buckets.reported(out):  # a bucket's errors as one line naming it
-      _write(epath.Path(out), report, images)
-  report["images"] = [np.stack(x) for x in images]
+      _write(epath.Path(out), report, images, upsampled)
+  report["images"] = images
+  if upsampled is not None:
+    report["upsampled"] = upsampled
   return report
 
 
-def _write(out: epath.Path, report: dict, images) -> None:
+def rank(scorer, prompts: list[str], images: list[np.ndarray], keep: int = 0) -> list[dict]:
+  """Per prompt: every sample's reranker score (`scores`, by sample), its rank (`ranks`, 0 the
+  best) and the samples `kept`: the `keep` best (0: all), best first. Ties keep sample
+  order, so the ranking is a function of the scores alone."""
+  texts = [p for p, x in zip(prompts, images) for _ in range(len(x))]
+  scores = np.asarray(scorer.scores(np.concatenate(images), texts), np.float64)
+  out, start = [], 0
+  for x in images:
+    row = scores[start:start + len(x)]
+    start += len(x)
+    order = np.argsort(-row, kind="stable")
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.arange(len(order))
+    out.append(dict(scores=[round(float(v), 6) for v in row], ranks=ranks.tolist(),
+                    kept=order[:keep or len(order)].tolist()))
+  return out
+
+
+def _name_files(report: dict, upsampler) -> None:
+  """Each prompt's file names: `files` (the kept samples, in sample order), `grid`, and with
+  a reranker `ranked` (the kept files, best first) and with an upsampler `upsampled`
+  (beside `files`, the same order)."""
+  for entry in report["prompts"]:
+    i, kept = entry["index"], entry["kept"]
+    name = lambda s, suffix="": f"{i:04d}_{s:02d}{suffix}.png"
+    entry["files"] = [name(s) for s in sorted(kept)]
+    entry["grid"] = f"{i:04d}_grid.png"
+    if "scores" in entry:
+      entry["ranked"] = [name(s) for s in kept]
+    if upsampler is not None:
+      entry["upsampled"] = [name(s, f"_x{upsampler.scale}") for s in sorted(kept)]
+
+
+def _write(out: epath.Path, report: dict, images, upsampled=None) -> None:
   out.mkdir(parents=True, exist_ok=True)
 
   def save(name, pixels):
     with (out / name).open("wb") as f:
       Image.fromarray(pixels).save(f, format="PNG")
 
-  for entry, pictures in zip(report["prompts"], images):
-    i = entry["index"]
-    entry["files"] = [f"{i:04d}_{s:02d}.png" for s in range(len(pictures))]
-    entry["grid"] = f"{i:04d}_grid.png"
-    for name, picture in zip(entry["files"], pictures):
+  for j, (entry, pictures) in enumerate(zip(report["prompts"], images)):
+    kept = sorted(entry["kept"])
+    for name, picture in zip(entry["files"], pictures[kept]):
       save(name, picture)
-    save(entry["grid"], grid(np.stack(pictures)))
+    # The grid shows the kept samples best first when they were ranked.
+    save(entry["grid"], grid(pictures[entry["kept"]]))
+    if upsampled is not None:
+      for name, picture in zip(entry["upsampled"], upsampled[j]):
+        save(name, picture)
   (out / "samples.json").write_text(json.dumps(report, indent=1) + "\n")
 
 

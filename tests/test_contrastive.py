@@ -1,8 +1,6 @@
 """The contrastive reranker: its losses, global-batch negatives, a real trained run, the
 scorer and the alignment command."""
 
-import contextlib
-import fcntl
 import json
 
 import jax
@@ -11,56 +9,23 @@ import numpy as np
 import pytest
 from conftest import load_config
 from PIL import Image
+from sampling_helpers import RERANKER_BATCH as BATCH
+from sampling_helpers import reranker_run
 
 from parti_jax import config as config_lib
 from parti_jax import rerank, runs, sharding
-from parti_jax import train as trainer
 from parti_jax.data import spm
 from parti_jax.eval import alignment
-from parti_jax.shapes import dataset, scenes
+from parti_jax.shapes import dataset
 from parti_jax.tasks import contrastive
 
-STEPS, BATCH = 120, 32
-
-
-@contextlib.contextmanager
-def once_across_workers(lock_path):
-  """Serializes pytest-xdist workers on `lock_path`: the first builds, the others reuse."""
-  with open(lock_path, "w") as f:  # the tests' own lock file
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, worker_id):
   """A tiny dual encoder trained by the real trainer on shapes, shared by the xdist workers:
   (workdir, the trainer's last metrics, data root)."""
-  root = tmp_path_factory.getbasetemp()
-  root = root.parent if worker_id != "master" else root
-  data, workdir = root / "contrastive_data", root / "contrastive_run"
-  with once_across_workers(root / "contrastive.lock"):
-    if not (workdir / "summary.json").exists():
-      dataset.write(data / "shapes", scenes.Spec(lattice=8), num=1000, num_validation=64,
-                    num_heldout=0, progress=False)
-      spm.train(spm.captions_of([data / "shapes" / "train"]), data / "spm", vocab_size=128,
-                model_type="bpe")
-      config = load_config("contrastive_tiny")
-      config.data.update(train=str(data / "shapes" / "train"),
-                         eval=str(data / "shapes" / "validation"),
-                         spm_model=str(data / "spm.model"))
-      config.global_batch_size = BATCH
-      config.num_train_steps = STEPS
-      config.schedule.warmup_steps = 20
-      config.train.update(log_every=STEPS, eval_every=0, checkpoint_every=STEPS,
-                          eval_batch_size=BATCH)
-      # One device: this tiny model steps faster unsharded; the sharded step is tested below.
-      summary = trainer.train(config, workdir, devices=jax.devices()[:1])
-      (workdir / "summary.json").write_text(json.dumps(
-          {k: float(v) for k, v in summary.items() if isinstance(v, (int, float, np.number))}))
-  return workdir, json.loads((workdir / "summary.json").read_text()), data
+  return reranker_run(tmp_path_factory, worker_id)
 
 
 def unit(x):

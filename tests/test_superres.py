@@ -1,8 +1,6 @@
 """The super-resolution upsampler: the network's shapes and parts, the task's crops, inputs
 and checks, a real training run that beats bicubic, exact resume, and the upsample command."""
 
-import contextlib
-import fcntl
 import io
 import json
 import math
@@ -17,6 +15,8 @@ import pytest
 from conftest import ROOT, load_config
 from flax import nnx
 from PIL import Image
+from sampling_helpers import SUPERRES_STEPS as STEPS
+from sampling_helpers import superres_config, superres_run
 
 from parti_jax import config as config_lib
 from parti_jax import metrics
@@ -24,11 +24,8 @@ from parti_jax import runs, sharding, upsample
 from parti_jax import train as trainer
 from parti_jax.data import records
 from parti_jax.models import superres as sr
-from parti_jax.models import vitvqgan as vqgan
-from parti_jax.shapes import dataset, scenes
 from parti_jax.tasks import superres as sr_task
 
-STEPS = 50  # the shared run's training steps: enough to beat bicubic by ~0.8 dB
 
 
 def small_model(scale: int, **fields):
@@ -144,47 +141,10 @@ def test_a_config_that_cannot_work_is_refused_naming_the_field(change, named):
 
 # ----------------------------------------------------------------------------- a trained run
 
-@contextlib.contextmanager
-def once_across_workers(lock_path):
-  """Serializes pytest-xdist workers on `lock_path`: the first builds, the others reuse."""
-  with open(lock_path, "w") as f:  # the tests' own lock file
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def shapes64(root):
-  """Shapes rendered at 64 px (2x the demo's 32 px), train and validation."""
-  if not (root / "validation" / "metadata.json").exists():
-    dataset.write(root, scenes.Spec(resolution=64, lattice=16), num=256, num_validation=16,
-                  num_heldout=0, progress=False)
-  return root
-
-
-def tiny(data, steps=STEPS, **train_fields):
-  c = load_config("superres_tiny")
-  c.data.update(train=str(data / "train"), eval=str(data / "validation"))
-  c.num_train_steps = steps
-  c.train.update(log_every=10, eval_every=steps, checkpoint_every=steps, eval_batch_size=16)
-  c.train.update(train_fields)
-  return c
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, worker_id):
   """One tiny upsampler trained through the real trainer, shared by the xdist workers."""
-  root = tmp_path_factory.getbasetemp()
-  root = root.parent if worker_id != "master" else root
-  run, data = root / "superres_run", root / "superres_shapes64"
-  with once_across_workers(root / "superres.lock"):
-    shapes64(data)
-    if not (run / "summary.json").exists():
-      summary = trainer.train(tiny(data), run)
-      (run / "summary.json").write_text(json.dumps({k: float(v) for k, v in summary.items()
-                                                    if isinstance(v, (int, float))}))
-  return run, data, json.loads((run / "summary.json").read_text())
+  return superres_run(tmp_path_factory, worker_id)
 
 
 def validation_images(data) -> np.ndarray:
@@ -214,7 +174,7 @@ def test_an_interrupted_run_resumes_exactly(trained, tmp_path):
   _, data, _ = trained
 
   def config(checkpoint_every):  # a smaller network: what is tested is the state
-    c = tiny(data, steps=6, log_every=2, checkpoint_every=checkpoint_every)
+    c = superres_config(data, steps=6, log_every=2, checkpoint_every=checkpoint_every)
     c.model.update(channels=8, blocks=1, expansion=2)
     c.data.eval = ""
     return c

@@ -42,10 +42,15 @@ FLAGS.string("reconstruct", None, "With --shards: judge the renders after a roun
              "through this image tokenizer, e.g. vitvqgan:RUN_DIR (what its codes can show at "
              "best).")
 FLAGS.string("out", None, "Also write the report (JSON) here.")
+FLAGS.enum("pick", "all", ["all", "first", "best"], "With --images: judge every sample (all), "
+           "each prompt's first sample (first), or its reranked best (best: sampled with "
+           "--rerank).")
 
 
-def samples_of(directory) -> tuple[list, scenes.Spec | None]:
-  """(prompt, image) pairs of a sampler output directory (its samples.json)."""
+def samples_of(directory, pick: str = "all") -> tuple[list, scenes.Spec | None]:
+  """(prompt, image) pairs of a sampler output directory (its samples.json): every sample of
+  each prompt (`pick="all"`), its first (`"first"`: sample 0, what sampling one image per
+  prompt gives) or its reranker's best (`"best"`)."""
   directory = epath.Path(directory)
   index = directory / "samples.json"
   try:
@@ -53,8 +58,16 @@ def samples_of(directory) -> tuple[list, scenes.Spec | None]:
   except FileNotFoundError:
     raise FileNotFoundError(f"{index} not found: --images must be a sampler output "
                             "directory") from None
+  if pick == "best" and not all("ranked" in entry for entry in meta["prompts"]):
+    raise ValueError(f"{index}: no reranker ranks, so no best sample to judge "
+                     "(sample with --rerank RUN)")
+  names = lambda entry: dict(all=entry["files"], first=entry["files"][:1],
+                             best=entry.get("ranked", [])[:1])[pick]
+  if pick == "first" and not all(entry.get("kept", [0]).count(0) for entry in meta["prompts"]):
+    raise ValueError(f"{index}: sample 0 of some prompts was not kept (--keep); sample with "
+                     "--keep 0 to judge first samples")
   files = [(entry["prompt"], directory / name)
-           for entry in meta["prompts"] for name in entry["files"]]
+           for entry in meta["prompts"] for name in names(entry)]
   with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
     read = lambda path: records.read_limited(path, records.MAX_IMAGE_BYTES, "a sample image")
     pngs = list(pool.map(read, [path for _, path in files]))
@@ -97,7 +110,7 @@ def main(argv=None):
   try:
     for path in filter(None, (a.shards, a.images, a.heldout_from, a.out)):
       buckets.check_bucket(path)  # before reading or judging anything
-    items, spec = dataset.shard_items(a.shards) if a.shards else samples_of(a.images)
+    items, spec = dataset.shard_items(a.shards) if a.shards else samples_of(a.images, a.pick)
     if a.reconstruct:
       items = reconstruct(items, a.reconstruct)
     if a.heldout_from:
