@@ -3,12 +3,15 @@
   python -m parti_jax.serve (--workdir RUN [--step N|best] | --model FOLDER) \\
       [--host 127.0.0.1 --port 7860] \\
       [--max_images 16 --batch_sizes 4,16,32 --batch_wait_ms 100 --max_users 16 \\
-       --queue_size 32 --sjd_window 16]
+       --queue_size 32 --sjd_window 16] [--rerank RERANKER_RUN] [--upsample UPSAMPLER_RUN]
 
 Open http://HOST:PORT: type one or more prompts (one a line), set the number of images,
 seed, guidance, temperature, top-k, top-p and speculative decoding, press Generate; the
 grid fills in as decodes finish, each image with its prompt, seed and sample index, a
-download button, and a link (URL query parameters) that draws it again. Scripts call the
+download button, and a link (URL query parameters) that draws it again. With `--rerank`
+the page offers "keep the best K": each prompt's images are scored against it by the
+contrastive reranker and only the K best are shown, best first, with their scores; with
+`--upsample` the images come upsampled by the super-resolution run. Scripts call the
 same thing through Gradio's client (`gradio_client.Client(URL).predict(..., api_name=
 "/generate")`; docs/serve.md).
 
@@ -33,6 +36,7 @@ import tempfile
 import time
 import urllib.parse
 
+import numpy as np
 from etils import epath
 from PIL import Image
 
@@ -44,6 +48,7 @@ from parti_jax.data import records
 DEFAULTS = decoding.Settings()
 FLAGS = cli.Flags(__doc__)
 sampling.define_model_flags(FLAGS)
+sampling.define_helper_flags(FLAGS)
 FLAGS.string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 FLAGS.integer("port", 7860, "Port to listen on.")
 FLAGS.integer("max_images", 16, "Most images one request may ask (prompts x images).")
@@ -67,8 +72,9 @@ def log(message: str) -> None:
 
 
 def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
-          sjd_window: int, max_users: int):
-  """The Gradio page and its /generate API."""
+          sjd_window: int, max_users: int, scorer=None, upsampler=None):
+  """The Gradio page and its /generate API (`scorer`, `upsampler`: parti_jax.rerank.Scorer
+  and parti_jax.upsample.Upsampler, or None)."""
   import gradio as gr
 
   requests = itertools.count(1)
@@ -87,10 +93,10 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
     return rows
 
   def generate(prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd,
-               request: gr.Request, progress=gr.Progress()):
+               keep, upsample, request: gr.Request, progress=gr.Progress()):
     number, began = next(requests), time.perf_counter()
     fields = dict(zip(web.FIELDS, (prompts, num_images, seed, start, guidance, temperature,
-                                   top_k, top_p, sjd)))
+                                   top_k, top_p, sjd, keep, upsample)))
     try:
       r = web.parse(fields, limits, run.text_tokenizer, sjd_window)
     except web.RequestError as e:
@@ -103,23 +109,36 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
     log(f"request {number} from {request.client.host if request.client else '?'}: "
         f"{len(r.prompts)} prompts x {r.num_images} images, seed {r.seed}, start {r.start}, "
         f"guidance {s.guidance}, temperature {s.temperature}, top_k {s.top_k}, top_p "
-        f"{s.top_p}, sjd {r.sjd}; {batcher.waiting_rows()} rows already waiting")
+        f"{s.top_p}, sjd {r.sjd}, keep {r.keep}, upsample {r.upsample}; "
+        f"{batcher.waiting_rows()} rows already waiting")
     job = batcher.submit(s, rows)
     images, batches, entries = [None] * len(rows), [], list(_entries(r))
+    pixels, scores = [None] * len(rows), None
     folder = files / f"request_{number}"
     folder.mkdir()
     progress(0, desc=f"waiting to decode {len(rows)} images")
     try:
       for indices, pictures, report in job.finished(RESULT_TIMEOUT_S):
+        if r.upsample and not r.keep:  # with keep, only the kept ones, at the end
+          pictures = upsampler(pictures)
         for i, picture in zip(indices, pictures):
+          pixels[i] = picture
           images[i] = _save(folder, entries[i], r.seed, picture)
         batches.append(report)
         done = sum(x is not None for x in images)
         progress(done / len(rows), desc=f"{done} of {len(rows)} images")
-        gallery = [(images[i], f"{prompt[:60]} | seed {r.seed}, sample {sample}")
-                   for i, prompt, sample in entries if images[i] is not None]
-        yield gallery, _status(r, rows, images, batches), _details(r, rows, images, batches,
-                                                                   number)
+        if done == len(rows) and r.keep:
+          progress(1, desc=f"ranking {len(rows)} images")
+          scores = scorer.scores(np.stack(pixels), [prompt for _, prompt, _ in entries])
+          shown = _best(r, scores)
+          if r.upsample:
+            for i, picture in zip(shown, upsampler(np.stack([pixels[i] for i in shown]))):
+              images[i] = _save(folder, entries[i], r.seed, picture)
+        else:
+          shown = [i for i, _, _ in entries if images[i] is not None]
+        gallery = [(images[i], _caption(entries[i], r.seed, scores)) for i in shown]
+        yield gallery, _status(r, rows, images, batches, scores), _details(
+            r, rows, images, batches, number, scores)
     except Exception as e:  # noqa: BLE001  a failed decode or none in time: said, not hung
       message = str(e) or f"no images after {RESULT_TIMEOUT_S} s"
       log(f"request {number}: failed: {message}")
@@ -134,7 +153,7 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
 
   defaults = dict(prompts="", num_images=4, seed=0, start=0, guidance=DEFAULTS.guidance,
                   temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
-                  top_p=DEFAULTS.top_p, sjd=False)
+                  top_p=DEFAULTS.top_p, sjd=False, keep=0, upsample=upsampler is not None)
 
   # Gradio's cache of served images: emptied of files older than a day, every hour.
   with gr.Blocks(title="parti_jax", analytics_enabled=False, delete_cache=(3600, 86400)) as page:
@@ -164,12 +183,21 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
                         elem_id="top_p")
       sjd = gr.Checkbox(defaults["sjd"], label="Speculative decoding",
                         info=f"{sjd_window} drafts a forward", elem_id="sjd")
+    with gr.Row(visible=scorer is not None or upsampler is not None):
+      keep = gr.Number(defaults["keep"], label="Keep the best", visible=scorer is not None,
+                       info="of each prompt's images, by the reranker (0: all, ranked only "
+                       "when kept)", elem_id="keep")
+      upsample = gr.Checkbox(defaults["upsample"], label="Upsample",
+                             visible=upsampler is not None,
+                             info=f"x{upsampler.scale if upsampler else 1} by the "
+                             "super-resolution model", elem_id="upsample")
     gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto",
                          buttons=["download", "fullscreen"], elem_id="gallery")
     status = gr.Markdown(elem_id="status")
     with gr.Accordion("Details (JSON)", open=False):
       details = gr.JSON(elem_id="details")
-    inputs = [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd]
+    inputs = [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd,
+              keep, upsample]
     outputs = [gallery, status, details]
     go.click(generate, inputs, outputs, api_name="generate", concurrency_limit=max_users,
              concurrency_id="generate")
@@ -187,12 +215,12 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
       return [fields[name] for name in web.FIELDS] + ["prompt" in query]
 
     def draw_linked(is_linked, prompts, num_images, seed, start, guidance, temperature, top_k,
-                    top_p, sjd, request: gr.Request, progress=gr.Progress()):
+                    top_p, sjd, keep, upsample, request: gr.Request, progress=gr.Progress()):
       if not is_linked:
         yield gr.skip(), gr.skip(), gr.skip()
         return
       yield from generate(prompts, num_images, seed, start, guidance, temperature, top_k, top_p,
-                          sjd, request, progress)
+                          sjd, keep, upsample, request, progress)
 
     page.load(fill, None, inputs + [linked], api_visibility="private").then(
         draw_linked, [linked, *inputs], outputs, api_visibility="private",
@@ -210,6 +238,22 @@ def _save(folder: epath.Path, entry, seed: int, picture) -> str:
   return str(path)
 
 
+def _best(r: web.Request, scores) -> list[int]:
+  """Row indices of each prompt's `r.keep` best-scored images, prompt by prompt, best first
+  (ties in sample order)."""
+  shown = []
+  for p in range(len(r.prompts)):
+    rows = np.arange(p * r.num_images, (p + 1) * r.num_images)
+    shown += rows[np.argsort(-np.asarray(scores)[rows], kind="stable")][:r.keep].tolist()
+  return shown
+
+
+def _caption(entry, seed: int, scores) -> str:
+  i, prompt, sample = entry
+  score = "" if scores is None else f", score {scores[i]:.3f}"
+  return f"{prompt[:60]} | seed {seed}, sample {sample}{score}"
+
+
 def _entries(r: web.Request):
   """(row index, prompt, sample index) of every image of a request, in row order."""
   for i, prompt in enumerate(r.prompts):
@@ -217,20 +261,24 @@ def _entries(r: web.Request):
       yield i * r.num_images + s, prompt, r.start + s
 
 
-def _details(r: web.Request, rows, images, batches, number: int) -> dict:
+def _details(r: web.Request, rows, images, batches, number: int, scores=None) -> dict:
+  kept = set(_best(r, scores)) if scores is not None else None
   return dict(
       request=number, seed=r.seed, settings=dict(guidance=r.settings.guidance,
                                                  temperature=r.settings.temperature,
                                                  top_k=r.settings.top_k, top_p=r.settings.top_p,
-                                                 sjd=r.sjd),
+                                                 sjd=r.sjd, keep=r.keep, upsample=r.upsample),
       link=r.link(), warnings=r.warnings,
       images=[dict(prompt=prompt, seed=r.seed, sample=sample, done=images[i] is not None,
-                   link=r.link([prompt], sample, 1)) for i, prompt, sample in _entries(r)],
+                   link=r.link([prompt], sample, 1),
+                   **({} if scores is None else dict(score=round(float(scores[i]), 6),
+                                                     kept=i in kept)))
+              for i, prompt, sample in _entries(r)],
       batches=[dict(number=b.number, rows=b.rows, requests=b.requests, padded_to=b.padded_to,
                     decode_s=round(b.decode_s, 3)) for b in batches])
 
 
-def _status(r: web.Request, rows, images, batches) -> str:
+def _status(r: web.Request, rows, images, batches, scores=None) -> str:
   done = sum(x is not None for x in images)
   lines = [f"**Warning:** {w}" for w in r.warnings]
   if done < len(rows):
@@ -239,10 +287,15 @@ def _status(r: web.Request, rows, images, batches) -> str:
     shared = max(b.requests for b in batches)
     lines.append(f"{len(rows)} images drawn in {len(batches)} decode(s)"
                  + (f", shared with up to {shared - 1} other request(s)" if shared > 1 else "")
+                 + (f"; the best {r.keep} of each prompt's {r.num_images} kept by the "
+                    "reranker" if scores is not None else "")
                  + f". [Link to this request]({r.link()})")
-  lines += ["", "| image | prompt | seed | sample | link |", "|---|---|---|---|---|"]
+  score = (lambda i: "") if scores is None else (lambda i: f" {scores[i]:.3f} |")
+  lines += ["", "| image | prompt | seed | sample | link |" + (" score |" if scores is not None
+                                                              else ""),
+            "|---|---|---|---|---|" + ("---|" if scores is not None else "")]
   lines += [f"| {i + 1} | {prompt[:60]} | {r.seed} | {sample} | "
-            f"[draw again]({r.link([prompt], sample, 1)}) |"
+            f"[draw again]({r.link([prompt], sample, 1)}) |{score(i)}"
             for i, prompt, sample in _entries(r)]
   return "\n".join(lines)
 
@@ -269,6 +322,7 @@ def main(argv=None):
   except ImportError:
     raise SystemExit("error: the web page needs Gradio: pip install -e '.[serve]'") from None
   try:
+    scorer, upsampler = sampling.load_helpers(a)  # a wrong run is said before the slow load
     run = sampling.load_flagged(a)
   except (sampling.SampleError, records.DataError, runs.RunError) as e:
     sys.exit(f"error: {e}")
@@ -278,8 +332,9 @@ def main(argv=None):
     log(f"compiled the default settings for batches of {batcher.sizes} in "
         f"{batcher.compile(DEFAULTS):.1f} s")
   limits = web.Limits(a.max_images, batcher.settings_for(DEFAULTS).num_codes
-                      or run.setup.config.model.codebook_size)
-  page = build(run, batcher, limits, a.sjd_window, a.max_users)
+                      or run.setup.config.model.codebook_size, rerank=scorer is not None,
+                      upsample=upsampler is not None)
+  page = build(run, batcher, limits, a.sjd_window, a.max_users, scorer, upsampler)
   page.queue(max_size=a.queue_size, default_concurrency_limit=a.max_users)
   page.launch(server_name=a.host, server_port=a.port, show_error=True, prevent_thread_lock=True,
               quiet=True, ssr_mode=False, max_threads=max(40, 2 * a.max_users + 8),

@@ -27,6 +27,8 @@ class Limits:
   """What this server allows per request."""
   max_images: int  # prompts x images per prompt
   codebook_size: int  # top_k's bound
+  rerank: bool = False  # whether the server has a reranker (`keep`)
+  upsample: bool = False  # whether it has an upsampler (`upsample`)
 
 
 @dataclasses.dataclass
@@ -38,6 +40,8 @@ class Request:
   start: int
   settings: decoding.Settings
   sjd: bool
+  keep: int = 0  # with a reranker: the best of each prompt's images shown (0: all, unscored)
+  upsample: bool = False  # images upsampled by the server's upsampler
   warnings: list[str] = dataclasses.field(default_factory=list)
 
   def link(self, prompts: list[str] | None = None, start: int | None = None,
@@ -47,12 +51,14 @@ class Request:
     fields = dict(prompt=prompts or self.prompts, n=num_images or self.num_images,
                   seed=self.seed, start=self.start if start is None else start,
                   guidance=s.guidance, temperature=s.temperature, top_k=s.top_k,
-                  top_p=s.top_p, sjd=int(self.sjd))
+                  top_p=s.top_p, sjd=int(self.sjd),
+                  # one image's link draws that image, whatever the reranker kept
+                  keep=self.keep if num_images is None else 0, upsample=int(self.upsample))
     return "?" + urllib.parse.urlencode(fields, doseq=True)
 
 
 FIELDS = ("prompts", "num_images", "seed", "start", "guidance", "temperature", "top_k",
-          "top_p", "sjd")
+          "top_p", "sjd", "keep", "upsample")
 
 
 def parse(fields: dict, limits: Limits, text_tokenizer, sjd_window: int) -> Request:
@@ -76,8 +82,16 @@ def parse(fields: dict, limits: Limits, text_tokenizer, sjd_window: int) -> Requ
       top_k=_integer(fields, "top_k", 0, limits.codebook_size),
       top_p=_number(fields, "top_p", 0.0, 1.0, low_open=True),
       sjd_window=sjd_window if _flag(fields, "sjd") else 0)
+  keep, upsample = _integer(fields, "keep", 0, num_images), _flag(fields, "upsample")
+  if keep and not limits.rerank:
+    raise RequestError(f"keep = {keep}: this server has no reranker to choose the best "
+                       "(it starts with --rerank RUN); send keep 0")
+  if upsample and not limits.upsample:
+    raise RequestError("upsample: this server has no upsampler (it starts with --upsample "
+                       "RUN); send upsample false")
   request = Request(prompts, num_images, _integer(fields, "seed", 0, MAX_SEED),
-                    _integer(fields, "start", 0, MAX_START), settings, bool(settings.sjd_window))
+                    _integer(fields, "start", 0, MAX_START), settings, bool(settings.sjd_window),
+                    keep, upsample)
   for i, prompt in enumerate(prompts):
     ids = text_tokenizer.ids(prompt)
     if ids[-1] != text_lib.END_ID:
@@ -129,12 +143,13 @@ def from_query(query: dict[str, list[str]], defaults: dict) -> dict:
   if "prompt" in query:
     fields["prompts"] = "\n".join(query["prompt"])
   names = dict(n="num_images", seed="seed", start="start", guidance="guidance",
-               temperature="temperature", top_k="top_k", top_p="top_p")
+               temperature="temperature", top_k="top_k", top_p="top_p", keep="keep")
   for key, field in names.items():
     try:
       fields[field] = float(query[key][-1])
     except (KeyError, ValueError):
       pass
-  if "sjd" in query:
-    fields["sjd"] = query["sjd"][-1].strip().lower() in ("1", "true", "yes", "on")
+  for name in ("sjd", "upsample"):
+    if name in query:
+      fields[name] = query[name][-1].strip().lower() in ("1", "true", "yes", "on")
   return fields

@@ -36,9 +36,10 @@ def served(workdir, tmp_path_factory):
 
 
 def fields(prompts="a red circle", num_images=4, seed=0, start=0, guidance=1.5,
-           temperature=0.2, top_k=0, top_p=1.0, sjd=False):
+           temperature=0.2, top_k=0, top_p=1.0, sjd=False, keep=0, upsample=False):
   """/generate's inputs, in its order."""
-  return [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd]
+  return [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd, keep,
+          upsample]
 
 
 def generate(client, *args, **kwargs):
@@ -56,7 +57,7 @@ def test_images_seeds_and_links(served):
       "a red circle | seed 5, sample 0", "a red circle | seed 5, sample 1",
       "two blue squares | seed 5, sample 0", "two blue squares | seed 5, sample 1"]
   assert details["settings"] == dict(guidance=1.5, temperature=0.2, top_k=32, top_p=1.0,
-                                     sjd=False)
+                                     sjd=False, keep=0, upsample=False)
   assert [(x["prompt"], x["seed"], x["sample"]) for x in details["images"]] == [
       ("a red circle", 5, 0), ("a red circle", 5, 1), ("two blue squares", 5, 0),
       ("two blue squares", 5, 1)]
@@ -112,6 +113,10 @@ def test_concurrent_requests_share_decodes_and_draw_what_each_draws_alone(served
     (dict(seed=-1), "seed = -1 is out of range"),
     (dict(sjd="maybe"), "sjd: expected true or false, got 'maybe'"),
     (dict(prompts="x" * 20_000), "prompts: 20000 characters; at most 10000"),
+    (dict(keep=1), "keep = 1: this server has no reranker to choose the best (it starts "
+                   "with --rerank RUN)"),
+    (dict(keep=5), "keep = 5 is out of range: from 0 to 4"),
+    (dict(upsample=True), "upsample: this server has no upsampler"),
 ])
 def test_bad_input_is_refused_with_a_message_and_the_server_goes_on(served, change, message):
   client, _ = served
