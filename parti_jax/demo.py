@@ -2,7 +2,7 @@
 
   python -m parti_jax.demo --workdir runs/demo
 
-Seven stages, each an ordinary command of the package that the demo only chains (it prints
+Eight stages, each an ordinary command of the package that the demo only chains (it prints
 each command before running it, so the same steps can be run by hand on a user's own data):
 
   1. shapes     render the shapes dataset: train (held-out compositions left out; the
@@ -14,10 +14,14 @@ each command before running it, so the same steps can be run by hand on a user's
   4. encode     turn train and validation images into token shards
   5. parti      train a tiny Parti model on the tokens (the real trainer; caption dropout on
                 for classifier-free guidance)
-  6. sample     draw images for validation and held-out prompts, with guidance
-  7. evaluate   judge the samples with the shapes evaluator, and the tokenizer's round trip
-                of the validation renders (roughly the most Parti can score with its codes);
-                write report.md and report.json
+  6. reranker   train a tiny contrastive dual encoder on the train images and captions (the
+                real trainer, task `contrastive`)
+  7. sample     draw `--candidates` images for each validation and held-out prompt, with
+                guidance, scored and ranked by the reranker (Parti draws many and keeps the
+                best)
+  8. evaluate   judge each prompt's first sample and its reranked best with the shapes
+                evaluator, and the tokenizer's round trip of the validation renders (roughly
+                the most Parti can score with its codes); write report.md and report.json
 
 Each finished stage leaves WORKDIR/stages/NAME.json (its time and results); a rerun skips
 finished stages, and an interrupted training stage resumes from its last checkpoint. The
@@ -40,7 +44,7 @@ from parti_jax import cli, decoding, metrics
 from parti_jax.data import records
 
 PREEMPTED_EXIT_CODE = 75  # the trainer's exit code after SIGTERM or Ctrl-C (it saved first)
-STAGES = ("shapes", "spm", "tokenizer", "encode", "parti", "sample", "evaluate")
+STAGES = ("shapes", "spm", "tokenizer", "encode", "parti", "reranker", "sample", "evaluate")
 
 
 def python(*args) -> list[str]:
@@ -95,10 +99,24 @@ class Demo:
                    f"--config.data.spm_model={self.dir / 'spm.model'}",
                    f"--config.num_train_steps={a.parti_steps}")]
 
+  def reranker(self):
+    a = self.a
+    return [python("parti_jax.train", "--config", a.configs / "contrastive_tiny.py",
+                   "--workdir", self.dir / "reranker",
+                   f"--config.data.train={self.data / 'train'}",
+                   f"--config.data.eval={self.data / 'validation'}",
+                   f"--config.data.spm_model={self.dir / 'spm.model'}",
+                   f"--config.num_train_steps={a.reranker_steps}",
+                   # one evaluation, at the end: the report's recall
+                   f"--config.train.eval_every={a.reranker_steps}")]
+
   def sample(self):
+    # Sample 0 of a prompt is the image one sample per prompt would give (its key is
+    # fold_in(prompt_id, 0) however many are drawn), so "first" is the demo without reranking.
     a = self.a
     return [python("parti_jax.sample", "--workdir", self.dir / "parti",
-                   "--prompts", self.dir / f"prompts_{split}.txt", "--num_samples", 1,
+                   "--prompts", self.dir / f"prompts_{split}.txt", "--num_samples",
+                   a.candidates, "--rerank", self.dir / "reranker", "--keep", 0,
                    "--out", self.samples / split, "--guidance", a.guidance,
                    "--temperature", a.temperature, "--seed", a.seed, "--batch_size", 64)
             for split in ("validation", "heldout")]
@@ -109,9 +127,10 @@ class Demo:
                      "--reconstruct", f"vitvqgan:{self.dir / 'tokenizer'}",
                      "--out", self.dir / "eval_reconstructions.json")
     return [python("parti_jax.eval.shapes", "--images", self.samples / split,
-                   "--heldout_from", self.data / "heldout",
-                   "--out", self.dir / f"eval_{split}.json")
-            for split in ("validation", "heldout")] + [ceiling]
+                   "--heldout_from", self.data / "heldout", "--pick", pick,
+                   "--out", self.dir / f"eval_{split}{suffix}.json")
+            for split in ("validation", "heldout")
+            for pick, suffix in (("first", ""), ("best", "_reranked"))] + [ceiling]
 
   # --- running ----------------------------------------------------------------------------
 
@@ -167,11 +186,16 @@ class Demo:
   def report(self, times: dict) -> dict:
     evals = {split: json.loads((self.dir / f"eval_{split}.json").read_text())
              for split in ("validation", "heldout")}
+    reranked = {split: _accuracy(self.dir / f"eval_{split}_reranked.json")
+                for split in ("validation", "heldout")}
     tokenizer = _last_eval(self.dir / "tokenizer")
     parti = _last_eval(self.dir / "parti")
     report = dict(
         accuracy=dict(validation=evals["validation"]["accuracy"],
                       heldout=evals["heldout"]["accuracy"]),
+        # each prompt's best of `candidates` samples by the reranker's score
+        accuracy_reranked=reranked,
+        reranker=_last_eval(self.dir / "reranker"),
         prompts=dict(validation=evals["validation"]["counts"].get("all", 0),
                      heldout=evals["heldout"]["counts"].get("all", 0)),
         tokenizer=dict(eval_psnr=tokenizer.get("eval/psnr"),
@@ -188,7 +212,7 @@ class Demo:
   def overview(self, split: str, count: int = 32) -> str:
     """One PNG of the first `count` samples of a split, 8 to a row; its path in the workdir."""
     meta = json.loads((self.samples / split / "samples.json").read_text())
-    files = [self.samples / split / f for e in meta["prompts"] for f in e["files"]][:count]
+    files = [self.samples / split / e["files"][0] for e in meta["prompts"]][:count]
     pictures = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     pictures += [np.zeros_like(pictures[0])] * (-len(pictures) % 8)
     rows = [np.concatenate(pictures[i:i + 8], 1) for i in range(0, len(pictures), 8)]
@@ -199,8 +223,11 @@ class Demo:
   def summary_table(self, r: dict) -> str:
     seen = r["accuracy"]["validation"].get("seen", 0.0)
     held = r["accuracy"]["heldout"].get("heldout", 0.0)
-    lines = [f"  validation prompts (seen compositions): {seen:.1%}",
-             f"  held-out compositions:                 {held:.1%}",
+    best = r["accuracy_reranked"]
+    lines = [f"  validation prompts (seen compositions): {seen:.1%} (reranked best of "
+             f"{r['settings']['candidates']}: {best['validation'].get('seen', 0.0):.1%})",
+             f"  held-out compositions:                 {held:.1%} (reranked: "
+             f"{best['heldout'].get('heldout', 0.0):.1%})",
              f"  tokenizer PSNR: {r['tokenizer']['eval_psnr'] or float('nan'):.1f} dB; its "
              "reconstructions of validation renders judged right: "
              f"{r['tokenizer']['reconstruction_accuracy'].get('all', float('nan')):.1%}"]
@@ -214,9 +241,18 @@ class Demo:
            "Accuracy of generated images, judged by `python -m parti_jax.eval.shapes`.", "",
            "| prompts | all | " + " | ".join(kinds) + " |",
            "|---|---|" + "---|" * len(kinds)]
-    for name, acc, key in (("validation (seen)", v, "seen"), ("held-out", h, "heldout")):
+    rv, rh = r["accuracy_reranked"]["validation"], r["accuracy_reranked"]["heldout"]
+    n = r["settings"]["candidates"]
+    for name, acc, key in (("validation (seen), first sample", v, "seen"),
+                           (f"validation (seen), reranked best of {n}", rv, "seen"),
+                           ("held-out, first sample", h, "heldout"),
+                           (f"held-out, reranked best of {n}", rh, "heldout")):
       cells = [f"{acc.get(f'{key}/{k}', float('nan')):.1%}" for k in kinds]
       out.append(f"| {name} | {acc.get(key, float('nan')):.1%} | " + " | ".join(cells) + " |")
+    rr = r["reranker"]
+    out += ["", "Reranker (contrastive dual encoder) on validation: text-to-image recall@1 "
+            f"{rr.get('eval/recall@1_text_to_image', float('nan')):.1%}, image-to-text "
+            f"recall@1 {rr.get('eval/recall@1_image_to_text', float('nan')):.1%}."]
     t = r["tokenizer"]
     out += ["", f"Prompts: {r['prompts']['validation']} validation, {r['prompts']['heldout']} "
             "held-out.",
@@ -267,11 +303,13 @@ FLAGS.string("train_kinds", "single:1,count:1,binding:2,relation:3", "How often 
              "to 92.5% (BENCHMARKS.md).")
 FLAGS.integer("tokenizer_steps", 1000, "Training steps of the image tokenizer.")
 FLAGS.integer("parti_steps", 6000, "Training steps of the Parti model.")
+FLAGS.integer("reranker_steps", 300, "Training steps of the reranker.")
+FLAGS.integer("candidates", 4, "Samples drawn per prompt for the reranker to choose from.")
 FLAGS.float("guidance", DEFAULTS.guidance, "Classifier-free guidance scale.")
 FLAGS.float("temperature", DEFAULTS.temperature, "Sampling temperature.")
 FLAGS.integer("seed", 0, "Seed of the shapes data and of the samples.")
 FLAGS.string("configs", str(pathlib.Path(__file__).resolve().parents[1] / "configs"),
-             "Directory with demo_tokenizer.py and demo_parti.py.")
+             "Directory with demo_tokenizer.py, demo_parti.py and contrastive_tiny.py.")
 
 
 def main(argv=None):

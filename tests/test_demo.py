@@ -15,7 +15,8 @@ def run_demo(workdir, *extra):
   env = dict(os.environ, XLA_FLAGS="")  # the demo runs on the machine's own devices
   return subprocess.run(
       [sys.executable, "-m", "parti_jax.demo", "--workdir", str(workdir), "--train_images", "96",
-       "--eval_prompts", "8", "--tokenizer_steps", "20", "--parti_steps", "20", *extra],
+       "--eval_prompts", "8", "--tokenizer_steps", "20", "--parti_steps", "20", "--reranker_steps", "20",
+       "--candidates", "2", *extra],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -30,6 +31,15 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
     judged = json.loads((tmp_path / f"eval_{split}.json").read_text())
     assert report["accuracy"][split] == judged["accuracy"]
     assert report["prompts"][split] == 8 == len(judged["judged"])
+    # Two candidates a prompt, ranked by the reranker; its best judged beside the first.
+    samples = json.loads((tmp_path / "samples" / split / "samples.json").read_text())
+    assert all(len(e["scores"]) == 2 and len(e["files"]) == 2 for e in samples["prompts"])
+    best = json.loads((tmp_path / f"eval_{split}_reranked.json").read_text())
+    assert report["accuracy_reranked"][split] == best["accuracy"]
+    assert len(best["judged"]) == 8
+  assert "eval/recall@1_text_to_image" in report["reranker"]
+  assert json.loads((tmp_path / "reranker" / "config.json").read_text())["task"] == \
+      "contrastive"
   assert set(report["stage_seconds"]) == set(demo.STAGES)
   # The demo's scenes stand on a lattice of the tokenizer's 8 px patches.
   for split in ("train", "validation", "heldout"):
