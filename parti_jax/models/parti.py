@@ -16,7 +16,9 @@ blue circle" hold the same words, and only their order binds a color to its shap
 attention then sees as an offset, the same wherever the phrase starts.
 
 The layers (attention, MLP, the scanned stacks) are `parti_jax.models.layers`'; the output
-logits are float32.
+logits are float32. Their matmul takes float32 inputs, or with `model.logits_matmul="compute"`
+the compute dtype's, accumulated in float32 (half the bytes read, a faster matmul on GPUs and
+TPUs).
 """
 
 import jax
@@ -111,28 +113,28 @@ class Parti(nnx.Module):
 
   def decode(self, image_inputs, encoded, text_mask, dropout_key=None):
     """Decoder input tokens [B, N] (BOS-shifted) -> float32 logits [B, N, V]."""
+    return self._logits(self.decode_features(image_inputs, encoded, text_mask, dropout_key))
+
+  def decode_features(self, image_inputs, encoded, text_mask, dropout_key=None):
+    """`decode` up to the output projection: the decoder's output [B, N, d_model]."""
     m, n = self.config, image_inputs.shape[1]
     pos = self._image_positions()[:n]
     x = embedding_lookup(self.image_embed, image_inputs) + pos[None]
     x = self.dropout(x.astype(self.dtype), deterministic=dropout_key is None, rngs=dropout_key)
     x = constrain(x, "batch", "length", "embed")
-    x = self.decoder(x, decoder_mask(m)[..., :n, :n], encoded, text_mask,
-                     dropout_key=dropout_key, rotary=self._rotary(jnp.arange(n)))
-    return self._logits(x)
+    return self.decoder(x, decoder_mask(m)[..., :n, :n], encoded, text_mask,
+                        dropout_key=dropout_key, rotary=self._rotary(jnp.arange(n)))
 
-  def _logits(self, x):
-    """Decoder output [B, S, d_model] -> float32 logits, padded entries at the minimum."""
+  def output_kernel(self):
+    """The output projection [d_model, V] (tied: the scaled image embedding)."""
     m = self.config
-    x = x.astype(jnp.float32)
     if m.share_image_embedding:
       # Tied output projection, scaled so logits start near unit variance.
-      kernel = self.image_embed.embedding[...].T * m.d_model ** -0.5
-    else:
-      kernel = self.head.kernel[...]
-    logits = flat_dot_general(x, kernel.astype(jnp.float32), (((2,), (0,)), ((), ())))
-    logits = constrain(logits, "batch", "length", "vocab")
-    valid = jnp.arange(logits.shape[-1]) < m.codebook_size
-    return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+      return self.image_embed.embedding[...].T * m.d_model ** -0.5
+    return self.head.kernel[...]
+
+  def _logits(self, x):
+    return logits(self.config, x, self.output_kernel())
 
   # ----------------------------------------------------------- cached decoding (sampling)
 
@@ -176,10 +178,32 @@ class Parti(nnx.Module):
 
   def __call__(self, text_tokens, image_tokens, dropout_key=None):
     """Teacher-forced logits for `image_tokens` given the text; dropout iff a key is given."""
+    return self._logits(self.features(text_tokens, image_tokens, dropout_key))
+
+  def features(self, text_tokens, image_tokens, dropout_key=None):
+    """`__call__` up to the output projection: the decoder's output [B, N, d_model], for a
+    loss that projects it a chunk of positions at a time (parti_jax.tasks.parti)."""
     enc_key = dec_key = None
     if dropout_key is not None:
       enc_key, dec_key = jax.random.split(dropout_key)
     encoded, text_mask = self.encode(text_tokens, enc_key)
     bos = jnp.full_like(image_tokens[:, :1], self.config.codebook_size)
     inputs = jnp.concatenate([bos, image_tokens[:, :-1]], axis=1)
-    return self.decode(inputs, encoded, text_mask, dec_key)
+    return self.decode_features(inputs, encoded, text_mask, dec_key)
+
+
+def logits(m: ml_collections.ConfigDict, x, kernel):
+  """Decoder output [B, S, d_model] and the output kernel -> float32 logits [B, S, V], the
+  padded vocabulary entries at the float32 minimum.
+
+  `model.logits_matmul`: "float32" (inputs cast up) or "compute" (inputs in model.dtype,
+  products accumulated in float32 by the matmul itself).
+  """
+  dtype = jnp.float32
+  if m.get("logits_matmul", "float32") == "compute":  # runs saved before the field: float32
+    dtype = jnp.dtype(m.dtype)
+  out = flat_dot_general(x.astype(dtype), kernel.astype(dtype), (((2,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+  out = constrain(out, "batch", "length", "vocab")
+  valid = jnp.arange(out.shape[-1]) < m.codebook_size
+  return jnp.where(valid, out, jnp.finfo(jnp.float32).min)

@@ -12,6 +12,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from parti_jax import config as config_lib
+from parti_jax.sharding import constrain
+from parti_jax.models import parti as parti_model
 from parti_jax.models.parti import Parti
 from parti_jax.tasks import base
 
@@ -45,6 +47,12 @@ def config_problems(config: ml_collections.ConfigDict, sizes: dict, training: bo
   need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
        f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
        "(or set model.head_dim)")
+  need(m.get("logits_matmul", "float32") in ("float32", "compute"),
+       f"model.logits_matmul={m.get('logits_matmul')!r} is not 'float32' or 'compute'")
+  chunk = m.get("loss_chunk", 0)
+  need(chunk >= 0 and (chunk == 0 or (m.image_grid ** 2) % chunk == 0),
+       f"model.loss_chunk={chunk} must be 0 (off) or divide the image's "
+       f"{m.image_grid ** 2} positions (model.image_grid={m.image_grid} squared)")
   head_dim = config_lib.head_dim(m)
   need(not m.get("image_rope", False) or head_dim % 4 == 0,
        f"model.image_rope needs a head dimension divisible by 4 (half for rows, half for "
@@ -93,9 +101,58 @@ def loss_and_accuracy(logits, targets):
   return loss, accuracy
 
 
+def per_row_loss_and_accuracy(setup: Setup, params, batch, dropout_key):
+  """Each row's mean cross-entropy and token accuracy over its image tokens: two [B].
+
+  With `model.loss_chunk` > 0 the float32 logits are made (and, in the backward pass,
+  made again) `loss_chunk` positions at a time, never for the whole sequence at once.
+  """
+  model, targets = setup.model(params), batch["image_tokens"]
+  chunk = setup.config.model.get("loss_chunk", 0)  # runs saved before the field: 0
+  if not chunk:
+    logits = model(batch["text_tokens"], targets, dropout_key)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(-1),
+            (jnp.argmax(logits, -1) == targets).mean(-1))
+  features = model.features(batch["text_tokens"], targets, dropout_key)
+  return chunked_cross_entropy(setup.config.model, features, model.output_kernel(), targets,
+                               chunk)
+
+
+def chunked_cross_entropy(m: ml_collections.ConfigDict, features, kernel, targets, chunk: int):
+  """Per-row mean cross-entropy and accuracy [B] of logits(features @ kernel), `chunk`
+  positions at a time.
+
+  A scan over the chunks, each rematerialised: its [B, chunk, V] logits live only inside
+  its iteration, forward and backward (XLA would otherwise keep every chunk's logits for
+  the backward pass, as big as the whole logits tensor). Written here because optax's
+  cross-entropy takes whole logits, and neither it nor flax has a chunked one.
+  """
+  b, n, d = features.shape
+  split = lambda x: x.reshape(b, n // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+  xs = constrain(split(features), None, "batch", "length", "embed")
+  ts = constrain(split(targets), None, "batch", "length")
+
+  @jax.checkpoint
+  def sums(x, t, kernel):
+    logits = parti_model.logits(m, x, kernel)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, t).sum(-1)
+    return loss, (jnp.argmax(logits, -1) == t).sum(-1).astype(jnp.float32)
+
+  def step(totals, xt):
+    loss, correct = sums(*xt, kernel)
+    return (totals[0] + loss, totals[1] + correct), None
+
+  zeros = jnp.zeros((b,), jnp.float32)
+  (loss, correct), _ = jax.lax.scan(step, (zeros, zeros), (xs, ts))
+  return loss / n, correct / n
+
+
 def _forward_loss(setup: Setup, params, batch, dropout_key):
-  logits = setup.model(params)(batch["text_tokens"], batch["image_tokens"], dropout_key)
-  return loss_and_accuracy(logits, batch["image_tokens"])
+  if not setup.config.model.get("loss_chunk", 0):
+    logits = setup.model(params)(batch["text_tokens"], batch["image_tokens"], dropout_key)
+    return loss_and_accuracy(logits, batch["image_tokens"])
+  loss, accuracy = per_row_loss_and_accuracy(setup, params, batch, dropout_key)
+  return loss.mean(), accuracy.mean()
 
 
 def loss_and_grads(setup: Setup, params, batch, dropout_key):
@@ -126,11 +183,9 @@ def eval_step(setup: Setup, params, batch) -> dict:
 
   `weight` is the number of rows counted, so that batches combine into a weighted mean.
   """
-  logits = setup.model(params)(batch["text_tokens"], batch["image_tokens"], None)
   targets = batch["image_tokens"]
   mask = batch.get("mask", jnp.ones(targets.shape[:1], jnp.int32)).astype(jnp.float32)
-  per_row_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(-1)
-  per_row_acc = (jnp.argmax(logits, -1) == targets).mean(-1)
+  per_row_loss, per_row_acc = per_row_loss_and_accuracy(setup, params, batch, None)
   weight = mask.sum()
   safe = jnp.maximum(weight, 1.0)
   return dict(loss=(per_row_loss * mask).sum() / safe,
