@@ -57,6 +57,14 @@ def base() -> ml_collections.ConfigDict:
   # attention sees word offsets, which bind a color word to the shape after it.
   m.text_rope = False
   m.share_image_embedding = True  # decoder input embedding doubles as the output projection
+  # The output projection's matmul: "float32" (inputs cast up, the paper's float32 logits) or
+  # "compute" (inputs in model.dtype, accumulated in float32: logits still float32).
+  m.logits_matmul = "float32"
+  # > 0: the training and evaluation loss make the float32 logits this many image positions
+  # at a time, rematerialised in the backward pass, so the whole [batch, positions, vocab]
+  # tensor never exists at once (parti_jax/tasks/parti.py: chunked_cross_entropy). It must
+  # divide image_grid ** 2. 0: the whole logits tensor, as the sampler makes it.
+  m.loss_chunk = 0
   m.remat = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
   # Layers per iteration of each scanned stack. 1 keeps compile time flat in depth; a tiny
   # model on a CPU steps about a third faster with all its layers in one iteration (the
@@ -121,6 +129,11 @@ def train_defaults() -> ml_collections.ConfigDict:
   t.max_consecutive_skips = 20  # this many skipped updates in a row stop the run
   t.inject_nan_steps = ()  # fault injection (tests): these steps get a NaN loss
   t.profile_steps = ()  # (first, last): capture a jax.profiler trace of these steps
+  # The jax.random implementation of the state's key (dropout masks, random crops):
+  # "threefry" (JAX's default), "rbg" or "unsafe_rbg" (random bits from the accelerator's
+  # generator: much cheaper than threefry on GPUs, as MaxText uses). Restarts are exact with
+  # each; a run resumes with the implementation it was saved with.
+  t.prng_impl = "threefry"
   # Keep the checkpoint of the best evaluation in WORKDIR/checkpoints_best (parameters only),
   # beside the last ones; `sample --step best`, `init_from=RUN@best` (parti_jax/keep_best.py).
   t.keep_best = False
@@ -275,6 +288,7 @@ def vitvqgan(encoder: str, decoder: str) -> ml_collections.ConfigDict:
 MESH_AXES = ("data", "fsdp", "tensor")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
+PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")
 VOCAB_MULTIPLE = 128  # vocabularies are padded so the logits tile evenly on TPU lanes
 
@@ -338,6 +352,9 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None,
   problems = task.config_problems(config, dict(zip(MESH_AXES, shape)), training)
   if training:
     problems += best_problems(config, getattr(task, "EVAL_METRICS", None))
+    impl = config.get("train", {}).get("prng_impl", "threefry")
+    if impl not in PRNG_IMPLS:
+      problems.append(f"train.prng_impl={impl!r} is not one of {PRNG_IMPLS}")
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return shape

@@ -89,7 +89,17 @@ class Setup:
     model = self.model_class(self.config.model, rngs=nnx.Rngs(params=params_key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), rng=rng)
+                      opt_state=self.tx.init(params), rng=self._state_rng(rng))
+
+  def _state_rng(self, rng):
+    """The state's rng (dropout, random crops) in the key implementation of
+    `train.prng_impl`: threefry (JAX's default) is `rng` itself; "rbg" and "unsafe_rbg"
+    (faster random bits on GPUs and TPUs) are seeded from it. Parameters are drawn with
+    threefry whatever the choice, so a seed gives the same initial model."""
+    impl = self.config.get("train", {}).get("prng_impl", "threefry")
+    if impl == "threefry":
+      return rng
+    return jax.random.key(jax.random.bits(rng, dtype=jnp.uint32), impl=impl)
 
   def init_state(self) -> TrainState:
     """Parameters and optimizer state, each created on the devices that own its shards."""
