@@ -7,9 +7,13 @@
 # 2. Parti 350M sampling at batch 64, with and without guidance, against its bandwidth floor;
 # 3. train_xla: Parti 350M training in bf16 at the largest batch that fits (doubling from 16),
 #    with XLA's attention;
-# 4. train_cudnn: the same with cuDNN's fused attention (what `model.attention_impl=auto`, the
+# 4. profile: a jax.profiler trace of 3 Parti 350M train steps at the batch step 3 ended at
+#    (attention as `auto` picks it), summarised by benchmarks/profile_summary.py into device
+#    time by group (matmuls, attention, layer norms, loss, optimizer, random bits,
+#    collectives, copies); the trace and the step's HLO stay in OUTDIR/profile_train;
+# 5. train_cudnn: the same with cuDNN's fused attention (what `model.attention_impl=auto`, the
 #    default, picks on NVIDIA GPUs), from the largest batch of step 3 up.
-# NAMEs (tokenizer, sampling, train_xla, train_cudnn) pick some; all four run by default.
+# NAMEs (tokenizer, sampling, train_xla, profile, train_cudnn) pick some; all run by default.
 # Each writes OUTDIR/NAME.log (everything printed) and OUTDIR/NAME.json (its result line).
 # Accelerator time is usually rationed, so the whole run keeps to TOTAL_SECONDS (default 900):
 # each benchmark gets at most its own cap and never more than what is left, and one that fails
@@ -20,10 +24,10 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-900}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-tokenizer sampling train_xla train_cudnn} "
+names=" ${*:-tokenizer sampling train_xla profile train_cudnn} "
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 # Let the training search use the whole card, not JAX's default 75% of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export PYTHONUNBUFFERED=1
@@ -54,6 +58,9 @@ bench train_xla 300 python3 benchmarks/train_throughput.py --config configs/part
 # Flash attention needs less memory: start from the batch the XLA attention search ended at.
 batch=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_batch"])' \
   "$out/train_xla.json" 2>/dev/null || echo 16)
+# A few steps: compiling 350M takes most of the cap, the trace itself seconds.
+bench profile 150 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
+  --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3
 bench train_cudnn 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
   --config.global_batch_size="$batch" --find_max_batch --steps 10 \
   --config.model.attention_impl=cudnn

@@ -1,0 +1,290 @@
+"""Where a step's device time goes: a jax.profiler trace summarised by operation group.
+
+  python benchmarks/profile_summary.py --trace DIR [--hlo FILE ...] [--top 15] [--json]
+  python benchmarks/profile_summary.py --capture DIR --config configs/parti_350m.py \
+      --config.global_batch_size=64 --steps 3      # traces 3 train steps, then summarises
+
+Prints the device time of each group (matmuls, attention, layer norms, loss, optimizer,
+random bits, collectives, copies, other) and the top operations, then one JSON object.
+`--capture DIR` first runs the config's train step (synthetic tokens, one warm-up step)
+under `jax.profiler.trace(DIR/trace)` and writes its compiled HLO to DIR/hlo.txt.
+
+What decides an operation's group is what the program says about it: its HLO opcode (a dot,
+a copy, an all-reduce, a fusion around a dot) and the Python functions that made it (the
+stack frames XLA keeps in each instruction's metadata: `LayerNorm.__call__`,
+`Attention.attend`, `apply_gradients`, `chunked_cross_entropy`, ...), read from the
+compiled HLO text (--hlo). Without it only opcodes and the names in the trace are used.
+
+What a trace holds differs by platform. On GPU and TPU each chip has a device plane
+(`/device:GPU:0`) whose "XLA Ops" line holds one event per operation run: device time
+proper, with the op's JAX name (`tf_op`) as well. A CPU trace has host threads only:
+XLA:CPU's operations run as thunks on its worker threads, named by HLO instruction
+(`hlo_op`) and nested inside their loops and conditionals, which are left out so that no
+time counts twice. On 8 simulated CPU devices sharing one host's cores, collectives include
+the devices waiting for each other, so their share says little there.
+"""
+
+import collections
+import json
+import re
+import sys
+import time
+
+from etils import epath
+
+from parti_jax import cli
+
+MAX_TRACE_BYTES = 4 << 30  # an xplane.pb of a few steps of a big model is tens of MB
+MAX_HLO_BYTES = 1 << 30
+
+GROUPS = ("matmuls", "attention", "layer norms", "loss", "optimizer", "random bits",
+          "collectives", "copies", "other")
+# Control flow: on a CPU its event spans the operations inside it, which are counted.
+_CONTAINERS = {"while", "conditional", "call", "async-start", "async-done"}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                "all-to-all", "send", "recv")
+_COPIES = ("copy", "transpose", "bitcast", "dynamic-update-slice", "copy-start", "copy-done")
+# Python functions (innermost first in an op's stack) and the group they put it in.
+_FUNCTIONS = [
+    (("Attention.attend", "dot_product_attention"), "attention"),
+    (("LayerNorm.__call__",), "layer norms"),
+    (("chunked_cross_entropy", "loss_and_accuracy", "per_row_loss_and_accuracy", "logits",
+      "Parti._logits"), "loss"),
+    (("apply_gradients",), "optimizer"),
+]
+_RANDOM = re.compile(r"random_bits|threefry|_bernoulli|_uniform|rng_bit_generator|"
+                     r"rng-bit-generator|random_wrap|random_fold_in|random_split")
+
+
+class Instruction(collections.namedtuple("Instruction", "opcode op_name functions matmul")):
+  """What the HLO says about one instruction: opcode, JAX name, the Python functions
+  that made it (innermost first), whether it is or fuses a matrix product."""
+
+
+def parse_hlo(text: str) -> dict[str, Instruction]:
+  """Compiled HLO text -> {instruction name: Instruction} (every computation's)."""
+  names = _table(text, "FunctionNames")
+  locations = {k: int(re.search(r"function_name_id=(\d+)", v)[1])
+               for k, v in _table(text, "FileLocations").items()}
+  frames = {k: (int(re.search(r"file_location_id=(\d+)", v)[1]),
+                int(re.search(r"parent_frame_id=(\d+)", v)[1]))
+            for k, v in _table(text, "StackFrames").items()}
+
+  def functions(frame):
+    out, seen = [], set()
+    while frame in frames and frame not in seen:
+      seen.add(frame)
+      location, frame = frames[frame]
+      out.append(names.get(str(locations.get(str(location))), "").strip('"'))
+    return tuple(out)
+
+  frames = {int(k): v for k, v in frames.items()}
+  computations, current = collections.defaultdict(set), None
+  raw = {}
+  for line in text.splitlines():
+    if header := re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line):
+      current = header[1]
+      continue
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\((.*)", line)
+    if not m:
+      continue
+    name, opcode, rest = m.groups()
+    computations[current].add(opcode)
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    frame = re.search(r"stack_frame_id=(\d+)", rest)
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    raw[name] = (opcode, op_name[1] if op_name else "", int(frame[1]) if frame else None,
+                 called[1] if called else None, target[1] if target else "")
+  out = {}
+  for name, (opcode, op_name, frame, called, target) in raw.items():
+    inner = computations.get(called, set()) if called else set()
+    matmul = (opcode in ("dot", "convolution") or bool(inner & {"dot", "convolution"})
+              or bool(re.search(r"gemm|cublas|matmul", target, re.I)))
+    out[name] = Instruction(opcode, op_name, functions(frame) if frame else (), matmul)
+  return out
+
+
+def _table(text: str, title: str) -> dict[str, str]:
+  """A section of the HLO text's stack-frame tables: {id: rest of its line}."""
+  lines = text.splitlines()
+  try:
+    start = lines.index(title) + 1
+  except ValueError:
+    return {}
+  table = {}
+  for line in lines[start:]:
+    if not re.match(r"\d+ ", line):
+      break
+    key, value = line.split(" ", 1)
+    table[key] = value
+  return table
+
+
+def group_of(op: str, instruction: Instruction | None, jax_name: str = "") -> str:
+  """The group of the operation named `op` (its HLO name) given what the HLO says of it."""
+  opcode = instruction.opcode if instruction else re.sub(r"\.\d+$", "", op)
+  names = " ".join(filter(None, [jax_name, instruction and instruction.op_name, op]))
+  functions = instruction.functions if instruction else ()
+  if _RANDOM.search(names):
+    return "random bits"
+  # What an operation does comes before where it was made: an all-gather of a layer norm's
+  # scale is communication, a copy in the optimizer a copy.
+  if opcode.startswith(_COLLECTIVES) or op.startswith(_COLLECTIVES):
+    return "collectives"
+  if opcode.startswith(_COPIES) or re.match(r"(wrapped_)?copy", op):
+    return "copies"
+  for function in functions:  # innermost first: the most specific place
+    for known, group in _FUNCTIONS:
+      if function in known:
+        return group
+  for known, group in _FUNCTIONS:
+    if any(k in names for k in known):
+      return group
+  if (instruction and instruction.matmul) or opcode in ("dot", "convolution") \
+      or re.search(r"gemm|cublas|matmul", op, re.I):
+    return "matmuls"
+  return "other"
+
+
+# ----------------------------------------------------------------------------- the trace
+
+def trace_file(directory: epath.Path) -> epath.Path:
+  """The newest *.xplane.pb under a jax.profiler trace directory."""
+  # jax.profiler writes DIR/plugins/profile/RUN/HOST.xplane.pb; RUN sorts by time.
+  found = sorted([*directory.glob("plugins/profile/*/*.xplane.pb"),
+                  *directory.glob("*.xplane.pb")], key=lambda p: (p.parent.name, p.name))
+  if not found:
+    sys.exit(f"error: no *.xplane.pb under {directory} (a jax.profiler trace directory)")
+  return found[-1]
+
+
+def op_events(path: epath.Path) -> tuple[str, list[tuple[str, str, float]]]:
+  """(where the times come from, [(HLO op name, JAX name, duration in ns)])."""
+  from jax.profiler import ProfileData  # jax's own reader of the XSpace protobuf
+  size = path.stat().length
+  if size > MAX_TRACE_BYTES:
+    sys.exit(f"error: {path} is {size} bytes, more than the {MAX_TRACE_BYTES} read")
+  data = ProfileData.from_serialized_xspace(path.read_bytes())
+  planes = list(data.planes)
+  device = [p for p in planes if p.name.startswith("/device:") and "CUSTOM" not in p.name]
+  events = []
+  if device:
+    for plane in device:
+      for line in plane.lines:
+        if line.name != "XLA Ops":
+          continue
+        for e in line.events:
+          stats = dict(e.stats)
+          events.append((str(stats.get("hlo_op", e.name)), str(stats.get("tf_op", "")),
+                         float(e.duration_ns)))
+    return "device planes (XLA Ops)", events
+  for plane in planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      for e in line.events:
+        stats = dict(e.stats)
+        op = stats.get("hlo_op")
+        if op is None or e.name.startswith("end: "):
+          continue
+        if re.sub(r"\.\d+$", "", str(op)) in _CONTAINERS:
+          continue
+        events.append((str(op), "", float(e.duration_ns)))
+  return "host threads (XLA:CPU thunks)", events
+
+
+def summarise(events, hlo: dict[str, Instruction], top: int = 15) -> dict:
+  by_group, by_op = collections.Counter(), collections.Counter()
+  group_of_op = {}
+  for op, jax_name, ns in events:
+    if op not in group_of_op:
+      group_of_op[op] = group_of(op, hlo.get(op), jax_name)
+    by_group[group_of_op[op]] += ns
+    by_op[op] += ns
+  total = sum(by_group.values())
+  share = lambda ns: ns / total if total else 0.0
+  return dict(
+      total_ms=total / 1e6, operations=len(by_op),
+      groups={g: dict(ms=by_group[g] / 1e6, share=share(by_group[g])) for g in GROUPS},
+      top=[dict(op=op, group=group_of_op[op], ms=ns / 1e6, share=share(ns),
+                jax_name=(hlo[op].op_name if op in hlo else ""))
+           for op, ns in by_op.most_common(top)])
+
+
+def print_summary(s: dict, source: str) -> None:
+  print(f"device time {s['total_ms']:.1f} ms over {s['operations']} operations, from {source}")
+  print(f"{'group':<12} {'ms':>10} {'share':>7}")
+  for g, v in sorted(s["groups"].items(), key=lambda kv: -kv[1]["ms"]):
+    print(f"{g:<12} {v['ms']:>10.2f} {100 * v['share']:>6.1f}%")
+  print(f"\ntop {len(s['top'])} operations:")
+  for t in s["top"]:
+    print(f"  {t['op'][:40]:<40} {t['group']:<12} {t['ms']:>9.2f} ms {100 * t['share']:>5.1f}%"
+          f"  {t['jax_name'][-60:]}")
+
+
+# ----------------------------------------------------------------------------- capture
+
+def capture(config, out: epath.Path, steps: int) -> None:
+  """A trace of `steps` train steps of `config` (after a warm-up) and its compiled HLO."""
+  import jax
+  sys.path.insert(0, str(epath.Path(__file__).parent))
+  from train_throughput import synthetic_batch  # the throughput benchmark's random tokens
+  from parti_jax import sharding, tasks
+  task = tasks.build(config, sharding.make_mesh(config))
+  state = task.setup.init_state()
+  batch = synthetic_batch(task.setup, config.global_batch_size)
+  compiled = task.train_step.lower(state, batch).compile()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "hlo.txt").write_text(compiled.as_text())
+  state, metrics = task.train_step(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  with jax.profiler.trace(str(out / "trace")):
+    for _ in range(steps):
+      state, metrics = task.train_step(state, batch)
+    jax.block_until_ready(metrics)
+  print(f"traced {steps} steps in {time.perf_counter() - start:.2f} s to {out / 'trace'}")
+
+
+FLAGS = cli.Flags(__doc__)
+FLAGS.config()
+FLAGS.string("trace", None, "A jax.profiler trace directory to summarise.")
+FLAGS.strings("hlo", [], "Compiled HLO text of a traced program (once per file).")
+FLAGS.string("capture", None, "Trace --steps train steps of --config into this directory "
+             "first (DIR/trace, DIR/hlo.txt), then summarise them.")
+FLAGS.integer("steps", 3, "Train steps to trace with --capture.")
+FLAGS.integer("top", 15, "Operations listed.")
+
+
+def main(argv=None):
+  a = FLAGS.parse(argv)
+  trace, hlo_files = a.trace, list(a.hlo)
+  if a.capture:
+    if a.config is None:
+      sys.exit("error: --capture needs --config")
+    capture(a.config, epath.Path(a.capture), a.steps)
+    trace, hlo_files = str(epath.Path(a.capture) / "trace"), [str(epath.Path(a.capture) / "hlo.txt")]
+  if not trace:
+    sys.exit("error: --trace DIR (or --capture DIR --config FILE) is required")
+  hlo = {}
+  for f in hlo_files:
+    path = epath.Path(f)
+    if not path.exists():
+      sys.exit(f"error: --hlo {f} does not exist")
+    if path.stat().length > MAX_HLO_BYTES:
+      sys.exit(f"error: --hlo {f} is larger than {MAX_HLO_BYTES} bytes")
+    hlo.update(parse_hlo(path.read_text()))
+  directory = epath.Path(trace)
+  if not directory.is_dir():
+    sys.exit(f"error: --trace {trace} is not a directory")
+  source, events = op_events(trace_file(directory))
+  if not events:
+    sys.exit(f"error: the trace under {trace} holds no XLA operations")
+  s = summarise(events, hlo, a.top)
+  print_summary(s, source)
+  print(json.dumps(dict(source=source, **s)))
+
+
+if __name__ == "__main__":
+  cli.run(main)

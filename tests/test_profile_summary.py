@@ -1,0 +1,60 @@
+"""benchmarks/profile_summary.py on a CPU trace of two tiny train steps: every group the
+model has is found, shares add up, and what the HLO adds over the trace's names alone."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "profile_summary.py"
+
+
+def summary(*args):
+  done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+  """Two traced steps of the tiny Parti with dropout (random bits) and Adafactor."""
+  out = tmp_path_factory.mktemp("profile")
+  text, s = summary("--capture", str(out), "--config", "configs/parti_tiny.py", "--steps", "2",
+                    "--config.model.dropout_rate=0.1", "--config.optimizer.name=adafactor",
+                    "--config.model.loss_chunk=4")
+  return out, text, s
+
+
+def test_every_group_of_the_step_is_found_and_the_shares_add_up(captured):
+  """And without the HLO, only collectives and copies, which the trace names as such."""
+  out, text, s = captured
+  assert (out / "hlo.txt").is_file() and list((out / "trace").glob("plugins/profile/*/*.xplane.pb"))
+  assert s["source"] == "host threads (XLA:CPU thunks)" and s["total_ms"] > 0
+  groups = s["groups"]
+  for group in ("matmuls", "attention", "layer norms", "loss", "optimizer", "random bits",
+                "collectives", "copies"):
+    assert groups[group]["ms"] > 0, (group, groups)
+  assert sum(g["share"] for g in groups.values()) == pytest.approx(1.0)
+  assert sum(g["ms"] for g in groups.values()) == pytest.approx(s["total_ms"])
+  assert len(s["top"]) == 15 and s["top"][0]["ms"] >= s["top"][-1]["ms"]
+  assert "random bits" in text and "layer norms" in text  # the printed table
+
+  # Without the HLO only the trace's names group the operations (one test: one capture).
+  with_hlo = s
+  _, s = summary("--trace", str(out / "trace"))
+  assert s["total_ms"] == pytest.approx(with_hlo["total_ms"])
+  # Collectives and copies are named so in the trace; the model's places need the HLO.
+  assert s["groups"]["collectives"]["ms"] > 0 and s["groups"]["copies"]["ms"] > 0
+  for group in ("attention", "layer norms", "optimizer"):
+    assert s["groups"][group]["ms"] == 0
+
+
+def test_a_directory_without_a_trace_is_refused_in_one_line(tmp_path):
+  done = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == \
+      f"error: no *.xplane.pb under {tmp_path} (a jax.profiler trace directory)"
