@@ -71,7 +71,9 @@ def ema(decay: float, block: int) -> optax.GradientTransformation:
   The update is the EMA as computed in float32 from the dequantised previous one (what
   optax.ema with a low-precision accumulator also returns); only what is kept between
   steps is quantised. Each tree of the state mirrors the parameters, so
-  `optax.tree_map_params` (parti_jax.sharding.opt_state_shardings) finds them.
+  `optax.tree_map_params` (parti_jax.sharding.opt_state_shardings) finds them: the values
+  take their parameter's sharding; the scales, shaped otherwise, need a rule of their own
+  there (until it exists they are replicated).
   """
   if block < 1:
     raise ValueError(f"the int8 momentum's block size must be at least 1; got {block}")
@@ -84,7 +86,6 @@ def ema(decay: float, block: int) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-
     mu = jax.tree.map(
         lambda g, v, s: decay * dequantize(v, s, block) + (1 - decay) * g.astype(jnp.float32),
         updates, state.ema_values, state.ema_scales)
