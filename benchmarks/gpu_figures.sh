@@ -12,8 +12,12 @@
 #    time by group (matmuls, attention, layer norms, loss, optimizer, random bits,
 #    collectives, copies); the trace and the step's HLO stay in OUTDIR/profile_train;
 # 5. train_cudnn: the same with cuDNN's fused attention (what `model.attention_impl=auto`, the
-#    default, picks on NVIDIA GPUs), from the largest batch of step 3 up.
-# NAMEs (tokenizer, sampling, train_xla, profile, train_cudnn) pick some; all run by default.
+#    default, picks on NVIDIA GPUs), from the largest batch of step 3 up;
+# 6. train_levers: step 5's largest batch again with the output projection in bf16
+#    (model.logits_matmul=compute), the chunked loss (model.loss_chunk=128) and rbg dropout
+#    bits (train.prng_impl=rbg): against step 5's line, whether these become GPU defaults.
+# NAMEs (tokenizer, sampling, train_xla, profile, train_cudnn, train_levers) pick some; all run
+# by default.
 # Each writes OUTDIR/NAME.log (everything printed) and OUTDIR/NAME.json (its result line).
 # Accelerator time is usually rationed, so the whole run keeps to TOTAL_SECONDS (default 900):
 # each benchmark gets at most its own cap and never more than what is left, and one that fails
@@ -24,7 +28,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-900}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-tokenizer sampling train_xla profile train_cudnn} "
+names=" ${*:-tokenizer sampling train_xla profile train_cudnn train_levers} "
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
@@ -64,3 +68,8 @@ bench profile 150 python3 benchmarks/profile_summary.py --capture "$out/profile_
 bench train_cudnn 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
   --config.global_batch_size="$batch" --find_max_batch --steps 10 \
   --config.model.attention_impl=cudnn
+batch=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_batch"])' \
+  "$out/train_cudnn.json" 2>/dev/null || echo "$batch")
+bench train_levers 150 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
+  --config.global_batch_size="$batch" --steps 10 --config.model.attention_impl=cudnn \
+  --config.model.logits_matmul=compute --config.model.loss_chunk=128 --config.train.prng_impl=rbg
