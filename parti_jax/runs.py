@@ -29,7 +29,8 @@ SHAPE_FIELDS = (
     "task", "model.text_vocab_size", "model.text_len", "model.image_grid", "model.codebook_size",
     "model.d_model", "model.num_heads", "model.head_dim", "model.mlp_dim",
     "model.encoder_layers", "model.decoder_layers", "model.share_image_embedding",
-    "optimizer.name", "optimizer.momentum_dtype",
+    "optimizer.name", "optimizer.momentum_dtype", "optimizer.momentum_block",
+    "train.prng_impl",  # the state's key: another implementation cannot restore it
     # the image tokenizer's
     "model.resolution", "model.patch_size", "model.code_dim", "model.logit_laplace",
     "model.encoder", "model.decoder",
