@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 import zlib
 
@@ -33,7 +32,6 @@ from parti_jax.eval import shapes as eval_shapes
 from parti_jax.models import perceptual
 
 MEMORY_BOUND_MB = 200
-TIME_BOUND_S = 10  # generous: the machine may be shared; each case takes well under 1 s alone
 GB = 1 << 30
 
 
@@ -43,19 +41,17 @@ def _status_mb(field: str) -> int:
 
 
 @contextlib.contextmanager
-def bounded(seconds: float = TIME_BOUND_S, megabytes: int = MEMORY_BOUND_MB):
-  """Asserts that the block takes under `seconds` and grows peak RSS by under `megabytes`
-  (Linux: the peak, VmHWM, is reset first; elsewhere only the time is checked)."""
+def bounded(megabytes: int = MEMORY_BOUND_MB):
+  """Asserts that the block grows peak RSS by under `megabytes` (Linux: the peak, VmHWM, is
+  reset first; elsewhere nothing is checked). No time bound: a timing belongs in a
+  benchmark, and a 1 GB caption line is read through, which takes seconds on a busy machine."""
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
     before = _status_mb("VmRSS")
   except OSError:
     before = None
-  start = time.perf_counter()
   yield
-  elapsed = time.perf_counter() - start
-  assert elapsed < seconds, f"took {elapsed:.1f} s"
   if before is not None:
     growth = _status_mb("VmHWM") - before
     assert growth < megabytes, f"peak RSS grew by {growth} MB"
