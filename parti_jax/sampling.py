@@ -28,7 +28,7 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from parti_jax import decoding, model_folder, runs, tokenizers
+from parti_jax import decoding, model_folder, rerank, runs, tokenizers
 from parti_jax import text as text_lib
 from parti_jax.data import buckets, records, spm
 
@@ -208,14 +208,13 @@ def load_helpers(a) -> tuple:
   if a.upsample_step and not a.upsample:
     raise SampleError("--upsample_step needs --upsample")
   scorer = upsampler = None
-  # Imported only when asked for: each is a second network, which a plain run does without.
   if a.rerank:
-    from parti_jax import rerank
     try:
       scorer = rerank.Scorer.load(a.rerank, runs.parse_step(a.rerank_step, "--rerank_step"))
     except rerank.RerankError as e:
       raise SampleError(f"--rerank {a.rerank}: {e}") from None
   if a.upsample:
+    # Imported only when asked for: the upsampler's network, which a plain run does without.
     from parti_jax import upsample
     try:
       upsampler = upsample.Upsampler.load(
@@ -426,7 +425,7 @@ def rank(scorer, prompts: list[str], images: list[np.ndarray], keep: int = 0) ->
   for x in images:
     row = scores[start:start + len(x)]
     start += len(x)
-    order = np.argsort(-row, kind="stable")
+    order = rerank.rank(row)
     ranks = np.empty(len(order), np.int64)
     ranks[order] = np.arange(len(order))
     out.append(dict(scores=[round(float(v), 6) for v in row], ranks=ranks.tolist(),

@@ -41,7 +41,7 @@ from etils import epath
 from PIL import Image
 
 from parti_jax import batcher as batcher_lib
-from parti_jax import cli, decoding, runs, sampling, web
+from parti_jax import cli, decoding, rerank, runs, sampling, web
 from parti_jax import text as text_lib
 from parti_jax.data import records
 
@@ -244,7 +244,7 @@ def _best(r: web.Request, scores) -> list[int]:
   shown = []
   for p in range(len(r.prompts)):
     rows = np.arange(p * r.num_images, (p + 1) * r.num_images)
-    shown += rows[np.argsort(-np.asarray(scores)[rows], kind="stable")][:r.keep].tolist()
+    shown += rows[rerank.rank(np.asarray(scores)[rows])][:r.keep].tolist()
   return shown
 
 
