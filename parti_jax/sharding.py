@@ -76,6 +76,11 @@ def activation_mesh(mesh: Mesh, rules: Rules):
     _ACTIVATION_MESH.pop()
 
 
+def current_activation_mesh() -> Mesh | None:
+  """The mesh `activation_mesh` set while this step is traced; None outside one."""
+  return _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   """Sharding constraint on an activation by logical axis names (no-op without a mesh)."""
   if not _ACTIVATION_MESH:
