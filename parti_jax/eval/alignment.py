@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from parti_jax import cli, rerank, runs
+from parti_jax import eval as eval_lib
 from parti_jax.data import buckets, records
 from parti_jax.data import images as image_lib
 
@@ -42,34 +43,11 @@ class AlignmentError(ValueError):
 
 
 def sample_files(directory) -> list[tuple[str, list[epath.Path]]]:
-  """(prompt, image paths) per prompt entry of DIR/samples.json, checked as data."""
+  """(prompt, image paths) per prompt entry of DIR/samples.json, read and checked as data by
+  the evaluators' one reader (`parti_jax.eval.read_samples`)."""
   directory = epath.Path(directory)
-  index = directory / "samples.json"
-  try:
-    meta = json.loads(records.read_limited(index, records.MAX_METADATA_BYTES, "samples.json"))
-  except FileNotFoundError:
-    raise AlignmentError(f"{index} not found: --images must be a sampler output "
-                         "directory") from None
-  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-    raise AlignmentError(f"{index} is not JSON ({type(e).__name__})") from None
-  entries = meta.get("prompts") if isinstance(meta, dict) else None
-  if not isinstance(entries, list):
-    raise AlignmentError(f"{index} has no list of prompts: not written by parti_jax.sample")
-  out = []
-  for i, entry in enumerate(entries):
-    files = entry.get("files") if isinstance(entry, dict) else None
-    if not isinstance(files, list) or not isinstance(entry.get("prompt"), str) \
-        or not all(isinstance(f, str) for f in files):
-      raise AlignmentError(f"{index}: prompt entry {i} has no prompt and list of files")
-    for name in files:
-      # A name is a file of this directory: never a path out of it.
-      if not name or name != epath.Path(name).name or name in (".", ".."):
-        raise AlignmentError(f"{index}: prompt entry {i} names {name[:80]!r}, which is not "
-                             "a file name in the directory")
-    out.append((entry["prompt"], [directory / name for name in files]))
-  if not any(files for _, files in out):
-    raise AlignmentError(f"{index} lists no images")
-  return out
+  return [(entry["prompt"], [directory / name for name in entry["files"]])
+          for entry in eval_lib.read_samples(directory)]
 
 
 def read_image(path) -> np.ndarray:
@@ -112,7 +90,8 @@ def main(argv=None):
     if a.out:
       with buckets.reported(a.out):
         epath.Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
-  except (AlignmentError, rerank.RerankError, runs.RunError, records.DataError) as e:
+  except (AlignmentError, eval_lib.SamplesError, rerank.RerankError, runs.RunError,
+          records.DataError) as e:
     sys.exit(f"error: {e}")
   for entry in report["prompts"]:
     if entry["count"]:

@@ -27,6 +27,7 @@ import tqdm
 from etils import epath
 
 from parti_jax import cli
+from parti_jax import eval as eval_lib
 from parti_jax.data import buckets, records
 from parti_jax.data import images as image_lib
 from parti_jax.shapes import dataset, judge, scenes
@@ -52,22 +53,17 @@ def samples_of(directory, pick: str = "all") -> tuple[list, scenes.Spec | None]:
   each prompt (`pick="all"`), its first (`"first"`: sample 0, what sampling one image per
   prompt gives) or its reranker's best (`"best"`)."""
   directory = epath.Path(directory)
-  index = directory / "samples.json"
-  try:
-    meta = json.loads(records.read_limited(index, records.MAX_METADATA_BYTES, "samples.json"))
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{index} not found: --images must be a sampler output "
-                            "directory") from None
-  if pick == "best" and not all("ranked" in entry for entry in meta["prompts"]):
+  index = directory / eval_lib.SAMPLES_JSON
+  entries = eval_lib.read_samples(directory)  # checked: names only of files in directory
+  if pick == "best" and not all("ranked" in entry for entry in entries):
     raise ValueError(f"{index}: no reranker ranks, so no best sample to judge "
                      "(sample with --rerank RUN)")
   names = lambda entry: dict(all=entry["files"], first=entry["files"][:1],
                              best=entry.get("ranked", [])[:1])[pick]
-  if pick == "first" and not all(entry.get("kept", [0]).count(0) for entry in meta["prompts"]):
+  if pick == "first" and not all(entry.get("kept", [0]).count(0) for entry in entries):
     raise ValueError(f"{index}: sample 0 of some prompts was not kept (--keep); sample with "
                      "--keep 0 to judge first samples")
-  files = [(entry["prompt"], directory / name)
-           for entry in meta["prompts"] for name in names(entry)]
+  files = [(entry["prompt"], directory / name) for entry in entries for name in names(entry)]
   with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
     read = lambda path: records.read_limited(path, records.MAX_IMAGE_BYTES, "a sample image")
     pngs = list(pool.map(read, [path for _, path in files]))
