@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# What launch/tpu_pod.sh and launch/xpk.sh share; each sources this file after its options.
-# The caller sets DRY_RUN and POSITIONAL; its header comment (lines 2 to `set -e`) is its help.
+# What launch/tpu_pod.sh, launch/xpk.sh and launch/slurm.sh share; each sources this file
+# before parsing its options. The caller sets DRY_RUN and POSITIONAL; its header comment
+# (lines 2 to `set -e`) is its help.
 
 usage() {  # the caller's header comment, to stdout for --help and to stderr after a mistake
   local text
@@ -25,13 +26,23 @@ run() {
   ((DRY_RUN)) || "$@"
 }
 
+# The positional words into the variables named, in order (`take_words CONFIG WORKDIR`);
+# the help and exit 2 unless there are exactly that many.
+take_words() {
+  local i=0 name
+  ((${#POSITIONAL[@]} == $#)) || usage 2
+  for name in "$@"; do
+    printf -v "$name" '%s' "${POSITIONAL[i]}"
+    i=$((i + 1))
+  done
+}
+
 # CONFIG, WORKDIR and TOPOLOGY from the positional words of a run (ACTION=run); only
 # TOPOLOGY, the last word, for the other actions: it names the slice, which exists already.
 # shellcheck disable=SC2034,SC2154  # read and set for the caller
 take_positionals() {
   if [[ "$ACTION" == "run" ]]; then
-    ((${#POSITIONAL[@]} == 3)) || usage 2
-    CONFIG="${POSITIONAL[0]}" WORKDIR="${POSITIONAL[1]}" TOPOLOGY="${POSITIONAL[2]}"
+    take_words CONFIG WORKDIR TOPOLOGY
     if [[ "$WORKDIR" != gs://* ]]; then
       echo "# warning: WORKDIR $WORKDIR is not a bucket: every host writes its own copy" >&2
     fi

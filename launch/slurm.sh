@@ -34,7 +34,7 @@
 set -euo pipefail
 
 # shellcheck source=launch/common.sh
-source "$(dirname "$0")/common.sh"  # usage, show, run, train_command, grace_period
+source "$(dirname "$0")/common.sh"  # usage, show, take_words, train_command, grace_period
 
 NODES=1 GPUS_PER_NODE=8 CPUS_PER_GPU="" PYTHON="python3" DRY_RUN=0 GRACE_S=""
 XLA_FLAGS_VALUE="--xla_gpu_enable_latency_hiding_scheduler=true"
@@ -58,8 +58,7 @@ while (($#)); do
   esac
   shift
 done
-((${#POSITIONAL[@]} == 2)) || usage 2
-CONFIG="${POSITIONAL[0]}" WORKDIR="${POSITIONAL[1]}"
+take_words CONFIG WORKDIR
 for n in NODES GPUS_PER_NODE; do
   if ! [[ "${!n}" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: --$(tr '[:upper:]_' '[:lower:]-' <<< "$n") must be a positive count, not '${!n}'" >&2
