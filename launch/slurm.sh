@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains on a SLURM GPU cluster: submits one batch job (sbatch) that starts the same training
-# command as one process per GPU on every node (srun). The processes join one JAX run
-# through JAX's SLURM detection (parti_jax/distributed.py): SLURM_PROCID is the process
-# index, SLURM_LOCALID the GPU it drives, the first node the coordinator.
+# command on every node (srun), as one process per GPU (the default) or one per node. The
+# processes join one JAX run through JAX's SLURM detection (parti_jax/distributed.py):
+# SLURM_PROCID is the process index, the first node the coordinator; a process per GPU
+# drives the GPU of its SLURM_LOCALID, a process per node all of the node's GPUs.
 #
 #   launch/slurm.sh [OPTIONS] CONFIG WORKDIR [-- --config.FIELD=VALUE ...]
 #
@@ -17,8 +18,13 @@
 #
 # Options:
 #   --nodes N             nodes (default: 1)
-#   --gpus-per-node G     GPUs, hence processes, per node (default: 8)
-#   --cpus-per-gpu C      CPU cores per process (default: SLURM's)
+#   --gpus-per-node G     GPUs per node (default: 8)
+#   --processes-per-node gpu|node
+#                         one process per GPU (gpu, the default: G per node) or one per
+#                         node driving its G GPUs (node: one input pipeline per node
+#                         instead of G)
+#   --cpus-per-gpu C      CPU cores per GPU: per process, or C x G for a process per node
+#                         (default: SLURM's)
 #   --partition P, --account A, --qos Q, --time T, --job-name NAME, --output PATTERN
 #                         passed to sbatch as #SBATCH lines (--time in SLURM's formats)
 #   --sbatch-flag FLAG    any other #SBATCH flag (repeatable), e.g. --sbatch-flag=--exclusive
@@ -36,13 +42,14 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"  # usage, show, take_words, train_command, grace_period
 
-NODES=1 GPUS_PER_NODE=8 CPUS_PER_GPU="" PYTHON="python3" DRY_RUN=0 GRACE_S=""
+NODES=1 GPUS_PER_NODE=8 PER="gpu" CPUS_PER_GPU="" PYTHON="python3" DRY_RUN=0 GRACE_S=""
 XLA_FLAGS_VALUE="--xla_gpu_enable_latency_hiding_scheduler=true"
 SBATCH=() POSITIONAL=() OVERRIDES=()
 while (($#)); do
   case "$1" in
     --nodes) NODES="$2"; shift ;;
     --gpus-per-node) GPUS_PER_NODE="$2"; shift ;;
+    --processes-per-node) PER="$2"; shift ;;
     --cpus-per-gpu) CPUS_PER_GPU="$2"; shift ;;
     --partition | --account | --qos | --time | --job-name | --output) SBATCH+=("$1=$2"); shift ;;
     --sbatch-flag) SBATCH+=("$2"); shift ;;
@@ -59,12 +66,17 @@ while (($#)); do
   shift
 done
 take_words CONFIG WORKDIR
-for n in NODES GPUS_PER_NODE; do
+for n in NODES GPUS_PER_NODE ${CPUS_PER_GPU:+CPUS_PER_GPU}; do
   if ! [[ "${!n}" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: --$(tr '[:upper:]_' '[:lower:]-' <<< "$n") must be a positive count, not '${!n}'" >&2
     exit 2
   fi
 done
+case "$PER" in
+  gpu) TASKS_PER_NODE="$GPUS_PER_NODE" GPUS_PER_TASK=1 ;;
+  node) TASKS_PER_NODE=1 GPUS_PER_TASK="$GPUS_PER_NODE" ;;
+  *) echo "error: --processes-per-node must be gpu or node, not '$PER'" >&2; exit 2 ;;
+esac
 if [[ ! -f "$CONFIG" ]]; then
   echo "error: CONFIG $CONFIG is not a file here (sbatch runs it from this directory)" >&2
   exit 2
@@ -81,17 +93,18 @@ script() {
   local flag
   echo "#!/usr/bin/env bash"
   echo "#SBATCH --nodes=$NODES"
-  echo "#SBATCH --ntasks-per-node=$GPUS_PER_NODE"
+  echo "#SBATCH --ntasks-per-node=$TASKS_PER_NODE"
   echo "#SBATCH --gpus-per-node=$GPUS_PER_NODE"
-  [[ -n "$CPUS_PER_GPU" ]] && echo "#SBATCH --cpus-per-task=$CPUS_PER_GPU"
+  [[ -n "$CPUS_PER_GPU" ]] && echo "#SBATCH --cpus-per-task=$((CPUS_PER_GPU * GPUS_PER_TASK))"
   # SIGTERM to the batch shell and its steps GRACE_S before the limit: the trainers save.
   echo "#SBATCH --signal=TERM@$GRACE_S"
   for flag in "${SBATCH[@]}"; do echo "#SBATCH $flag"; done
   echo "set -euo pipefail"
   echo "export XLA_FLAGS=$(printf '%q' "$XLA_FLAGS_VALUE")"
-  # One task per GPU; JAX gives task SLURM_LOCALID the GPU of that index. A task that
-  # fails ends the step, so that the others do not wait on it until the time limit.
-  echo "srun --kill-on-bad-exit=1 --ntasks-per-node=$GPUS_PER_NODE $TRAIN"
+  # One task per GPU: JAX gives task SLURM_LOCALID the GPU of that index. One per node:
+  # parti_jax.distributed lets it drive them all. A task that fails ends the step, so that
+  # the others do not wait on it until the time limit.
+  echo "srun --kill-on-bad-exit=1 --ntasks-per-node=$TASKS_PER_NODE $TRAIN"
 }
 
 if ((DRY_RUN)); then

@@ -10,9 +10,12 @@ Where the process count comes from, in this order:
   processes were started. Where that is more than one, or on a Cloud TPU VM, the process
   joins through `jax.distributed.initialize()`, whose own cluster detection finds the
   coordinator and this process's index (SLURM under srun, Open MPI 4's mpirun, Cloud TPU
-  VMs and GKE). Where JAX detects nothing but JAX_COORDINATOR_ADDRESS (host:port of
-  process 0) is set, the process joins there with the launcher's count and rank
-  (OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID).
+  VMs and GKE). Under srun JAX gives each task the one GPU of its SLURM_LOCALID (one
+  task per GPU); in a step of one task per node (`launch/slurm.sh --processes-per-node
+  node`) each process joins with JAX's detected values but drives all the GPUs SLURM gave
+  its node. Where JAX detects nothing but JAX_COORDINATOR_ADDRESS (host:port of process 0)
+  is set, the process joins there with the launcher's count and rank (OMPI_COMM_WORLD_RANK,
+  PMI_RANK, SLURM_PROCID).
 
 A process that cannot join, or joins a run of another size than its environment says,
 raises DistributedError naming the variable and both counts: processes that silently ran
@@ -139,9 +142,41 @@ def _join_through_jax(expected: Expected | None, timeout: int) -> None:
     raise DistributedError(f"{expected.says()}, but JAX's {cluster.name} cluster detection "
                            f"would join a run of {count}")
   _use_gloo()
+  args = initialize_args(cluster, timeout)
+  devices = ", this process driving all the node's GPUs (one SLURM task per node)" \
+      if args.get("cluster_detection_method") == "deactivate" else ""
   _say(f"joining a run of {count} processes as process {index} through JAX's {cluster.name} "
-       "cluster detection", timeout)
-  jax.distributed.initialize(initialization_timeout=timeout)
+       f"cluster detection{devices}", timeout)
+  jax.distributed.initialize(**args)
+
+
+def initialize_args(cluster, timeout: int) -> dict:
+  """jax.distributed.initialize()'s arguments where JAX's `cluster` detection applies.
+
+  JAX detects everything itself, but gives a SLURM task only the GPU of its SLURM_LOCALID:
+  right for one task per GPU, and one GPU of eight for one task per node (every task there
+  has SLURM_LOCALID 0). In a step of one task per node the detected address, count and index
+  are passed with detection off instead, so JAX restricts no devices (JAX_LOCAL_DEVICE_IDS,
+  if set, still does).
+  """
+  if cluster.name != "slurm" or not slurm_one_task_per_node(os.environ):
+    return dict(initialization_timeout=timeout)
+  # As JAX would choose them (jax/_src/distributed.py, jax/_src/clusters/cluster.py).
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS") or cluster.get_coordinator_address(
+      timeout_secs=timeout, override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT"))
+  return dict(coordinator_address=address, num_processes=cluster.get_process_count(),
+              process_id=cluster.get_process_id(), cluster_detection_method="deactivate",
+              initialization_timeout=timeout)
+
+
+def slurm_one_task_per_node(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether this srun step runs one task on each of its nodes: SLURM_STEP_TASKS_PER_NODE
+  (`1`, `1(x4)`; `8(x4)` or `2,1` are more), else its task and node counts."""
+  per_node = environ.get("SLURM_STEP_TASKS_PER_NODE")
+  if per_node:
+    return all(part.split("(")[0].strip() == "1" for part in per_node.split(","))
+  tasks = environ.get("SLURM_STEP_NUM_TASKS")
+  return bool(tasks) and tasks == environ.get("SLURM_STEP_NUM_NODES")
 
 
 def _join_at_jax_coordinator_address(expected: Expected, timeout: int) -> None:

@@ -18,6 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prints the run this process joined: "joined P of N".
 JOIN = ("from parti_jax import distributed; distributed.initialize(); import jax; "
         "print(f'joined {jax.process_index()} of {jax.process_count()}')")
+# Also which GPUs JAX was told the process may use ("all", or the ids it was restricted to).
+JOIN_SHOWING_GPUS = JOIN + "; print('gpus', jax.config.values['jax_cuda_visible_devices'])"
 _LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "PARTI_", "JAX_COORD")
 
 
@@ -29,9 +31,9 @@ def _env(**variables) -> dict:
   return env
 
 
-def _start(tmp_path, **variables) -> subprocess.Popen:
+def _start(tmp_path, code=JOIN, **variables) -> subprocess.Popen:
   # In tmp_path: a JAX abort may leave a core file behind.
-  return subprocess.Popen([sys.executable, "-c", JOIN], cwd=tmp_path, env=_env(**variables),
+  return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=_env(**variables),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -95,6 +97,19 @@ def test_the_count_check_names_the_variable_and_both_counts():
   distributed.check_process_count(distributed.Expected("SLURM_NTASKS=4", 4), 4)
 
 
+def test_a_slurm_step_of_one_task_per_node_is_recognised():
+  one_per_node = distributed.slurm_one_task_per_node
+  for per_node in ("1", "1(x4)", "1(x2),1"):
+    assert one_per_node(dict(SLURM_STEP_TASKS_PER_NODE=per_node)), per_node
+  for per_node in ("8", "8(x4)", "2,1", "1(x3),2"):
+    assert not one_per_node(dict(SLURM_STEP_TASKS_PER_NODE=per_node)), per_node
+  # Without the per-node list: the step's task and node counts.
+  assert one_per_node(dict(SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="2"))
+  assert not one_per_node(dict(SLURM_STEP_NUM_TASKS="4", SLURM_STEP_NUM_NODES="2"))
+  assert not one_per_node(dict(SLURM_NTASKS="2"))  # no srun step: nothing said
+  assert not one_per_node({})
+
+
 # ----------------------------------------------------------------------------- processes
 
 def test_several_slurm_tasks_without_a_coordinator_fail_at_once(tmp_path):
@@ -125,6 +140,20 @@ def test_slurm_tasks_join_through_jax_cluster_detection(tmp_path):
   assert [t.returncode for t in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
   assert sorted(out.strip() for out, _ in outputs) == ["joined 0 of 2", "joined 1 of 2"]
   assert "through JAX's slurm cluster detection" in outputs[0][1]
+
+
+def test_slurm_tasks_one_per_node_join_with_every_gpu_of_their_node(tmp_path):
+  # Two "nodes" on this machine, each task SLURM_LOCALID 0 (launch/slurm.sh
+  # --processes-per-node node): JAX's detection alone would give each only GPU 0.
+  port = _free_port()
+  step = dict(SLURM_STEP_NUM_TASKS=2, SLURM_STEP_NUM_NODES=2, SLURM_STEP_TASKS_PER_NODE="1(x2)")
+  tasks = [_start(tmp_path, JOIN_SHOWING_GPUS, **{**_slurm(i, port=port), "SLURM_LOCALID": 0},
+                  **step) for i in range(2)]
+  outputs = [t.communicate(timeout=120) for t in tasks]
+  assert [t.returncode for t in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
+  assert sorted(out.split("\n")[0] for out, _ in outputs) == ["joined 0 of 2", "joined 1 of 2"]
+  assert all(out.split("\n")[1] == "gpus all" for out, _ in outputs), outputs
+  assert "driving all the node's GPUs (one SLURM task per node)" in outputs[0][1]
 
 
 def test_a_step_whose_task_count_differs_from_jax_is_refused_before_joining(tmp_path):

@@ -57,6 +57,23 @@ def test_options_reach_the_script():
   assert "srun --kill-on-bad-exit=1 --ntasks-per-node=8 /opt/venv/bin/python -m" in script
 
 
+def test_a_process_per_node_drives_all_its_gpus():
+  script = batch_script("--nodes", "4", "--gpus-per-node", "8", "--processes-per-node", "node",
+                        "--cpus-per-gpu", "12")
+  lines = script.splitlines()
+  sbatch = [line.removeprefix("#SBATCH ") for line in lines if line.startswith("#SBATCH ")]
+  for flag in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
+               "--cpus-per-task=96"):  # 12 cores for each of the process's 8 GPUs
+    assert flag in sbatch, (flag, sbatch)
+  [srun] = [shlex.split(line) for line in lines if line.startswith("srun ")]
+  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1"]
+  assert srun[3:] == ["python3", "-m", "parti_jax.train", "--config=configs/parti_tiny.py",
+                      "--workdir=/shared/runs/tiny", *OVERRIDES]
+  subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+  # `gpu` is the default.
+  assert batch_script("--processes-per-node", "gpu") == batch_script()
+
+
 def test_the_script_submitted_is_the_one_printed(tmp_path):
   """A stand-in sbatch on PATH receives the batch script on its standard input."""
   fake = tmp_path / "bin" / "sbatch"
@@ -75,6 +92,9 @@ def test_the_script_submitted_is_the_one_printed(tmp_path):
     (["--nodes", "0", "configs/parti_tiny.py", "/w"], "--nodes must be a positive count"),
     (["--gpus-per-node", "x", "configs/parti_tiny.py", "/w"], "--gpus-per-node must be"),
     (["configs/nothing.py", "/w"], "CONFIG configs/nothing.py is not a file"),
+    (["--processes-per-node", "host", "configs/parti_tiny.py", "/w"],
+     "--processes-per-node must be gpu or node, not 'host'"),
+    (["--cpus-per-gpu", "4x", "configs/parti_tiny.py", "/w"], "--cpus-per-gpu must be a"),
 ])
 def test_bad_input_is_refused_in_one_line(args, message):
   done = slurm(*args, check=False)
@@ -82,40 +102,66 @@ def test_bad_input_is_refused_in_one_line(args, message):
 
 
 def test_missing_positionals_print_the_help():
-  done = slurm("configs/parti_tiny.py", check=False)
-  assert done.returncode == 2 and "launch/slurm.sh [OPTIONS] CONFIG WORKDIR" in done.stderr
+  for words in (["configs/parti_tiny.py"], ["configs/parti_tiny.py", "/w", "extra"]):
+    done = slurm(*words, check=False)
+    assert done.returncode == 2 and "launch/slurm.sh [OPTIONS] CONFIG WORKDIR" in done.stderr
 
 
+# What jax.distributed.initialize() would join with, given parti_jax.distributed's
+# arguments: JAX's detection fills what they leave unset, unless they turn it off
+# (jax/_src/distributed.py); a `local` of None leaves every GPU visible.
 DETECT = """
 import json
 from jax._src import clusters
 from parti_jax import distributed
 expected = distributed.expected_processes()
 cluster = distributed._jax_cluster()
-address, count, index, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-    None, None, None, None, None, 10)
+args = distributed.initialize_args(cluster, 10)
+given = [args.get(k) for k in ("coordinator_address", "num_processes", "process_id")] + [None]
+if args.get("cluster_detection_method") == "deactivate":
+  address, count, index, local = given
+else:
+  address, count, index, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      *given, args.get("cluster_detection_method"), 10)
 print(json.dumps(dict(expected=expected.processes, source=expected.source,
                       cluster=cluster.name, address=address, count=count, index=index,
-                      local=list(local))))
+                      local=None if local is None else list(local))))
 """
 
 
+def detect(**slurm_env) -> dict:
+  """DETECT in a task of a fake srun step (on CPU: detection only, nothing joins)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+  env.update(SLURM_JOB_ID="4242", JAX_PLATFORMS="cpu", **slurm_env)
+  done = subprocess.run([sys.executable, "-c", DETECT], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120, check=True)
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_jax_finds_every_task_of_the_job_and_its_gpu():
-  """What srun sets in the tasks of `--nodes 2 --gpus-per-node 2` (on CPU: detection only,
-  nothing joins): 4 processes, process i on GPU i mod 2, the first node coordinating."""
-  found = []
+  """What srun sets in the tasks of `--nodes 2 --gpus-per-node 2`: 4 processes, process i
+  on GPU i mod 2, the first node coordinating."""
   for procid in range(4):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
-    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4",
-               SLURM_NTASKS_PER_NODE="2", SLURM_STEP_NODELIST="gpu[07-08]",
-               SLURM_NODELIST="gpu[07-08]", SLURM_PROCID=str(procid),
-               SLURM_LOCALID=str(procid % 2), SLURM_NODEID=str(procid // 2),
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", DETECT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=True)
-    found.append(json.loads(done.stdout.strip().splitlines()[-1]))
-  for procid, f in enumerate(found):
+    f = detect(SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4", SLURM_NTASKS_PER_NODE="2",
+               SLURM_STEP_NUM_NODES="2", SLURM_STEP_TASKS_PER_NODE="2(x2)",
+               SLURM_STEP_NODELIST="gpu[07-08]", SLURM_NODELIST="gpu[07-08]",
+               SLURM_PROCID=str(procid), SLURM_LOCALID=str(procid % 2),
+               SLURM_NODEID=str(procid // 2))
     assert f["cluster"] == "slurm" and f["expected"] == f["count"] == 4
     assert f["source"] == "SLURM_STEP_NUM_TASKS=4"
     assert f["index"] == procid and f["local"] == [procid % 2]
     assert f["address"].startswith("gpu07:")
+
+
+def test_a_task_per_node_is_found_with_every_gpu_of_its_node():
+  """What srun sets in the tasks of `--nodes 2 --processes-per-node node`: 2 processes,
+  each SLURM_LOCALID 0, none restricted to GPU 0, at the address JAX would pick."""
+  port = 4242 % 2**12 + (65535 - 2**12 + 1)  # JAX's port for SLURM_JOB_ID 4242
+  for procid in range(2):
+    f = detect(SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS_PER_NODE="1",
+               SLURM_STEP_NUM_NODES="2", SLURM_STEP_TASKS_PER_NODE="1(x2)",
+               SLURM_STEP_NODELIST="gpu[07-08]", SLURM_NODELIST="gpu[07-08]",
+               SLURM_PROCID=str(procid), SLURM_LOCALID="0", SLURM_NODEID=str(procid))
+    assert f["cluster"] == "slurm" and f["expected"] == f["count"] == 2
+    assert f["index"] == procid and f["local"] is None
+    assert f["address"] == f"gpu07:{port}"
