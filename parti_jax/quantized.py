@@ -72,8 +72,8 @@ def ema(decay: float, block: int) -> optax.GradientTransformation:
   optax.ema with a low-precision accumulator also returns); only what is kept between
   steps is quantised. Each tree of the state mirrors the parameters, so
   `optax.tree_map_params` (parti_jax.sharding.opt_state_shardings) finds them: the values
-  take their parameter's sharding; the scales, shaped otherwise, need a rule of their own
-  there (until it exists they are replicated).
+  take their parameter's sharding; the scales, shaped otherwise, keep it where their
+  blocks split evenly (a rule of their own there, `_blocked_last_dim`).
   """
   if block < 1:
     raise ValueError(f"the int8 momentum's block size must be at least 1; got {block}")

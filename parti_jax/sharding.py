@@ -163,20 +163,62 @@ def _drop_dim(spec: P, param_shape, leaf_shape) -> P:
   return P()
 
 
+def _axes_of(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry(axes: tuple[str, ...]):
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _blocked_last_dim(spec: P, mesh_shape, param_shape, leaf_shape) -> P | None:
+  """Spec for a statistic shaped like its parameter but with the last axis counted in
+  blocks (parti_jax/quantized.py's scales: [..., ceil(n / block)]); None if it is not one.
+
+  Each mesh axis of the parameter's last dimension stays there while the blocks still
+  split evenly over it (so a block's scale lives with its int8 values); one that does not
+  moves to the first leading dimension that splits evenly with it added, so the scales
+  still shard as many ways (at the cost of moving them between that layout and the
+  values' in each step: XLA may warn of an "involuntary full rematerialization" of these
+  small arrays); one that fits nowhere leaves the statistic replicated over it.
+  """
+  rank = len(param_shape)
+  if (rank == 0 or len(leaf_shape) != rank or tuple(leaf_shape[:-1]) != tuple(param_shape[:-1])
+      or not 0 < leaf_shape[-1] <= param_shape[-1]):
+    return None
+  axes = [_axes_of(e) for e in tuple(spec) + (None,) * (rank - len(spec))]
+  ways = lambda names: math.prod(mesh_shape[a] for a in names)
+  last, axes[-1] = axes[-1], ()
+  for a in last:
+    if leaf_shape[-1] % ways(axes[-1] + (a,)) == 0:
+      axes[-1] += (a,)
+      continue
+    for k in range(rank - 1):  # each axis is named once in the spec, so never twice here
+      if leaf_shape[k] % ways(axes[k] + (a,)) == 0:
+        axes[k] += (a,)
+        break
+  return P(*map(_entry, axes))
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, abstract_params,
                         param_shardings) -> Any:
   """Shardings for an optimizer state, derived from its parameters' shardings.
 
-  Moments shaped like their parameter take its sharding; Adafactor's factored row and
-  column statistics drop one parameter dimension and keep the sharding of the others;
-  anything else (step counts, placeholders) is replicated. optax.tree_map_params finds
-  which parts of the state mirror the parameter tree.
+  Moments shaped like their parameter take its sharding; the int8 momentum's block scales
+  (the last axis counted in blocks) keep it where the blocks split evenly
+  (_blocked_last_dim); Adafactor's factored row and column statistics drop one parameter
+  dimension and keep the sharding of the others; anything else (step counts,
+  placeholders) is replicated. optax.tree_map_params finds which parts of the state
+  mirror the parameter tree.
   """
   def leaf(stat, param, sharding):
     if isinstance(stat, optax.MaskedNode):  # a frozen group (optimizer.frozen): no state
       return stat
     if stat.shape == param.shape:
       return sharding
+    blocked = _blocked_last_dim(sharding.spec, sharding.mesh.shape, param.shape, stat.shape)
+    if blocked is not None:
+      return NamedSharding(sharding.mesh, blocked)
     return NamedSharding(sharding.mesh, _drop_dim(sharding.spec, param.shape, stat.shape))
 
   some_sharding = jax.tree.leaves(param_shardings)[0]

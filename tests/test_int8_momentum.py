@@ -13,10 +13,12 @@ import numpy as np
 import optax
 import pytest
 from conftest import ROOT, load_config
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from parti_jax import config as config_lib
 from parti_jax import inspect as inspect_lib
 from parti_jax import optim, quantized
+from parti_jax import sharding as sharding_lib
 from parti_jax import train as trainer
 
 from test_trainer import assert_same_params, final_params, logged
@@ -85,12 +87,57 @@ def test_int8_momentum_cuts_the_momentum_bytes_per_chip_by_45_percent():
   assert b["int8"] <= 0.55 * b["bfloat16"], b
 
 
-@pytest.mark.xfail(strict=True, reason="the block scales replicate until "
-                   "parti_jax/sharding.py shards them like their parameter")
 def test_int8_momentum_cut_holds_fully_sharded():
   """20B on 256 chips (v4-512), fsdp=32 x tensor=8: the scales must shard with the values."""
   b = _momentum_bytes("parti_20b", 256, fsdp=32, tensor=8)
   assert b["int8"] <= 0.55 * b["bfloat16"], b
+
+
+def _scale_specs(params: dict, block: int) -> dict:
+  """The PartitionSpec opt_state_shardings gives each parameter's block scales on a
+  (fsdp=4, tensor=2) mesh; params maps a name to (shape, the parameter's spec)."""
+  mesh = jax.sharding.AbstractMesh((4, 2), ("fsdp", "tensor"))
+  tx = quantized.ema(0.9, block)
+  abstract = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, (shape, _) in params.items()}
+  shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in params.items()}
+  state = sharding_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract), abstract,
+                                           shardings)
+  assert state.ema_values == shardings  # the int8 values: their parameter's
+  specs = {k: s.spec for k, s in state.ema_scales.items()}
+  for spec in specs.values():  # a mesh axis is named once in a spec, or the spec is invalid
+    named = [a for e in spec if e for a in ((e,) if isinstance(e, str) else e)]
+    assert len(named) == len(set(named)), spec
+  return specs
+
+
+def test_block_scales_keep_their_parameters_spec_where_the_blocks_split_evenly():
+  assert _scale_specs({
+      "up": ((64, 1024), P("fsdp", "tensor")),       # 8 blocks over tensor's 2
+      "down": ((16, 4, 1024), P("tensor", None, "fsdp")),  # 8 blocks over fsdp's 4
+      "both": ((2, 1024), P(None, ("fsdp", "tensor"))),  # 8 blocks over all 8 devices
+  }, block=128) == {
+      "up": P("fsdp", "tensor"), "down": P("tensor", None, "fsdp"),
+      "both": P(None, ("fsdp", "tensor"))}
+
+
+def test_block_scales_move_an_axis_the_blocks_cannot_split_to_a_leading_dimension():
+  assert _scale_specs({
+      # 2 blocks: fsdp (4) moves to the first dimension it divides, joining tensor there.
+      "joins": ((16, 256), P("tensor", "fsdp")),
+      "skips": ((3, 8, 256), P(None, None, "fsdp")),  # 3 is not split 4 ways; 8 is
+      # 4 blocks: fsdp stays with them; tensor (2) does not fit too, so it moves.
+      "splits": ((6, 512), P(None, ("fsdp", "tensor"))),
+  }, block=128) == {
+      "joins": P(("tensor", "fsdp"), None), "skips": P(None, "fsdp", None),
+      "splits": P("tensor", "fsdp")}
+
+
+def test_block_scales_are_replicated_over_an_axis_that_fits_nowhere():
+  assert _scale_specs({
+      "odd": ((3, 256), P(None, "fsdp")),  # 2 blocks, and 3 rows: fsdp's 4 divides neither
+      "bias": ((256,), P("fsdp")),         # no leading dimension to move to
+      "short": ((4, 100), P("fsdp", "tensor")),  # 1 block (short): tensor cannot join 4 / 4
+  }, block=128) == {"odd": P(None, None), "bias": P(None), "short": P("fsdp", None)}
 
 
 def test_values_shard_like_their_parameters():
