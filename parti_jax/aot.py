@@ -106,6 +106,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   # become dilated convolutions, which XLA's cost model counts at well above their cost.
   hlo = lowered.as_text(dialect="hlo")
   report["compiler_flops_per_device"] = loop_aware_flops(hlo) / chips
+  # Pallas kernels (splash attention) are Mosaic custom calls in the program.
+  report["mosaic_kernels"] = hlo.count('custom_call_target="tpu_custom_call"')
+  report["attention"] = _attention(config, devices[0])
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -120,6 +123,19 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   report["overflow"] = overflow(memory, tpu.hbm_bytes)
   report["fits"] = not report["overflow"]
   return report
+
+
+def _attention(config, device) -> str | None:
+  """The attention `model.attention_impl` gives on the slice's chips (None: a model without)."""
+  m = config.model
+  if "attention_impl" not in m:
+    return None
+  from parti_jax.models import layers  # the model code, only to resolve the name
+  try:
+    return layers.attention_impl(m, device)
+  except (AttributeError, KeyError):  # widths per stack (ViT-VQGAN, the dual encoder)
+    # On a TPU, the planner's devices, the choice does not depend on the head width.
+    return layers.resolve_attention(m.attention_impl, m.get("dtype", "float32"), 0, device)
 
 
 def input_layout(config: ml_collections.ConfigDict, mesh) -> dict:
@@ -277,6 +293,10 @@ def print_report(r: dict, config_name: str) -> None:
   if compiler and analytic:
     print(f"FLOPs per device and step: compiler {compiler:.3e} (XLA's count of the lowered "
           f"step), analytic {analytic:.3e} (MFU's); compiler / analytic {compiler / analytic:.2f}")
+  if r.get("attention"):
+    kernels = r.get("mosaic_kernels", 0)
+    print(f"attention: {r['attention']}" + (f" ({kernels} Pallas kernel calls in the step)"
+                                            if kernels else ""))
   print(f"compile time {r['compile_s']:.1f} s")
   if r["fits"]:
     print(f"verdict: fits, {gib(r['hbm_bytes'] - m['total'])} to spare per chip")

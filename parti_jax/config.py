@@ -286,7 +286,7 @@ def vitvqgan(encoder: str, decoder: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- checks
 
 MESH_AXES = ("data", "fsdp", "tensor")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots")
 PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")

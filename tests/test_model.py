@@ -192,14 +192,14 @@ def test_full_length_mask_attends_as_the_broadcast_mask_does():
   assert not np.allclose(jax.nn.dot_product_attention(q, k, v), short_out)  # the mask matters
 
 
-def test_auto_attention_is_cudnn_only_on_nvidia_gpus_with_16_bit_heads_that_fit():
+def test_auto_attention_is_cudnn_on_nvidia_gpus_with_16_bit_heads_that_fit_splash_on_tpus():
   device = lambda platform, kind: types.SimpleNamespace(platform=platform, device_kind=kind)
   h100, cpu = device("gpu", "NVIDIA H100 80GB HBM3"), device("cpu", "cpu")
   m = load_config("parti_350m").model  # bf16, 16 heads of 64
   assert m.attention_impl == "auto"
   assert layers_lib.attention_impl(m, h100) == "cudnn"
   assert layers_lib.attention_impl(m, cpu) == "xla"
-  assert layers_lib.attention_impl(m, device("tpu", "TPU v5 lite")) == "xla"
+  assert layers_lib.attention_impl(m, device("tpu", "TPU v5 lite")) == "splash"
   assert layers_lib.attention_impl(m, device("gpu", "AMD Instinct MI300X")) == "xla"
   for change in (dict(dtype="float32"), dict(head_dim=256), dict(head_dim=60)):
     assert layers_lib.attention_impl(_changed(m, change), h100) == "xla", change

@@ -17,7 +17,8 @@ import ml_collections
 from flax import nnx
 
 from parti_jax import config as config_lib
-from parti_jax.sharding import constrain
+from parti_jax.models import splash
+from parti_jax.sharding import constrain, current_activation_mesh
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
 
@@ -81,19 +82,34 @@ class LayerNorm(nnx.Module):
 
 
 def attention_impl(m: ml_collections.ConfigDict, device=None) -> str:
-  """`model.attention_impl` resolved for `device` (default: JAX's first device).
+  """`model.attention_impl` resolved for `device` (default: the first device of the mesh a
+  step is being traced on, else JAX's first device).
 
-  "auto" picks cuDNN's fused kernel on an NVIDIA GPU where it applies: 16-bit matmuls and
-  heads at most 128 wide, in multiples of 8. It neither writes nor keeps the attention
-  matrix, which XLA's attention does; everywhere else (CPU, TPU, float32) XLA's attention.
+  "auto" picks a fused kernel, one that neither writes nor keeps the attention matrix as
+  XLA's attention does: on a TPU the Pallas splash kernel (parti_jax/models/splash.py); on
+  an NVIDIA GPU cuDNN's, where it applies (16-bit matmuls, heads at most 128 wide in
+  multiples of 8). Everywhere else (CPU, other GPUs, float32 on a GPU) XLA's attention.
   """
-  if m.attention_impl != "auto":
-    return m.attention_impl
-  device = device or jax.devices()[0]
-  dim = config_lib.head_dim(m)
-  fits = m.dtype in ("bfloat16", "float16") and dim <= 128 and dim % 8 == 0
+  return resolve_attention(m.attention_impl, m.dtype, config_lib.head_dim(m), device)
+
+
+def resolve_attention(impl: str, dtype: str, head_dim: int, device=None) -> str:
+  """`attention_impl` of the three fields it reads."""
+  if impl != "auto":
+    return impl
+  device = device or _tracing_device()
+  if device.platform == "tpu":
+    return "splash"
+  fits = dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
   nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()
   return "cudnn" if nvidia and fits else "xla"
+
+
+def _tracing_device():
+  """The device a step is compiled for: the activation mesh's (compile-only TPU devices
+  when planning on a CPU host), else JAX's default."""
+  mesh = current_activation_mesh()
+  return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
 
 class Attention(nnx.Module):
@@ -110,7 +126,8 @@ class Attention(nnx.Module):
         (heads, dim), m.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs,
         dot_general=flat_dot_general,
         kernel_init=dense_init(("heads", "kv", "embed")))
-    self.impl = attention_impl(m)
+    # Resolved when traced (`attend`): only then is the mesh, hence the device, known.
+    self.impl, self.dtype_name, self.head_dim = m.attention_impl, m.dtype, dim
 
   def __call__(self, x, context, mask, rotary=None):
     return self.attend(*self.project(x, context, rotary), mask)
@@ -133,10 +150,13 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, mask, impl=None):
     """Queries [B, S, H, D] over keys and values [B, S_kv, H, D] -> [B, S, d_model]."""
     # jax.nn.dot_product_attention: softmax in float32, fused kernels where available.
-    impl = impl or self.impl
-    if impl == "cudnn" and mask is not None:
-      mask = full_length_mask(mask, q.shape[1], k.shape[1])
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    impl = impl or resolve_attention(self.impl, self.dtype_name, self.head_dim)
+    if impl == "splash":
+      out = splash.attention(q, k, v, mask)
+    else:
+      if impl == "cudnn" and mask is not None:
+        mask = full_length_mask(mask, q.shape[1], k.shape[1])
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     return constrain(self.out(out), "batch", "length", "embed")
 
 

@@ -24,6 +24,7 @@ TPUs).
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from parti_jax import config as config_lib
@@ -42,17 +43,18 @@ def _visible(m: ml_collections.ConfigDict, i, j):
   mask = j <= i
   if m.decoder_attention == "conv":
     rows, cols = i // m.image_grid - j // m.image_grid, i % m.image_grid - j % m.image_grid
-    mask &= (rows < m.conv_kernel_rows) & (jnp.abs(cols) <= m.conv_kernel_cols // 2)
+    mask &= (rows < m.conv_kernel_rows) & (abs(cols) <= m.conv_kernel_cols // 2)
   return mask
 
 
-def decoder_mask(m: ml_collections.ConfigDict) -> jax.Array:
+def decoder_mask(m: ml_collections.ConfigDict) -> np.ndarray:
   """[1, 1, N, N] boolean mask over the image raster (see `_visible`).
 
-  It is applied as a dense mask: it changes what is attended, not the compute spent.
+  A numpy array, known while tracing: XLA's attention applies it densely (it changes what
+  is attended, not the compute spent); the splash kernel skips the blocks it hides.
   """
   n = m.image_grid ** 2
-  return _visible(m, jnp.arange(n)[:, None], jnp.arange(n)[None, :])[None, None]
+  return _visible(m, np.arange(n)[:, None], np.arange(n)[None, :])[None, None]
 
 
 class Parti(nnx.Module):

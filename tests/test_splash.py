@@ -1,0 +1,144 @@
+"""Splash attention (parti_jax/models/splash.py): the Pallas TPU kernel, run here in Pallas'
+interpreter against XLA's attention, over the 8-device mesh, and compiled for TPU slices by
+the real TPU compiler (libtpu)."""
+
+import importlib.util
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+from test_loss_chunks import assert_close_trees, loss_grads_eval
+
+from parti_jax import aot
+from parti_jax.models import layers as layers_lib
+from parti_jax.models import parti as parti_model
+from parti_jax.models import splash
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+
+def _qkv(seed, batch, q_len, kv_len, heads=2, dim=16):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(batch, q_len, heads, dim))
+  k, v = (rng.normal(size=(batch, kv_len, heads, dim)) for _ in range(2))
+  return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+def _both(q, k, v, mask):
+  """Outputs and input gradients of XLA's attention and of the splash kernel."""
+  def run(attend):
+    out, pull = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+    cotangent = jnp.asarray(np.random.default_rng(9).normal(size=out.shape), out.dtype)
+    return (out,) + pull(cotangent)
+  xla = run(lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask))
+  return xla, run(splash.attention)
+
+
+def _conv_config():
+  m = load_config("parti_tiny").model
+  m.update(image_grid=6, decoder_attention="conv", conv_kernel_rows=2, conv_kernel_cols=3)
+  return m
+
+
+@pytest.mark.parametrize("kind", ["causal", "conv"])
+def test_static_decoder_masks_match_xla_attention(kind):
+  """The decoder's raster masks, on a length (36) that is not a whole block: the padded
+  queries and keys change nothing."""
+  m = load_config("parti_tiny").model if kind == "causal" else _conv_config()
+  m.image_grid = 6
+  mask = parti_model.decoder_mask(m)  # numpy [1, 1, 36, 36]
+  assert isinstance(mask, np.ndarray)
+  if kind == "conv":  # the conv shape hides more than the causal one
+    assert mask.sum() < np.tril(np.ones((36, 36))).sum()
+  xla, ours = _both(*_qkv(0, 2, 36, 36), mask)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), ours, xla):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_key_padding_masks_become_segments_in_self_and_cross_attention():
+  """Text padding [B, 1, 1, T], as the encoder and the decoder's cross-attention use it:
+  rows of different lengths, queries from a longer sequence than the keys."""
+  valid = np.arange(10)[None, :] < np.asarray([3, 10])[:, None]  # 3 and 10 real tokens
+  padding = jnp.asarray(valid)[:, None, None, :]
+  for q_len in (10, 24):  # encoder self-attention; cross-attention from 24 image positions
+    xla, ours = _both(*_qkv(q_len, 2, q_len, 10), padding)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, xla):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {q_len}")
+  # Padded keys get no gradient: nothing attended to them.
+  assert not np.any(ours[2][0, 3:]) and not np.any(ours[3][0, 3:])
+
+
+def test_a_traced_full_mask_is_refused_naming_what_it_takes():
+  q, k, v = _qkv(1, 2, 8, 8)
+  with pytest.raises(ValueError, match="static mask or a key-padding mask"):
+    jax.jit(splash.attention)(q, k, v, jnp.ones((1, 1, 8, 8), bool))
+
+
+def test_padded_mask_hides_padded_keys_and_lets_padded_queries_see_the_real_ones():
+  mask = splash.padded_mask(np.tril(np.ones((3, 3), bool)), 3, 3)
+  assert mask.shape == (128, 128)
+  np.testing.assert_array_equal(mask[:3, :3], np.tril(np.ones((3, 3), bool)))
+  assert not mask[:, 3:].any() and mask[3:, :3].all()
+  assert splash._block(1024) == 512 and splash._block(384) == 128 and splash._block(256) == 256
+
+
+def test_parti_loss_and_gradients_match_xla_attention_on_the_8_device_mesh():
+  """The whole tiny Parti, heads split over a tensor axis of 2 and rows over data x fsdp:
+  the kernel runs inside shard_map on each device's rows and heads."""
+  def tiny(impl):
+    c = load_config("parti_tiny")
+    c.model.update(attention_impl=impl, dropout_rate=0.1)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    return c
+  params, xla = loss_grads_eval(tiny("xla"), evaluate=False)
+  _, ours = loss_grads_eval(tiny("splash"), params, evaluate=False)
+  assert np.isfinite(xla[0]) and xla[0] > 1.0
+  np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5)
+  assert_close_trees(ours[2], xla[2], 1e-4)
+
+
+def test_auto_attention_is_splash_on_tpus_and_resolved_by_the_mesh_being_traced():
+  device = lambda platform, kind: types.SimpleNamespace(platform=platform, device_kind=kind)
+  m = load_config("parti_350m").model
+  for kind in ("TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite"):
+    assert layers_lib.attention_impl(m, device("tpu", kind)) == "splash"
+  assert layers_lib.attention_impl(m, device("cpu", "cpu")) == "xla"
+  assert layers_lib.attention_impl(m) == "xla"  # no mesh: the CPU this runs on
+
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+@pytest.mark.parametrize("topology", ["v4-8", "v6e-4"])
+def test_the_planner_compiles_the_train_step_with_splash_kernels(topology):
+  """On TPU devices `auto` is splash: the compiled step holds Pallas (Mosaic) kernels, forward
+  and backward, for the encoder's and the decoder's self- and cross-attention."""
+  report = aot.plan(load_config("parti_tiny"), topology)
+  assert report["fits"], report["overflow"]
+  assert report["attention"] == "splash" and report["mosaic_kernels"] >= 6
+
+
+@needs_libtpu
+def test_xla_attention_on_a_tpu_has_no_kernels():
+  from parti_jax import sharding, topologies
+  config = load_config("parti_tiny")
+  config.model.attention_impl = "xla"
+  mesh = sharding.make_mesh(config, topologies.get("v4-8").devices())
+  program = aot.MODES["train"](config, mesh)
+  assert "tpu_custom_call" not in program.fn.lower(*program.args).as_text(dialect="hlo")
+
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_parti_350m_compiles_with_splash_attention():
+  """The paper's 350M (1024 image tokens, 16 heads of 64) at a small batch on a v5p slice
+  (the planner's figures at batch 8192 are in docs/scaling.md)."""
+  config = load_config("parti_350m")
+  config.update(global_batch_size=8, grad_accum_steps=1)
+  report = aot.plan(config, "v5p-8")
+  assert report["fits"], report["overflow"]
+  assert report["memory"]["temporaries"] > 0
