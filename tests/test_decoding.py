@@ -209,3 +209,22 @@ def test_the_decode_step_lowers_sharded_for_a_mesh():
   assert state.proposals.shape == (8, 4, 128)
   compiled = step.lower(params, state).compile()
   assert compiled.output_shardings.cache["self_k"].spec == state.cache["self_k"].sharding.spec
+
+
+def test_the_compiled_decode_step_updates_the_kv_cache_in_place():
+  """Read from the compiled step: the self-attention caches are donated (their buffers are
+  the outputs') and no instruction copies a whole cache: each step writes its new keys and
+  values into the cache where it lies."""
+  config = load_config("parti_tiny")
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config, jax.devices())
+  step, (params, state) = decoding.decode_step_and_args(config, mesh, 8, decoding.Settings())
+  compiled = step.lower(params, state).compile()
+  caches = [state.cache[name] for name in ("self_k", "self_v")]
+  shard_bytes = sum(sharding.shard_bytes(c.shape, c.dtype, c.sharding) for c in caches)
+  assert compiled.memory_analysis().alias_size_in_bytes >= shard_bytes
+  shard = caches[0].sharding.shard_shape(caches[0].shape)  # [layers, rows, length, heads, kv]
+  whole = "f32[" + ",".join(map(str, shard)) + "]{"
+  copies = [line.strip() for line in compiled.as_text().splitlines()
+            if f"= {whole}" in line and (" copy(" in line or "copy-start(" in line)]
+  assert copies == [], copies[:3]
