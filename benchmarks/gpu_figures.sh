@@ -3,32 +3,35 @@
 #
 #   bash benchmarks/gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]
 #
-# 1. ViT-VQGAN Small at 256 px, batch 64: encode/decode images/s and the train step;
-# 2. Parti 350M sampling at batch 64, with and without guidance, against its bandwidth floor;
-# 3. train_xla: Parti 350M training in bf16 at the largest batch that fits (doubling from 16),
-#    with XLA's attention;
-# 4. profile: a jax.profiler trace of 3 Parti 350M train steps at the batch step 3 ended at
-#    (attention as `auto` picks it), summarised by benchmarks/profile_summary.py into device
-#    time by group (matmuls, attention, layer norms, loss, optimizer, random bits,
-#    collectives, copies); the trace and the step's HLO stay in OUTDIR/profile_train;
-# 5. train_cudnn: the same with cuDNN's fused attention (what `model.attention_impl=auto`, the
-#    default, picks on NVIDIA GPUs), from the largest batch of step 3 up;
-# 6. train_levers: step 5's largest batch again with the output projection in bf16
-#    (model.logits_matmul=compute), the chunked loss (model.loss_chunk=128) and rbg dropout
-#    bits (train.prng_impl=rbg): against step 5's line, whether these become GPU defaults.
-# NAMEs (tokenizer, sampling, train_xla, profile, train_cudnn, train_levers) pick some; all run
-# by default.
+# By default (the figures issue 22 still lacks; together within one 10-minute device call):
+# 1. train_cudnn: Parti 350M training in bf16 with cuDNN's fused attention (what
+#    `model.attention_impl=auto` picks on NVIDIA GPUs) at BATCH (default 64, the largest that
+#    fit an H200 on 2026-11-27), for MFU;
+# 2. train_levers: the same with the output projection in bf16 (model.logits_matmul=compute),
+#    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg):
+#    against step 1's line, whether these become GPU defaults;
+# 3. profile: a jax.profiler trace of 3 such train steps (the levers off), summarised by
+#    benchmarks/profile_summary.py into device time by group (matmuls, attention, layer norms,
+#    loss, optimizer, random bits, collectives, copies); the trace and the step's HLO stay in
+#    OUTDIR/profile_train;
+# 4. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
+#    bandwidth floor.
+# By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
+# 64: encode/decode images/s and the train step); train_xla (350M with XLA's attention at the
+# largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH).
 # Each writes OUTDIR/NAME.log (everything printed) and OUTDIR/NAME.json (its result line).
-# Accelerator time is usually rationed, so the whole run keeps to TOTAL_SECONDS (default 900):
-# each benchmark gets at most its own cap and never more than what is left, and one that fails
-# or runs out of time is reported and the next one still runs. The training search prints one
-# line per batch size as it goes, so a search cut short still leaves its figures in the log.
+# Accelerator time is rationed, so the whole run keeps to TOTAL_SECONDS (default 560, one
+# device call of at most 600 s): each benchmark gets at most its own cap and never more than
+# what is left, and one that fails or runs out of time is reported and the next one still
+# runs. A training search prints one line per batch size as it goes, so a search cut short
+# still leaves its figures in the log.
 set -uo pipefail
 
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
-deadline=$((SECONDS + ${2:-900}))
+deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-tokenizer sampling train_xla profile train_cudnn train_levers} "
+names=" ${*:-train_cudnn train_levers profile sampling} "
+batch=${BATCH:-64}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
@@ -54,22 +57,20 @@ bench() {  # NAME CAP_SECONDS COMMAND...
 }
 
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
+bench train_cudnn 130 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn
+bench train_levers 130 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn --config.model.logits_matmul=compute \
+  --config.model.loss_chunk=128 --config.train.prng_impl=rbg
+# A few steps: compiling 350M takes most of the cap, the trace itself seconds.
+bench profile 120 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
+  --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3 \
+  --config.model.attention_impl=cudnn
+bench sampling 180 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64
 bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
   --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
-bench sampling 240 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64
-bench train_xla 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
-  --config.global_batch_size=16 --find_max_batch --steps 10 --config.model.attention_impl=xla
-# Flash attention needs less memory: start from the batch the XLA attention search ended at.
-batch=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_batch"])' \
-  "$out/train_xla.json" 2>/dev/null || echo 16)
-# A few steps: compiling 350M takes most of the cap, the trace itself seconds.
-bench profile 150 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
-  --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3
-bench train_cudnn 300 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
-  --config.global_batch_size="$batch" --find_max_batch --steps 10 \
+bench train_xla 300 "${train350m[@]}" --config.global_batch_size=16 --find_max_batch \
+  --config.model.attention_impl=xla
+bench train_search 300 "${train350m[@]}" --config.global_batch_size="$batch" --find_max_batch \
   --config.model.attention_impl=cudnn
-batch=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_batch"])' \
-  "$out/train_cudnn.json" 2>/dev/null || echo "$batch")
-bench train_levers 150 python3 benchmarks/train_throughput.py --config configs/parti_350m.py \
-  --config.global_batch_size="$batch" --steps 10 --config.model.attention_impl=cudnn \
-  --config.model.logits_matmul=compute --config.model.loss_chunk=128 --config.train.prng_impl=rbg
