@@ -79,7 +79,9 @@ def http_ask(url: str, number: int, images: int):
   and its images fetched, as a browser would: (start, end, PNG bytes, decodes)."""
   import httpx
   start = time.perf_counter()
-  fields = [PROMPTS[number % len(PROMPTS)], images, number, 0, 1.5, 0.2, 0, 1.0, False]
+  # The page's fields in its order; the REST API, unlike gradio_client, fills in none.
+  fields = [PROMPTS[number % len(PROMPTS)], images, number, 0, 1.5, 0.2, 0, 1.0, False, 0,
+            False]
   with httpx.Client(timeout=600) as http:
     event = http.post(f"{url}/gradio_api/call/generate", json=dict(data=fields)).json()
     kind, data = None, None
@@ -105,7 +107,8 @@ def gradio_user(number: int, url: str, images: int, reps: int, barrier, results)
   def ask():
     start = time.perf_counter()
     gallery, _, details = client.predict(PROMPTS[number % len(PROMPTS)], images, number, 0,
-                                         1.5, 0.2, 0, 1.0, False, api_name="/generate")
+                                         1.5, 0.2, 0, 1.0, False, 0, False,
+                                         api_name="/generate")
     pictures = [epath.Path(g["image"]).read_bytes() for g in gallery]
     return start, time.perf_counter(), pictures, details["batches"]
 
