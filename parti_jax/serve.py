@@ -27,12 +27,14 @@ A sample's image depends only on its prompt, seed and index, as with `python -m
 parti_jax.sample` (parti_jax/sampling.py): alone or batched, it is the same image.
 """
 
+import atexit
 import itertools
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -78,10 +80,14 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
   import gradio as gr
 
   requests = itertools.count(1)
-  # Our own PNG files, one folder a request: Gradio rewrites a numpy image's file in place
-  # each time it is output, and a second request for the same image then truncates the
-  # file while the first one's download reads it. Files it copies in are renamed into place.
+  # Our own PNG files, one folder a request, written once and never rewritten (Gradio
+  # rewrites a numpy image's file in place each time it is output, and a second request
+  # for the same image then truncated the file while the first one's download read it).
+  # A static path: Gradio serves them from here as they are, instead of hashing and
+  # copying every image into its cache on each request.
   files = epath.Path(tempfile.mkdtemp(prefix="parti_jax_serve_"))
+  gr.set_static_paths([str(files)])
+  _remove_old_folders(files, every_s=3600, age_s=86400)
   text_len = run.setup.config.model.text_len
 
   def rows_of(r: web.Request) -> list[batcher_lib.Row]:
@@ -136,20 +142,25 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
               images[i] = _save(folder, entries[i], r.seed, picture)
         else:
           shown = [i for i, _, _ in entries if images[i] is not None]
-        gallery = [(images[i], _caption(entries[i], r.seed, scores)) for i in shown]
-        yield gallery, _status(r, rows, images, batches, scores), _details(
-            r, rows, images, batches, number, scores)
+        grid = [(images[i], _caption(entries[i], r.seed, scores)) for i in shown]
+        yield sent(grid, _status(r, rows, images, batches, scores),
+                   _details(r, rows, images, batches, number, scores))
     except Exception as e:  # noqa: BLE001  a failed decode or none in time: said, not hung
       message = str(e) or f"no images after {RESULT_TIMEOUT_S} s"
       log(f"request {number}: failed: {message}")
       raise gr.Error(message, title="Decoding failed") from None
-    finally:
-      # Gradio has copied every yielded file into its cache by the time this runs (the
-      # generator resumes only after its last output went out) or the request was dropped.
-      shutil.rmtree(folder, ignore_errors=True)
     log(f"request {number}: {len(rows)} images in {time.perf_counter() - began:.2f} s; "
         "decodes " + ", ".join(f"{b.number} ({b.rows} rows of {b.requests} requests, "
                                f"{b.decode_s:.2f} s)" for b in batches))
+
+  def sent(grid, status_text, details_value):
+    # The events skip Gradio's pre- and post-processing (preprocess=False,
+    # postprocess=False): web.parse checks the fields as sent, and the outputs are put in
+    # the form Gradio sends by the components' own postprocess, here in the generator's
+    # thread, where Gradio would hand each input and output to a worker thread of its
+    # own (on a busy 2-core CPU each hand-off waits for the GIL).
+    return [_dumped(component.postprocess(value)) for component, value in
+            ((gallery, grid), (status, status_text), (details, details_value))]
 
   defaults = dict(prompts="", num_images=4, seed=0, start=0, guidance=DEFAULTS.guidance,
                   temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
@@ -199,10 +210,11 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
     inputs = [prompts, num_images, seed, start, guidance, temperature, top_k, top_p, sjd,
               keep, upsample]
     outputs = [gallery, status, details]
+    unprocessed = dict(preprocess=False, postprocess=False)  # sent(): why
     go.click(generate, inputs, outputs, api_name="generate", concurrency_limit=max_users,
-             concurrency_id="generate")
+             concurrency_id="generate", **unprocessed)
     prompts.submit(generate, inputs, outputs, api_visibility="private",
-                   concurrency_id="generate")
+                   concurrency_id="generate", **unprocessed)
 
     # A link fills the page from its query parameters and draws at once.
     linked = gr.State(False)
@@ -224,8 +236,29 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
 
     page.load(fill, None, inputs + [linked], api_visibility="private").then(
         draw_linked, [linked, *inputs], outputs, api_visibility="private",
-        concurrency_id="generate")
+        concurrency_id="generate", **unprocessed)
   return page
+
+
+def _dumped(value):
+  """A component's postprocessed value as Gradio sends it (its models as plain data)."""
+  return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _remove_old_folders(files: epath.Path, every_s: float, age_s: float) -> None:
+  """Removes request folders older than `age_s` every `every_s`, and all at exit (as
+  Gradio's delete_cache does with its cache): a request's images are downloaded after
+  its answer, so they cannot go with it."""
+  def loop():
+    while True:
+      time.sleep(every_s)
+      cutoff = time.time() - age_s
+      for folder in files.iterdir():
+        if folder.stat().mtime < cutoff:
+          shutil.rmtree(folder, ignore_errors=True)
+
+  threading.Thread(target=loop, name="old images", daemon=True).start()
+  atexit.register(shutil.rmtree, files, ignore_errors=True)
 
 
 def _save(folder: epath.Path, entry, seed: int, picture) -> str:
