@@ -65,7 +65,9 @@ def base() -> ml_collections.ConfigDict:
   # tensor never exists at once (parti_jax/tasks/parti.py: chunked_cross_entropy). It must
   # divide image_grid ** 2. 0: the whole logits tensor, as the sampler makes it.
   m.loss_chunk = 0
-  m.remat = "none"  # "none", "full" or "dots" (keep matmul outputs, recompute the rest)
+  # "none", "full", "dots" (keep matmul outputs, recompute the rest) or "qkv_up" (keep only
+  # what is split over the tensor axis: q/k/v, attention outputs, the MLP's hidden layer)
+  m.remat = "none"
   # Layers per iteration of each scanned stack. 1 keeps compile time flat in depth; a tiny
   # model on a CPU steps about a third faster with all its layers in one iteration (the
   # demo's Parti: 55 ms against 81; configs/demo_parti.py).
@@ -287,7 +289,7 @@ def vitvqgan(encoder: str, decoder: str) -> ml_collections.ConfigDict:
 
 MESH_AXES = ("data", "fsdp", "tensor")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "qkv_up")
 PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")
 VOCAB_MULTIPLE = 128  # vocabularies are padded so the logits tile evenly on TPU lanes

@@ -1,5 +1,6 @@
 """Model behaviour: causality, masks, padded vocabulary, depth-independent lowering."""
 
+import collections
 import os
 import shutil
 import subprocess
@@ -271,3 +272,31 @@ def test_cudnn_attention_computes_what_xla_attention_does_on_a_gpu():
   if done.returncode == 77:
     pytest.skip("JAX has no GPU backend here")
   assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _saved_for_backward(remat: str, capsys) -> list[str]:
+  """The residuals the tiny Parti's backward pass keeps, as jax prints them."""
+  c = load_config("parti_tiny")
+  c.model.update(remat=remat)
+  graphdef, params = nnx.split(parti_model.Parti(c.model, rngs=nnx.Rngs(0)))
+  b = random_batch(c, batch_size=2)
+  loss = lambda p: nnx.merge(graphdef, p)(b["text_tokens"], b["image_tokens"]).sum()
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  return capsys.readouterr().out.splitlines()
+
+
+def test_qkv_up_remat_keeps_the_per_head_and_mlp_activations_only(capsys):
+  """`model.remat=qkv_up` keeps, of every layer, queries, keys, values and attention outputs
+  (per head: split over the tensor axis on a mesh), the MLP's hidden layer and the layer's
+  input, and recomputes the out and down projections, whose outputs "dots" keeps."""
+  def scanned(lines):  # the scanned layers' residuals: [layers, ...] by shape
+    return collections.Counter(l.split(" ", 1)[0] for l in lines if "output of scan" in l)
+  kept, dots = (scanned(_saved_for_backward(remat, capsys)) for remat in ("qkv_up", "dots"))
+  # Tiny: 2 layers per stack, batch 2, 16 text and 16 image tokens, 4 heads of 16, MLP 256.
+  # Encoder: q, k, v, attention; decoder: the same for self- and cross-attention.
+  assert kept == {"f32[2,2,16,4,16]": 4 + 8, "f32[2,2,16,256]": 2, "f32[2,2,16,64]": 2}
+  # "dots" keeps the matmul outputs (flattened to [layers, B x S, width]), the out and down
+  # projections' among them: whole on every tensor shard. The planner's memory per chip with
+  # each policy is in docs/scaling.md.
+  assert dots["f32[2,32,64]"] >= 4 and "f32[2,32,64]" not in kept

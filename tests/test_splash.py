@@ -89,14 +89,15 @@ def test_padded_mask_hides_padded_keys_and_lets_padded_queries_see_the_real_ones
 
 def test_parti_loss_and_gradients_match_xla_attention_on_the_8_device_mesh():
   """The whole tiny Parti, heads split over a tensor axis of 2 and rows over data x fsdp:
-  the kernel runs inside shard_map on each device's rows and heads."""
-  def tiny(impl):
+  the kernel runs inside shard_map on each device's rows and heads; under the remat policy
+  that keeps its residuals (qkv_up) too."""
+  def tiny(impl, remat):
     c = load_config("parti_tiny")
-    c.model.update(attention_impl=impl, dropout_rate=0.1)
+    c.model.update(attention_impl=impl, dropout_rate=0.1, remat=remat)
     c.mesh.update(data=2, fsdp=2, tensor=2)
     return c
-  params, xla = loss_grads_eval(tiny("xla"), evaluate=False)
-  _, ours = loss_grads_eval(tiny("splash"), params, evaluate=False)
+  params, xla = loss_grads_eval(tiny("xla", "none"), evaluate=False)
+  _, ours = loss_grads_eval(tiny("splash", "qkv_up"), params, evaluate=False)
   assert np.isfinite(xla[0]) and xla[0] > 1.0
   np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5)
   assert_close_trees(ours[2], xla[2], 1e-4)

@@ -60,7 +60,7 @@ def padded_mask(static, q_len: int, kv_len: int) -> np.ndarray:
   return mask
 
 
-def _kernel(mask: np.ndarray, heads: int, interpret: bool):
+def _kernel(mask: np.ndarray, heads: int, interpret: bool, residual_name: str | None):
   sp, tp = mask.shape
   bq, bkv = _block(sp), _block(tp)
   blocks = kernel_lib.BlockSizes(
@@ -69,14 +69,17 @@ def _kernel(mask: np.ndarray, heads: int, interpret: bool):
       block_q_dq=bq, block_kv_dq=bkv)
   heads_mask = mask_lib.MultiHeadMask([mask_lib.NumpyMask(mask)] * heads)
   return kernel_lib.make_splash_mha(heads_mask, block_sizes=blocks, head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+                                    q_seq_shards=1, interpret=interpret,
+                                    residual_checkpoint_name=residual_name)
 
 
-def attention(q, k, v, mask=None):
+def attention(q, k, v, mask=None, residual_name: str | None = None):
   """Splash attention of queries [B, S, H, D] over keys and values [B, T, H, D] -> [B, S, H, D].
 
   `mask`: None, a static boolean array broadcastable to [1, 1, S, T] (numpy: known while
-  tracing), or a key-padding mask [B, 1, 1, T] (a traced array). Runs over the mesh
+  tracing), or a key-padding mask [B, 1, 1, T] (a traced array). `residual_name`: the
+  `checkpoint_name` of the kernel's residuals (its output and log-sum-exp), so that a remat
+  policy can keep them instead of running the kernel again. Runs over the mesh
   `parti_jax.sharding.activation_mesh` set, if any, else as one device.
   """
   b, s, heads, dim = q.shape
@@ -103,7 +106,7 @@ def attention(q, k, v, mask=None):
   interpret = _devices()[0].platform != "tpu"
 
   def local(q, k, v, segments):  # one device's rows and heads
-    run = _kernel(kernel_mask, q.shape[1], interpret)
+    run = _kernel(kernel_mask, q.shape[1], interpret, residual_name)
     if segments is None:
       return jax.vmap(run)(q, k, v)
     ids = kernel_lib.SegmentIds(*segments)
