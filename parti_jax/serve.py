@@ -65,6 +65,7 @@ FLAGS.integer("sjd_window", 16, "Draft tokens per forward when speculative decod
 FLAGS.bool("warmup", True, "Compile the default settings before serving.")
 
 RESULT_TIMEOUT_S = 900  # a decode that long has hung: the request is told, not left waiting
+FILE_ROUTE = "/gradio_api/file="  # Gradio's URL of a file it serves: FILE_ROUTE + path
 
 
 def log(message: str) -> None:
@@ -73,21 +74,63 @@ def log(message: str) -> None:
   sys.stderr.flush()
 
 
-def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
-          sjd_window: int, max_users: int, scorer=None, upsampler=None):
-  """The Gradio page and its /generate API (`scorer`, `upsampler`: parti_jax.rerank.Scorer
-  and parti_jax.upsample.Upsampler, or None)."""
+def image_folder() -> epath.Path:
+  """Where the server writes its PNGs, one folder a request, each file written once and
+  never rewritten (Gradio rewrites a numpy image's file in place each time it is output,
+  and a second request for the same image then truncated the file while the first one's
+  download read it). A static path: Gradio sends them from here as they are, instead of
+  hashing and copying every image into its cache on each request."""
   import gradio as gr
-
-  requests = itertools.count(1)
-  # Our own PNG files, one folder a request, written once and never rewritten (Gradio
-  # rewrites a numpy image's file in place each time it is output, and a second request
-  # for the same image then truncated the file while the first one's download read it).
-  # A static path: Gradio serves them from here as they are, instead of hashing and
-  # copying every image into its cache on each request.
   files = epath.Path(tempfile.mkdtemp(prefix="parti_jax_serve_"))
   gr.set_static_paths([str(files)])
   _remove_old_folders(files, every_s=3600, age_s=86400)
+  return files
+
+
+class ImageFiles:
+  """ASGI middleware: a GET of one of the server's own PNGs (Gradio's URL for it,
+  `.../gradio_api/file=PATH` with PATH in `folder`) is answered from the file at once.
+  Gradio's route hands each file to a worker thread to check a login (the server has
+  none), then to four more to stat, open, read and close it; for 8 users' 32 images those
+  hand-offs, each waiting for the GIL on a busy CPU, took 0.1 s of the users' time and
+  the largest share of the server's Python time. Anything else, a HEAD or Range request
+  or a missing file, goes to Gradio."""
+
+  def __init__(self, app, folder: str):
+    self.app, self.folder = app, os.path.realpath(folder) + os.sep
+
+  async def __call__(self, scope, receive, send):
+    image = self._image(scope)
+    if image is None:
+      return await self.app(scope, receive, send)
+    name, body = image
+    await send(dict(type="http.response.start", status=200, headers=[
+        (b"content-type", b"image/png"), (b"content-length", str(len(body)).encode()),
+        (b"content-disposition", f'inline; filename="{name}"'.encode())]))
+    await send(dict(type="http.response.body", body=body))
+
+  def _image(self, scope) -> tuple[str, bytes] | None:
+    if scope["type"] != "http" or scope["method"] != "GET" or any(
+        key == b"range" for key, _ in scope["headers"]):
+      return None
+    at = scope["path"].find(FILE_ROUTE)
+    path = os.path.realpath(scope["path"][at + len(FILE_ROUTE):]) if at >= 0 else ""
+    if not (path.startswith(self.folder) and path.endswith(".png")):
+      return None
+    try:
+      with open(path, "rb") as f:  # a small file, just written: read here, no thread
+        return os.path.basename(path), f.read()
+    except OSError:
+      return None
+
+
+def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
+          sjd_window: int, max_users: int, files: epath.Path, scorer=None, upsampler=None):
+  """The Gradio page and its /generate API (`files`: image_folder(); `scorer`,
+  `upsampler`: parti_jax.rerank.Scorer and parti_jax.upsample.Upsampler, or None)."""
+  import gradio as gr
+
+  requests = itertools.count(1)
   text_len = run.setup.config.model.text_len
 
   def rows_of(r: web.Request) -> list[batcher_lib.Row]:
@@ -371,13 +414,17 @@ def main(argv=None):
   limits = web.Limits(a.max_images, batcher.settings_for(DEFAULTS).num_codes
                       or run.setup.config.model.codebook_size, rerank=scorer is not None,
                       upsample=upsampler is not None)
-  page = build(run, batcher, limits, a.sjd_window, a.max_users, scorer, upsampler)
+  from starlette.middleware import Middleware
+  files = image_folder()
+  page = build(run, batcher, limits, a.sjd_window, a.max_users, files, scorer, upsampler)
   page.queue(max_size=a.queue_size, default_concurrency_limit=a.max_users)
   page.launch(server_name=a.host, server_port=a.port, show_error=True, prevent_thread_lock=True,
               quiet=True, ssr_mode=False, max_threads=max(40, 2 * a.max_users + 8),
               # Gradio's run history records every request's images: work per request
               # that a shared server does not need.
-              run_history=False)
+              run_history=False,
+              # No login (auth=): ImageFiles skips none.
+              app_kwargs=dict(middleware=[Middleware(ImageFiles, folder=str(files))]))
   print(f"serving http://{a.host}:{a.port}", flush=True)
   page.block_thread()
 

@@ -2,6 +2,9 @@
 trained run (and its model folder), gradio_client requests (concurrent ones too), every
 refusal, a full queue."""
 
+import io
+import json
+import pathlib
 import subprocess
 import sys
 import time
@@ -9,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT
+from PIL import Image
 from sampling_helpers import tiny_run
 from serve_helpers import gallery_pixels, server
 
@@ -70,6 +74,39 @@ def test_images_seeds_and_links(served):
   assert not np.array_equal(images[0], images[1])  # samples of a prompt differ
   other, *_ = generate(client, "a red circle", 2, seed=6, top_k=32)
   assert not np.array_equal(other[0], images[0])  # and so do seeds
+
+
+def rest_generate(url: str, *args, **kwargs) -> list:
+  """/generate's outputs through the REST API (as a browser's page or curl asks)."""
+  event = httpx.post(f"{url}/gradio_api/call/generate", json=dict(data=fields(*args, **kwargs)))
+  kind = None
+  with httpx.stream("GET", f"{url}/gradio_api/call/generate/{event.json()['event_id']}",
+                    timeout=300) as events:
+    for line in events.iter_lines():
+      if line.startswith("event: "):
+        kind = line[7:]
+      elif line.startswith("data: ") and kind == "complete":
+        return json.loads(line[6:])
+  raise AssertionError(f"no answer: {kind}")
+
+
+def test_images_are_served_as_pngs_and_nothing_else_is(served):
+  client, _ = served
+  url = client.src.rstrip("/")
+  gallery, _, _ = rest_generate(url, "two blue squares", 2, seed=5)
+  expected, *_ = generate(client, "two blue squares", 2, seed=5)
+  for item, pixels in zip(gallery, expected, strict=True):
+    image = item["image"]
+    assert image["url"].startswith(f"{url}/gradio_api/file=") and image["orig_name"].endswith(
+        ".png")
+    answer = httpx.get(image["url"])
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert answer.headers["content-disposition"] == f'inline; filename="{image["orig_name"]}"'
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(answer.content))), pixels)
+  # Beside the images, or outside their folder, Gradio's own checks answer.
+  folder = pathlib.Path(gallery[0]["image"]["path"]).parent.parent
+  for path in ("/etc/passwd", f"{folder}/../../etc/passwd", f"{folder}/missing.png"):
+    assert httpx.get(f"{url}/gradio_api/file={path}").status_code in (403, 404), path
 
 
 def test_concurrent_requests_share_decodes_and_draw_what_each_draws_alone(served):
