@@ -4,13 +4,16 @@
       --reps 3 --client http --port 0 -- SERVER_FLAGS...]
 
 Starts `python -m parti_jax.serve` on the run as a real process (flags after `--` go to
-it) and the users (`--client`: threads speaking Gradio's REST API, or processes with a
-gradio_client each); a round is untimed (the page warms up), then `--reps` times: user 0
-asks `--images` images alone (the single time), then all `--users` ask `--images` images
-each at once (the time from the first request sent to the last user's images received). The goal of issue 26: the concurrent
-time within 3x the single one. Also reported: the decodes each concurrent round took and
-how many requests shared them, whether user 0's images were the same alone and batched,
-and the machine's highest 1-minute load average seen (other jobs share the CPU).
+it) and the users (`--client`: threads speaking Gradio's REST API, each with its own
+client made before the clock starts, or processes with a gradio_client each); a round is
+untimed (the page warms up), then `--reps` times: user 0 asks `--images` images alone
+(the single time), then all `--users` ask `--images` images each at once (the time from
+the first request sent to the last user's images received). The goal of issue 26: the
+concurrent time within 3x the single one. Also reported: the decodes each concurrent
+round took and how many requests shared them, whether user 0's images were the same alone
+and batched, the server's CPU seconds for the users together (http clients, Linux), and
+the machine's 1-minute load average before the server starts (other jobs) and the highest
+seen while it ran (other jobs and this benchmark).
 
 The last line printed is one JSON object (median seconds over the reps).
 """
@@ -74,28 +77,27 @@ def start_server(workdir, port, flags, timeout_s):
   return process
 
 
-def http_ask(url: str, number: int, images: int):
+def http_ask(http, url: str, number: int, images: int):
   """One request through Gradio's REST API (POST, then its result as server-sent events),
-  and its images fetched, as a browser would: (start, end, PNG bytes, decodes)."""
-  import httpx
+  and its images fetched, as a browser would: (start, end, PNG bytes, decodes). `http`:
+  the user's httpx.Client."""
   start = time.perf_counter()
   # The page's fields in its order; the REST API, unlike gradio_client, fills in none.
   fields = [PROMPTS[number % len(PROMPTS)], images, number, 0, 1.5, 0.2, 0, 1.0, False, 0,
             False]
-  with httpx.Client(timeout=600) as http:
-    event = http.post(f"{url}/gradio_api/call/generate", json=dict(data=fields)).json()
-    kind, data = None, None
-    with http.stream("GET", f"{url}/gradio_api/call/generate/{event['event_id']}") as events:
-      for line in events.iter_lines():
-        if line.startswith("event: "):
-          kind = line[7:]
-        elif line.startswith("data: ") and kind in ("complete", "error"):
-          data = json.loads(line[6:])
-          break
-    if kind != "complete":
-      raise RuntimeError(f"request {number} failed: {data}")
-    gallery, _, details = data
-    pictures = [http.get(g["image"]["url"]).content for g in gallery]
+  event = http.post(f"{url}/gradio_api/call/generate", json=dict(data=fields)).json()
+  kind, data = None, None
+  with http.stream("GET", f"{url}/gradio_api/call/generate/{event['event_id']}") as events:
+    for line in events.iter_lines():
+      if line.startswith("event: "):
+        kind = line[7:]
+      elif line.startswith("data: ") and kind in ("complete", "error"):
+        data = json.loads(line[6:])
+        break
+  if kind != "complete":
+    raise RuntimeError(f"request {number} failed: {data}")
+  gallery, _, details = data
+  pictures = [http.get(g["image"]["url"]).content for g in gallery]
   return start, time.perf_counter(), pictures, details["batches"]
 
 
@@ -120,17 +122,39 @@ def gradio_user(number: int, url: str, images: int, reps: int, barrier, results)
     results.put(("together", rep, number, *ask()))
 
 
-def http_users(url: str, users: int, images: int, reps: int) -> list:
+def server_cpu_s(pid: int) -> float | None:
+  """The server's CPU seconds so far (user and system, every thread); None off Linux."""
+  try:
+    fields = epath.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_users(url: str, users: int, images: int, reps: int, pid: int) -> list:
+  """Per rep: user 0's answer alone, every user's together, and ("cpu", rep, the server's
+  CPU seconds for the users together, the 1-minute load average)."""
+  import httpx
+  # A client per user, made before the clock starts, as a person has the page open: each
+  # builds an SSL context (20 to 45 ms of CPU), and 8 built at once in this one process
+  # added up to 0.2 s to the 8 users' time, on the cores the server uses, and nothing to
+  # the server's work.
+  clients = [httpx.Client(timeout=600) for _ in range(users)]
   answers = []
   with concurrent.futures.ThreadPoolExecutor(users) as pool:
     for rep in range(reps + 1):  # rep 0 is untimed: compiles, warms up
-      answers.append(("single", rep, 0, *http_ask(url, 0, images)))
-      answers += [("together", rep, n, *x) for n, x in
-                  enumerate(pool.map(lambda n: http_ask(url, n, images), range(users)))]
+      answers.append(("single", rep, 0, *http_ask(clients[0], url, 0, images)))
+      cpu = server_cpu_s(pid)
+      asks = pool.map(lambda n: http_ask(clients[n], url, n, images), range(users))
+      answers += [("together", rep, n, *x) for n, x in enumerate(asks)]
+      cpu = None if cpu is None else server_cpu_s(pid) - cpu
+      answers.append(("cpu", rep, cpu, os.getloadavg()[0]))
+  for client in clients:
+    client.close()
   return answers
 
 
-def gradio_users(url: str, users: int, images: int, reps: int) -> list:
+def gradio_users(url: str, users: int, images: int, reps: int, pid: int) -> list:
   # A process per user, as separate people or scripts are.
   context = multiprocessing.get_context("spawn")
   barrier, results = context.Barrier(users), context.Queue()
@@ -147,16 +171,19 @@ def gradio_users(url: str, users: int, images: int, reps: int) -> list:
 def main(argv=None):
   a = FLAGS.parse(argv)
   port = a.port or free_port()
+  load_before = os.getloadavg()[0]  # other jobs' load, before the benchmark's own
   server = start_server(a.workdir, port, a.args, a.start_timeout_s)
   load = os.getloadavg()[0]
   try:
     url = f"http://127.0.0.1:{port}"
     run_users = http_users if a.client == "http" else gradio_users
-    answers = run_users(url, a.users, a.images, a.reps)
+    answers = run_users(url, a.users, a.images, a.reps, server.pid)
   finally:
     server.terminate()
     server.wait(timeout=60)
-  load = max(load, os.getloadavg()[0])
+  seen = [x[3] for x in answers if x[0] == "cpu" and x[1]]
+  load = max([load, load_before, os.getloadavg()[0], *seen])
+  cpu = [x[2] for x in answers if x[0] == "cpu" and x[1] and x[2] is not None]
   single, together, rounds, same = [], [], [], True
   for rep in range(1, a.reps + 1):
     alone = next(x for x in answers if x[:2] == ("single", rep))
@@ -174,7 +201,8 @@ def main(argv=None):
                 ratio=statistics.median(together) / statistics.median(single),
                 goal_ratio=3.0, single_each=single, concurrent_each=together,
                 decodes_per_round=rounds, same_images_alone_and_batched=same,
-                max_load_average=load)
+                server_cpu_s_per_round=statistics.median(cpu) if cpu else None,
+                load_average_before=load_before, max_load_average=load)
   print(json.dumps(result))
 
 
