@@ -79,11 +79,13 @@ def image_folder() -> epath.Path:
   never rewritten (Gradio rewrites a numpy image's file in place each time it is output,
   and a second request for the same image then truncated the file while the first one's
   download read it). A static path: Gradio sends them from here as they are, instead of
-  hashing and copying every image into its cache on each request."""
+  hashing and copying every image into its cache on each request. A request's folder
+  goes a day later, all of them when the server exits."""
   import gradio as gr
   files = epath.Path(tempfile.mkdtemp(prefix="parti_jax_serve_"))
   gr.set_static_paths([str(files)])
   _remove_old_folders(files, every_s=3600, age_s=86400)
+  atexit.register(shutil.rmtree, files, ignore_errors=True)
   return files
 
 
@@ -289,9 +291,9 @@ def _dumped(value):
 
 
 def _remove_old_folders(files: epath.Path, every_s: float, age_s: float) -> None:
-  """Removes request folders older than `age_s` every `every_s`, and all at exit (as
-  Gradio's delete_cache does with its cache): a request's images are downloaded after
-  its answer, so they cannot go with it."""
+  """Removes request folders older than `age_s` every `every_s` (as Gradio's delete_cache
+  does with its cache): a request's images are downloaded after its answer, so they
+  cannot go with it."""
   def loop():
     while True:
       time.sleep(every_s)
@@ -301,7 +303,6 @@ def _remove_old_folders(files: epath.Path, every_s: float, age_s: float) -> None
           shutil.rmtree(folder, ignore_errors=True)
 
   threading.Thread(target=loop, name="old images", daemon=True).start()
-  atexit.register(shutil.rmtree, files, ignore_errors=True)
 
 
 def _save(folder: epath.Path, entry, seed: int, picture) -> str:

@@ -4,6 +4,7 @@ refusal, a full queue."""
 
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT
+from etils import epath
 from PIL import Image
 from sampling_helpers import tiny_run
 from serve_helpers import gallery_pixels, server
 
-from parti_jax import model_folder
+from parti_jax import model_folder, serve
 
 gradio_client = pytest.importorskip("gradio_client", reason="pip install -e '.[test]'")
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -182,6 +184,18 @@ def wait_until(condition, what: str, timeout_s=120):
   while not condition():
     assert time.monotonic() < deadline, f"never: {what}"
     time.sleep(0.05)
+
+
+def test_request_folders_go_a_day_after(tmp_path):
+  # A request's images are downloaded after its answer: its folder stays, for a day.
+  old, new = tmp_path / "request_1", tmp_path / "request_2"
+  for folder in (old, new):
+    folder.mkdir()
+    (folder / "image.png").write_bytes(b"png")
+  os.utime(old, (time.time() - 90_000,) * 2)
+  serve._remove_old_folders(epath.Path(tmp_path), every_s=0.05, age_s=86_400)
+  wait_until(lambda: not old.exists(), "the old folder removed", timeout_s=30)
+  assert (new / "image.png").exists()
 
 
 @pytest.fixture(scope="module")
