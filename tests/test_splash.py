@@ -143,3 +143,21 @@ def test_parti_350m_compiles_with_splash_attention():
   report = aot.plan(config, "v5p-8")
   assert report["fits"], report["overflow"]
   assert report["memory"]["temporaries"] > 0
+
+
+def test_rows_that_do_not_split_over_the_mesh_are_attended_whole_on_every_device():
+  """A sampler's few prompts on a mesh with more batch shards than rows: shard_map needs even
+  shards, so such rows (or heads) go whole to every device, with the same result."""
+  from parti_jax import sharding
+  config = load_config("parti_tiny")
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config, jax.devices())
+  q, k, v = _qkv(3, 2, 16, 16, heads=3)  # 2 rows over 4 batch shards, 3 heads over 2
+  mask = np.tril(np.ones((1, 1, 16, 16), bool))
+
+  @jax.jit
+  def on_mesh(q, k, v):
+    with sharding.activation_mesh(mesh, sharding.rules_of(config)):
+      return splash.attention(q, k, v, mask)
+  np.testing.assert_allclose(on_mesh(q, k, v), jax.nn.dot_product_attention(q, k, v, mask=mask),
+                             rtol=2e-5, atol=2e-5)

@@ -85,7 +85,7 @@ def attention(q, k, v, mask=None, residual_name: str | None = None):
   b, s, heads, dim = q.shape
   t = k.shape[1]
   static, key_valid = None, None
-  if isinstance(mask, np.ndarray):
+  if isinstance(mask, np.ndarray) and mask.shape[0] == 1:  # the same for every row
     static = np.broadcast_to(mask, (1, 1, s, t))[0, 0]
   elif mask is not None:
     if mask.shape != (b, 1, 1, t):
@@ -114,7 +114,7 @@ def attention(q, k, v, mask=None, residual_name: str | None = None):
 
   mesh = sharding.current_activation_mesh()
   if mesh is not None:
-    rows, heads_axes = _mesh_axes(("batch",)), _mesh_axes(("heads",))
+    rows, heads_axes = _split(mesh, "batch", b), _split(mesh, "heads", heads)
     qkv_spec, ids_spec = P(rows, heads_axes, None, None), P(rows, None)
     local = jax.shard_map(
         local, mesh=mesh, check_vma=False,
@@ -124,9 +124,13 @@ def attention(q, k, v, mask=None, residual_name: str | None = None):
   return out.transpose(0, 2, 1, 3)[:, :s]
 
 
-def _mesh_axes(names):
-  """The mesh axes the current logical axis rules give one logical axis (None: whole)."""
-  return sharding.logical_to_mesh(names, spmd.get_logical_axis_rules())[0]
+def _split(mesh, logical: str, size: int):
+  """The mesh axes the current logical axis rules give `logical`, if they split `size`
+  evenly (shard_map needs even shards); else None: every device takes the whole axis (a
+  sampler's few prompts on a large mesh, say)."""
+  axes = sharding.logical_to_mesh((logical,), spmd.get_logical_axis_rules())[0]
+  names = (axes,) if isinstance(axes, str) else (axes or ())
+  return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
 
 
 def _devices():
