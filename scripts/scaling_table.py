@@ -261,7 +261,8 @@ def comparison_lines(rows: list[dict]) -> list[str]:
       "head's score matrix) or the Pallas splash kernel (`model.attention_impl`; `auto` is",
       "splash on TPUs), and with the first moment in bfloat16 or int8",
       "(`optimizer.momentum_dtype`), at the plan's micro-batches and at fewer. Fits: the",
-      f"compiler leaves at least {1 - PLAN_MAX:.0%} of HBM free.",
+      f"compiler leaves at least {1 - PLAN_MAX:.0%} of HBM free. (The table above was compiled",
+      "before `auto` picked splash on TPUs, with XLA's attention and bfloat16 momentum.)",
       "",
       "| model | slice | attention | momentum | remat | micro-batches | per chip "
       "| memory / chip (GiB) | momentum / chip (GiB) | fits | compiler / analytic FLOPs "
@@ -275,18 +276,24 @@ def comparison_lines(rows: list[dict]) -> list[str]:
       fits = bool(rep.get("fits")) and total is not None and total <= PLAN_MAX * row["hbm"]
       flops = (f"{rep['compiler_flops_per_device'] / rep['analytic_flops_per_device']:.2f}"
                if rep.get("compiler_flops_per_device") else "")
-      momentum = rep.get("momentum_bytes_per_device")
+      momentum = rep.get("momentum_bytes_per_device") or 0
       lines.append(
           f"| {row['model']} | {row['topology']} | {c.attention} | {c.momentum} | {c.remat} "
           f"| {c.accum} "
-          f"| {micro} | {gib(total) if total else 'refused'} | "
-          f"{gib(momentum) if momentum else ''} | {'yes' if fits else 'no'} | {flops} | "
+          f"| {micro} | {gib(total) if total else _refused(rep)} | "
+          f"{momentum / 2 ** 30:.2f} | {'yes' if fits else 'no'} | {flops} | "
           f"{rep.get('compile_s') or rep.get('wall_s', 0):.0f} |")
   lines += ["", "Momentum / chip: the first moment's bytes per chip (int8 values and their",
-            "block scales, sharded like the parameters). Splash's FLOPs are the kernel's own",
-            "estimate, which leaves out the blocks its mask skips (most of the upper half of",
-            "causal attention), where XLA's dense attention counts them.", COMPARE_END]
+            "block scales, sharded like the parameters). XLA's cost analysis does not look",
+            "inside Pallas kernels: with splash, the compiler's FLOPs leave attention out,",
+            "hence below 1.", COMPARE_END]
   return lines
+
+
+def _refused(report: dict) -> str:
+  """A compiler's refusal in a few words: the temporaries it needed, if it says."""
+  found = re.search(r"temporaries \(([\d.]+)G\)", " ".join(report.get("overflow", [])))
+  return f"refused: temporaries {found[1]} GiB" if found else "refused"
 
 
 def write_comparison(rows: list[dict], path: str) -> None:
