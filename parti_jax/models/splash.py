@@ -77,7 +77,7 @@ def attention(q, k, v, mask=None, residual_name: str | None = None):
   """Splash attention of queries [B, S, H, D] over keys and values [B, T, H, D] -> [B, S, H, D].
 
   `mask`: None, a static boolean array broadcastable to [1, 1, S, T] (numpy: known while
-  tracing), or a key-padding mask [B, 1, 1, T] (a traced array). `residual_name`: the
+  tracing), or a key-padding mask [B, 1, 1, T] (traced, or numpy with a row per example). `residual_name`: the
   `checkpoint_name` of the kernel's residuals (its output and log-sum-exp), so that a remat
   policy can keep them instead of running the kernel again. Runs over the mesh
   `parti_jax.sharding.activation_mesh` set, if any, else as one device.
@@ -90,7 +90,7 @@ def attention(q, k, v, mask=None, residual_name: str | None = None):
   elif mask is not None:
     if mask.shape != (b, 1, 1, t):
       raise ValueError(f"splash attention takes a static mask or a key-padding mask "
-                       f"[{b}, 1, 1, {t}]; got a traced mask of shape {mask.shape}")
+                       f"[{b}, 1, 1, {t}]; got a mask of shape {mask.shape}")
     key_valid = mask[:, 0, 0, :]
   kernel_mask = padded_mask(static, s, t)
   sp, tp = kernel_mask.shape
