@@ -136,9 +136,9 @@ def http_users(url: str, users: int, images: int, reps: int, pid: int) -> list:
   CPU seconds for the users together, the 1-minute load average)."""
   import httpx
   # A client per user, made before the clock starts, as a person has the page open: each
-  # builds an SSL context (20 to 45 ms of CPU), and 8 built at once in this one process
-  # added up to 0.2 s to the 8 users' time, on the cores the server uses, and nothing to
-  # the server's work.
+  # builds an SSL context (27 ms of CPU on the quiet 2-core machine, 45 ms loaded), and 8
+  # built at once in this one process added up to 0.2 s to the 8 users' time, on the
+  # cores the server uses, and nothing to the server's work.
   clients = [httpx.Client(timeout=600) for _ in range(users)]
   answers = []
   with concurrent.futures.ThreadPoolExecutor(users) as pool:
