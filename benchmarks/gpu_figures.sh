@@ -15,7 +15,8 @@
 #    loss, optimizer, random bits, collectives, copies); the trace and the step's HLO stay in
 #    OUTDIR/profile_train;
 # 4. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
-#    bandwidth floor.
+#    bandwidth floor, and a trace of one guided generation;
+# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?).
 # By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
 # 64: encode/decode images/s and the train step); train_xla (350M with XLA's attention at the
 # largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH).
@@ -30,7 +31,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_cudnn train_levers profile sampling} "
+names=" ${*:-train_cudnn train_levers profile sampling profile_decode} "
 batch=${BATCH:-64}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -58,16 +59,19 @@ bench() {  # NAME CAP_SECONDS COMMAND...
 
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
-bench train_cudnn 130 "${train350m[@]}" --config.global_batch_size="$batch" \
+bench train_cudnn 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn
-bench train_levers 130 "${train350m[@]}" --config.global_batch_size="$batch" \
+bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.logits_matmul=compute \
   --config.model.loss_chunk=128 --config.train.prng_impl=rbg
 # A few steps: compiling 350M takes most of the cap, the trace itself seconds.
-bench profile 120 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
+bench profile 110 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
   --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3 \
   --config.model.attention_impl=cudnn
-bench sampling 180 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64
+bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
+  --trace "$out/profile_decode"
+bench profile_decode 30 python3 benchmarks/profile_summary.py \
+  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
 bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
   --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
 bench train_xla 300 "${train350m[@]}" --config.global_batch_size=16 --find_max_batch \

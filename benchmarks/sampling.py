@@ -19,6 +19,11 @@ SJD forward counts only mean something for a trained model: pass `--workdir` (pr
 are then the captions of the run's token shards; with `--config` alone they are random
 tokens). Weights are cast to the model's dtype for sampling, as `parti_jax.sample` does.
 Tokens are drawn at temperature 1.0 (not the sampler's default), as in BENCHMARKS.md's figures.
+
+`--trace DIR` also traces one guided generation of each batch size with jax.profiler
+(DIR/b{batch}/trace) and writes its compiled program (DIR/b{batch}/hlo.txt), for
+`python benchmarks/profile_summary.py --trace DIR/b64/trace --hlo DIR/b64/hlo.txt`: where a
+decode step's device time goes.
 """
 
 import json
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from parti_jax import cli, decoding, runs, sharding
 from parti_jax import config as config_lib
@@ -47,6 +53,7 @@ FLAGS.integer("sjd_window", 16, "Draft tokens per SJD forward.")
 FLAGS.integer("sjd_images", 64, "Images SJD statistics are taken over.")
 FLAGS.integer("reps", 3, "Timed repetitions (median) after one warm-up.")
 FLAGS.float("hbm_gbps", None, "HBM bandwidth per device in GB/s (overrides).")
+FLAGS.string("trace", None, "Trace one guided generation per batch size into this directory.")
 FLAGS.bool("verbose", False, "Log at INFO (orbax then logs every checkpoint read).")
 
 # The figures in BENCHMARKS.md were drawn at temperature 1.0, the sampler's default then;
@@ -182,6 +189,8 @@ def run_batch(a, config, batch_size: int, prompts: np.ndarray, bandwidth: float)
         setup, params, decoding.Settings(guidance=guidance, temperature=TEMPERATURE), batch_size)
     gen_s = median_s(a.reps, generate, params, text, keys)
     prefill_s = median_s(a.reps, prefill, params, text, keys)
+    if a.trace and guidance != 1.0:
+      trace(generate, (params, text, keys), epath.Path(a.trace) / f"b{batch_size}")
     step_ms = (gen_s - prefill_s) / n * 1e3
     entry = dict(batch=batch_size, guidance=guidance, devices=setup.mesh.size,
                  ms_per_step=step_ms, prefill_ms=prefill_s * 1e3, generate_ms=gen_s * 1e3,
@@ -217,6 +226,14 @@ def run_batch(a, config, batch_size: int, prompts: np.ndarray, bandwidth: float)
     results.append(entry)
     print(json.dumps(entry), file=sys.stderr)
   return results
+
+
+def trace(generate, args, out: epath.Path) -> None:
+  """One call of the compiled `generate` under jax.profiler.trace, and its program's text."""
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "hlo.txt").write_text(generate.as_text())
+  with jax.profiler.trace(str(out / "trace")):
+    jax.block_until_ready(generate(*args))
 
 
 def _is_out_of_memory(e: Exception) -> bool:

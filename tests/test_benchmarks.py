@@ -89,9 +89,14 @@ def test_tokenizer_throughput_reports_encode_decode_and_train_step():
   assert r["losses"] == ["l2", "logit_laplace"]
 
 
-def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently():
+def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently(tmp_path):
   r = _last_json(["benchmarks/sampling.py", "--config", "configs/parti_tiny.py",
-                  "--batch_sizes", "1,8", "--sjd_images", "8", "--reps", "1"])
+                  "--batch_sizes", "1,8", "--sjd_images", "8", "--reps", "1",
+                  "--trace", str(tmp_path)])
+  # The decode profile: one guided generation per batch size, summarised by operation group.
+  profile = _last_json(["benchmarks/profile_summary.py", "--trace", str(tmp_path / "b8" / "trace"),
+                        "--hlo", str(tmp_path / "b8" / "hlo.txt")])
+  assert profile["groups"]["matmuls"]["ms"] > 0 and profile["groups"]["attention"]["ms"] > 0
   n = r["image_tokens"]
   assert [(run["batch"], run["guidance"]) for run in r["runs"]] == [
       (1, 1.0), (1, 3.0), (8, 1.0), (8, 3.0)]
