@@ -134,15 +134,21 @@ def test_xla_attention_on_a_tpu_has_no_kernels():
 
 
 @needs_libtpu
-@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
-def test_parti_350m_compiles_with_splash_attention():
-  """The paper's 350M (1024 image tokens, 16 heads of 64) at a small batch on a v5p slice
-  (the planner's figures at batch 8192 are in docs/scaling.md)."""
+@pytest.mark.parametrize("topology", ["v5p-8", "v6e-8"])
+def test_parti_350m_lowers_with_splash_kernels_for_the_slice(topology):
+  """The paper's 350M (1024 image tokens, 16 heads of 64): its train step lowers for the
+  slice with the splash kernels in it (Pallas lowers them to Mosaic here, checking blocks
+  and shapes). Compiling it takes minutes on this host, so the whole compile is the
+  planner's figure instead (docs/scaling.md: 350M on v5e-16 with splash, 12.1 GiB per
+  chip), as the tiny config's compiles above are the tests'."""
+  from parti_jax import sharding, topologies
   config = load_config("parti_350m")
   config.update(global_batch_size=8, grad_accum_steps=1)
-  report = aot.plan(config, "v5p-8")
-  assert report["fits"], report["overflow"]
-  assert report["memory"]["temporaries"] > 0
+  mesh = sharding.make_mesh(config, topologies.get(topology).devices())
+  program = aot.MODES["train"](config, mesh)
+  hlo = program.fn.lower(*program.args).as_text(dialect="hlo")
+  # Forward and backward of the encoder's, the decoder's self- and cross-attention.
+  assert hlo.count('custom_call_target="tpu_custom_call"') >= 6
 
 
 def test_rows_that_do_not_split_over_the_mesh_are_attended_whole_on_every_device():

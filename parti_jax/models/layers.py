@@ -118,7 +118,9 @@ def _tracing_device():
   """The device a step is compiled for: the activation mesh's (compile-only TPU devices
   when planning on a CPU host), else JAX's default."""
   mesh = current_activation_mesh()
-  return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  if mesh is None or isinstance(mesh, jax.sharding.AbstractMesh):  # no devices to ask
+    return jax.devices()[0]
+  return mesh.devices.flat[0]
 
 
 class Attention(nnx.Module):

@@ -135,4 +135,6 @@ def _split(mesh, logical: str, size: int):
 
 def _devices():
   mesh = sharding.current_activation_mesh()
-  return mesh.devices.flat if mesh is not None else jax.devices()
+  if mesh is None or isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.devices()
+  return mesh.devices.flat
