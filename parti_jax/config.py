@@ -72,10 +72,11 @@ def base() -> ml_collections.ConfigDict:
   # model on a CPU steps about a third faster with all its layers in one iteration (the
   # demo's Parti: 55 ms against 81; configs/demo_parti.py).
   m.scan_unroll = 1
-  # "auto": cuDNN's fused attention on NVIDIA GPUs where it applies (16-bit matmuls, heads
-  # at most 128 wide in multiples of 8; parti_jax/models/layers.py: attention_impl), XLA's
-  # everywhere else. On an H200 the fused kernel nearly doubles 350M training throughput
-  # (BENCHMARKS.md). "xla" or "cudnn" force one.
+  # "auto": the Pallas splash kernel on TPUs (parti_jax/models/splash.py); cuDNN's fused
+  # attention on NVIDIA GPUs where it applies (16-bit matmuls, heads at most 128 wide in
+  # multiples of 8; parti_jax/models/layers.py: attention_impl); XLA's everywhere else. On
+  # an H200 the fused kernel nearly doubles 350M training throughput (BENCHMARKS.md).
+  # "xla", "cudnn" or "splash" force one ("splash" off a TPU: Pallas' interpreter, slow).
   m.attention_impl = "auto"
 
   # num_slices > 1: TPU slices joined over the data-centre network (DCN). The data axis is
