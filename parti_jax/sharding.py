@@ -81,6 +81,16 @@ def current_activation_mesh() -> Mesh | None:
   return _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
 
 
+def compile_device() -> jax.Device:
+  """The kind of device the step being traced is compiled for: the activation mesh's first
+  (compile-only TPU devices when planning on a CPU host), else JAX's default (also under an
+  abstract mesh, which has no devices to ask)."""
+  mesh = current_activation_mesh()
+  if mesh is None or isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.devices()[0]
+  return mesh.devices.flat[0]
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   """Sharding constraint on an activation by logical axis names (no-op without a mesh)."""
   if not _ACTIVATION_MESH:

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from parti_jax import config as config_lib
 from parti_jax.models import splash
-from parti_jax.sharding import constrain, current_activation_mesh
+from parti_jax.sharding import compile_device, constrain
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
 
@@ -91,8 +91,8 @@ class LayerNorm(nnx.Module):
 
 
 def attention_impl(m: ml_collections.ConfigDict, device=None) -> str:
-  """`model.attention_impl` resolved for `device` (default: the first device of the mesh a
-  step is being traced on, else JAX's first device).
+  """`model.attention_impl` resolved for `device` (default: the one the step being traced
+  is compiled for, `parti_jax.sharding.compile_device`).
 
   "auto" picks a fused kernel, one that neither writes nor keeps the attention matrix as
   XLA's attention does: on a TPU the Pallas splash kernel (parti_jax/models/splash.py); on
@@ -106,21 +106,12 @@ def resolve_attention(impl: str, dtype: str, head_dim: int, device=None) -> str:
   """`attention_impl` of the three fields it reads."""
   if impl != "auto":
     return impl
-  device = device or _tracing_device()
+  device = device or compile_device()
   if device.platform == "tpu":
     return "splash"
   fits = dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
   nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()
   return "cudnn" if nvidia and fits else "xla"
-
-
-def _tracing_device():
-  """The device a step is compiled for: the activation mesh's (compile-only TPU devices
-  when planning on a CPU host), else JAX's default."""
-  mesh = current_activation_mesh()
-  if mesh is None or isinstance(mesh, jax.sharding.AbstractMesh):  # no devices to ask
-    return jax.devices()[0]
-  return mesh.devices.flat[0]
 
 
 class Attention(nnx.Module):

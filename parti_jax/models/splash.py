@@ -103,7 +103,7 @@ def attention(q, k, v, mask=None, residual_name: str | None = None):
   if key_valid is not None:
     segments = (jnp.ones((b, sp), jnp.int32),
                 jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, tp - t))))
-  interpret = _devices()[0].platform != "tpu"
+  interpret = sharding.compile_device().platform != "tpu"
 
   def local(q, k, v, segments):  # one device's rows and heads
     run = _kernel(kernel_mask, q.shape[1], interpret, residual_name)
@@ -131,10 +131,3 @@ def _split(mesh, logical: str, size: int):
   axes = sharding.logical_to_mesh((logical,), spmd.get_logical_axis_rules())[0]
   names = (axes,) if isinstance(axes, str) else (axes or ())
   return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
-
-
-def _devices():
-  mesh = sharding.current_activation_mesh()
-  if mesh is None or isinstance(mesh, jax.sharding.AbstractMesh):
-    return jax.devices()
-  return mesh.devices.flat
