@@ -22,6 +22,8 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
+    # The residual stream's length under model.sequence_parallel (layers.py: RESIDUAL).
+    ("residual_length", "tensor"),
     ("layers", None),
 )
 
@@ -68,6 +70,10 @@ def base() -> ml_collections.ConfigDict:
   # "none", "full", "dots" (keep matmul outputs, recompute the rest) or "qkv_up" (keep only
   # what is split over the tensor axis: q/k/v, attention outputs, the MLP's hidden layer)
   m.remat = "none"
+  # Sequence parallelism: the residual stream between sublayers (what the backward pass keeps
+  # of every layer) has its length split over the mesh axes of the "residual_length" rule
+  # (tensor); False keeps it whole on every tensor shard (parti_jax/models/layers.py).
+  m.sequence_parallel = True
   # Layers per iteration of each scanned stack. 1 keeps compile time flat in depth; a tiny
   # model on a CPU steps about a third faster with all its layers in one iteration (the
   # demo's Parti: 55 ms against 81; configs/demo_parti.py).

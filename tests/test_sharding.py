@@ -70,6 +70,31 @@ def test_state_is_created_sharded_as_the_rules_say(config):
   assert kernel.addressable_shards[0].data.shape == (2, 32, 128)  # (2, 64, 256) / (1, 2, 2)
 
 
+def _temporaries_per_device(config, decoder_layers: int, sequence_parallel: bool) -> int:
+  """Bytes of temporaries per device of the compiled loss and gradients on a (2, 2, 2) mesh,
+  under remat=full."""
+  c = config.copy_and_resolve_references()
+  c.model.update(remat="full", decoder_layers=decoder_layers,
+                 sequence_parallel=sequence_parallel)
+  setup = setup_on(c, (2, 2, 2), 8)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_batch(c))
+  lowered = parti_task.jit_loss_and_grads(setup).lower(setup.abstract_params, batch,
+                                                         jax.random.key(0))
+  return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+def test_the_residual_stream_kept_for_the_backward_pass_is_split_over_tensor(config):
+  """Sequence parallelism: under remat=full the backward pass keeps each layer's input, the
+  residual stream. With its length split over tensor=2 (the default), a decoder layer adds
+  about half the temporaries per device it adds with the stream whole on each shard."""
+  assert config.model.sequence_parallel
+  per_layer = {split: (_temporaries_per_device(config, 8, split)
+                       - _temporaries_per_device(config, 2, split)) / 6
+               for split in (True, False)}
+  assert per_layer[False] > 0
+  assert per_layer[True] <= 0.6 * per_layer[False], per_layer
+
+
 @pytest.mark.parametrize("name, shape", [("parti_350m", (2, 2, 2)), ("parti_3b", (1, 2, 4))])
 def test_every_large_parameter_and_statistic_is_sharded(name, shape):
   config = load_config(name)

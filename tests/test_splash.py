@@ -167,3 +167,31 @@ def test_rows_that_do_not_split_over_the_mesh_are_attended_whole_on_every_device
       return splash.attention(q, k, v, mask)
   np.testing.assert_allclose(on_mesh(q, k, v), jax.nn.dot_product_attention(q, k, v, mask=mask),
                              rtol=2e-5, atol=2e-5)
+
+
+def _kept_by_scan(head_dim: int, capsys) -> set[str]:
+  """Shapes of what the tiny Parti's scanned layers keep for the backward pass under
+  remat=qkv_up with splash attention (Pallas' interpreter), heads `head_dim` wide."""
+  from flax import nnx
+  from helpers import random_batch
+  c = load_config("parti_tiny")
+  c.model.update(attention_impl="splash", remat="qkv_up", head_dim=head_dim)
+  graphdef, params = nnx.split(parti_model.Parti(c.model, rngs=nnx.Rngs(0)))
+  b = random_batch(c, batch_size=2)
+  loss = lambda p: nnx.merge(graphdef, p)(b["text_tokens"], b["image_tokens"]).sum()
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  return {l.split(" ", 1)[0] for l in capsys.readouterr().out.splitlines()
+          if "output of scan" in l}
+
+
+def test_qkv_up_keeps_the_kernels_residuals_only_for_heads_of_whole_lanes(capsys):
+  """Tiny: 2 layers per stack, batch 2, 4 heads, 16 tokens padded to one 128-block. Heads
+  of 128 keep the kernel's output [B, H, 128, D] and log-sum-exp; heads of 16, which a TPU
+  would pad to 128 lanes, keep the output in the layer's layout [B, S, H, D] instead."""
+  wide = _kept_by_scan(128, capsys)
+  assert {"f32[2,2,4,128,128]", "f32[2,2,4,128]"} <= wide
+  assert "f32[2,2,16,4,128]" in wide  # queries, keys, values
+  narrow = _kept_by_scan(16, capsys)
+  assert "f32[2,2,16,4,16]" in narrow
+  assert not any(shape.startswith("f32[2,2,4,128") for shape in narrow), narrow

@@ -23,16 +23,31 @@ from parti_jax.sharding import compile_device, constrain
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
 
+# Tokens as the attention and MLP projections take them: whole on every tensor shard.
+TOKENS = ("batch", "length", "embed")
+# The residual stream between sublayers, which the scan keeps for the backward pass at
+# every layer. Under model.sequence_parallel (configs without the field: on) its length is
+# split over the "residual_length" rule's axes, tensor by default: each block gathers its
+# normalised input before the projections and reduce-scatters their outputs (the same bytes
+# as the all-reduce it replaces), and what it keeps per token is d_model / tensor.
+RESIDUAL = ("batch", "residual_length", "embed")
+
+
+def residual_axes(m: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The logical axes of the residual stream: RESIDUAL, or TOKENS without sequence parallelism."""
+  return RESIDUAL if m.get("sequence_parallel", True) else TOKENS
+
+
 # Names of the activations the "qkv_up" policy keeps (jax.ad_checkpoint.checkpoint_name).
 QKV, ATTENTION, MLP_UP = "qkv", "attention", "mlp_up"
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Keep what is split over the heads or mlp mesh axes (queries, keys, values, attention
-    # outputs and their kernel's residuals, the MLP's hidden layer); recompute the out and
-    # down projections, whose outputs are whole on every tensor shard: with tensor=8 a
-    # fifth of what "dots" keeps per token, for about the same recomputation.
+    # Keep queries, keys, values, attention outputs (and their kernel's residuals) and the
+    # MLP's hidden layer, all split over the heads or mlp mesh axes; recompute the out and
+    # down projections, which are cheap to redo and, without sequence parallelism
+    # (model.sequence_parallel=False), whole on every tensor shard.
     "qkv_up": jax.checkpoint_policies.save_only_these_names(QKV, ATTENTION, MLP_UP),
 }
 
@@ -131,8 +146,8 @@ class Attention(nnx.Module):
     # Resolved when traced (`attend`): only then is the mesh, hence the device, known.
     self.impl, self.dtype_name, self.head_dim = m.attention_impl, m.dtype, dim
 
-  def __call__(self, x, context, mask, rotary=None):
-    return self.attend(*self.project(x, context, rotary), mask)
+  def __call__(self, x, context, mask, rotary=None, out_axes=TOKENS):
+    return self.attend(*self.project(x, context, rotary), mask, out_axes=out_axes)
 
   def project(self, x, context, rotary=None):
     """Queries of x, keys and values of context; queries and keys rotated if `rotary` is
@@ -150,18 +165,27 @@ class Attention(nnx.Module):
     return tuple(checkpoint_name(constrain(t, "batch", "length", "heads", "kv"), QKV)
                  for t in (k, v))
 
-  def attend(self, q, k, v, mask, impl=None):
-    """Queries [B, S, H, D] over keys and values [B, S_kv, H, D] -> [B, S, d_model]."""
+  def attend(self, q, k, v, mask, impl=None, out_axes=TOKENS):
+    """Queries [B, S, H, D] over keys and values [B, S_kv, H, D] -> [B, S, d_model],
+    laid out by the logical `out_axes` (the residual stream's, or TOKENS when decoding)."""
     # jax.nn.dot_product_attention: softmax in float32, fused kernels where available.
     impl = impl or resolve_attention(self.impl, self.dtype_name, self.head_dim)
-    if impl == "splash":  # its residuals (output, log-sum-exp) named for the remat policy
+    if impl == "splash" and self.head_dim % splash.LANES == 0:
+      # The kernel's own residuals (output, log-sum-exp), named for the remat policy: kept,
+      # they spare its backward pass running it again.
       out = splash.attention(q, k, v, mask, residual_name=ATTENTION)
+    elif impl == "splash":
+      # Heads narrower than a TPU's 128 lanes: the kernel's output [B, H, S, D] would be
+      # kept padded to twice its bytes. Keep it in this layer's layout, as with XLA's
+      # attention, and let the backward pass run the kernel again (20B on v4-512 at 16
+      # micro-batches: 2.2 GiB less per chip, for about 1% more FLOPs per step).
+      out = checkpoint_name(splash.attention(q, k, v, mask), ATTENTION)
     else:
       if impl == "cudnn" and mask is not None:
         mask = full_length_mask(mask, q.shape[1], k.shape[1])
       out = checkpoint_name(
           jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl), ATTENTION)
-    return constrain(self.out(out), "batch", "length", "embed")
+    return constrain(self.out(out), *out_axes)
 
 
 def full_length_mask(mask, query_len: int, key_len: int):
@@ -216,9 +240,9 @@ class MLP(nnx.Module):
     self.up = dense(m.d_model, m.mlp_dim, ("embed", "mlp"))
     self.down = dense(m.mlp_dim, m.d_model, ("mlp", "embed"))
 
-  def __call__(self, x):
+  def __call__(self, x, out_axes=TOKENS):
     h = constrain(jax.nn.gelu(checkpoint_name(self.up(x), MLP_UP)), "batch", "length", "mlp")
-    return constrain(self.down(h), "batch", "length", "embed")
+    return constrain(self.down(h), *out_axes)
 
 
 class Block(nnx.Module):
@@ -232,16 +256,20 @@ class Block(nnx.Module):
     self.cross = cross
     self.mlp_norm, self.mlp = LayerNorm(m.d_model, dtype, rngs), MLP(m, rngs)
     self.dropout = nnx.Dropout(m.dropout_rate)
+    self.residual = residual_axes(m)
 
   def __call__(self, x, self_mask, context, cross_mask, dropout_key, rotary=None):
     keys = jax.random.split(dropout_key, 3) if dropout_key is not None else [None] * 3
     drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
-    h = self.self_norm(x)
-    x = x + drop(self.self_attn(h, h, self_mask, rotary), keys[0])
+    # x is the residual stream; each sublayer gathers its normalised input whole (TOKENS).
+    norm = lambda layer_norm, y: constrain(layer_norm(y), *TOKENS)
+    h, out = norm(self.self_norm, x), self.residual
+    x = x + drop(self.self_attn(h, h, self_mask, rotary, out_axes=out), keys[0])
     if self.cross:
-      x = x + drop(self.cross_attn(self.cross_norm(x), context, cross_mask), keys[1])
-    x = x + drop(self.mlp(self.mlp_norm(x)), keys[2])
-    return constrain(x, "batch", "length", "embed")
+      x = x + drop(self.cross_attn(norm(self.cross_norm, x), context, cross_mask, out_axes=out),
+                   keys[1])
+    x = x + drop(self.mlp(norm(self.mlp_norm, x), out_axes=out), keys[2])
+    return constrain(x, *out)
 
   def decode_cached(self, x, cache, layer, positions, self_mask, cross_kv, cross_mask,
                     rotary=None):
@@ -259,12 +287,13 @@ class Block(nnx.Module):
     h = self.self_norm(x)
     q, k, v = self.self_attn.project(h, h, rotary)
     cache = tuple(_write_rows(c, new, layer, positions[:, 0]) for c, new in zip(cache, (k, v)))
-    # Decoding attends with XLA's kernel: a fused one gains nothing for a few queries.
+    # Decoding attends with XLA's kernel: a fused one gains nothing for a few queries. The
+    # few new tokens per row stay whole on every tensor shard (TOKENS): too short to split.
     x = x + self.self_attn.attend(q, cache[0][layer], cache[1][layer], self_mask, impl="xla")
     q = self.cross_attn.queries(self.cross_norm(x))
     x = x + self.cross_attn.attend(q, *cross_kv, cross_mask, impl="xla")
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, "batch", "length", "embed"), cache
+    return constrain(x, *TOKENS), cache
 
 
 def _write_rows(cache, new, layer, start):
@@ -300,6 +329,7 @@ class Stack(nnx.Module):
     self.num_layers = num_layers
     self.remat = m.remat
     self.unroll = m.get("scan_unroll", 1)  # configs saved before the field existed: 1
+    self.residual = residual_axes(m)
     self.final_norm = LayerNorm(m.d_model, jnp.dtype(m.dtype), rngs)  # Parti's extra LN
 
   def __call__(self, x, self_mask, context=None, cross_mask=None, dropout_key=None,
@@ -310,6 +340,9 @@ class Stack(nnx.Module):
     if self.remat != "none":
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
     keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+    x = constrain(x, *self.residual)
+    if context is not None:  # the encoder output: gathered once here, not in every layer
+      context = constrain(context, *TOKENS)
     scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, None if keys is None else 0),
                     out_axes=nnx.Carry, unroll=self.unroll)
     return self.final_norm(scan(x, self.blocks, keys))
