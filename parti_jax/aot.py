@@ -95,7 +95,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
       device_kind=devices[0].device_kind, hbm_bytes=tpu.hbm_bytes, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
       grad_accum_steps=config.get("grad_accum_steps", 1),
-      remat=config.model.get("remat"), input_layout=layout, memory={}, overflow=[],
+      remat=config.model.get("remat"),
+      sequence_parallel=bool(config.model.get("sequence_parallel", True)),
+      input_layout=layout, memory={}, overflow=[],
       argument_bytes_estimate=_argument_bytes(program.args),
       momentum_bytes_per_device=(
           _argument_bytes(optim.momentum_leaves(program.args[0].opt_state))

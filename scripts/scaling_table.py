@@ -15,11 +15,14 @@ Ranking (lower is better; a rough model of step time, documented in docs/scaling
 recomputation (none 1, dots 1.15, full 4/3) x per-micro-batch cost (FSDP gathers the
 weights for every micro-batch; small micro-batches use the matrix units less well)
 x tensor-parallel communication.
-Each compile's report is cached (--cache, one JSON line per compile), so a rerun only
-compiles what it has not seen.
+Each compile's report is cached (--cache, one JSON line per compile, keyed by the candidate
+and a hash of the package's and configs' sources), so a rerun of the same code only compiles
+what it has not seen.
 """
 
 import dataclasses
+import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -58,6 +61,7 @@ class Candidate:
   accum: int
   attention: str = "auto"  # model.attention_impl
   momentum: str = ""  # optimizer.momentum_dtype ("": the config's)
+  sequence_parallel: bool = True  # model.sequence_parallel
 
   @property
   def overrides(self) -> list[str]:
@@ -65,7 +69,8 @@ class Candidate:
             f"--config.mesh.tensor={self.tensor}", f"--config.model.remat={self.remat}",
             f"--config.grad_accum_steps={self.accum}",
             f"--config.global_batch_size={GLOBAL_BATCH}",
-            f"--config.model.attention_impl={self.attention}"] + (
+            f"--config.model.attention_impl={self.attention}",
+            f"--config.model.sequence_parallel={self.sequence_parallel}"] + (
                 [f"--config.optimizer.momentum_dtype={self.momentum}"] if self.momentum else [])
 
 
@@ -94,11 +99,12 @@ def estimate(config, c: Candidate) -> tuple[float, float]:
   state = p * (4 + optimizer) / shards
   grads = p * 4 / shards * (2 if c.accum > 1 else 1)  # + the running sum of micro-batches
   d, f, t = m.d_model, m.mlp_dim, c.tensor
+  s = t if c.sequence_parallel else 1  # shards of the residual stream's length
   text, image = m.text_len, m.image_grid ** 2
   vocab = config_lib.round_up(m.codebook_size + 1)
   # Bytes kept per token and layer for the backward pass (bfloat16 activations):
-  dots = 2 * (4 * d / t + 4 * d + f / t)  # matmul outputs and the residual stream
-  kept = {"full": 2 * d, "dots": dots,
+  dots = 2 * (4 * d / t + 4 * d / s + f / t)  # matmul outputs and the residual stream
+  kept = {"full": 2 * d / s, "dots": dots,
           "none": dots + 2 * (6 * d + 2 * f / t) + 10 * m.num_heads / t * (image + text)}
   working = 2 * (kept["none"] - kept["full"])  # one layer rematerialised at a time
   per_example = (m.encoder_layers * text + m.decoder_layers * image) * kept[c.remat]
@@ -147,7 +153,7 @@ def candidates(config, tpu: topologies.Slice) -> list[Candidate]:
 
 def compile_candidate(model: str, topology: str, c: Candidate, timeout: int, cache: str) -> dict:
   """The planner's JSON report (cached by model, slice and candidate)."""
-  key = json.dumps([model, topology, dataclasses.asdict(c)])
+  key = json.dumps([model, topology, dataclasses.asdict(c), source_version()])
   seen = _read_cache(cache)
   if key in seen:
     return seen[key]
@@ -170,6 +176,16 @@ def compile_candidate(model: str, topology: str, c: Candidate, timeout: int, cac
   with open(cache, "a") as f:
     f.write(json.dumps([key, report]) + "\n")
   return report
+
+
+def source_version() -> str:
+  """A hash of the package's and the configs' sources: a cached report is of this code."""
+  digest = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(REPO, "parti_jax", "**", "*.py"), recursive=True)
+                     + glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    with open(path, "rb") as f:
+      digest.update(os.path.relpath(path, REPO).encode() + b"\0" + f.read())
+  return digest.hexdigest()[:16]
 
 
 def _read_cache(cache: str) -> dict:
@@ -227,14 +243,16 @@ def refused_total(report: dict, tpu) -> float | None:
 # Two rows of the table, each at its plan (mesh, remat), compiled with XLA's attention or the
 # splash kernel and with bfloat16 or int8 momentum, at the plan's micro-batches and at half
 # as many (twice the examples per chip): does the saving buy fewer micro-batches? Then the
-# remat policy that keeps only what the tensor axis splits ("qkv_up"), at fewer still.
+# remat policy that keeps only what the tensor axis splits ("qkv_up"), at fewer still, and
+# one compile without sequence parallelism (where the plan has a tensor axis to split over).
 COMPARE_ROWS = [("350m", "v5e-16"), ("20b", "v4-512")]
-# (attention, momentum, divide the plan's micro-batches by, remat policy: "" the plan's), in
-# the order compiled: the telling ones first.
-COMPARE_VARIANTS = [("splash", "bfloat16", 1, ""), ("xla", "bfloat16", 1, ""),
-                    ("splash", "bfloat16", 2, ""), ("splash", "int8", 2, ""),
-                    ("xla", "int8", 1, ""), ("splash", "int8", 2, "qkv_up"),
-                    ("splash", "int8", 4, "qkv_up"), ("xla", "int8", 2, "qkv_up")]
+# (attention, momentum, divide the plan's micro-batches by, remat policy: "" the plan's,
+# sequence parallelism), in the order compiled: the telling ones first.
+COMPARE_VARIANTS = [("splash", "bfloat16", 1, "", True), ("xla", "bfloat16", 1, "", True),
+                    ("splash", "bfloat16", 2, "", True), ("splash", "int8", 2, "", True),
+                    ("xla", "int8", 1, "", True), ("splash", "int8", 2, "qkv_up", True),
+                    ("splash", "int8", 4, "qkv_up", True), ("xla", "int8", 2, "qkv_up", True),
+                    ("splash", "int8", 2, "qkv_up", False)]
 COMPARE_BEGIN, COMPARE_END = "<!-- comparison: begin -->", "<!-- comparison: end -->"
 
 
@@ -242,9 +260,11 @@ def compare(model: str, topology: str, timeout: int, cache: str, max_compiles: i
   """The row's plan (from the page) compiled in up to `max_compiles` of COMPARE_VARIANTS."""
   [plan] = [p for p in read_plans() if (p["model"], p["topology"]) == (model, topology)]
   results = []
-  for attention, momentum, fewer, remat in COMPARE_VARIANTS[:max_compiles]:
+  for attention, momentum, fewer, remat, split in COMPARE_VARIANTS[:max_compiles]:
+    if not split and plan["mesh"]["tensor"] == 1:
+      continue  # no tensor axis: the same program either way
     c = Candidate(**plan["mesh"], remat=remat or plan["remat"], accum=plan["accum"] // fewer,
-                  attention=attention, momentum=momentum)
+                  attention=attention, momentum=momentum, sequence_parallel=split)
     results.append((c, compile_candidate(model, topology, c, timeout, cache)))
   return dict(model=model, topology=topology, chips=plan["chips"],
               hbm=topologies.get(topology).hbm_bytes, results=results)
@@ -260,14 +280,17 @@ def comparison_lines(rows: list[dict]) -> list[str]:
       "each at its mesh and remat policy, compiled with XLA's attention (which writes every",
       "head's score matrix) or the Pallas splash kernel (`model.attention_impl`; `auto` is",
       "splash on TPUs), and with the first moment in bfloat16 or int8",
-      "(`optimizer.momentum_dtype`), at the plan's micro-batches and at fewer. Fits: the",
+      "(`optimizer.momentum_dtype`), at the plan's micro-batches and at fewer; with the",
+      "residual stream's length split over the tensor axis (`model.sequence_parallel`, on by",
+      "default; the same program where tensor is 1) or whole on every tensor shard. Fits: the",
       f"compiler leaves at least {1 - PLAN_MAX:.0%} of HBM free. (The table above was compiled",
-      "before `auto` picked splash on TPUs, with XLA's attention and bfloat16 momentum.)",
+      "before `auto` picked splash on TPUs and before sequence parallelism, with XLA's",
+      "attention and bfloat16 momentum.)",
       "",
-      "| model | slice | attention | momentum | remat | micro-batches | per chip "
-      "| memory / chip (GiB) | momentum / chip (GiB) | fits | compiler / analytic FLOPs "
-      "| compile (s) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| model | slice | attention | momentum | sequence parallel | remat | micro-batches "
+      "| per chip | memory / chip (GiB) | momentum / chip (GiB) | fits "
+      "| compiler / analytic FLOPs | compile (s) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for row in rows:
     for c, rep in row["results"]:
@@ -278,7 +301,8 @@ def comparison_lines(rows: list[dict]) -> list[str]:
                if rep.get("compiler_flops_per_device") else "")
       momentum = rep.get("momentum_bytes_per_device") or 0
       lines.append(
-          f"| {row['model']} | {row['topology']} | {c.attention} | {c.momentum} | {c.remat} "
+          f"| {row['model']} | {row['topology']} | {c.attention} | {c.momentum} "
+          f"| {'yes' if c.sequence_parallel else 'no'} | {c.remat} "
           f"| {c.accum} "
           f"| {micro} | {gib(total) if total else _refused(rep)} | "
           f"{momentum / 2 ** 30:.2f} | {'yes' if fits else 'no'} | {flops} | "
