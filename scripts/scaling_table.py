@@ -12,7 +12,7 @@ candidate expected to fit. A candidate that does not fit corrects the estimate (
 ratio of the compiler's activation memory to the estimated one) before the next pick.
 
 Ranking (lower is better; a rough model of step time, documented in docs/scaling.md):
-recomputation (none 1, dots 1.15, full 4/3) x per-micro-batch cost (FSDP gathers the
+recomputation (none 1, dots and qkv_up 1.15, full 4/3) x per-micro-batch cost (FSDP gathers the
 weights for every micro-batch; small micro-batches use the matrix units less well)
 x tensor-parallel communication.
 Each compile's report is cached (--cache, one JSON line per compile, keyed by the candidate
@@ -46,7 +46,9 @@ ROWS = [
     ("750m", "v5p-16"), ("750m", "v6e-16"), ("3b", "v4-128"), ("3b", "v5e-64"),
     ("3b", "v5p-64"), ("20b", "v5p-256"), ("20b", "v6e-256"), ("20b", "v5e-256"),
 ]
-RECOMPUTE = {"none": 1.0, "dots": 1.15, "full": 4 / 3}
+# qkv_up redoes the out and down projections: 6 of a decoder layer's 14 d_model^2 of matmuls
+# per token, a third of a forward pass (the step: three), so about 1 + 0.43 / 3.
+RECOMPUTE = {"none": 1.0, "dots": 1.15, "qkv_up": 1.15, "full": 4 / 3}
 HEADROOM = 0.9  # pick candidates whose (corrected) estimate leaves 10% of HBM free ...
 PLAN_MAX = 0.95  # ... and keep a plan only if the compiler leaves 5% free (runtime buffers)
 DEFAULT_CACHE = "/tmp/parti_jax_scaling_cache.jsonl"
@@ -105,6 +107,7 @@ def estimate(config, c: Candidate) -> tuple[float, float]:
   # Bytes kept per token and layer for the backward pass (bfloat16 activations):
   dots = 2 * (4 * d / t + 4 * d / s + f / t)  # matmul outputs and the residual stream
   kept = {"full": 2 * d / s, "dots": dots,
+          "qkv_up": 2 * (4 * d / t + f / t + d / s),  # q, k, v, attention, MLP hidden, stream
           "none": dots + 2 * (6 * d + 2 * f / t) + 10 * m.num_heads / t * (image + text)}
   working = 2 * (kept["none"] - kept["full"])  # one layer rematerialised at a time
   per_example = (m.encoder_layers * text + m.decoder_layers * image) * kept[c.remat]
@@ -240,12 +243,18 @@ def refused_total(report: dict, tpu) -> float | None:
 
 # ----------------------------------------------------------------------------- comparison
 
-# Two rows of the table, each at its plan (mesh, remat), compiled with XLA's attention or the
-# splash kernel and with bfloat16 or int8 momentum, at the plan's micro-batches and at half
-# as many (twice the examples per chip): does the saving buy fewer micro-batches? Then the
-# remat policy that keeps only what the tensor axis splits ("qkv_up"), at fewer still, and
-# one compile without sequence parallelism (where the plan has a tensor axis to split over).
-COMPARE_ROWS = [("350m", "v5e-16"), ("20b", "v4-512")]
+# Two plans the search found before splash attention and sequence parallelism (XLA's
+# attention, bfloat16 momentum), fixed here so that the comparison does not move with the
+# table: each compiled with XLA's attention or the splash kernel and with bfloat16 or int8
+# momentum, at the plan's micro-batches and at half as many (twice the examples per chip):
+# does the saving buy fewer micro-batches? Then the remat policy that keeps only what the
+# tensor axis splits ("qkv_up"), at fewer still, and one compile without sequence
+# parallelism (where the plan has a tensor axis to split over).
+COMPARE_PLANS = {
+    ("350m", "v5e-16"): dict(mesh=dict(data=16, fsdp=1, tensor=1), remat="none", accum=256),
+    ("20b", "v4-512"): dict(mesh=dict(data=4, fsdp=8, tensor=8), remat="dots", accum=32),
+}
+COMPARE_ROWS = list(COMPARE_PLANS)
 # (attention, momentum, divide the plan's micro-batches by, remat policy: "" the plan's,
 # sequence parallelism), in the order compiled: the telling ones first.
 COMPARE_VARIANTS = [("splash", "bfloat16", 1, "", True), ("xla", "bfloat16", 1, "", True),
@@ -257,8 +266,11 @@ COMPARE_BEGIN, COMPARE_END = "<!-- comparison: begin -->", "<!-- comparison: end
 
 
 def compare(model: str, topology: str, timeout: int, cache: str, max_compiles: int) -> dict:
-  """The row's plan (from the page) compiled in up to `max_compiles` of COMPARE_VARIANTS."""
-  [plan] = [p for p in read_plans() if (p["model"], p["topology"]) == (model, topology)]
+  """The row's plan (COMPARE_PLANS) compiled in up to `max_compiles` of COMPARE_VARIANTS."""
+  if (model, topology) not in COMPARE_PLANS:
+    raise ValueError(f"--compare has plans for {', '.join(map(':'.join, COMPARE_PLANS))} only; "
+                     f"got {model}:{topology}")
+  plan, tpu = COMPARE_PLANS[model, topology], topologies.get(topology)
   results = []
   for attention, momentum, fewer, remat, split in COMPARE_VARIANTS[:max_compiles]:
     if not split and plan["mesh"]["tensor"] == 1:
@@ -266,8 +278,8 @@ def compare(model: str, topology: str, timeout: int, cache: str, max_compiles: i
     c = Candidate(**plan["mesh"], remat=remat or plan["remat"], accum=plan["accum"] // fewer,
                   attention=attention, momentum=momentum, sequence_parallel=split)
     results.append((c, compile_candidate(model, topology, c, timeout, cache)))
-  return dict(model=model, topology=topology, chips=plan["chips"],
-              hbm=topologies.get(topology).hbm_bytes, results=results)
+  return dict(model=model, topology=topology, chips=tpu.chips, hbm=tpu.hbm_bytes,
+              results=results)
 
 
 def comparison_lines(rows: list[dict]) -> list[str]:
@@ -276,8 +288,9 @@ def comparison_lines(rows: list[dict]) -> list[str]:
       COMPARE_BEGIN,
       "## Attention and momentum",
       "",
-      "Generated by `python scripts/scaling_table.py --compare`. Two rows of the table above,",
-      "each at its mesh and remat policy, compiled with XLA's attention (which writes every",
+      "Generated by `python scripts/scaling_table.py --compare`. Two plans the search found",
+      "before splash attention and sequence parallelism (mesh, remat policy, micro-batches),",
+      "each compiled with XLA's attention (which writes every",
       "head's score matrix) or the Pallas splash kernel (`model.attention_impl`; `auto` is",
       "splash on TPUs), and with the first moment in bfloat16 or int8",
       "(`optimizer.momentum_dtype`), at the plan's micro-batches and at fewer; with the",
@@ -421,7 +434,8 @@ def write_doc(rows: list[dict], path: str) -> None:
       "## How the plans were chosen",
       "",
       "Each candidate (mesh, remat policy, micro-batches) that the config checks accept is",
-      "ranked by a rough model of step time: recomputation (none 1, dots 1.15, full 4/3),",
+      "ranked by a rough model of step time: recomputation (none 1, dots and qkv_up 1.15,",
+      "full 4/3),",
       "times 1 + 0.9 / (examples per chip per micro-batch) when FSDP gathers the weights",
       "again for every micro-batch, times 1 + 0.1 / (examples per chip per micro-batch) for",
       "the matrix units' efficiency, times 1 + 0.05 log2(tensor) for tensor-parallel",
