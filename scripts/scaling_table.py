@@ -296,9 +296,7 @@ def comparison_lines(rows: list[dict]) -> list[str]:
       "(`optimizer.momentum_dtype`), at the plan's micro-batches and at fewer; with the",
       "residual stream's length split over the tensor axis (`model.sequence_parallel`, on by",
       "default; the same program where tensor is 1) or whole on every tensor shard. Fits: the",
-      f"compiler leaves at least {1 - PLAN_MAX:.0%} of HBM free. (The table above was compiled",
-      "before `auto` picked splash on TPUs and before sequence parallelism, with XLA's",
-      "attention and bfloat16 momentum.)",
+      f"compiler leaves at least {1 - PLAN_MAX:.0%} of HBM free.",
       "",
       "| model | slice | attention | momentum | sequence parallel | remat | micro-batches "
       "| per chip | memory / chip (GiB) | momentum / chip (GiB) | fits "
@@ -375,6 +373,9 @@ def write_doc(rows: list[dict], path: str) -> None:
       "was compiled on a CPU host, for the named slice, by the TPU compiler through",
       "`python -m parti_jax.aot`, which compiles the trainer's own step (same function,",
       "shardings and donated state): the memory is the compiler's buffer plan per chip.",
+      "Each is compiled with the configs' defaults otherwise: `model.attention_impl=auto`",
+      "(the Pallas splash kernel on TPUs), sequence parallelism over the tensor axis, and",
+      "bfloat16 momentum (int8 takes about half its bytes: the comparison below).",
       "",
       f"All rows train at the paper's global batch of {GLOBAL_BATCH}. Slice names are Cloud",
       "TPU's: v4-N and v5p-N count TensorCores (two per chip), v5e-N and v6e-N count chips.",
@@ -385,7 +386,8 @@ def write_doc(rows: list[dict], path: str) -> None:
       "- compiler / analytic FLOPs: XLA's FLOPs of the step (loop bodies counted per",
       "  iteration) over the analytic count behind MFU. Above 1 by what remat recomputes",
       "  (a layer's last matmul is not: remat=full gives about 1.25, not 4/3), the causal",
-      "  half of attention that the dense mask computes anyway, and elementwise work.",
+      "  half of attention that the dense mask computes anyway, and elementwise work; below",
+      "  it by attention, which XLA's count does not see inside the splash kernel.",
       "",
       "| model | slice | chips | mesh (data, fsdp, tensor) | remat | micro-batches | per chip "
       "| memory / chip (GiB) | HBM (GiB) | compiler / analytic FLOPs | compile (s) |",
@@ -449,7 +451,7 @@ def write_doc(rows: list[dict], path: str) -> None:
       "",
       "## Compile time of every candidate tried",
       "",
-      "Seconds on the busy 2-core host that generated this page, and the memory per chip.",
+      "Seconds on the 2-core host that generated this page, and the memory per chip.",
       "",
   ]
   for r in rows:

@@ -121,6 +121,7 @@ def test_the_planner_compiles_the_train_step_with_splash_kernels(topology):
   report = aot.plan(load_config("parti_tiny"), topology)
   assert report["fits"], report["overflow"]
   assert report["attention"] == "splash" and report["mosaic_kernels"] >= 6
+  assert report["sequence_parallel"] is True  # the default, named in the report
 
 
 @needs_libtpu
