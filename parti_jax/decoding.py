@@ -357,8 +357,7 @@ def _vocab(m) -> int:
 def _batch_ways(batch_sharding: NamedSharding) -> int:
   """How many ways a batch sharding splits the leading axis."""
   axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+  return sharding.shards(batch_sharding.mesh, axes)
 
 
 def decode_step_and_args(config, mesh, batch_size: int, settings: Settings = Settings()):

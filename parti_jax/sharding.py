@@ -173,8 +173,14 @@ def _drop_dim(spec: P, param_shape, leaf_shape) -> P:
   return P()
 
 
-def _axes_of(entry) -> tuple[str, ...]:
+def axes_of(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, a mesh axis name or several) as a tuple of names."""
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shards(mesh, entry) -> int:
+  """How many ways a PartitionSpec entry splits its dimension over `mesh`."""
+  return math.prod(mesh.shape[a] for a in axes_of(entry))
 
 
 def _entry(axes: tuple[str, ...]):
@@ -196,7 +202,7 @@ def _blocked_last_dim(spec: P, mesh_shape, param_shape, leaf_shape) -> P | None:
   if (rank == 0 or len(leaf_shape) != rank or tuple(leaf_shape[:-1]) != tuple(param_shape[:-1])
       or not 0 < leaf_shape[-1] <= param_shape[-1]):
     return None
-  axes = [_axes_of(e) for e in tuple(spec) + (None,) * (rank - len(spec))]
+  axes = [axes_of(e) for e in tuple(spec) + (None,) * (rank - len(spec))]
   ways = lambda names: math.prod(mesh_shape[a] for a in names)
   last, axes[-1] = axes[-1], ()
   for a in last:
@@ -243,8 +249,7 @@ def check_divisible(abstract_params, param_shardings) -> None:
   bad = []
   def visit(path, p, s):
     for dim, axes in zip(p.shape, tuple(s.spec)):
-      ways = math.prod(s.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-      if dim % ways:
+      if dim % shards(s.mesh, axes):
         bad.append(f"{jax.tree_util.keystr(path)} {p.shape} over {s.spec}")
   jax.tree_util.tree_map_with_path(visit, abstract_params, param_shardings)
   if bad:

@@ -18,6 +18,23 @@ def random_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
   return dict(text_tokens=text, image_tokens=image)
 
 
+def saved_for_backward(capsys, **model) -> list[str]:
+  """The residuals the tiny Parti's backward pass keeps (with `model` fields changed), as
+  jax prints them."""
+  from flax import nnx
+
+  from conftest import load_config
+  from parti_jax.models import parti as parti_model
+  c = load_config("parti_tiny")
+  c.model.update(model)
+  graphdef, params = nnx.split(parti_model.Parti(c.model, rngs=nnx.Rngs(0)))
+  b = random_batch(c, batch_size=2)
+  loss = lambda p: nnx.merge(graphdef, p)(b["text_tokens"], b["image_tokens"]).sum()
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  return capsys.readouterr().out.splitlines()
+
+
 def setup_on(config, mesh_shape, num_devices) -> parti_task.Setup:
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))

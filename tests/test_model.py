@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_config
 from flax import nnx
-from helpers import random_batch, setup_on
+from helpers import random_batch, saved_for_backward, setup_on
 
 from parti_jax import config as config_lib
 from parti_jax.models import layers as layers_lib
@@ -274,25 +274,13 @@ def test_cudnn_attention_computes_what_xla_attention_does_on_a_gpu():
   assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _saved_for_backward(remat: str, capsys) -> list[str]:
-  """The residuals the tiny Parti's backward pass keeps, as jax prints them."""
-  c = load_config("parti_tiny")
-  c.model.update(remat=remat)
-  graphdef, params = nnx.split(parti_model.Parti(c.model, rngs=nnx.Rngs(0)))
-  b = random_batch(c, batch_size=2)
-  loss = lambda p: nnx.merge(graphdef, p)(b["text_tokens"], b["image_tokens"]).sum()
-  capsys.readouterr()
-  jax.ad_checkpoint.print_saved_residuals(loss, params)
-  return capsys.readouterr().out.splitlines()
-
-
 def test_qkv_up_remat_keeps_the_per_head_and_mlp_activations_only(capsys):
   """`model.remat=qkv_up` keeps, of every layer, queries, keys, values and attention outputs
   (per head: split over the tensor axis on a mesh), the MLP's hidden layer and the layer's
   input, and recomputes the out and down projections, whose outputs "dots" keeps."""
   def scanned(lines):  # the scanned layers' residuals: [layers, ...] by shape
     return collections.Counter(l.split(" ", 1)[0] for l in lines if "output of scan" in l)
-  kept, dots = (scanned(_saved_for_backward(remat, capsys)) for remat in ("qkv_up", "dots"))
+  kept, dots = (scanned(saved_for_backward(capsys, remat=remat)) for remat in ("qkv_up", "dots"))
   # Tiny: 2 layers per stack, batch 2, 16 text and 16 image tokens, 4 heads of 16, MLP 256.
   # Encoder: q, k, v, attention; decoder: the same for self- and cross-attention.
   assert kept == {"f32[2,2,16,4,16]": 4 + 8, "f32[2,2,16,256]": 2, "f32[2,2,16,64]": 2}

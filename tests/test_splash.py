@@ -173,17 +173,9 @@ def test_rows_that_do_not_split_over_the_mesh_are_attended_whole_on_every_device
 def _kept_by_scan(head_dim: int, capsys) -> set[str]:
   """Shapes of what the tiny Parti's scanned layers keep for the backward pass under
   remat=qkv_up with splash attention (Pallas' interpreter), heads `head_dim` wide."""
-  from flax import nnx
-  from helpers import random_batch
-  c = load_config("parti_tiny")
-  c.model.update(attention_impl="splash", remat="qkv_up", head_dim=head_dim)
-  graphdef, params = nnx.split(parti_model.Parti(c.model, rngs=nnx.Rngs(0)))
-  b = random_batch(c, batch_size=2)
-  loss = lambda p: nnx.merge(graphdef, p)(b["text_tokens"], b["image_tokens"]).sum()
-  capsys.readouterr()
-  jax.ad_checkpoint.print_saved_residuals(loss, params)
-  return {l.split(" ", 1)[0] for l in capsys.readouterr().out.splitlines()
-          if "output of scan" in l}
+  from helpers import saved_for_backward
+  lines = saved_for_backward(capsys, attention_impl="splash", remat="qkv_up", head_dim=head_dim)
+  return {l.split(" ", 1)[0] for l in lines if "output of scan" in l}
 
 
 def test_qkv_up_keeps_the_kernels_residuals_only_for_heads_of_whole_lanes(capsys):

@@ -129,5 +129,4 @@ def _split(mesh, logical: str, size: int):
   evenly (shard_map needs even shards); else None: every device takes the whole axis (a
   sampler's few prompts on a large mesh, say)."""
   axes = sharding.logical_to_mesh((logical,), spmd.get_logical_axis_rules())[0]
-  names = (axes,) if isinstance(axes, str) else (axes or ())
-  return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
+  return axes if size % sharding.shards(mesh, axes) == 0 else None
