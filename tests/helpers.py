@@ -35,6 +35,25 @@ def saved_for_backward(capsys, **model) -> list[str]:
   return capsys.readouterr().out.splitlines()
 
 
+def whole_cache_copies(config, mesh, batch_size: int) -> tuple[list[str], int, int]:
+  """Compiles the guided decode step of `config` on `mesh` (whatever devices it has, also
+  compile-only ones): the instructions of the optimised program that copy a whole
+  self-attention cache shard, the bytes the step's donated arguments share with its
+  outputs, and the bytes of the self-attention caches per device."""
+  from parti_jax import decoding
+  step, (params, state) = decoding.decode_step_and_args(config, mesh, batch_size,
+                                                        decoding.Settings())
+  compiled = step.lower(params, state).compile()
+  caches = [state.cache[name] for name in ("self_k", "self_v")]
+  cache_bytes = sum(sharding.shard_bytes(c.shape, c.dtype, c.sharding) for c in caches)
+  shard = caches[0].sharding.shard_shape(caches[0].shape)  # [layers, rows, length, heads, kv]
+  hlo_type = {"float32": "f32", "bfloat16": "bf16"}[np.dtype(caches[0].dtype).name]
+  whole = hlo_type + "[" + ",".join(map(str, shard)) + "]{"
+  copies = [line.strip() for line in compiled.as_text().splitlines()
+            if f"= {whole}" in line and (" copy(" in line or "copy-start(" in line)]
+  return copies, compiled.memory_analysis().alias_size_in_bytes, cache_bytes
+
+
 def setup_on(config, mesh_shape, num_devices) -> parti_task.Setup:
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))

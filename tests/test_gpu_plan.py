@@ -1,0 +1,118 @@
+"""The planner on NVIDIA GPUs: XLA's GPU compiler, through JAX's CUDA plugin, compiles the
+trainer's step and the sampler's decode step for H100s and H200s on this CPU host.
+
+The compiles need the plugin and cuDNN (`pip install -e '.[gpu_plan]'`, part of the test
+extras) and are skipped without them.
+"""
+
+import importlib.util
+
+import pytest
+
+from conftest import load_config
+from helpers import whole_cache_copies
+from parti_jax import aot, sharding, topologies
+from parti_jax import config as config_lib
+
+# The tests' persistent compilation cache (conftest) keeps executables it can load only onto
+# real devices; for a compile-only GPU program it warns and compiles again.
+pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins.xla_cuda13") is None
+    or importlib.util.find_spec("nvidia.cudnn") is None,
+    reason="JAX's CUDA plugin or cuDNN is not installed (pip install -e '.[gpu_plan]')")
+
+
+def tiny_bf16():
+  config = load_config("parti_tiny")
+  config.model.dtype = "bfloat16"  # cuDNN's fused attention wants 16-bit matmuls
+  return config
+
+
+def test_gpu_machines_are_hosts_of_eight(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  one = topologies.get("h200-1")
+  assert (one.chips, one.hosts, one.topology) == (1, 1, "1x1x1")
+  two_hosts = topologies.get("H100-16")
+  assert (two_hosts.name, two_hosts.hosts, two_hosts.topology) == ("h100-16", 2, "1x2x8")
+  # A step may use JAX's share of the card: 75% unless the environment says otherwise.
+  assert one.hbm_bytes == int(0.75 * topologies.GPUS["h200"].memory_bytes)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  assert one.hbm_bytes == int(0.95 * topologies.GPUS["h200"].memory_bytes)
+
+
+@pytest.mark.parametrize("name", ["h100-3", "h100-12", "h300-8", "h100-0"])
+def test_unknown_gpu_machines_are_refused_with_the_known_ones(name):
+  with pytest.raises(topologies.UnknownTopology, match="known: .*h100-N"):
+    topologies.get(name)
+
+
+def test_gpu_machines_are_not_slices():
+  config = load_config("parti_tiny")
+  config.mesh.update(data=2, num_slices=2)
+  with pytest.raises(config_lib.ConfigError, match="mesh.num_slices=2.*h100-16"):
+    aot.plan(config, "h100-16")
+
+
+@needs_cuda_plugin
+def test_tiny_parti_compiles_for_h100s_with_cudnn_attention():
+  report = aot.plan(tiny_bf16(), "h100-8")
+  assert report["platform"] == "gpu" and report["device_kind"] == "NVIDIA H100 80GB HBM3"
+  assert report["mesh"] == dict(data=1, fsdp=8, tensor=1) and report["fits"]
+  # `auto` picks cuDNN on these devices; the compiled step calls its kernel forward and
+  # backward for the encoder's, the decoder's and the cross-attention.
+  assert report["attention"] == "cudnn"
+  assert report["cudnn_attention_kernels"] == 6
+  memory = report["memory"]
+  assert 0 < memory["total"] <= report["hbm_bytes"] == int(0.75 * 84_942_979_072)
+  assert memory["aliased"] > 0.9 * memory["arguments"] - 2 ** 16  # the state is donated
+
+
+@needs_cuda_plugin
+def test_xla_attention_on_a_gpu_has_no_cudnn_kernel_and_its_flops_agree():
+  config = tiny_bf16()
+  config.model.attention_impl = "xla"
+  report = aot.plan(config, "h100-1")
+  assert report["attention"] == "xla" and report["cudnn_attention_kernels"] == 0
+  # cuDNN's kernels are custom calls XLA does not count; without them, the compiler's
+  # count meets the analytic one as on a TPU.
+  ratio = report["compiler_flops_per_device"] / report["analytic_flops_per_device"]
+  assert 1 - aot.FLOPS_TOLERANCE < ratio < 1 + aot.FLOPS_TOLERANCE, ratio
+
+
+@needs_cuda_plugin
+def test_a_step_too_big_for_jax_share_of_the_card_does_not_fit(monkeypatch):
+  # The same tiny step against a share of the card smaller than it needs.
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1e-6")
+  report = aot.plan(tiny_bf16(), "h200-1")
+  assert report["fits"] is False and report["memory_fraction"] == 1e-6
+  assert "exceeds" in report["overflow"][0]
+
+
+@needs_cuda_plugin
+def test_a_tensor_axis_within_each_host_and_fsdp_across_two_hosts():
+  config = tiny_bf16()
+  config.mesh.update(data=1, fsdp=2, tensor=8)
+  config.model.update(num_heads=8, mlp_dim=256)  # the tensor axis splits heads and MLP
+  report = aot.plan(config, "h100-16")
+  assert report["chips"] == 16 and report["fits"]
+  # Each host's eight GPUs hold the tensor axis (over NVLink); the two hosts each read
+  # their own half of every batch.
+  layout = report["input_layout"]
+  assert (layout["hosts"], layout["rows_per_host"], layout["hosts_per_row"]) == (2, 4, 1)
+  devices = topologies.get("h100-16").devices()
+  mesh = sharding.make_mesh(config, devices)
+  for row in mesh.devices.reshape(-1, 8):  # (data x fsdp) rows of the tensor axis
+    assert len({d.process_index for d in row}) == 1
+
+
+@needs_cuda_plugin
+def test_the_gpu_decode_step_updates_the_kv_cache_in_place():
+  """The sampler's decode step as the GPU compiler builds it: the caches are donated and
+  written where they lie (scatter fusions into the cache buffers), never copied whole."""
+  config = tiny_bf16()
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  mesh = sharding.make_mesh(config, topologies.get("h200-1").devices(), training=False)
+  copies, aliased, cache_bytes = whole_cache_copies(config, mesh, 8)
+  assert aliased >= cache_bytes > 0
+  assert copies == [], copies[:3]
