@@ -6,7 +6,7 @@
 # By default (the figures issue 22 still lacks; together within one 10-minute device call):
 # 1. train_cudnn: Parti 350M training in bf16 with cuDNN's fused attention (what
 #    `model.attention_impl=auto` picks on NVIDIA GPUs) at BATCH (default 64, the largest that
-#    fit an H200 on 2026-11-27), for MFU;
+#    fit an H200 on 2026-11-27, as the planner also says), for MFU;
 # 2. train_levers: the same with the output projection in bf16 (model.logits_matmul=compute),
 #    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg):
 #    against step 1's line, whether these become GPU defaults;
@@ -16,7 +16,10 @@
 #    OUTDIR/profile_train;
 # 4. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
 #    bandwidth floor, and a trace of one guided generation;
-# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?).
+# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?);
+# 6. train_dots: step 1 with remat=dots at batch DOTS_BATCH (default 256): the planner (`python
+#    -m parti_jax.aot --topology h200-1`, 2026-12-03) puts it at 93 GiB with JAX's 95% of an
+#    H200 where no remat fits only 64; whether the larger batch repays the recomputation.
 # By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
 # 64: encode/decode images/s and the train step); train_xla (350M with XLA's attention at the
 # largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH).
@@ -31,8 +34,9 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_cudnn train_levers profile sampling profile_decode} "
+names=" ${*:-train_cudnn train_levers profile sampling profile_decode train_dots} "
 batch=${BATCH:-64}
+dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
@@ -72,6 +76,9 @@ bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py
   --trace "$out/profile_decode"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \
   --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
+# Last: it gets what the others leave (they have slack under their caps).
+bench train_dots 120 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
+  --config.model.attention_impl=cudnn --config.model.remat=dots
 bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
   --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
 bench train_xla 300 "${train350m[@]}" --config.global_batch_size=16 --find_max_batch \
