@@ -58,6 +58,9 @@ setuptools.setup(
         # python -m parti_jax.aot --topology h100-8 on a host without GPUs: JAX's CUDA
         # plugin (no CUDA libraries: it only compiles) and cuDNN, which lowers and compiles
         # the fused attention. `jax[cuda13]` instead installs everything a GPU host runs with.
+        # Without a GPU's CUDA libraries, JAX logs at start that the plugin could not check
+        # them and runs on the CPU; JAX_PLATFORMS=cpu (the planner's and the tests' setting)
+        # skips the check.
         "gpu_plan": ["jax[cuda13-local]", "nvidia-cudnn-cu13>=9.8"],
         # python -m parti_jax.serve, the sampling page.
         "serve": ["gradio>=6.31"],

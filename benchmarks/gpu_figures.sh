@@ -19,7 +19,10 @@
 # 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?);
 # 6. train_dots: step 1 with remat=dots at batch DOTS_BATCH (default 256): the planner (`python
 #    -m parti_jax.aot --topology h200-1`, 2026-12-03) puts it at 93 GiB with JAX's 95% of an
-#    H200 where no remat fits only 64; whether the larger batch repays the recomputation.
+#    H200 where no remat fits only 64; whether the larger batch repays the recomputation;
+# 7. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
+#    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; the flag
+#    is known to this jax's XLA: the planner compiles with it).
 # By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
 # 64: encode/decode images/s and the train step); train_xla (350M with XLA's attention at the
 # largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH).
@@ -34,7 +37,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_cudnn train_levers profile sampling profile_decode train_dots} "
+names=" ${*:-train_cudnn train_levers profile sampling profile_decode train_dots train_flags} "
 batch=${BATCH:-64}
 dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
@@ -76,9 +79,11 @@ bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py
   --trace "$out/profile_decode"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \
   --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
-# Last: it gets what the others leave (they have slack under their caps).
+# Last: these get what the others leave (they have slack under their caps).
 bench train_dots 120 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots
+bench train_flags 100 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${train350m[@]}" \
+  --config.global_batch_size="$batch" --config.model.attention_impl=cudnn
 bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
   --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
 bench train_xla 300 "${train350m[@]}" --config.global_batch_size=16 --find_max_batch \
