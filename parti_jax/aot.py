@@ -76,10 +76,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   `num_slices` such TPU slices joined over DCN (default: config.mesh.num_slices, which a
   number given here replaces). Raises topologies.UnknownTopology and
   config_lib.ConfigError before compiling, topologies.NoCompiler where the machine's
-  compiler is not installed.
+  compiler is not installed, topologies.BadEnvironment for an unusable memory fraction.
   """
   machine = topologies.get(topology)
   gpu = isinstance(machine, topologies.GpuMachine)
+  hbm_bytes = machine.hbm_bytes  # on a GPU, JAX's share: the environment is checked first
   if num_slices is not None:
     config = config.copy_and_resolve_references()
     config.mesh.num_slices = num_slices
@@ -103,7 +104,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   report = dict(
       mode=mode, topology=machine.name, compiler_topology=machine.topology,
       num_slices=slices, chips=chips, platform="gpu" if gpu else "tpu",
-      device_kind=devices[0].device_kind, hbm_bytes=machine.hbm_bytes,
+      device_kind=devices[0].device_kind, hbm_bytes=hbm_bytes,
       # On a GPU, hbm_bytes is JAX's share (this fraction) of the card's memory.
       memory_fraction=machine.memory_fraction if gpu else None, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
@@ -138,7 +139,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
     report["cudnn_attention_kernels"] = compiled.as_text().count(
         'custom_call_target="__cudnn$fmha')
   report["memory"] = memory = _memory(compiled.memory_analysis())
-  report["overflow"] = overflow(memory, machine.hbm_bytes)
+  report["overflow"] = overflow(memory, hbm_bytes)
   report["fits"] = not report["overflow"]
   return report
 
@@ -346,7 +347,8 @@ def main(argv=None):
     sys.exit("error: --config and --topology are required")
   try:
     report = plan(config, f.topology, f.mode, f.num_slices)
-  except (topologies.UnknownTopology, topologies.NoCompiler, config_lib.ConfigError) as e:
+  except (topologies.UnknownTopology, topologies.NoCompiler, topologies.BadEnvironment,
+          config_lib.ConfigError) as e:
     if f.json:
       print(json.dumps(dict(topology=f.topology, refused=str(e))))
     print(f"error: {e}", file=sys.stderr)

@@ -52,6 +52,10 @@ class NoCompiler(RuntimeError):
   """The machine is known, but the compiler for it is not installed here."""
 
 
+class BadEnvironment(ValueError):
+  """An environment variable the plan depends on has a value that cannot be used."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
   name: str  # as written in this project: v4-512, v5e-256, v5p-256, v6e-64
@@ -193,7 +197,15 @@ class GpuMachine:
 
   @property
   def memory_fraction(self) -> float:
-    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", str(DEFAULT_MEM_FRACTION))
+    try:
+      fraction = float(value)
+    except ValueError:
+      fraction = -1.0
+    if not 0 < fraction <= 1:
+      raise BadEnvironment(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: JAX's share of a GPU's "
+                           "memory is a number in (0, 1]")
+    return fraction
 
   @property
   def hbm_bytes(self) -> int:

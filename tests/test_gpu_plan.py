@@ -41,6 +41,13 @@ def test_gpu_machines_are_hosts_of_eight(monkeypatch):
   assert one.hbm_bytes == int(0.95 * topologies.GPUS["h200"].memory_bytes)
 
 
+@pytest.mark.parametrize("value", ["0", "1.5", "most"])
+def test_an_unusable_memory_fraction_is_refused_naming_it(monkeypatch, value):
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", value)
+  with pytest.raises(topologies.BadEnvironment, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    aot.plan(tiny_bf16(), "h200-1")
+
+
 @pytest.mark.parametrize("name", ["h100-3", "h100-12", "h300-8", "h100-0"])
 def test_unknown_gpu_machines_are_refused_with_the_known_ones(name):
   with pytest.raises(topologies.UnknownTopology, match="known: .*h100-N"):
