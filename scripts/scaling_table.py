@@ -2,6 +2,7 @@
 
   python scripts/scaling_table.py [--rows 20b:v4-1024,3b:v5p-128] [--max_compiles 3] \
       [--out docs/scaling.md]
+  python scripts/scaling_table.py --gpus [--rows 20b:h100-64]   # only the GPU section
 
 For each (model, slice) row the search runs over the mesh (data, fsdp, tensor), the
 remat policy and the number of micro-batches (grad_accum_steps) at the paper's global
@@ -15,6 +16,9 @@ Ranking (lower is better; a rough model of step time, documented in docs/scaling
 recomputation (none 1, dots and qkv_up 1.15, full 4/3) x per-micro-batch cost (FSDP gathers the
 weights for every micro-batch; small micro-batches use the matrix units less well)
 x tensor-parallel communication.
+With --gpus the same search runs for NVIDIA GPU machines (GPU_ROWS), compiled by XLA's GPU
+compiler through JAX's CUDA plugin, against JAX's default share of each card's memory, and
+rewrites only the page's GPU section.
 Each compile's report is cached (--cache, one JSON line per compile, keyed by the candidate
 and a hash of the package's and configs' sources), so a rerun of the same code only compiles
 what it has not seen.
@@ -34,7 +38,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only libtpu's compiler is used, not a TPU
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only the compilers are used, no accelerator
 
 from parti_jax import cli, sharding, topologies  # noqa: E402
 from parti_jax import config as config_lib  # noqa: E402
@@ -45,6 +49,12 @@ ROWS = [
     ("20b", "v4-1024"), ("20b", "v4-512"), ("350m", "v4-16"), ("350m", "v5e-16"),
     ("750m", "v5p-16"), ("750m", "v6e-16"), ("3b", "v4-128"), ("3b", "v5e-64"),
     ("3b", "v5p-64"), ("20b", "v5p-256"), ("20b", "v6e-256"), ("20b", "v5e-256"),
+]
+# NVIDIA machines of 8 GPUs per host (HGX/DGX), as a SLURM cluster gives them
+# (launch/slurm.sh): each size on one host where it fits, and 20B on 8 and 32 hosts.
+GPU_ROWS = [
+    ("350m", "h100-8"), ("350m", "h200-8"), ("750m", "h100-8"), ("3b", "h100-8"),
+    ("3b", "h200-8"), ("20b", "h100-64"), ("20b", "h200-64"), ("20b", "h100-256"),
 ]
 # qkv_up redoes the out and down projections: 6 of a decoder layer's 14 d_model^2 of matmuls
 # per token, a third of a forward pass (the step: three), so about 1 + 0.43 / 3.
@@ -123,8 +133,9 @@ def score(c: Candidate) -> float:
   return RECOMPUTE[c.remat] * gathers * small * (1 + 0.05 * math.log2(c.tensor)) + 1e-4 * c.accum
 
 
-def candidates(config, tpu: topologies.Slice) -> list[Candidate]:
-  """Every mesh, remat policy and micro-batch count the config checks and the torus accept."""
+def candidates(config, tpu) -> list[Candidate]:
+  """Every mesh, remat policy and micro-batch count the config checks and the torus accept
+  (on GPUs: the tensor axis at most a host's 8 GPUs, over NVLink)."""
   found, chips, devices = [], tpu.chips, tpu.devices()
   powers = [2 ** i for i in range(int(math.log2(chips)) + 1)]
   for tensor in (1, 2, 4, 8):
@@ -222,7 +233,8 @@ def search(model: str, topology: str, max_compiles: int, timeout: int, cache: st
     if report.get("fits") and measured <= PLAN_MAX * tpu.hbm_bytes:
       best = (pick, report)
   return dict(model=model, topology=topology, chips=tpu.chips, hbm=tpu.hbm_bytes,
-              generation=tpu.generation, compiles=len(tried),
+              generation=getattr(tpu, "generation", None), compiles=len(tried),
+              hosts=getattr(tpu, "hosts", None),
               plan=dataclasses.asdict(best[0]) if best else None,
               report=best[1] if best else None,
               tried=[dict(compile_s=r.get("compile_s") or r.get("wall_s", 0),
@@ -333,18 +345,89 @@ def _refused(report: dict) -> str:
 
 def write_comparison(rows: list[dict], path: str) -> None:
   """Writes (or replaces) the comparison section of the page, leaving the rest as it is."""
+  write_section(comparison_lines(rows), COMPARE_BEGIN, COMPARE_END, path)
+
+
+def write_section(lines: list[str], begin: str, end: str, path: str) -> None:
+  """Puts `lines` (from `begin` to `end`) in the page: where they were, else before
+  "## Several slices"; the rest of the page stays as it is."""
   with open(path) as f:
     text = f.read()
-  section = "\n".join(comparison_lines(rows))
-  if COMPARE_BEGIN in text:
-    head, rest = text.split(COMPARE_BEGIN, 1)
-    text = head + section + rest.split(COMPARE_END, 1)[1]
+  section = "\n".join(lines)
+  if begin in text:
+    head, rest = text.split(begin, 1)
+    text = head + section + rest.split(end, 1)[1]
   else:
     marker = "\n## Several slices"
     head, rest = text.split(marker, 1)
     text = head + section + "\n" + marker + rest
   with open(path, "w") as f:
     f.write(text)
+
+
+def sections(path: str) -> list[tuple[list[str], str, str]]:
+  """The generated sections (comparison, GPUs) of the page at `path`, to carry over when the
+  TPU table is rewritten."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    text = f.read()
+  found = []
+  for begin, end in ((COMPARE_BEGIN, COMPARE_END), (GPUS_BEGIN, GPUS_END)):
+    if begin in text:
+      found.append(((begin + text.split(begin, 1)[1].split(end, 1)[0] + end).split("\n"),
+                    begin, end))
+  return found
+
+
+# ----------------------------------------------------------------------------- GPUs
+
+GPUS_BEGIN, GPUS_END = "<!-- gpus: begin -->", "<!-- gpus: end -->"
+
+
+def gpu_lines(rows: list[dict]) -> list[str]:
+  gib = lambda b: f"{b / 2 ** 30:.1f}"
+  fraction = topologies.DEFAULT_MEM_FRACTION
+  lines = [
+      GPUS_BEGIN,
+      "## NVIDIA GPUs",
+      "",
+      "Generated by `python scripts/scaling_table.py --gpus`: the same search for machines of",
+      "NVIDIA GPUs, eight per host, compiled on a CPU host by XLA's GPU compiler through JAX's",
+      "CUDA plugin (`python -m parti_jax.aot --topology h100-N`; the cards are described to",
+      "it by their target configs in `parti_jax/topologies.py`), with the configs' defaults:",
+      "cuDNN's fused attention (what `auto` picks there) and bfloat16 momentum. The tensor",
+      "axis stays inside a host (NVLink); fsdp and data span hosts. The memory budget is",
+      f"JAX's default share of a card, {fraction:.0%} (`XLA_PYTHON_CLIENT_MEM_FRACTION`; a",
+      "run that raises it fits more per micro-batch), and a plan is kept if the compiler",
+      f"leaves at least {1 - PLAN_MAX:.0%} of that free. Step time on GPUs is not modelled",
+      "beyond the ranking below: measure it on the machine (`train.profile_steps`).",
+      "",
+      "| model | GPUs | hosts | mesh (data, fsdp, tensor) | remat | micro-batches | per GPU "
+      "| memory / GPU (GiB) | JAX's share (GiB) | compiler / analytic FLOPs | compile (s) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    if not r["plan"]:
+      lines.append(f"| {r['model']} | {r['topology']} | {r['hosts']} | no plan fitted in "
+                   f"{r['compiles']} compiles | | | | | {gib(r['hbm'])} | | |")
+      continue
+    p, rep = r["plan"], r["report"]
+    micro = GLOBAL_BATCH // (p["data"] * p["fsdp"] * p["accum"])
+    ratio = (f"{rep['compiler_flops_per_device'] / rep['analytic_flops_per_device']:.2f}"
+             if rep.get("compiler_flops_per_device") else "")
+    lines.append(
+        f"| {r['model']} | {r['topology']} | {r['hosts']} | ({p['data']}, {p['fsdp']}, "
+        f"{p['tensor']}) | {p['remat']} | {p['accum']} | {micro} "
+        f"| {gib(rep['memory']['total'])} | {gib(r['hbm'])} | {ratio} | {rep['compile_s']:.0f} |")
+  lines += ["", "The compiler's FLOPs leave out cuDNN's attention (custom calls XLA does not",
+            "count) and add what remat recomputes. Candidates tried (compile time on the",
+            "2-core host that generated this section, and memory per GPU):", ""]
+  for r in rows:
+    times = ", ".join(f"{t['compile_s']:.0f} s " + (f"({gib(t['total'])} GiB)" if t["total"]
+                                                    else "(refused)") for t in r["tried"])
+    lines.append(f"- {r['model']} on {r['topology']}: {times or 'none'}")
+  return lines + [GPUS_END]
 
 
 # ----------------------------------------------------------------------------- document
@@ -459,8 +542,11 @@ def write_doc(rows: list[dict], path: str) -> None:
                                                     else "(refused by the compiler)")
                       for t in r["tried"])
     lines.append(f"- {r['model']} on {r['topology']}: {times or 'none'}")
+  kept = sections(path)  # the comparison and the GPU section, which other runs generate
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+  for section in kept:
+    write_section(*section, path)
 
 
 FLAGS = cli.Flags(__doc__)
@@ -469,6 +555,8 @@ FLAGS.integer("max_compiles", 3, "Compiles per row.")
 FLAGS.integer("timeout", 3600, "Seconds per compile.")
 FLAGS.string("out", os.path.join(REPO, "docs", "scaling.md"), "The page written.")
 FLAGS.string("cache", DEFAULT_CACHE, "Compile reports, one per line.")
+FLAGS.bool("gpus", False, "Search the NVIDIA GPU rows instead (GPU_ROWS, or --rows) and "
+           "rewrite only the page's GPU section.")
 FLAGS.bool("compare", False, "Compile the attention and momentum comparison instead "
            "(COMPARE_ROWS, up to --max_compiles variants each) and rewrite only its section.")
 
@@ -483,6 +571,17 @@ def main(argv=None):
       results.append(compare(model, topology, args.timeout, args.cache, args.max_compiles))
       write_comparison(results, args.out)
     print(f"wrote the comparison into {args.out}")
+    return
+  if args.gpus:
+    # The page's budget is JAX's default share of a card, whatever this shell sets.
+    os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else GPU_ROWS
+    results = []
+    for model, topology in rows:
+      print(f"{model} on {topology}", flush=True)
+      results.append(search(model, topology, args.max_compiles, args.timeout, args.cache))
+      write_section(gpu_lines(results), GPUS_BEGIN, GPUS_END, args.out)
+    print(f"wrote the GPU section into {args.out}")
     return
   rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else ROWS
   results = []

@@ -189,3 +189,33 @@ def test_every_plan_of_the_scaling_page_can_be_fed():
   assert replicas["20b", "v4-512"] == 4 and replicas["20b", "v5p-256"] == 8
   assert replicas["350m", "v4-16"] == 1  # pure data parallelism: every host its own rows
   assert sum(r > 1 for r in replicas.values()) == 6
+
+
+def test_rewriting_the_tpu_table_keeps_the_comparison_and_the_gpu_section(tmp_path):
+  """The page's sections come from three runs of scripts/scaling_table.py (the TPU table,
+  --compare, --gpus); each rewrites its own part and leaves the others as they are."""
+  table = _scaling_table()
+  page = str(tmp_path / "scaling.md")
+  plan = dict(data=8, fsdp=1, tensor=1, remat="none", accum=64)
+  report = dict(memory=dict(total=30 * 2 ** 30), compile_s=20.0,
+                compiler_flops_per_device=0.93, analytic_flops_per_device=1.0)
+  tpu_row = dict(model="350m", topology="v4-16", chips=8, hbm=32 * 2 ** 30, generation="v4",
+                 compiles=1, plan=plan, report=report, tried=[dict(compile_s=20.0, total=1.0)])
+  gpu_row = dict(tpu_row, topology="h100-8", hosts=1, generation=None)
+  table.write_doc([tpu_row], page)
+  table.write_section(table.gpu_lines([gpu_row]), table.GPUS_BEGIN, table.GPUS_END, page)
+  candidate = table.Candidate(8, 1, 1, "none", 64)
+  table.write_comparison([dict(model="350m", topology="v4-16", hbm=32 * 2 ** 30,
+                               results=[(candidate, dict(report, fits=True))])], page)
+  first = open(page).read()
+  assert first.count("## NVIDIA GPUs") == first.count("## Attention and momentum") == 1
+  assert "| 350m | h100-8 | 1 | (8, 1, 1) | none | 64 | 16 | 30.0 |" in first
+  table.write_doc([dict(tpu_row, topology="v4-32", chips=16)], page)  # a new TPU table
+  second = open(page).read()
+  assert "| 350m | v4-32 | 16 |" in second and "| 350m | v4-16 | 8 |" not in second
+  for section in ("## NVIDIA GPUs", "## Attention and momentum"):
+    assert second.count(section) == 1
+    assert second.index(section) < second.index("## Several slices")
+  assert "| 350m | h100-8 | 1 | (8, 1, 1) | none | 64 | 16 | 30.0 |" in second
+  # The plans read back are the TPU table's, not the GPU rows.
+  assert [p["topology"] for p in table.read_plans(page)] == ["v4-32"]
