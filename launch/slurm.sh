@@ -33,6 +33,11 @@
 #   --grace-period S      SIGTERM this many seconds before the time limit, so the trainer
 #                         saves a checkpoint before SLURM kills it (default: the config's
 #                         train.checkpoint_timeout_s + 300)
+#   --plan MODEL          compile the step here first for nodes of that GPU (a100, h100, h200)
+#                         with the planner (python -m parti_jax.aot, no GPU needed; with the
+#                         trainers' XLA_FLAGS and this shell's XLA_PYTHON_CLIENT_MEM_FRACTION,
+#                         which sbatch passes on) and submit only if it fits; planned are
+#                         nodes of 8 GPUs, or one node of 1, 2, 4 or 8
 #   --dry-run             print the batch script and the sbatch command instead of submitting
 #
 # The default XLA_FLAGS turn on XLA's latency-hiding scheduler (collectives overlapped with
@@ -43,6 +48,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"  # usage, show, take_words, train_command, grace_period
 
 NODES=1 GPUS_PER_NODE=8 PER="gpu" CPUS_PER_GPU="" PYTHON="python3" DRY_RUN=0 GRACE_S=""
+PLAN_GPU=""
 XLA_FLAGS_VALUE="--xla_gpu_enable_latency_hiding_scheduler=true"
 SBATCH=() POSITIONAL=() OVERRIDES=()
 while (($#)); do
@@ -57,6 +63,7 @@ while (($#)); do
     --python) PYTHON="$2"; shift ;;
     --xla-flags) XLA_FLAGS_VALUE="$2"; shift ;;
     --grace-period) GRACE_S="$2"; shift ;;
+    --plan) PLAN_GPU="$2"; shift ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage ;;
     --) shift; OVERRIDES=("$@"); break ;;
@@ -80,6 +87,21 @@ esac
 if [[ ! -f "$CONFIG" ]]; then
   echo "error: CONFIG $CONFIG is not a file here (sbatch runs it from this directory)" >&2
   exit 2
+fi
+
+if [[ -n "$PLAN_GPU" ]]; then  # the planner's machine: hosts of 8 GPUs, or one smaller host
+  if ! [[ "$PLAN_GPU" =~ ^(a100|h100|h200)$ ]]; then
+    echo "error: --plan must name a GPU the planner knows (a100, h100, h200), not '$PLAN_GPU'" >&2
+    exit 2
+  fi
+  if ((GPUS_PER_NODE != 8)) && ! ((NODES == 1 && (GPUS_PER_NODE == 1 || GPUS_PER_NODE == 2 \
+                                                   || GPUS_PER_NODE == 4))); then
+    echo "error: --plan plans nodes of 8 GPUs (or one node of 1, 2 or 4), not" \
+      "$NODES x $GPUS_PER_NODE" >&2
+    exit 2
+  fi
+  PLAN=("$PYTHON" -m parti_jax.aot "--config=$CONFIG"
+        "--topology=$PLAN_GPU-$((NODES * GPUS_PER_NODE))" "${OVERRIDES[@]}")
 fi
 
 grace_period  # GRACE_S
@@ -109,8 +131,21 @@ script() {
 
 if ((DRY_RUN)); then
   script
+  if [[ -n "$PLAN_GPU" ]]; then
+    echo "# plan first with:"
+    echo "XLA_FLAGS=$(printf '%q' "$XLA_FLAGS_VALUE") $(show "${PLAN[@]}")"
+  fi
   echo "# submit with:"
   show sbatch
   exit 0
+fi
+if [[ -n "$PLAN_GPU" ]]; then
+  # Exit 1 (does not fit) or 2 (refused) from the planner stops here, before sbatch.
+  if XLA_FLAGS="$XLA_FLAGS_VALUE" "${PLAN[@]}"; then :; else
+    code=$?
+    echo "error: the planner says the job cannot run on $NODES x $GPUS_PER_NODE $PLAN_GPU" \
+      "(exit $code); not submitted" >&2
+    exit "$code"
+  fi
 fi
 script | sbatch

@@ -1,6 +1,7 @@
 """launch/slurm.sh: the batch script it writes (--dry-run), what it hands to sbatch, its
 refusals, and how the processes srun starts from it are found by JAX's SLURM detection."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -88,6 +89,42 @@ def test_the_script_submitted_is_the_one_printed(tmp_path):
   assert (tmp_path / "submitted").read_text() == batch_script("--nodes", "2")
 
 
+def test_the_dry_run_prints_the_plan_for_the_whole_job():
+  out = slurm("--dry-run", "--plan", "h200", "--nodes", "4", "configs/parti_tiny.py",
+              "/shared/runs/tiny", "--", *OVERRIDES).stdout
+  plan = out.split("# plan first with:\n")[1].splitlines()[0]
+  # 4 nodes of 8: the planner's h200-32, compiled with the trainers' XLA flags.
+  assert shlex.split(plan) == [
+      "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true", "python3", "-m",
+      "parti_jax.aot", "--config=configs/parti_tiny.py", "--topology=h200-32", *OVERRIDES]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None,
+                    reason="JAX's CUDA plugin is not installed (pip install -e '.[gpu_plan]')")
+@pytest.mark.parametrize("fraction, submitted", [("0.75", True), ("0.000001", False)])
+def test_the_job_is_submitted_only_if_the_planner_says_it_fits(tmp_path, fraction, submitted):
+  """The planner compiles the tiny step for one H100 here; with almost none of the card for
+  JAX (XLA_PYTHON_CLIENT_MEM_FRACTION, which sbatch would pass on) it does not fit, and
+  nothing reaches sbatch."""
+  fake = tmp_path / "bin" / "sbatch"
+  fake.parent.mkdir()
+  fake.write_text(f"#!/usr/bin/env bash\ncat > {tmp_path / 'submitted'}\n")
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}",
+             XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
+  done = subprocess.run(
+      ["bash", str(SCRIPT), "--plan", "h100", "--gpus-per-node", "1", "--python",
+       sys.executable, "configs/parti_tiny.py", "/shared/runs/tiny"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert (tmp_path / "submitted").exists() == submitted, done.stderr[-2000:]
+  if submitted:
+    assert done.returncode == 0 and "verdict: fits" in done.stdout
+  else:
+    assert done.returncode == 1 and "verdict: does NOT fit" in done.stdout
+    assert "the planner says the job cannot run on 1 x 1 h100 (exit 1); not submitted" in \
+        done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "0", "configs/parti_tiny.py", "/w"], "--nodes must be a positive count"),
     (["--gpus-per-node", "x", "configs/parti_tiny.py", "/w"], "--gpus-per-node must be"),
@@ -95,6 +132,9 @@ def test_the_script_submitted_is_the_one_printed(tmp_path):
     (["--processes-per-node", "host", "configs/parti_tiny.py", "/w"],
      "--processes-per-node must be gpu or node, not 'host'"),
     (["--cpus-per-gpu", "4x", "configs/parti_tiny.py", "/w"], "--cpus-per-gpu must be a"),
+    (["--plan", "v100", "configs/parti_tiny.py", "/w"], "--plan must name a GPU the planner"),
+    (["--plan", "h100", "--nodes", "2", "--gpus-per-node", "4", "configs/parti_tiny.py", "/w"],
+     "--plan plans nodes of 8 GPUs (or one node of 1, 2 or 4), not 2 x 4"),
 ])
 def test_bad_input_is_refused_in_one_line(args, message):
   done = slurm(*args, check=False)
