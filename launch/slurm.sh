@@ -35,9 +35,9 @@
 #                         train.checkpoint_timeout_s + 300)
 #   --plan MODEL          compile the step here first for nodes of that GPU (a100, h100, h200)
 #                         with the planner (python -m parti_jax.aot, no GPU needed; with the
-#                         trainers' XLA_FLAGS and this shell's XLA_PYTHON_CLIENT_MEM_FRACTION,
-#                         which sbatch passes on) and submit only if it fits; planned are
-#                         nodes of 8 GPUs, or one node of 1, 2, 4 or 8
+#                         trainers' XLA_FLAGS and the share of each card this shell gives JAX,
+#                         XLA_CLIENT_MEM_FRACTION, which sbatch passes on) and submit only if
+#                         it fits; planned are nodes of 8 GPUs, or one node of 1, 2, 4 or 8
 #   --dry-run             print the batch script and the sbatch command instead of submitting
 #
 # The default XLA_FLAGS turn on XLA's latency-hiding scheduler (collectives overlapped with

@@ -10,14 +10,15 @@ The compiler builds the program for abstract devices laid out as the named machi
 (parti_jax.topologies). What is compiled is what `parti_jax.train` runs: the same jitted
 step, shardings and donated state, so the memory the compiler reserves on each device is
 the memory the run needs. On GPUs a step fits in the share of the memory JAX's allocator
-takes (XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75), read from this environment
-as the run would read it from its own.
+takes (XLA_CLIENT_MEM_FRACTION, formerly XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default
+0.75), read from this environment as the run would read it from its own.
 
 Prints how the hosts read each global batch (a layout the input pipeline cannot feed is
 refused), the per-device memory (arguments, outputs, temporaries, generated code, their
 total against the chip's HBM), the compiler's FLOPs per step next to the analytic count
 behind MFU, the compile time and a verdict. Exit status: 0 fits, 1 does not fit (the
-sizes that overflow are named), 2 the config or topology is refused before compiling.
+sizes that overflow are named), 2 refused before compiling: the config, the machine's
+name, the memory fraction, or no compiler for the machine installed here.
 
 Another program plugs in as a mode: MODES[name](config, mesh) returns a Program, the
 jitted function and its abstract arguments (ShapeDtypeStructs with shardings).
@@ -80,7 +81,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   """
   machine = topologies.get(topology)
   gpu = isinstance(machine, topologies.GpuMachine)
-  hbm_bytes = machine.hbm_bytes  # on a GPU, JAX's share: the environment is checked first
+  # On a GPU, JAX's share of the card: the environment is checked before anything is built.
+  fraction, fraction_source = topologies.jax_memory_fraction() if gpu else (None, None)
+  hbm_bytes = machine.hbm_bytes
   if num_slices is not None:
     config = config.copy_and_resolve_references()
     config.mesh.num_slices = num_slices
@@ -95,6 +98,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   try:
     mesh = sharding.make_mesh(config, devices)
   except NotImplementedError as e:  # as on the slice itself: the trainer builds this mesh
+    if gpu:  # GPUs are laid out in order, not on a torus
+      raise config_lib.ConfigError(f"the mesh {dict(config.mesh)} cannot be laid out on "
+                                   f"{machine.name}: {_first_line(e)}") from e
     raise config_lib.ConfigError(
         f"the mesh {dict(config.mesh)} cannot be laid out on the {machine.name} torus "
         f"{'x'.join(map(str, machine.grid))}: every mesh axis (the data axis divided by "
@@ -106,7 +112,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
       num_slices=slices, chips=chips, platform="gpu" if gpu else "tpu",
       device_kind=devices[0].device_kind, hbm_bytes=hbm_bytes,
       # On a GPU, hbm_bytes is JAX's share (this fraction) of the card's memory.
-      memory_fraction=machine.memory_fraction if gpu else None, mesh=dict(mesh.shape),
+      memory_fraction=fraction, memory_fraction_source=fraction_source, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
       grad_accum_steps=config.get("grad_accum_steps", 1),
       remat=config.model.get("remat"),
@@ -124,7 +130,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   report["compiler_flops_per_device"] = loop_aware_flops(hlo) / chips
   # Pallas kernels (splash attention) are Mosaic custom calls in the program.
   report["mosaic_kernels"] = hlo.count('custom_call_target="tpu_custom_call"')
-  report["attention"] = _attention(config, devices[0])
+  # The sampler's decode step attends a few queries at a time with XLA's attention.
+  report["attention"] = _attention(config, devices[0]) if mode == "train" else "xla"
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -139,7 +146,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
     report["cudnn_attention_kernels"] = compiled.as_text().count(
         'custom_call_target="__cudnn$fmha')
   report["memory"] = memory = _memory(compiled.memory_analysis())
-  report["overflow"] = overflow(memory, hbm_bytes)
+  report["overflow"] = overflow(memory, hbm_bytes,
+                                "JAX's share of a GPU's memory" if gpu else "the HBM of a chip")
   report["fits"] = not report["overflow"]
   return report
 
@@ -153,7 +161,9 @@ def _attention(config, device) -> str | None:
   try:
     return layers.attention_impl(m, device)
   except (AttributeError, KeyError):  # widths per stack (ViT-VQGAN, the dual encoder)
-    # On a TPU, the planner's devices, the choice does not depend on the head width.
+    if device.platform != "tpu":  # on a GPU, cuDNN's applies to heads of some widths only
+      return f"{m.attention_impl} (resolved per stack by its head width)"
+    # On a TPU the choice does not depend on the head width.
     return layers.resolve_attention(m.attention_impl, m.get("dtype", "float32"), 0, device)
 
 
@@ -165,13 +175,13 @@ def input_layout(config: ml_collections.ConfigDict, mesh) -> dict:
   return sharding.check_input_layout(rows, config.global_batch_size)
 
 
-def overflow(memory: dict, hbm_bytes: int) -> list[str]:
-  """What does not fit in one chip's HBM (empty when everything does)."""
+def overflow(memory: dict, hbm_bytes: int, budget: str = "the HBM of a chip") -> list[str]:
+  """What does not fit in `budget`, `hbm_bytes` per device (empty when everything does)."""
   if memory["total"] <= hbm_bytes:
     return []
   parts = ", ".join(f"{k} {_gib(memory[k])}" for k in ("arguments", "outputs", "temporaries")
                     if memory[k])
-  return [f"total {_gib(memory['total'])} exceeds the HBM of a chip ({_gib(hbm_bytes)}) by "
+  return [f"total {_gib(memory['total'])} exceeds {budget} ({_gib(hbm_bytes)}) by "
           f"{_gib(memory['total'] - hbm_bytes)}: {parts}"]
 
 
@@ -276,9 +286,10 @@ def print_report(r: dict, config_name: str) -> None:
   gib = _gib
   slices = r.get("num_slices", 1)
   where = f"{slices} x {r['topology']} (over DCN)" if slices > 1 else r["topology"]
-  if r.get("memory_fraction"):  # a GPU: JAX's share of the card
+  gpu = r.get("platform") == "gpu"
+  if gpu:  # JAX's share of the card
     memory = (f"{gib(r['hbm_bytes'])} of its memory each for JAX "
-              f"(XLA_PYTHON_CLIENT_MEM_FRACTION={r['memory_fraction']:g}) (CUDA plugin topology")
+              f"({r['memory_fraction_source']}) (CUDA plugin topology")
   else:
     memory = f"{gib(r['hbm_bytes'])} HBM each (libtpu topology"
   print(f"{config_name} ({r['mode']}) on {where}: {r['chips']} chips of "
@@ -304,8 +315,8 @@ def print_report(r: dict, config_name: str) -> None:
                      ("generated_code", "")]:
       sign = "-" if key == "aliased" else " "
       print(f"  {key.replace('_', ' '):<15}{sign}{gib(m[key]):>12}  {why}")
-    print(f"  {'total':<15} {gib(m['total']):>12}  of {gib(r['hbm_bytes'])} HBM "
-          f"({100 * m['total'] / r['hbm_bytes']:.1f}%)")
+    print(f"  {'total':<15} {gib(m['total']):>12}  of {gib(r['hbm_bytes'])} "
+          f"{'for JAX' if gpu else 'HBM'} ({100 * m['total'] / r['hbm_bytes']:.1f}%)")
   else:
     print(f"per-device memory: arguments {gib(r['argument_bytes_estimate'])} (from the shardings); "
           "the compiler stopped before planning the rest")

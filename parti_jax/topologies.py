@@ -45,7 +45,7 @@ ALIASES = {"v5litepod": "v5e"}  # Cloud TPU's accelerator type for v5e slices
 
 
 class UnknownTopology(ValueError):
-  """A machine name that is not in `names()`; the message lists the known ones."""
+  """A machine name that `get` does not know; the message lists the known ones."""
 
 
 class NoCompiler(RuntimeError):
@@ -98,10 +98,12 @@ class Slice:
 
 
 def names() -> list[str]:
+  """The TPU slice names, then the GPU machines' patterns."""
   tpus = [f"{g}-{chips * spec.cores_per_name_unit}"
           for g, spec in GENERATIONS.items() for chips in spec.shapes]
-  return tpus + [f"{model}-N (N = {', '.join(map(str, GPU_COUNTS))} or any multiple of "
-                 f"{GPUS_PER_HOST})" for model in GPUS]
+  counts = ", ".join(map(str, GPU_COUNTS))
+  return tpus + [f"{', '.join(f'{model}-N' for model in GPUS)} (N GPUs: {counts} or a "
+                 f"multiple of {GPUS_PER_HOST})"]
 
 
 def get(name: str) -> "Slice | GpuMachine":
@@ -141,6 +143,7 @@ class Gpu:
   def target_config(self) -> str:
     """The card as a GpuTargetConfigProto in text form, for compiling without it."""
     major, minor = self.compute_capability
+    dnn_major, dnn_minor, dnn_patch = _cudnn_version()
     # Hopper's wgmma instructions are in the "a" (architecture-specific) feature set.
     extension = "ACCELERATED_FEATURES" if major >= 9 else "NONE"
     return f"""gpu_device_info {{
@@ -156,7 +159,7 @@ class Gpu:
   cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: {extension} }}
 }}
 platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+dnn_version_info {{ major: {dnn_major} minor: {dnn_minor} patch: {dnn_patch} }}
 device_description_str: "{self.device_kind}"
 """
 
@@ -166,14 +169,52 @@ GPUS = {
                 40 * 2 ** 20, 1.41, 2.039e12),
     "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 84_942_979_072, 132, 128, 233_472, 232_448,
                 50 * 2 ** 20, 1.98, 3.35e12),
-    "h200": Gpu("NVIDIA H200", (9, 0), 151_397_597_184, 132, 128, 233_472, 232_448,
+    # nvidia-smi's total for an H200 SXM (143,771 MiB); the runtime's may be a little less.
+    # benchmarks/gpu_figures.sh prints what JAX sees on the card.
+    "h200": Gpu("NVIDIA H200", (9, 0), 143_771 * 2 ** 20, 132, 128, 233_472, 232_448,
                 50 * 2 ** 20, 1.98, 4.8e12),
 }
 GPUS_PER_HOST = 8  # HGX/DGX nodes; smaller counts are one host's GPUs
 GPU_COUNTS = (1, 2, 4)  # besides multiples of GPUS_PER_HOST
-# JAX's allocator takes this share of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
-# says otherwise; a step fits only in that share.
+# JAX's allocator takes this share of a GPU's memory unless the environment says otherwise
+# (jax_memory_fraction); a step fits only in that share.
 DEFAULT_MEM_FRACTION = 0.75
+
+
+def jax_memory_fraction(environ=os.environ) -> tuple[float, str]:
+  """The share of a GPU's memory JAX's allocator will take, read as jaxlib reads it when it
+  starts its GPU client (jaxlib/xla_client.py), and the setting it comes from."""
+  if environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+    return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform: no pool, the whole card"
+  new, old = (environ.get(name, "") for name in
+              ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"))
+  if new and old:  # JAX refuses to start with both
+    raise BadEnvironment("XLA_CLIENT_MEM_FRACTION and XLA_PYTHON_CLIENT_MEM_FRACTION are "
+                         "both set; JAX refuses that: unset the latter (deprecated)")
+  name = "XLA_PYTHON_CLIENT_MEM_FRACTION" if old else "XLA_CLIENT_MEM_FRACTION"
+  value = new or old
+  if not value:  # empty is unset, as for JAX
+    return DEFAULT_MEM_FRACTION, f"JAX's default ({name} unset)"
+  try:
+    fraction = float(value)
+  except ValueError:
+    fraction = -1.0
+  if not 0 < fraction <= 1:
+    raise BadEnvironment(f"{name}={value!r}: JAX's share of a GPU's memory is a number in "
+                         "(0, 1]")
+  return fraction, f"{name}={value}"
+
+
+def _cudnn_version() -> tuple[int, int, int]:
+  """The cuDNN the compiler is told the card has: the one installed here, with which JAX
+  lowers the fused attention (else JAX's floor for CUDA 13)."""
+  from importlib import metadata
+  try:
+    version = metadata.version("nvidia-cudnn-cu13")
+  except metadata.PackageNotFoundError:
+    return 9, 12, 0
+  major, minor, patch = (version.split(".") + ["0", "0"])[:3]
+  return int(major), int(minor), int(patch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,19 +238,11 @@ class GpuMachine:
 
   @property
   def memory_fraction(self) -> float:
-    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", str(DEFAULT_MEM_FRACTION))
-    try:
-      fraction = float(value)
-    except ValueError:
-      fraction = -1.0
-    if not 0 < fraction <= 1:
-      raise BadEnvironment(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: JAX's share of a GPU's "
-                           "memory is a number in (0, 1]")
-    return fraction
+    return jax_memory_fraction()[0]
 
   @property
   def hbm_bytes(self) -> int:
-    """What a step may use per GPU: JAX's share of its memory (memory_fraction)."""
+    """What a step may use per GPU: JAX's share of its memory (jax_memory_fraction)."""
     return int(self.spec.memory_bytes * self.memory_fraction)
 
   def devices(self, num_slices: int = 1) -> list:
@@ -221,7 +254,7 @@ class GpuMachine:
       return topologies.get_topology_desc(
           "parti_jax", "cuda", target_config=self.spec.target_config(),
           topology=self.topology).devices
-    except (NotImplementedError, RuntimeError) as e:
+    except NotImplementedError as e:  # no plugin registered for "cuda"
       raise NoCompiler(
           f"planning for {self.name} needs JAX's CUDA plugin and cuDNN (no GPU): pip install "
           f"'jax[cuda13-local]=={_jax_version()}' nvidia-cudnn-cu13; and, without a GPU's "

@@ -133,10 +133,11 @@ def score(c: Candidate) -> float:
   return RECOMPUTE[c.remat] * gathers * small * (1 + 0.05 * math.log2(c.tensor)) + 1e-4 * c.accum
 
 
-def candidates(config, tpu) -> list[Candidate]:
-  """Every mesh, remat policy and micro-batch count the config checks and the torus accept
-  (on GPUs: the tensor axis at most a host's 8 GPUs, over NVLink)."""
-  found, chips, devices = [], tpu.chips, tpu.devices()
+def candidates(config, machine) -> list[Candidate]:
+  """Every mesh, remat policy and micro-batch count the config checks and the machine's
+  layout accepts (a TPU's torus; on GPUs the tensor axis stays within a host's 8, as
+  `tensor` is at most 8)."""
+  found, chips, devices = [], machine.chips, machine.devices()
   powers = [2 ** i for i in range(int(math.log2(chips)) + 1)]
   for tensor in (1, 2, 4, 8):
     for fsdp in powers:
@@ -167,7 +168,9 @@ def candidates(config, tpu) -> list[Candidate]:
 
 def compile_candidate(model: str, topology: str, c: Candidate, timeout: int, cache: str) -> dict:
   """The planner's JSON report (cached by model, slice and candidate)."""
-  key = json.dumps([model, topology, dataclasses.asdict(c), source_version()])
+  # The budget is in the key: on GPUs it is JAX's share of the card, from the environment.
+  budget = topologies.get(topology).hbm_bytes
+  key = json.dumps([model, topology, dataclasses.asdict(c), source_version(), budget])
   seen = _read_cache(cache)
   if key in seen:
     return seen[key]
@@ -211,14 +214,14 @@ def _read_cache(cache: str) -> dict:
 
 def search(model: str, topology: str, max_compiles: int, timeout: int, cache: str) -> dict:
   config, _ = load_config(model)
-  tpu = topologies.get(topology)
-  ranked = sorted(candidates(config, tpu), key=score)
+  machine = topologies.get(topology)
+  ranked = sorted(candidates(config, machine), key=score)
   correction, tried, reports, best = {}, [], [], None
   while len(tried) < max_compiles:
     def expected(c):
       fixed, activations = estimate(config, c)
       return fixed + activations * correction.get(c.remat, correction.get("any", 1.0))
-    pick = next((c for c in ranked if c not in tried and expected(c) <= HEADROOM * tpu.hbm_bytes
+    pick = next((c for c in ranked if c not in tried and expected(c) <= HEADROOM * machine.hbm_bytes
                  and (best is None or score(c) < score(best[0]))), None)
     if pick is None:
       break
@@ -226,29 +229,29 @@ def search(model: str, topology: str, max_compiles: int, timeout: int, cache: st
     report = compile_candidate(model, topology, pick, timeout, cache)
     reports.append(report)
     fixed, activations = estimate(config, pick)
-    measured = report.get("memory", {}).get("total") or refused_total(report, tpu)
+    measured = report.get("memory", {}).get("total") or refused_total(report, machine)
     if measured:
       ratio = max(measured - fixed, 0.05 * measured) / activations
       correction[pick.remat] = correction["any"] = ratio
-    if report.get("fits") and measured <= PLAN_MAX * tpu.hbm_bytes:
+    if report.get("fits") and measured <= PLAN_MAX * machine.hbm_bytes:
       best = (pick, report)
-  return dict(model=model, topology=topology, chips=tpu.chips, hbm=tpu.hbm_bytes,
-              generation=getattr(tpu, "generation", None), compiles=len(tried),
-              hosts=getattr(tpu, "hosts", None),
+  return dict(model=model, topology=topology, chips=machine.chips, hbm=machine.hbm_bytes,
+              generation=getattr(machine, "generation", None), compiles=len(tried),
+              hosts=getattr(machine, "hosts", None),
               plan=dataclasses.asdict(best[0]) if best else None,
               report=best[1] if best else None,
               tried=[dict(compile_s=r.get("compile_s") or r.get("wall_s", 0),
                           total=r.get("memory", {}).get("total")) for r in reports])
 
 
-def refused_total(report: dict, tpu) -> float | None:
+def refused_total(report: dict, machine) -> float | None:
   """Memory per chip of a program the compiler refused, from its message (else None)."""
   if report.get("fits") or not report.get("overflow"):
     return None
   units = dict(K=2 ** 10, M=2 ** 20, G=2 ** 30, T=2 ** 40)
   sizes = re.findall(r"\(([\d.]+)([KMGT])\)", report["overflow"][0])
   if not sizes:  # not a memory refusal (e.g. a timeout): count it as far over
-    return 2 * tpu.hbm_bytes
+    return 2 * machine.hbm_bytes
   temporaries = float(sizes[0][0]) * units[sizes[0][1]]
   return temporaries + report.get("argument_bytes_estimate", 0)
 
@@ -294,8 +297,11 @@ def compare(model: str, topology: str, timeout: int, cache: str, max_compiles: i
               results=results)
 
 
+def gib(n: float) -> str:
+  return f"{n / 2 ** 30:.1f}"
+
+
 def comparison_lines(rows: list[dict]) -> list[str]:
-  gib = lambda b: f"{b / 2 ** 30:.1f}"
   lines = [
       COMPARE_BEGIN,
       "## Attention and momentum",
@@ -386,7 +392,6 @@ GPUS_BEGIN, GPUS_END = "<!-- gpus: begin -->", "<!-- gpus: end -->"
 
 
 def gpu_lines(rows: list[dict]) -> list[str]:
-  gib = lambda b: f"{b / 2 ** 30:.1f}"
   fraction = topologies.DEFAULT_MEM_FRACTION
   lines = [
       GPUS_BEGIN,
@@ -398,7 +403,7 @@ def gpu_lines(rows: list[dict]) -> list[str]:
       "it by their target configs in `parti_jax/topologies.py`), with the configs' defaults:",
       "cuDNN's fused attention (what `auto` picks there) and bfloat16 momentum. The tensor",
       "axis stays inside a host (NVLink); fsdp and data span hosts. The memory budget is",
-      f"JAX's default share of a card, {fraction:.0%} (`XLA_PYTHON_CLIENT_MEM_FRACTION`; a",
+      f"JAX's default share of a card, {fraction:.0%} (`XLA_CLIENT_MEM_FRACTION`; a",
       "run that raises it fits more per micro-batch), and a plan is kept if the compiler",
       f"leaves at least {1 - PLAN_MAX:.0%} of that free. Step time on GPUs is not modelled",
       "beyond the ranking below: measure it on the machine (`train.profile_steps`).",
@@ -423,11 +428,18 @@ def gpu_lines(rows: list[dict]) -> list[str]:
   lines += ["", "The compiler's FLOPs leave out cuDNN's attention (custom calls XLA does not",
             "count) and add what remat recomputes. Candidates tried (compile time on the",
             "2-core host that generated this section, and memory per GPU):", ""]
+  return lines + tried_lines(rows) + [GPUS_END]
+
+
+def tried_lines(rows: list[dict]) -> list[str]:
+  """One line per row: each candidate's compile time and memory per device."""
+  lines = []
   for r in rows:
     times = ", ".join(f"{t['compile_s']:.0f} s " + (f"({gib(t['total'])} GiB)" if t["total"]
-                                                    else "(refused)") for t in r["tried"])
+                                                    else "(refused by the compiler)")
+                      for t in r["tried"])
     lines.append(f"- {r['model']} on {r['topology']}: {times or 'none'}")
-  return lines + [GPUS_END]
+  return lines
 
 
 # ----------------------------------------------------------------------------- document
@@ -448,7 +460,6 @@ def read_plans(path: str = os.path.join(REPO, "docs", "scaling.md")) -> list[dic
 
 
 def write_doc(rows: list[dict], path: str) -> None:
-  gib = lambda b: f"{b / 2 ** 30:.1f}"
   lines = [
       "# Scaling Parti on TPU slices",
       "",
@@ -537,11 +548,7 @@ def write_doc(rows: list[dict], path: str) -> None:
       "Seconds on the 2-core host that generated this page, and the memory per chip.",
       "",
   ]
-  for r in rows:
-    times = ", ".join(f"{t['compile_s']:.0f} s " + (f"({gib(t['total'])} GiB)" if t["total"]
-                                                    else "(refused by the compiler)")
-                      for t in r["tried"])
-    lines.append(f"- {r['model']} on {r['topology']}: {times or 'none'}")
+  lines += tried_lines(rows)
   kept = sections(path)  # the comparison and the GPU section, which other runs generate
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -563,8 +570,9 @@ FLAGS.bool("compare", False, "Compile the attention and momentum comparison inst
 
 def main(argv=None):
   args = FLAGS.parse(argv)
+  given = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else None
   if args.compare:
-    rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else COMPARE_ROWS
+    rows = given or COMPARE_ROWS
     results = []
     for model, topology in rows:
       print(f"{model} on {topology}", flush=True)
@@ -574,8 +582,10 @@ def main(argv=None):
     return
   if args.gpus:
     # The page's budget is JAX's default share of a card, whatever this shell sets.
-    os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
-    rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else GPU_ROWS
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR"):
+      os.environ.pop(name, None)
+    rows = given or GPU_ROWS
     results = []
     for model, topology in rows:
       print(f"{model} on {topology}", flush=True)
@@ -583,7 +593,7 @@ def main(argv=None):
       write_section(gpu_lines(results), GPUS_BEGIN, GPUS_END, args.out)
     print(f"wrote the GPU section into {args.out}")
     return
-  rows = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else ROWS
+  rows = given or ROWS
   results = []
   for model, topology in rows:
     print(f"{model} on {topology}", flush=True)

@@ -6,6 +6,7 @@ extras) and are skipped without them.
 """
 
 import importlib.util
+import json
 
 import pytest
 
@@ -23,6 +24,14 @@ needs_cuda_plugin = pytest.mark.skipif(
     reason="JAX's CUDA plugin or cuDNN is not installed (pip install -e '.[gpu_plan]')")
 
 
+@pytest.fixture(autouse=True)
+def jax_default_memory_share(monkeypatch):
+  """Each test starts from JAX's default share of a card, whatever the shell sets."""
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+               "XLA_PYTHON_CLIENT_ALLOCATOR"):
+    monkeypatch.delenv(name, raising=False)
+
+
 def tiny_bf16():
   config = load_config("parti_tiny")
   config.model.dtype = "bfloat16"  # cuDNN's fused attention wants 16-bit matmuls
@@ -30,7 +39,6 @@ def tiny_bf16():
 
 
 def test_gpu_machines_are_hosts_of_eight(monkeypatch):
-  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   one = topologies.get("h200-1")
   assert (one.chips, one.hosts, one.topology) == (1, 1, "1x1x1")
   two_hosts = topologies.get("H100-16")
@@ -41,11 +49,35 @@ def test_gpu_machines_are_hosts_of_eight(monkeypatch):
   assert one.hbm_bytes == int(0.95 * topologies.GPUS["h200"].memory_bytes)
 
 
-@pytest.mark.parametrize("value", ["0", "1.5", "most"])
-def test_an_unusable_memory_fraction_is_refused_naming_it(monkeypatch, value):
-  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", value)
-  with pytest.raises(topologies.BadEnvironment, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+@pytest.mark.parametrize("environ, fraction", [
+    ({}, 0.75), ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ""}, 0.75),  # empty is unset, for JAX too
+    ({"XLA_CLIENT_MEM_FRACTION": "0.9"}, 0.9), ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}, 0.5),
+    ({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_CLIENT_MEM_FRACTION": "0.5"}, 1.0),
+])
+def test_jax_share_of_the_card_is_read_as_jax_reads_it(environ, fraction):
+  assert topologies.jax_memory_fraction(environ)[0] == fraction
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0"}, "XLA_PYTHON_CLIENT_MEM_FRACTION='0'"),
+    ({"XLA_CLIENT_MEM_FRACTION": "1.5"}, "XLA_CLIENT_MEM_FRACTION='1.5'"),
+    ({"XLA_CLIENT_MEM_FRACTION": "most"}, "in \\(0, 1\\]"),
+    ({"XLA_CLIENT_MEM_FRACTION": "0.9", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}, "both set"),
+])
+def test_an_unusable_memory_share_is_refused_naming_it(monkeypatch, environ, message):
+  for name, value in environ.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(topologies.BadEnvironment, match=message):
     aot.plan(tiny_bf16(), "h200-1")
+
+
+def test_the_command_exits_2_with_the_reason_in_json(monkeypatch, capsys):
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "none")
+  with pytest.raises(SystemExit) as exit_:
+    aot.main(["aot", "--config=configs/parti_tiny.py", "--topology=h100-8", "--json"])
+  assert exit_.value.code == aot.REFUSED
+  out = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert out["topology"] == "h100-8" and "XLA_CLIENT_MEM_FRACTION='none'" in out["refused"]
 
 
 @pytest.mark.parametrize("name", ["h100-3", "h100-12", "h300-8", "h100-0"])
@@ -62,16 +94,19 @@ def test_gpu_machines_are_not_slices():
 
 
 @needs_cuda_plugin
-def test_tiny_parti_compiles_for_h100s_with_cudnn_attention():
-  report = aot.plan(tiny_bf16(), "h100-8")
-  assert report["platform"] == "gpu" and report["device_kind"] == "NVIDIA H100 80GB HBM3"
+@pytest.mark.parametrize("machine, kind", [("h100-8", "NVIDIA H100 80GB HBM3"),
+                                           ("a100-8", "NVIDIA A100-SXM4-80GB")])
+def test_tiny_parti_compiles_for_8_gpus_with_cudnn_attention(machine, kind):
+  report = aot.plan(tiny_bf16(), machine)
+  assert report["platform"] == "gpu" and report["device_kind"] == kind
   assert report["mesh"] == dict(data=1, fsdp=8, tensor=1) and report["fits"]
   # `auto` picks cuDNN on these devices; the compiled step calls its kernel forward and
   # backward for the encoder's, the decoder's and the cross-attention.
   assert report["attention"] == "cudnn"
   assert report["cudnn_attention_kernels"] == 6
   memory = report["memory"]
-  assert 0 < memory["total"] <= report["hbm_bytes"] == int(0.75 * 84_942_979_072)
+  card = topologies.GPUS[machine.split("-")[0]].memory_bytes
+  assert 0 < memory["total"] <= report["hbm_bytes"] == int(0.75 * card)
   assert memory["aliased"] > 0.9 * memory["arguments"] - 2 ** 16  # the state is donated
 
 
@@ -93,7 +128,7 @@ def test_a_step_too_big_for_jax_share_of_the_card_does_not_fit(monkeypatch):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1e-6")
   report = aot.plan(tiny_bf16(), "h200-1")
   assert report["fits"] is False and report["memory_fraction"] == 1e-6
-  assert "exceeds" in report["overflow"][0]
+  assert "exceeds JAX's share of a GPU's memory" in report["overflow"][0]
 
 
 @needs_cuda_plugin
@@ -111,6 +146,14 @@ def test_a_tensor_axis_within_each_host_and_fsdp_across_two_hosts():
   mesh = sharding.make_mesh(config, devices)
   for row in mesh.devices.reshape(-1, 8):  # (data x fsdp) rows of the tensor axis
     assert len({d.process_index for d in row}) == 1
+
+
+@needs_cuda_plugin
+def test_the_sampler_plans_on_a_gpu_with_its_own_attention():
+  report = aot.plan(tiny_bf16(), "h200-1", mode="sample")
+  assert report["fits"] and report["memory"]["aliased"] > 0  # the donated KV cache
+  # A few queries per step: XLA's attention, whatever the training step uses.
+  assert report["attention"] == "xla" and report["cudnn_attention_kernels"] == 0
 
 
 @needs_cuda_plugin

@@ -99,8 +99,10 @@ def test_the_dry_run_prints_the_plan_for_the_whole_job():
       "parti_jax.aot", "--config=configs/parti_tiny.py", "--topology=h200-32", *OVERRIDES]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None,
-                    reason="JAX's CUDA plugin is not installed (pip install -e '.[gpu_plan]')")
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None
+                    or importlib.util.find_spec("nvidia.cudnn") is None,
+                    reason="JAX's CUDA plugin or cuDNN is not installed "
+                    "(pip install -e '.[gpu_plan]')")
 @pytest.mark.parametrize("fraction, submitted", [("0.75", True), ("0.000001", False)])
 def test_the_job_is_submitted_only_if_the_planner_says_it_fits(tmp_path, fraction, submitted):
   """The planner compiles the tiny step for one H100 here; with almost none of the card for
