@@ -95,10 +95,18 @@ def test_gpu_machines_are_not_slices():
 
 @needs_cuda_plugin
 @pytest.mark.parametrize("machine, kind", [("h100-8", "NVIDIA H100 80GB HBM3"),
-                                           ("a100-8", "NVIDIA A100-SXM4-80GB")])
-def test_tiny_parti_compiles_for_8_gpus_with_cudnn_attention(machine, kind):
+                                           ("a100-16", "NVIDIA A100-SXM4-80GB")])
+def test_each_gpu_model_gives_its_compiler_devices(machine, kind):
+  devices = topologies.get(machine).devices()
+  assert [d.device_kind for d in devices] == [kind] * topologies.get(machine).chips
+  assert [d.process_index for d in devices] == [i // 8 for i in range(len(devices))]
+
+
+@needs_cuda_plugin
+def test_tiny_parti_compiles_for_8_gpus_with_cudnn_attention():
+  machine = "h100-8"
   report = aot.plan(tiny_bf16(), machine)
-  assert report["platform"] == "gpu" and report["device_kind"] == kind
+  assert report["platform"] == "gpu" and report["device_kind"] == "NVIDIA H100 80GB HBM3"
   assert report["mesh"] == dict(data=1, fsdp=8, tensor=1) and report["fits"]
   # `auto` picks cuDNN on these devices; the compiled step calls its kernel forward and
   # backward for the encoder's, the decoder's and the cross-attention.
@@ -123,10 +131,14 @@ def test_xla_attention_on_a_gpu_has_no_cudnn_kernel_and_its_flops_agree():
 
 
 @needs_cuda_plugin
-def test_a_step_too_big_for_jax_share_of_the_card_does_not_fit(monkeypatch):
-  # The same tiny step against a share of the card smaller than it needs.
+def test_the_sampler_plans_on_a_gpu_and_too_small_a_share_does_not_fit(monkeypatch):
+  report = aot.plan(tiny_bf16(), "h200-1", mode="sample")
+  assert report["fits"] and report["memory"]["aliased"] > 0  # the donated KV cache
+  # A few queries per step: XLA's attention, whatever the training step uses.
+  assert report["attention"] == "xla" and report["cudnn_attention_kernels"] == 0
+  # The same step against a share of the card smaller than it needs.
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1e-6")
-  report = aot.plan(tiny_bf16(), "h200-1")
+  report = aot.plan(tiny_bf16(), "h200-1", mode="sample")
   assert report["fits"] is False and report["memory_fraction"] == 1e-6
   assert "exceeds JAX's share of a GPU's memory" in report["overflow"][0]
 
@@ -146,14 +158,6 @@ def test_a_tensor_axis_within_each_host_and_fsdp_across_two_hosts():
   mesh = sharding.make_mesh(config, devices)
   for row in mesh.devices.reshape(-1, 8):  # (data x fsdp) rows of the tensor axis
     assert len({d.process_index for d in row}) == 1
-
-
-@needs_cuda_plugin
-def test_the_sampler_plans_on_a_gpu_with_its_own_attention():
-  report = aot.plan(tiny_bf16(), "h200-1", mode="sample")
-  assert report["fits"] and report["memory"]["aliased"] > 0  # the donated KV cache
-  # A few queries per step: XLA's attention, whatever the training step uses.
-  assert report["attention"] == "xla" and report["cudnn_attention_kernels"] == 0
 
 
 @needs_cuda_plugin

@@ -99,32 +99,48 @@ def test_the_dry_run_prints_the_plan_for_the_whole_job():
       "parti_jax.aot", "--config=configs/parti_tiny.py", "--topology=h200-32", *OVERRIDES]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None
-                    or importlib.util.find_spec("nvidia.cudnn") is None,
-                    reason="JAX's CUDA plugin or cuDNN is not installed "
-                    "(pip install -e '.[gpu_plan]')")
-@pytest.mark.parametrize("fraction, submitted", [("0.75", True), ("0.000001", False)])
-def test_the_job_is_submitted_only_if_the_planner_says_it_fits(tmp_path, fraction, submitted):
-  """The planner compiles the tiny step for one H100 here; with almost none of the card for
-  JAX (XLA_PYTHON_CLIENT_MEM_FRACTION, which sbatch would pass on) it does not fit, and
-  nothing reaches sbatch."""
+def fake_sbatch(tmp_path):
+  """A stand-in sbatch on PATH that keeps the batch script it is handed; the env to use."""
   fake = tmp_path / "bin" / "sbatch"
   fake.parent.mkdir()
   fake.write_text(f"#!/usr/bin/env bash\ncat > {tmp_path / 'submitted'}\n")
   fake.chmod(0o755)
-  env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}",
-             XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
+  return dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
+
+
+def test_a_plan_that_passes_submits_the_job(tmp_path):
+  """The planner's exit 0 lets the job through (a stand-in for the Python that runs it
+  records what it was asked; the real planner's verdicts are the next test's and
+  tests/test_gpu_plan.py's)."""
+  env = fake_sbatch(tmp_path)
+  python = tmp_path / "python"
+  python.write_text(f"#!/usr/bin/env bash\necho \"$*\" > {tmp_path / 'planned'}\n")
+  python.chmod(0o755)
+  done = slurm("--plan", "h100", "--nodes", "2", "--python", str(python),
+               "configs/parti_tiny.py", "/shared/runs/tiny", env=env)
+  assert (tmp_path / "planned").read_text().split() == [
+      "-m", "parti_jax.aot", "--config=configs/parti_tiny.py", "--topology=h100-16"]
+  assert done.returncode == 0 and (tmp_path / "submitted").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None
+                    or importlib.util.find_spec("nvidia.cudnn") is None,
+                    reason="JAX's CUDA plugin or cuDNN is not installed "
+                    "(pip install -e '.[gpu_plan]')")
+def test_a_job_the_planner_says_does_not_fit_is_not_submitted(tmp_path):
+  """The real planner compiles the tiny step for one H100 here; with almost none of the
+  card for JAX (XLA_CLIENT_MEM_FRACTION, which sbatch would pass on) it does not fit, and
+  nothing reaches sbatch."""
+  env = dict(fake_sbatch(tmp_path), XLA_CLIENT_MEM_FRACTION="0.000001")
+  env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
   done = subprocess.run(
       ["bash", str(SCRIPT), "--plan", "h100", "--gpus-per-node", "1", "--python",
        sys.executable, "configs/parti_tiny.py", "/shared/runs/tiny"],
       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-  assert (tmp_path / "submitted").exists() == submitted, done.stderr[-2000:]
-  if submitted:
-    assert done.returncode == 0 and "verdict: fits" in done.stdout
-  else:
-    assert done.returncode == 1 and "verdict: does NOT fit" in done.stdout
-    assert "the planner says the job cannot run on 1 x 1 h100 (exit 1); not submitted" in \
-        done.stderr
+  assert not (tmp_path / "submitted").exists()
+  assert done.returncode == 1 and "verdict: does NOT fit" in done.stdout, done.stderr[-2000:]
+  assert "the planner says the job cannot run on 1 x 1 h100 (exit 1); not submitted" in \
+      done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
