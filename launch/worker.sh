@@ -323,10 +323,11 @@ logs() {
   [[ -f "$LOG" ]] || { say not-started; return 1; }
   if [[ "${1:-}" == --prefix ]]; then tag="[slice-$SLICE_ID/worker-$WORKER_ID] "; fi
   first="$(grep -n '^=== parti start' "$LOG" | tail -n 1 | cut -d: -f1)"
-  # Follow while the trainer runs; tail stops by itself when it exits.
+  # Follow while the run lasts: until its supervisor is gone, which writes the exit line
+  # after the trainer ends (following the trainer's pid, tail could stop before that line).
   if pid="$(trainer_pid)"; then
+    pid="$(cat "$RUN_DIR/supervisor.pid" 2>/dev/null || echo "$pid")"
     tail -n "+${first:-1}" -F --pid="$pid" "$LOG" 2>/dev/null | prefix_lines "$tag"
-    wait_gone "$(cat "$RUN_DIR/supervisor.pid")" 120 || true
   else
     tail -n "+${first:-1}" "$LOG" | prefix_lines "$tag"
   fi
