@@ -141,11 +141,11 @@ if ((DRY_RUN)); then
 fi
 if [[ -n "$PLAN_GPU" ]]; then
   # Exit 1 (does not fit) or 2 (refused) from the planner stops here, before sbatch.
-  if XLA_FLAGS="$XLA_FLAGS_VALUE" "${PLAN[@]}"; then :; else
+  XLA_FLAGS="$XLA_FLAGS_VALUE" "${PLAN[@]}" || {
     code=$?
     echo "error: the planner says the job cannot run on $NODES x $GPUS_PER_NODE $PLAN_GPU" \
       "(exit $code); not submitted" >&2
     exit "$code"
-  fi
+  }
 fi
 script | sbatch

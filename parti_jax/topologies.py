@@ -131,7 +131,7 @@ class Gpu:
   (and what `nvidia-smi` and the CUDA runtime report on the cards)."""
   device_kind: str  # as the CUDA runtime names the card (JAX's device_kind)
   compute_capability: tuple[int, int]
-  memory_bytes: int  # what the CUDA runtime reports
+  memory_bytes: int  # the card's total, as the CUDA runtime or nvidia-smi reports it
   sms: int  # streaming multiprocessors ("cores" to XLA)
   fp32_lanes_per_sm: int
   shared_memory_per_sm: int
@@ -237,13 +237,9 @@ class GpuMachine:
     return f"1x{self.hosts}x{self.chips // self.hosts}"
 
   @property
-  def memory_fraction(self) -> float:
-    return jax_memory_fraction()[0]
-
-  @property
   def hbm_bytes(self) -> int:
     """What a step may use per GPU: JAX's share of its memory (jax_memory_fraction)."""
-    return int(self.spec.memory_bytes * self.memory_fraction)
+    return int(self.spec.memory_bytes * jax_memory_fraction()[0])
 
   def devices(self, num_slices: int = 1) -> list:
     """One compile-only device per GPU, numbered host by host as on the real machines."""
@@ -255,13 +251,9 @@ class GpuMachine:
           "parti_jax", "cuda", target_config=self.spec.target_config(),
           topology=self.topology).devices
     except NotImplementedError as e:  # no plugin registered for "cuda"
+      import jax
       raise NoCompiler(
           f"planning for {self.name} needs JAX's CUDA plugin and cuDNN (no GPU): pip install "
-          f"'jax[cuda13-local]=={_jax_version()}' nvidia-cudnn-cu13; and, without a GPU's "
+          f"'jax[cuda13-local]=={jax.__version__}' nvidia-cudnn-cu13; and, without a GPU's "
           "libraries, the CPU as JAX's platform (JAX_PLATFORMS=cpu, which `python -m "
           f"parti_jax.aot` sets), so that the plugin loads without checking them ({e})") from e
-
-
-def _jax_version() -> str:
-  import jax
-  return jax.__version__

@@ -371,19 +371,16 @@ def write_section(lines: list[str], begin: str, end: str, path: str) -> None:
     f.write(text)
 
 
-def sections(path: str) -> list[tuple[list[str], str, str]]:
-  """The generated sections (comparison, GPUs) of the page at `path`, to carry over when the
-  TPU table is rewritten."""
+def sections(path: str) -> list[str]:
+  """The generated sections (comparison, GPUs) of the page at `path`, markers included, to
+  carry over when the TPU table is rewritten."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     text = f.read()
-  found = []
-  for begin, end in ((COMPARE_BEGIN, COMPARE_END), (GPUS_BEGIN, GPUS_END)):
-    if begin in text:
-      found.append(((begin + text.split(begin, 1)[1].split(end, 1)[0] + end).split("\n"),
-                    begin, end))
-  return found
+  return [begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+          for begin, end in ((COMPARE_BEGIN, COMPARE_END), (GPUS_BEGIN, GPUS_END))
+          if begin in text]
 
 
 # ----------------------------------------------------------------------------- GPUs
@@ -545,11 +542,12 @@ def write_doc(rows: list[dict], path: str) -> None:
       "",
   ]
   lines += tried_lines(rows)
-  kept = sections(path)  # the comparison and the GPU section, which other runs generate
+  # The comparison and the GPU section, which other runs generate, stay before "Several
+  # slices", where write_section puts them.
+  at = lines.index("## Several slices")
+  lines[at:at] = [line for section in sections(path) for line in (section, "")]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
-  for section in kept:
-    write_section(*section, path)
 
 
 FLAGS = cli.Flags(__doc__)
