@@ -221,8 +221,10 @@ class Sampler:
     return params, text, keys
 
   def abstract_step_args(self):
-    """(params, state) of `step` as ShapeDtypeStructs with their shardings (for AOT)."""
+    """(params, state) of `step` as ShapeDtypeStructs with their shardings (for AOT), the
+    weights in the model's dtype as the sampler holds them (`sampling.load_run`)."""
     params, text, keys = self.abstract_inputs()
+    params = cast_params(params, self.setup.config.model.dtype)
     state = jax.eval_shape(self.prefill, params, text, keys)
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                          state, self.state_shardings)
@@ -375,9 +377,16 @@ def cast_params(params, dtype):
   """Matrices and tables in `dtype` (e.g. bfloat16 for inference), vectors kept.
 
   The model computes its matmuls in its dtype anyway; weights stored in it halve what
-  each decode step reads. LayerNorm scales and biases stay float32.
+  each decode step reads. Vectors (the final layer norms') stay float32; the scanned
+  layers' stacked norm parameters are matrices and are cast, though their arithmetic stays
+  float32 (`layers.LayerNorm`).
   """
   dtype = jnp.dtype(dtype)
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x,
-      params)
+
+  def cast(x):
+    if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):  # abstract weights, for compiling ahead of time
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(cast, params)

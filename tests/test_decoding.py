@@ -212,6 +212,22 @@ def test_the_decode_step_lowers_sharded_for_a_mesh():
   assert compiled.output_shardings.cache["self_k"].spec == state.cache["self_k"].sharding.spec
 
 
+def test_the_planned_decode_step_reads_weights_in_the_dtype_the_sampler_holds():
+  """The planner's decode step (`python -m parti_jax.aot --mode sample`) takes the weights as
+  `sampling.load_run` casts them: matrices in the model's dtype, vectors float32. Planned
+  with float32 weights, it would count twice their bytes and convert them every step."""
+  config = load_config("parti_tiny")
+  config.model.dtype = "bfloat16"
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config, jax.devices())
+  _, (params, _) = decoding.decode_step_and_args(config, mesh, 8)
+  leaves = jax.tree.leaves(params)
+  assert {x.dtype for x in leaves if x.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in leaves if x.ndim < 2} == {jnp.dtype(jnp.float32)}  # final norms
+  # Shardings kept: the cast weights are laid out as the sampler's.
+  assert all(x.sharding is not None for x in leaves)
+
+
 def test_the_compiled_decode_step_updates_the_kv_cache_in_place():
   """Read from the compiled step: the self-attention caches are donated (their buffers are
   the outputs') and no instruction copies a whole cache: each step writes its new keys and
