@@ -3,11 +3,18 @@
   python benchmarks/profile_summary.py --trace DIR [--hlo FILE ...] [--top 15] [--json]
   python benchmarks/profile_summary.py --capture DIR --config configs/parti_350m.py \
       --config.global_batch_size=64 --steps 3      # traces 3 train steps, then summarises
+  python benchmarks/profile_summary.py --hlo FILE --roofline h200   # no trace: the least
+      # time of each group at the card's spec (FILE: `python -m parti_jax.aot --hlo_out`)
 
 Prints the device time of each group (matmuls, attention, layer norms, loss, optimizer,
 random bits, collectives, copies, other) and the top operations, then one JSON object.
 `--capture DIR` first runs the config's train step (synthetic tokens, one warm-up step)
 under `jax.profiler.trace(DIR/trace)` and writes its compiled HLO to DIR/hlo.txt.
+
+`--roofline GPU` (a100, h100, h200; `auto` with --capture: the card traced) prices each
+kernel of the compiled HLO at the card's spec, the least time its bytes and FLOPs take
+(parti_jax.roofline), and sums that by the same groups: with a trace, next to the measured
+time, so that each group's share of the card's speed shows; without one, as a forecast.
 
 What decides an operation's group is what the program says about it: its HLO opcode (a dot,
 a copy, an all-reduce, a fusion around a dot) and the Python functions that made it (the
@@ -32,7 +39,7 @@ import time
 
 from etils import epath
 
-from parti_jax import cli
+from parti_jax import cli, flops, roofline, topologies
 
 MAX_TRACE_BYTES = 4 << 30  # an xplane.pb of a few steps of a big model is tens of MB
 MAX_HLO_BYTES = 1 << 30
@@ -223,6 +230,34 @@ def print_summary(s: dict, source: str) -> None:
           f"  {t['jax_name'][-60:]}")
 
 
+# ----------------------------------------------------------------------------- roofline
+
+def gpu_spec(name: str) -> topologies.Gpu:
+  """A card of topologies.GPUS by model (h200) or by JAX's device_kind ("NVIDIA H200")."""
+  if name.lower() in topologies.GPUS:
+    return topologies.GPUS[name.lower()]
+  for model, spec in topologies.GPUS.items():
+    if model in name.lower().replace(" ", ""):
+      return spec
+  sys.exit(f"error: --roofline {name}: not one of {', '.join(topologies.GPUS)}")
+
+
+def roofline_events(text: str, gpu: topologies.Gpu) -> list[tuple[str, str, float]]:
+  """[(HLO op name, "", least ns of all its runs)] of a compiled program on `gpu`."""
+  peak = flops.spec_peak_tflops(gpu.device_kind)[0] * 1e12
+  return [(k.name, "", 1e9 * k.seconds(peak, gpu.bandwidth_bytes_per_s))
+          for k in roofline.of_hlo(text).kernels]
+
+
+def print_efficiency(measured: dict, least: dict, steps: int) -> None:
+  """Per group: the least time per step against the measured time per step."""
+  print(f"\n{'group':<12} {'measured ms':>12} {'least ms':>9} {'least/measured':>15}")
+  for g in GROUPS:
+    ms, floor = measured["groups"][g]["ms"] / steps, least["groups"][g]["ms"]
+    if ms or floor:
+      print(f"{g:<12} {ms:>12.2f} {floor:>9.2f} {floor / ms if ms else float('nan'):>15.2f}")
+
+
 # ----------------------------------------------------------------------------- capture
 
 def capture(config, out: epath.Path, steps: int) -> None:
@@ -255,26 +290,49 @@ FLAGS.string("capture", None, "Trace --steps train steps of --config into this d
              "first (DIR/trace, DIR/hlo.txt), then summarise them.")
 FLAGS.integer("steps", 3, "Train steps to trace with --capture.")
 FLAGS.integer("top", 15, "Operations listed.")
+FLAGS.string("roofline", None, "Price the --hlo program's kernels at this GPU's spec (a100, "
+             "h100, h200; auto: the card --capture ran on) and sum them by group.")
 
 
 def main(argv=None):
   a = FLAGS.parse(argv)
   trace, hlo_files = a.trace, list(a.hlo)
+  gpu = a.roofline
   if a.capture:
     if a.config is None:
       sys.exit("error: --capture needs --config")
     capture(a.config, epath.Path(a.capture), a.steps)
     trace, hlo_files = str(epath.Path(a.capture) / "trace"), [str(epath.Path(a.capture) / "hlo.txt")]
-  if not trace:
-    sys.exit("error: --trace DIR (or --capture DIR --config FILE) is required")
-  hlo = {}
+    if gpu == "auto":
+      import jax
+      gpu = jax.devices()[0].device_kind
+  if gpu == "auto":
+    sys.exit("error: --roofline auto needs --capture (name the GPU: a100, h100 or h200)")
+  if not trace and not gpu:
+    sys.exit("error: --trace DIR (or --capture DIR --config FILE, or --hlo FILE --roofline "
+             "GPU) is required")
+  if gpu and len(hlo_files) != 1:
+    sys.exit("error: --roofline prices one program: give one --hlo FILE")
+  hlo, texts = {}, []
   for f in hlo_files:
     path = epath.Path(f)
     if not path.exists():
       sys.exit(f"error: --hlo {f} does not exist")
     if path.stat().length > MAX_HLO_BYTES:
       sys.exit(f"error: --hlo {f} is larger than {MAX_HLO_BYTES} bytes")
-    hlo.update(parse_hlo(path.read_text()))
+    texts.append(path.read_text())
+    hlo.update(parse_hlo(texts[-1]))
+  least = None
+  if gpu:
+    spec = gpu_spec(gpu)
+    least = summarise(roofline_events(texts[0], spec), hlo, a.top)
+    source = (f"the roofline of {hlo_files[0]} on an {spec.device_kind} "
+              f"({spec.bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+              f"{flops.spec_peak_tflops(spec.device_kind)[0]:.0f} TFLOP/s)")
+    if not trace:
+      print_summary(least, source)
+      print(json.dumps(dict(source=source, **least)))
+      return
   directory = epath.Path(trace)
   if not directory.is_dir():
     sys.exit(f"error: --trace {trace} is not a directory")
@@ -283,7 +341,9 @@ def main(argv=None):
     sys.exit(f"error: the trace under {trace} holds no XLA operations")
   s = summarise(events, hlo, a.top)
   print_summary(s, source)
-  print(json.dumps(dict(source=source, **s)))
+  if least:
+    print_efficiency(s, least, a.steps if a.capture else 1)
+  print(json.dumps(dict(source=source, **s, roofline=least)))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ takes (XLA_CLIENT_MEM_FRACTION, formerly XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's d
 Prints how the hosts read each global batch (a layout the input pipeline cannot feed is
 refused), the per-device memory (arguments, outputs, temporaries, generated code, their
 total against the chip's HBM), the compiler's FLOPs per step next to the analytic count
-behind MFU, the compile time and a verdict. Exit status: 0 fits, 1 does not fit (the
-sizes that overflow are named), 2 refused before compiling: the config, the machine's
-name, the memory fraction, or no compiler for the machine installed here.
+behind MFU, on GPUs the least time the compiled step can take at the card's spec (its
+roofline, parti_jax.roofline) and so the highest MFU it can reach, the compile time and a
+verdict. `--hlo_out FILE` keeps the compiled program's text for reading. Exit status: 0
+fits, 1 does not fit (the sizes that overflow are named), 2 refused before compiling: the
+config, the machine's name, the memory fraction, or no compiler for the machine installed
+here.
 
 Another program plugs in as a mode: MODES[name](config, mesh) returns a Program, the
 jitted function and its abstract arguments (ShapeDtypeStructs with shardings).
@@ -32,7 +35,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
-from parti_jax import cli, optim, sharding, tasks, topologies
+from etils import epath
+
+from parti_jax import cli, flops, optim, roofline, sharding, tasks, topologies
 from parti_jax import config as config_lib
 
 FITS, DOES_NOT_FIT, REFUSED = 0, 1, 2
@@ -71,13 +76,14 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
-         num_slices: int | None = None) -> dict:
+         num_slices: int | None = None, hlo_out: str | None = None) -> dict:
   """Compiles `mode` of `config` for the machine named `topology`; the report as a dict.
 
   `num_slices` such TPU slices joined over DCN (default: config.mesh.num_slices, which a
-  number given here replaces). Raises topologies.UnknownTopology and
-  config_lib.ConfigError before compiling, topologies.NoCompiler where the machine's
-  compiler is not installed, topologies.BadEnvironment for an unusable memory fraction.
+  number given here replaces); `hlo_out`, a path to write the compiled program's text to.
+  Raises topologies.UnknownTopology and config_lib.ConfigError before compiling,
+  topologies.NoCompiler where the machine's compiler is not installed,
+  topologies.BadEnvironment for an unusable memory fraction.
   """
   machine = topologies.get(topology)
   gpu = isinstance(machine, topologies.GpuMachine)
@@ -142,14 +148,28 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
     report.update(compile_s=time.perf_counter() - start, fits=False, overflow=[_first_line(e)])
     return report
   report["compile_s"] = time.perf_counter() - start
+  text = compiled.as_text()
+  if hlo_out:
+    epath.Path(hlo_out).write_text(text)
   if gpu:  # cuDNN's fused attention (forward, backward): custom calls once partitioned
-    report["cudnn_attention_kernels"] = compiled.as_text().count(
-        'custom_call_target="__cudnn$fmha')
+    report["cudnn_attention_kernels"] = text.count('custom_call_target="__cudnn$fmha')
+    report["roofline"] = _roofline(text, machine.spec, report["analytic_flops_per_device"])
   report["memory"] = memory = _memory(compiled.memory_analysis())
   report["overflow"] = overflow(memory, hbm_bytes,
                                 "JAX's share of a GPU's memory" if gpu else "the HBM of a chip")
   report["fits"] = not report["overflow"]
   return report
+
+
+def _roofline(text: str, gpu: topologies.Gpu, analytic_flops: float | None) -> dict:
+  """The compiled step's bytes and FLOPs per device, the least time they take at the
+  card's spec, and the MFU that time would give."""
+  peak = flops.spec_peak_tflops(gpu.device_kind)[0] * 1e12
+  r = roofline.of_hlo(text)
+  least = r.seconds(peak, gpu.bandwidth_bytes_per_s)
+  return dict(bytes=r.bytes, flops=r.flops, kernel_runs=sum(k.runs for k in r.kernels),
+              peak_flops=peak, bandwidth=gpu.bandwidth_bytes_per_s, least_step_s=least,
+              mfu_at_most=analytic_flops / (least * peak) if analytic_flops else None)
 
 
 def _attention(config, device) -> str | None:
@@ -229,7 +249,7 @@ def loop_aware_flops(hlo_text: str) -> float:
   """
   from jaxlib import _hlo, _jax  # XLA's HLO parser and cost analysis
   text = re.sub(r", metadata=\{[^}]*\}", "", hlo_text)  # source locations: not needed
-  computations, entry = _split_computations(text)
+  computations, entry = roofline.split_computations(text)
   client = jax.devices("cpu")[0].client
   costs = {}
 
@@ -262,22 +282,6 @@ def loop_aware_flops(hlo_text: str) -> float:
     return cost(name) + sum(trip_count(c) * counted(b) - cost(b) for c, b in loops(name, {name}))
 
   return counted(entry)
-
-
-def _split_computations(text: str) -> tuple[dict[str, str], str]:
-  """HLO module text -> ({computation name: its text without ENTRY}, the entry's name)."""
-  computations, entry, name, lines = {}, None, None, []
-  for line in text.splitlines():
-    if name is None and line.endswith("{") and not line.startswith((" ", "HloModule")):
-      header = line.removeprefix("ENTRY ")
-      name = header.split(" ", 1)[0].lstrip("%")
-      entry = name if header != line else entry
-      lines = [header]
-    elif name is not None:
-      lines.append(line)
-      if line == "}":
-        computations[name], name = "\n".join(lines), None
-  return computations, entry
 
 
 # ----------------------------------------------------------------------------- report
@@ -333,6 +337,13 @@ def print_report(r: dict, config_name: str) -> None:
     print(f"attention: {r['attention']}" + (f" ({kernels} Pallas kernel calls in the step)"
                                             if kernels else "")
           + (f" ({cudnn} cuDNN attention calls in the step)" if cudnn else ""))
+  if r.get("roofline"):
+    f = r["roofline"]
+    mfu = f" (MFU at most {f['mfu_at_most']:.2f})" if f["mfu_at_most"] else ""
+    print(f"roofline: {f['kernel_runs']} kernel runs move {f['bytes'] / 1e9:.1f} GB and do "
+          f"{f['flops']:.3e} FLOPs of matrix products per device: at least "
+          f"{1e3 * f['least_step_s']:.1f} ms at {f['bandwidth'] / 1e12:.2f} TB/s and "
+          f"{f['peak_flops'] / 1e12:.0f} TFLOP/s{mfu}")
   print(f"compile time {r['compile_s']:.1f} s")
   if r["fits"]:
     print(f"verdict: fits, {gib(r['hbm_bytes'] - m['total'])} to spare per chip")
@@ -347,6 +358,7 @@ FLAGS.enum("mode", "train", list(MODES), "Which program to plan.")
 FLAGS.integer("num_slices", None, "Slices of --topology joined over DCN, the data axis split "
               "across them (default: the config's mesh.num_slices).")
 FLAGS.bool("json", False, "Print one JSON object instead of the report.")
+FLAGS.string("hlo_out", None, "Write the compiled program's HLO text to this path.")
 
 
 def main(argv=None):
@@ -357,7 +369,7 @@ def main(argv=None):
   if config is None or not f.topology:
     sys.exit("error: --config and --topology are required")
   try:
-    report = plan(config, f.topology, f.mode, f.num_slices)
+    report = plan(config, f.topology, f.mode, f.num_slices, f.hlo_out)
   except (topologies.UnknownTopology, topologies.NoCompiler, topologies.BadEnvironment,
           config_lib.ConfigError) as e:
     if f.json:

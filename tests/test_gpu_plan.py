@@ -7,10 +7,12 @@ extras) and are skipped without them.
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import load_config
+from conftest import ROOT, load_config
 from helpers import whole_cache_copies
 from parti_jax import aot, sharding, topologies
 from parti_jax import config as config_lib
@@ -170,3 +172,36 @@ def test_the_gpu_decode_step_updates_the_kv_cache_in_place():
   copies, aliased, cache_bytes = whole_cache_copies(config, mesh, 8)
   assert aliased >= cache_bytes > 0
   assert copies == [], copies[:3]
+
+
+@needs_cuda_plugin
+def test_the_plan_bounds_the_step_time_by_its_roofline(tmp_path):
+  """The planner's least step time on the card (parti_jax.roofline), the program it priced
+  kept with --hlo_out, and the same figure from benchmarks/profile_summary.py --roofline."""
+  hlo = tmp_path / "step.hlo"
+  report = aot.plan(tiny_bf16(), "h200-1", hlo_out=str(hlo))
+  r = report["roofline"]
+  spec = topologies.GPUS["h200"]
+  assert (r["bandwidth"], r["peak_flops"]) == (spec.bandwidth_bytes_per_s, 989e12)
+  # No faster than its bytes at the card's bandwidth, nor than its products at peak.
+  assert r["least_step_s"] >= max(r["bytes"] / r["bandwidth"], r["flops"] / r["peak_flops"])
+  assert 0 < r["mfu_at_most"] < 1
+  # Its products are the model's: within the planner's tolerance of the analytic count
+  # (cuDNN's attention included, which XLA's own count leaves out).
+  ratio = r["flops"] / report["analytic_flops_per_device"]
+  assert 1 - aot.FLOPS_TOLERANCE < ratio < 1 + aot.FLOPS_TOLERANCE, ratio
+  assert "__cudnn$fmha" in hlo.read_text()
+  done = subprocess.run(
+      [sys.executable, "benchmarks/profile_summary.py", "--hlo", str(hlo), "--roofline", "h200"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary["total_ms"] == pytest.approx(1e3 * r["least_step_s"], rel=1e-6)
+  assert summary["groups"]["matmuls"]["ms"] > 0 and summary["groups"]["attention"]["ms"] > 0
+
+  # What remat `dots` changes (BENCHMARKS.md, the 350M roofline): the step keeps only the
+  # matrix products' outputs for the backward pass and recomputes the elementwise work in
+  # the backward's own kernels, so it moves fewer bytes than without remat.
+  config = tiny_bf16()
+  config.model.remat = "dots"
+  assert aot.plan(config, "h200-1")["roofline"]["bytes"] < r["bytes"]

@@ -52,6 +52,26 @@ def test_every_group_of_the_step_is_found_and_the_shares_add_up(captured):
     assert s["groups"][group]["ms"] == 0
 
 
+def test_the_roofline_sits_beside_the_measured_groups(captured):
+  """--roofline prices the traced program's kernels (here at an H200's spec: only the
+  arithmetic is checked) and prints, group by group, the least time against the measured."""
+  out, _, measured = captured
+  text, s = summary("--trace", str(out / "trace"), "--hlo", str(out / "hlo.txt"),
+                    "--roofline", "h200")
+  assert s["total_ms"] == pytest.approx(measured["total_ms"])  # the same trace, read again
+  least = s["roofline"]
+  assert least["total_ms"] > 0 and least["groups"]["matmuls"]["ms"] > 0
+  assert sum(g["ms"] for g in least["groups"].values()) == pytest.approx(least["total_ms"])
+  assert "least/measured" in text
+  # Alone, the roofline needs no trace; `auto` names the card only when one was traced.
+  _, alone = summary("--hlo", str(out / "hlo.txt"), "--roofline", "h200")
+  assert alone["total_ms"] == pytest.approx(least["total_ms"])
+  done = subprocess.run([sys.executable, str(SCRIPT), "--hlo", str(out / "hlo.txt"),
+                         "--roofline", "auto"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 1 and "--roofline auto needs --capture" in done.stderr
+
+
 def test_a_directory_without_a_trace_is_refused_in_one_line(tmp_path):
   done = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(tmp_path)], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)

@@ -1,0 +1,88 @@
+"""parti_jax.roofline on programs compiled here, whose bytes and FLOPs are known by hand:
+loop bodies count once per iteration, a scanned layer reads its own slice of the stacked
+weights, a donated buffer updated in place costs the update, cuDNN's attention its products.
+(tests/test_gpu_plan.py: the planner's roofline of a GPU-compiled Parti step.)"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from parti_jax import roofline
+
+LAYERS, ROWS, WIDTH = 8, 32, 256
+
+
+def compiled_text(fn, *args, **jit_kwargs):
+  return jax.jit(fn, **jit_kwargs).lower(*args).compile().as_text()
+
+
+def scanned_matmuls(x, w):
+  def layer(h, w_layer):
+    return jnp.tanh(h @ w_layer), None
+  return jax.lax.scan(layer, x, w)[0]
+
+
+def test_a_scanned_stack_counts_each_layer_once_and_reads_each_slice_once():
+  x = jax.ShapeDtypeStruct((ROWS, WIDTH), jnp.float32)
+  w = jax.ShapeDtypeStruct((LAYERS, WIDTH, WIDTH), jnp.float32)
+  r = roofline.of_hlo(compiled_text(scanned_matmuls, x, w))
+  assert r.flops == LAYERS * 2 * ROWS * WIDTH * WIDTH  # the loop's trip count, not once
+  stack = LAYERS * WIDTH * WIDTH * 4
+  # Every layer's weights are read (XLA:CPU copies each slice out first, then multiplies);
+  # counting the whole stack where a fusion reads one layer's slice of it would make that
+  # LAYERS times the stack.
+  assert stack <= r.bytes < LAYERS * stack / 2, (r.bytes, stack)
+  assert r.seconds(peak_flops=1e15, bandwidth=1e9) == pytest.approx(r.bytes / 1e9, rel=0.05)
+  assert r.seconds(peak_flops=1e3, bandwidth=1e15) == pytest.approx(r.flops / 1e3, rel=1e-6)
+
+
+def test_a_donated_buffer_updated_in_place_costs_the_update():
+  def write(buffer, update, row):
+    return jax.lax.dynamic_update_slice(buffer, update, (row, 0))
+  buffer = jax.ShapeDtypeStruct((4096, WIDTH), jnp.float32)
+  update = jax.ShapeDtypeStruct((8, WIDTH), jnp.float32)
+  row = jax.ShapeDtypeStruct((), jnp.int32)
+  r = roofline.of_hlo(compiled_text(write, buffer, update, row, donate_argnums=0))
+  update_bytes = 8 * WIDTH * 4
+  assert r.bytes <= 3 * update_bytes, r.bytes  # read the update, write it; not the buffer
+  assert r.flops == 0
+
+
+def test_array_bytes_of_hlo_shapes():
+  assert roofline.array_bytes("bf16[8,128]{1,0}") == 8 * 128 * 2
+  assert roofline.array_bytes("(f32[2,3]{1,0}, s8[16]{0}, pred[])") == 24 + 16 + 1
+  assert roofline.array_bytes("s4[10]{0}") == 5
+  assert roofline.array_bytes("token[]") == 0
+
+
+# A GPU program as XLA's GPU compiler writes it: cuDNN's attention forward and backward for
+# queries [B, S, H, D] = [2, 128, 4, 64] over 256 keys, and a cuBLAS product whose left
+# operand has its contracting dimension given in the call's backend config.
+GPU_HLO = """HloModule step
+
+ENTRY %main (q: bf16[2,128,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], a: bf16[64,512], b: bf16[512,32]) -> (bf16[2,128,4,64], bf16[2,128,4,64], f32[64,32]) {
+  %q = bf16[2,128,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[2,256,4,64]{3,2,1,0} parameter(1)
+  %v = bf16[2,256,4,64]{3,2,1,0} parameter(2)
+  %a = bf16[64,512]{1,0} parameter(3)
+  %b = bf16[512,32]{1,0} parameter(4)
+  %fwd = (bf16[2,128,4,64]{3,2,1,0}, f32[2,4,128]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"
+  %out = bf16[2,128,4,64]{3,2,1,0} get-tuple-element(%fwd), index=0
+  %bwd = (bf16[2,128,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v, %out), custom_call_target="__cudnn$fmhaSoftmaxBackward"
+  %dq = bf16[2,128,4,64]{3,2,1,0} get-tuple-element(%bwd), index=0
+  %gemm = (f32[64,32]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %c = f32[64,32]{1,0} get-tuple-element(%gemm), index=0
+  ROOT %t = (bf16[2,128,4,64]{3,2,1,0}, bf16[2,128,4,64]{3,2,1,0}, f32[64,32]{1,0}) tuple(%out, %dq, %c)
+}
+"""
+
+
+def test_cudnn_attention_and_cublas_products_are_counted():
+  kernels = {k.name: k for k in roofline.of_hlo(GPU_HLO).kernels}
+  assert set(kernels) == {"fwd", "bwd", "gemm"}  # parameters and tuples run no kernel
+  products = 2 * 2 * 128 * 256 * 4 * 64  # one [S x D] by [D x T] product per batch and head
+  assert kernels["fwd"].flops == 2 * products  # scores, then values
+  assert kernels["bwd"].flops == 5 * products
+  assert kernels["gemm"].flops == 2 * 64 * 512 * 32
+  q, kv = 2 * 128 * 4 * 64 * 2, 2 * 256 * 4 * 64 * 2
+  assert kernels["fwd"].bytes == q + 2 * kv + q + 2 * 4 * 128 * 4  # reads, then its outputs
