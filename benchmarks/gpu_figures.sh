@@ -7,20 +7,27 @@
 # 1. train_cudnn: Parti 350M training in bf16 with cuDNN's fused attention (what
 #    `model.attention_impl=auto` picks on NVIDIA GPUs) at BATCH (default 64, the largest that
 #    fit an H200 on 2026-11-27, as the planner also says), for MFU;
-# 2. train_levers: the same with the output projection in bf16 (model.logits_matmul=compute),
-#    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg):
-#    against step 1's line, whether these become GPU defaults;
-# 3. profile: a jax.profiler trace of 3 such train steps (the levers off), summarised by
+# 2. train_dots: step 1 with remat=dots at the same batch: the planner's roofline of the
+#    compiled step (BENCHMARKS.md, 2026-12-03) has it move 440 GB a step instead of 742
+#    (what it keeps for the backward pass is written, zero-filled and read again), at least
+#    157 ms instead of 218: whether the card sees that;
+# 3. profile: a jax.profiler trace of 3 step-1 train steps, summarised by
 #    benchmarks/profile_summary.py into device time by group (matmuls, attention, layer norms,
-#    loss, optimizer, random bits, collectives, copies); the trace and the step's HLO stay in
-#    OUTDIR/profile_train;
+#    loss, optimizer, random bits, collectives, copies), each beside its roofline (the least
+#    time of its kernels at the card's spec, --roofline); the trace and the step's HLO stay
+#    in OUTDIR/profile_train;
 # 4. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
 #    bandwidth floor, and a trace of one guided generation;
-# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?);
-# 6. train_dots: step 1 with remat=dots at batch DOTS_BATCH (default 256): the planner (`python
-#    -m parti_jax.aot --topology h200-1`, 2026-12-03) puts it at 102.8 GiB of JAX's 95% of an
-#    H200, where without remat only 64 fits; whether the larger batch repays the recomputation;
-# 7. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
+# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step,
+#    and how far is each group from its roofline?);
+# 6. train_levers: step 1 with the output projection in bf16 (model.logits_matmul=compute),
+#    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg):
+#    against step 1's line, whether these become GPU defaults (the roofline counts rbg's
+#    bits as bytes and cannot price threefry's arithmetic: only the card can tell);
+# 7. train_dots_big: step 2 at batch DOTS_BATCH (default 256): the planner puts it at 102.8
+#    GiB of JAX's 95% of an H200, where without remat only 64 fits; whether the larger batch
+#    runs the same kernels faster;
+# 8. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
 #    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; the flag
 #    is known to this jax's XLA: the planner compiles with it).
 # By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
@@ -37,7 +44,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_cudnn train_levers profile sampling profile_decode train_dots train_flags} "
+names=" ${*:-train_cudnn train_dots profile sampling profile_decode train_levers train_dots_big train_flags} "
 batch=${BATCH:-64}
 dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
@@ -72,22 +79,31 @@ bench() {  # NAME CAP_SECONDS COMMAND...
 python3 -c 'import jax; d = jax.devices()[0]; print("jax", jax.__version__, jax.devices(),
   "bytes_limit", (d.memory_stats() or {}).get("bytes_limit"))'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+# The card whose spec prices the traced programs' rooflines (profile_summary.py --roofline);
+# none for a card parti_jax/topologies.py does not describe.
+case $(python3 -c 'import jax; print(jax.devices()[0].device_kind)' 2>/dev/null) in
+  *"H100 PCIe"*) card= ;;  # its bandwidth is not the SXM card's
+  *H200*) card=h200 ;; *H100*) card=h100 ;; *A100*) card=a100 ;; *) card= ;;
+esac
 train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
 bench train_cudnn 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn
-bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
-  --config.model.attention_impl=cudnn --config.model.logits_matmul=compute \
-  --config.model.loss_chunk=128 --config.train.prng_impl=rbg
+bench train_dots 110 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn --config.model.remat=dots
 # A few steps: compiling 350M takes most of the cap, the trace itself seconds.
 bench profile 110 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
   --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3 \
-  --config.model.attention_impl=cudnn
+  --config.model.attention_impl=cudnn ${card:+--roofline "$card"}
 bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
   --trace "$out/profile_decode"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \
-  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
+  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt" \
+  ${card:+--roofline "$card"}
 # Last: these get what the others leave (they have slack under their caps).
-bench train_dots 120 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
+bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn --config.model.logits_matmul=compute \
+  --config.model.loss_chunk=128 --config.train.prng_impl=rbg
+bench train_dots_big 120 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots
 bench train_flags 100 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${train350m[@]}" \
   --config.global_batch_size="$batch" --config.model.attention_impl=cudnn

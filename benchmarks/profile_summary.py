@@ -237,7 +237,7 @@ def gpu_spec(name: str) -> topologies.Gpu:
   if name.lower() in topologies.GPUS:
     return topologies.GPUS[name.lower()]
   for model, spec in topologies.GPUS.items():
-    if model in name.lower().replace(" ", ""):
+    if model in name.lower().replace(" ", "") and "pcie" not in name.lower():  # SXM cards'
       return spec
   sys.exit(f"error: --roofline {name}: not one of {', '.join(topologies.GPUS)}")
 
