@@ -235,8 +235,9 @@ class _Program:
         self._walk(body, runs * self.trip_count(i, condition), out)
       elif i.opcode == "conditional":
         # One branch runs: count the dearest (by bytes), an upper bound on the bound.
-        branches = re.findall(r"%?([\w.\-]+)", re.search(
-            r"branch_computations=\{([^}]*)\}|true_computation=([^,]*)", i.attributes)[0])
+        listed = re.search(r"branch_computations=\{([^}]*)\}", i.attributes)
+        branches = (re.findall(r"[\w.\-]+", listed[1]) if listed else
+                    re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", i.attributes))
         options = []
         for b in [b for b in branches if b in self.computations]:
           found = []

@@ -86,3 +86,59 @@ def test_cudnn_attention_and_cublas_products_are_counted():
   assert kernels["gemm"].flops == 2 * 64 * 512 * 32
   q, kv = 2 * 128 * 4 * 64 * 2, 2 * 256 * 4 * 64 * 2
   assert kernels["fwd"].bytes == q + 2 * kv + q + 2 * 4 * 128 * 4  # reads, then its outputs
+
+
+def test_only_the_dearer_branch_of_a_conditional_counts():
+  def either(heavy, x):
+    return jax.lax.cond(heavy, lambda x: jnp.tanh(x @ x.T) @ x, lambda x: x * 2, x)
+  x = jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32)
+  r = roofline.of_hlo(compiled_text(either, jax.ShapeDtypeStruct((), bool), x))
+  assert r.flops == 2 * (2 * WIDTH ** 3)  # the two products of the heavy branch, once
+
+
+# A loop without the compiler's known trip count (its `i < 5` condition bounds it) around a
+# conditional written with true/false computations.
+LOOP_HLO = """HloModule loop
+
+%heavy (a: f32[64,64]) -> f32[64,64] {
+  %a = f32[64,64]{1,0} parameter(0)
+  ROOT %d = f32[64,64]{1,0} dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%light (b: f32[64,64]) -> f32[64,64] {
+  %b = f32[64,64]{1,0} parameter(0)
+  ROOT %n = f32[64,64]{1,0} negate(%b)
+}
+
+%body (s: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %s = (s32[], f32[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = f32[64,64]{1,0} get-tuple-element(%s), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %odd = pred[] compare(%i, %one), direction=EQ
+  %y = f32[64,64]{1,0} conditional(%odd, %x, %x), true_computation=%light, false_computation=%heavy
+  ROOT %t = (s32[], f32[64,64]{1,0}) tuple(%next, %y)
+}
+
+%cond (c: (s32[], f32[64,64])) -> pred[] {
+  %c = (s32[], f32[64,64]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%c), index=0
+  %five = s32[] constant(5)
+  ROOT %lt = pred[] compare(%j, %five), direction=LT
+}
+
+ENTRY %main (x0: f32[64,64]) -> (s32[], f32[64,64]) {
+  %x0 = f32[64,64]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,64]{1,0}) tuple(%zero, %x0)
+  ROOT %w = (s32[], f32[64,64]{1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_loop_without_a_known_trip_count_runs_to_its_bound():
+  kernels = roofline.of_hlo(LOOP_HLO).kernels
+  dot = next(k for k in kernels if k.opcode == "dot")
+  assert dot.runs == 5 and dot.flops == 2 * 64 ** 3  # the heavy branch, every iteration
+  assert not [k for k in kernels if k.opcode == "negate"]  # the cheaper branch is not added
