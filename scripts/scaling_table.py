@@ -402,37 +402,53 @@ def gpu_lines(rows: list[dict]) -> list[str]:
       "axis stays inside a host (NVLink); fsdp and data span hosts. The memory budget is",
       f"JAX's default share of a card, {fraction:.0%} (`XLA_CLIENT_MEM_FRACTION`; a",
       "run that raises it fits more per micro-batch), and a plan is kept if the compiler",
-      f"leaves at least {1 - PLAN_MAX:.0%} of that free. Step time on GPUs is not modelled",
-      "beyond the ranking below: measure it on the machine (`train.profile_steps`).",
+      f"leaves at least {1 - PLAN_MAX:.0%} of that free.",
+      "",
+      "The roofline column is the least time the compiled step can take on the card, each",
+      "kernel's bytes at its memory bandwidth and its matrix products at its bf16 peak",
+      "(`parti_jax/roofline.py`), and the highest MFU that leaves. The search does not rank",
+      "by it: the ranking's recomputation costs are a model of FLOPs, and on GPUs remat can",
+      "move fewer bytes than keeping the activations (350M on one H200: MFU at most 0.41",
+      "without remat, 0.57 with `dots`, BENCHMARKS.md). Measure step time on the machine",
+      "(`train.profile_steps`) before committing to a plan.",
       "",
       "| model | GPUs | hosts | mesh (data, fsdp, tensor) | remat | micro-batches | per GPU "
-      "| memory / GPU (GiB) | JAX's share (GiB) | compiler / analytic FLOPs | compile (s) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| memory / GPU (GiB) | JAX's share (GiB) | compiler / analytic FLOPs "
+      "| roofline: least step (s), MFU at most | compile (s) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  lines += plan_lines(rows, "hosts")
+  lines += plan_lines(rows, "hosts", roofline=True)
   lines += ["", "The compiler's FLOPs leave out cuDNN's attention (custom calls XLA does not",
             "count) and add what remat recomputes. Candidates tried (compile time on the",
             "2-core host that generated this section, and memory per GPU):", ""]
   return lines + tried_lines(rows) + [GPUS_END]
 
 
-def plan_lines(rows: list[dict], count: str) -> list[str]:
+def plan_lines(rows: list[dict], count: str, roofline: bool = False) -> list[str]:
   """One table line per row: its plan, or how many compiles found none; `count` is the
-  third column ("chips" of a TPU slice, "hosts" of a GPU machine)."""
+  third column ("chips" of a TPU slice, "hosts" of a GPU machine); `roofline` adds the
+  planner's least step time and MFU bound (GPU plans)."""
   lines = []
   for r in rows:
     if not r["plan"]:
       lines.append(f"| {r['model']} | {r['topology']} | {r[count]} | no plan fitted in "
-                   f"{r['compiles']} compiles | | | | | {gib(r['hbm'])} | | |")
+                   f"{r['compiles']} compiles | | | | | {gib(r['hbm'])} | |"
+                   + " |" * roofline + " |")
       continue
     p, rep = r["plan"], r["report"]
     micro = GLOBAL_BATCH // (p["data"] * p["fsdp"] * p["accum"])
     ratio = (f"{rep['compiler_flops_per_device'] / rep['analytic_flops_per_device']:.2f}"
              if rep.get("compiler_flops_per_device") else "")
+    bound = ""
+    if roofline and rep.get("roofline"):
+      f = rep["roofline"]
+      bound = f" {f['least_step_s']:.2f}, {f['mfu_at_most']:.2f} |"
+    elif roofline:
+      bound = " |"
     lines.append(
         f"| {r['model']} | {r['topology']} | {r[count]} | ({p['data']}, {p['fsdp']}, "
         f"{p['tensor']}) | {p['remat']} | {p['accum']} | {micro} | {gib(rep['memory']['total'])} "
-        f"| {gib(r['hbm'])} | {ratio} | {rep['compile_s']:.0f} |")
+        f"| {gib(r['hbm'])} | {ratio} |{bound} {rep['compile_s']:.0f} |")
   return lines
 
 

@@ -201,7 +201,8 @@ def test_rewriting_the_tpu_table_keeps_the_comparison_and_the_gpu_section(tmp_pa
                 compiler_flops_per_device=0.93, analytic_flops_per_device=1.0)
   tpu_row = dict(model="350m", topology="v4-16", chips=8, hbm=32 * 2 ** 30, generation="v4",
                  compiles=1, plan=plan, report=report, tried=[dict(compile_s=20.0, total=1.0)])
-  gpu_row = dict(tpu_row, topology="h100-8", hosts=1, generation=None)
+  gpu_report = dict(report, roofline=dict(least_step_s=12.345, mfu_at_most=0.4))
+  gpu_row = dict(tpu_row, topology="h100-8", hosts=1, generation=None, report=gpu_report)
   table.write_doc([tpu_row], page)
   table.write_section(table.gpu_lines([gpu_row]), table.GPUS_BEGIN, table.GPUS_END, page)
   candidate = table.Candidate(8, 1, 1, "none", 64)
@@ -210,6 +211,11 @@ def test_rewriting_the_tpu_table_keeps_the_comparison_and_the_gpu_section(tmp_pa
   first = open(page).read()
   assert first.count("## NVIDIA GPUs") == first.count("## Attention and momentum") == 1
   assert "| 350m | h100-8 | 1 | (8, 1, 1) | none | 64 | 16 | 30.0 |" in first
+  # GPU plans carry their roofline, in its own column: as many cells as the header has.
+  gpu_lines = [line for line in first.splitlines() if "| h100-8 |" in line
+               or line.startswith("| model | GPUs |")]
+  assert "| 0.93 | 12.35, 0.40 | 20 |" in gpu_lines[1]
+  assert gpu_lines[0].count("|") == gpu_lines[1].count("|")
   table.write_doc([dict(tpu_row, topology="v4-32", chips=16)], page)  # a new TPU table
   second = open(page).read()
   assert "| 350m | v4-32 | 16 |" in second and "| 350m | v4-16 | 8 |" not in second
