@@ -18,8 +18,9 @@
 #    in OUTDIR/profile_train;
 # 4. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
 #    bandwidth floor, and a trace of one guided generation;
-# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step,
-#    and how far is each group from its roofline?);
+# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?
+#    A generation loops until its rows finish, a trip count no compiler knows: its roofline
+#    is the planner's for one step, `python -m parti_jax.aot --mode sample`, BENCHMARKS.md);
 # 6. train_levers: step 1 with the output projection in bf16 (model.logits_matmul=compute),
 #    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg):
 #    against step 1's line, whether these become GPU defaults (the roofline counts rbg's
@@ -79,10 +80,10 @@ bench() {  # NAME CAP_SECONDS COMMAND...
 python3 -c 'import jax; d = jax.devices()[0]; print("jax", jax.__version__, jax.devices(),
   "bytes_limit", (d.memory_stats() or {}).get("bytes_limit"))'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
-# The card whose spec prices the traced programs' rooflines (profile_summary.py --roofline);
+# The card whose spec prices the traced train step's roofline (profile_summary.py --roofline);
 # none for a card parti_jax/topologies.py does not describe.
 case $(python3 -c 'import jax; print(jax.devices()[0].device_kind)' 2>/dev/null) in
-  *"H100 PCIe"*) card= ;;  # its bandwidth is not the SXM card's
+  *"H100 PCIe"* | *GH200*) card= ;;  # their bandwidths are not the SXM cards'
   *H200*) card=h200 ;; *H100*) card=h100 ;; *A100*) card=a100 ;; *) card= ;;
 esac
 train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
@@ -97,8 +98,7 @@ bench profile 110 python3 benchmarks/profile_summary.py --capture "$out/profile_
 bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
   --trace "$out/profile_decode"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \
-  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt" \
-  ${card:+--roofline "$card"}
+  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
 # Last: these get what the others leave (they have slack under their caps).
 bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.logits_matmul=compute \

@@ -219,8 +219,8 @@ def summarise(events, hlo: dict[str, Instruction], top: int = 15) -> dict:
            for op, ns in by_op.most_common(top)])
 
 
-def print_summary(s: dict, source: str) -> None:
-  print(f"device time {s['total_ms']:.1f} ms over {s['operations']} operations, from {source}")
+def print_summary(s: dict, source: str, what: str = "device time") -> None:
+  print(f"{what} {s['total_ms']:.1f} ms over {s['operations']} operations, from {source}")
   print(f"{'group':<12} {'ms':>10} {'share':>7}")
   for g, v in sorted(s["groups"].items(), key=lambda kv: -kv[1]["ms"]):
     print(f"{g:<12} {v['ms']:>10.2f} {100 * v['share']:>6.1f}%")
@@ -236,17 +236,18 @@ def gpu_spec(name: str) -> topologies.Gpu:
   """A card of topologies.GPUS by model (h200) or by JAX's device_kind ("NVIDIA H200")."""
   if name.lower() in topologies.GPUS:
     return topologies.GPUS[name.lower()]
+  kind = name.lower()
   for model, spec in topologies.GPUS.items():
-    if model in name.lower().replace(" ", "") and "pcie" not in name.lower():  # SXM cards'
+    # SXM cards only: a PCIe H100 or a GH200 has other bandwidths.
+    if f"nvidia {model}" in kind and "pcie" not in kind:
       return spec
   sys.exit(f"error: --roofline {name}: not one of {', '.join(topologies.GPUS)}")
 
 
-def roofline_events(text: str, gpu: topologies.Gpu) -> list[tuple[str, str, float]]:
+def roofline_events(r: roofline.Roofline, gpu: topologies.Gpu) -> list[tuple[str, str, float]]:
   """[(HLO op name, "", least ns of all its runs)] of a compiled program on `gpu`."""
   peak = flops.spec_peak_tflops(gpu.device_kind)[0] * 1e12
-  return [(k.name, "", 1e9 * k.seconds(peak, gpu.bandwidth_bytes_per_s))
-          for k in roofline.of_hlo(text).kernels]
+  return [(k.name, "", 1e9 * k.seconds(peak, gpu.bandwidth_bytes_per_s)) for k in r.kernels]
 
 
 def print_efficiency(measured: dict, least: dict, steps: int) -> None:
@@ -298,6 +299,7 @@ def main(argv=None):
   a = FLAGS.parse(argv)
   trace, hlo_files = a.trace, list(a.hlo)
   gpu = a.roofline
+  spec = gpu_spec(gpu) if gpu and gpu != "auto" else None  # a wrong name before any run
   if a.capture:
     if a.config is None:
       sys.exit("error: --capture needs --config")
@@ -324,13 +326,18 @@ def main(argv=None):
     hlo.update(parse_hlo(texts[-1]))
   least = None
   if gpu:
-    spec = gpu_spec(gpu)
-    least = summarise(roofline_events(texts[0], spec), hlo, a.top)
+    spec = spec or gpu_spec(gpu)
+    r = roofline.of_hlo(texts[0])
+    least = summarise(roofline_events(r, spec), hlo, a.top)
+    least["loops_counted_once"] = r.loops_counted_once
     source = (f"the roofline of {hlo_files[0]} on an {spec.device_kind} "
               f"({spec.bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
               f"{flops.spec_peak_tflops(spec.device_kind)[0]:.0f} TFLOP/s)")
+    if r.loops_counted_once:
+      source += (f"; {r.loops_counted_once} loop(s) of a trip count the compiler does not "
+                 "know counted once (price one step of such a program instead)")
     if not trace:
-      print_summary(least, source)
+      print_summary(least, source, "least time")
       print(json.dumps(dict(source=source, **least)))
       return
   directory = epath.Path(trace)

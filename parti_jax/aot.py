@@ -168,6 +168,7 @@ def _roofline(text: str, gpu: topologies.Gpu, analytic_flops: float | None) -> d
   r = roofline.of_hlo(text)
   least = r.seconds(peak, gpu.bandwidth_bytes_per_s)
   return dict(bytes=r.bytes, flops=r.flops, kernel_runs=sum(k.runs for k in r.kernels),
+              loops_counted_once=r.loops_counted_once,
               peak_flops=peak, bandwidth=gpu.bandwidth_bytes_per_s, least_step_s=least,
               mfu_at_most=analytic_flops / (least * peak) if analytic_flops else None)
 
@@ -344,6 +345,9 @@ def print_report(r: dict, config_name: str) -> None:
           f"{f['flops']:.3e} FLOPs of matrix products per device: at least "
           f"{1e3 * f['least_step_s']:.1f} ms at {f['bandwidth'] / 1e12:.2f} TB/s and "
           f"{f['peak_flops'] / 1e12:.0f} TFLOP/s{mfu}")
+    if f["loops_counted_once"]:
+      print(f"  ({f['loops_counted_once']} loop(s) of a trip count the compiler does not know "
+            "counted once: the step takes longer)")
   print(f"compile time {r['compile_s']:.1f} s")
   if r["fits"]:
     print(f"verdict: fits, {gib(r['hbm_bytes'] - m['total'])} to spare per chip")

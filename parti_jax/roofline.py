@@ -10,6 +10,11 @@ at least max(bytes / bandwidth, FLOPs / peak). Summed over the kernels, loop bod
 iteration, this bounds the step from below, hence MFU from above, before the program ever
 runs: the planner (`python -m parti_jax.aot --topology h200-1`) reports it for GPUs, and
 `benchmarks/profile_summary.py --roofline` sets it beside a measured trace, group by group.
+It is a strict bound for a program of one device whose loops have trip counts the compiler
+knows (as jax's scans do). Otherwise it is an estimate: a conditional counts its dearer
+branch (the train step's update, not its skip); collectives that overlap computation are
+added to it; and a loop whose trip count is not known (a `while_loop` on data, as the
+sampler's whole generation) is counted once and reported in `loops_counted_once`.
 
 Written here because XLA's own cost analysis, as JAX exposes it, counts a loop body once,
 counts a fused read of one layer's slice of the stacked weights as the whole stack, and
@@ -20,8 +25,10 @@ does not count cuDNN's custom calls at all. What is counted:
   update;
 - FLOPs: matrix products (dots, cuBLAS calls) and cuDNN's fused attention. Elementwise
   arithmetic is not priced: a kernel bound by its ALUs (threefry's random bits) looks
-  cheaper here than it is.
-Collectives are counted as the bytes they read and write on the chip, not as link time.
+  cheaper here than it is, and so do products XLA writes as multiply-and-reduce fusions
+  (a decode step's attention over its cache), though those are bound by their bytes.
+Collectives are counted as the bytes they read and write on the chip, not as link time;
+a cuBLAS call's workspace is not counted.
 """
 
 import dataclasses
@@ -35,6 +42,7 @@ _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)")
 _ARRAY = re.compile(r"\b(pred|token|[a-z]+\d+\w*)\[([\d,]*)\]")
 _SLICES = ("dynamic-slice", "slice", "gather")
+_VIEWS = ("bitcast", "reshape")  # the same bytes under another shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Kernel:
 @dataclasses.dataclass(frozen=True)
 class Roofline:
   kernels: list[Kernel]
+  loops_counted_once: int = 0  # while loops whose trip count the compiler does not know
 
   @property
   def bytes(self) -> float:
@@ -165,13 +174,14 @@ class _Program:
       if i.opcode != "parameter":
         continue
       uses = users.get(i.name, [])
-      if uses and all(u.opcode in _SLICES and position == 0 for u, position in uses):
-        read += sum(array_bytes(u.shape) for u, _ in uses)  # only the slices are read
-      elif not (i.name in in_place and len(uses) == 1):
-        read += array_bytes(i.shape)
+      if i.name in in_place and len(uses) == 1:
+        continue  # the buffer written in place: only the update moves
+      sliced = _sliced_bytes(i.name, users)
+      read += min(sliced, array_bytes(i.shape)) if sliced is not None else array_bytes(i.shape)
     return read + self.written(computation, root)
 
   def written(self, computation: str, root: _Instruction) -> float:
+    """Bytes a fusion writes, given the root of its fused computation."""
     if root.opcode == "tuple":
       by_name = {i.name: i for i in self.computations[computation]}
       return sum(self.written(computation, by_name[o]) for o in root.operands)
@@ -179,7 +189,7 @@ class _Program:
       return array_bytes(self.shape(computation, root.operands[1]))
     if root.opcode == "scatter":  # scatter(operand, indices, updates): the updates
       return array_bytes(self.shape(computation, root.operands[-1]))
-    return array_bytes(root.shape)
+    return _results_bytes(root)
 
   # -- FLOPs
 
@@ -218,12 +228,14 @@ class _Program:
     q_dims, k_dims = ([int(d) for d in a[2].split(",") if d] for a in (q, k))
     if len(q_dims) != 4 or len(k_dims) != 4:
       return 0.0
-    return (10.0 if backward else 4.0) * math.prod(q_dims) * k_dims[1]
+    causal = 0.5 if '"mask_type":"CAUSAL"' in i.attributes else 1.0  # skips the upper half
+    return (10.0 if backward else 4.0) * causal * math.prod(q_dims) * k_dims[1]
 
   # -- the walk
 
   def kernels(self) -> list[Kernel]:
     out = []
+    self.loops_counted_once = 0
     self._walk(self.entry, 1, out)
     return out
 
@@ -231,10 +243,11 @@ class _Program:
     for i in self.computations[computation]:
       if i.opcode == "while":
         body = re.search(r"body=%?([\w.\-]+)", i.attributes)[1]
-        condition = re.search(r"condition=%?([\w.\-]+)", i.attributes)[1]
-        self._walk(body, runs * self.trip_count(i, condition), out)
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.attributes)
+        self.loops_counted_once += not known
+        self._walk(body, runs * (int(known[1]) if known else 1), out)
       elif i.opcode == "conditional":
-        # One branch runs: count the dearest (by bytes), an upper bound on the bound.
+        # One branch runs: count the dearer (by bytes), as the module's docstring says.
         listed = re.search(r"branch_computations=\{([^}]*)\}", i.attributes)
         branches = (re.findall(r"[\w.\-]+", listed[1]) if listed else
                     re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", i.attributes))
@@ -251,24 +264,50 @@ class _Program:
         continue
       else:
         called = self.called(i) if i.opcode == "fusion" else None
-        moved = self.fusion_bytes(called) if called else (
-            array_bytes(i.shape)
-            + sum(array_bytes(self.shape(computation, o)) for o in i.operands))
-        out.append(Kernel(i.name, i.opcode, moved, self.flops(computation, i), runs))
+        out.append(Kernel(i.name, i.opcode,
+                          self.fusion_bytes(called) if called else self.bytes(computation, i),
+                          self.flops(computation, i), runs))
 
-  def trip_count(self, loop: _Instruction, condition: str) -> int:
-    """The compiler's known trip count, else the bound of a `counter < N` condition."""
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
-    if known:
-      return int(known[1])
-    body = self.computations[condition]
-    bounds = [i.operands[0] for i in body
-              if i.opcode == "constant" and i.operands and i.operands[0].isdigit()]
-    less = any("direction=LT" in i.attributes for i in body)
-    return int(bounds[0]) if less and len(bounds) == 1 else 1
+  def bytes(self, computation: str, i: _Instruction) -> float:
+    """What an instruction other than a fusion reads and writes."""
+    if i.opcode.endswith("-start") and i.shape.startswith("("):
+      # An async start's shape holds its operands (or their buffers) and its results.
+      return array_bytes(i.shape)
+    return _results_bytes(i) + sum(array_bytes(self.shape(computation, o)) for o in i.operands)
 
 
 def of_hlo(text: str) -> Roofline:
   """The kernels of an optimised HLO module (`compiled.as_text()`), with their loops' trip
   counts."""
-  return Roofline(_Program(text).kernels())
+  program = _Program(text)
+  kernels = program.kernels()
+  return Roofline(kernels, program.loops_counted_once)
+
+
+def _results_bytes(i: _Instruction) -> float:
+  """Bytes of what an instruction writes: its shape, less a library call's workspace."""
+  if i.opcode == "custom-call" and i.shape.startswith("("):
+    arrays = [m.group(0) for m in _ARRAY.finditer(i.shape)]
+    if len(arrays) > 1 and re.match(r"[su]8\[", arrays[-1]):  # scratch, last by convention
+      return sum(array_bytes(a) for a in arrays[:-1])
+  return array_bytes(i.shape)
+
+
+def _sliced_bytes(name: str, users: dict) -> float | None:
+  """The bytes of `name` a fusion reads if every use of it (through bitcasts and reshapes)
+  slices it, else None."""
+  uses = users.get(name, [])
+  if not uses:
+    return None
+  total = 0.0
+  for use, position in uses:
+    if use.opcode in _SLICES and position == 0:
+      total += array_bytes(use.shape)
+    elif use.opcode in _VIEWS:
+      inner = _sliced_bytes(use.name, users)
+      if inner is None:
+        return None
+      total += inner
+    else:
+      return None
+  return total

@@ -442,7 +442,8 @@ def plan_lines(rows: list[dict], count: str, roofline: bool = False) -> list[str
     bound = ""
     if roofline and rep.get("roofline"):
       f = rep["roofline"]
-      bound = f" {f['least_step_s']:.2f}, {f['mfu_at_most']:.2f} |"
+      mfu = f", {f['mfu_at_most']:.2f}" if f.get("mfu_at_most") else ""
+      bound = f" {f['least_step_s']:.2f}{mfu} |"
     elif roofline:
       bound = " |"
     lines.append(

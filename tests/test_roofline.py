@@ -1,7 +1,8 @@
 """parti_jax.roofline on programs compiled here, whose bytes and FLOPs are known by hand:
 loop bodies count once per iteration, a scanned layer reads its own slice of the stacked
-weights, a donated buffer updated in place costs the update, cuDNN's attention its products.
-(tests/test_gpu_plan.py: the planner's roofline of a GPU-compiled Parti step.)"""
+weights, a donated buffer updated in place costs the update, cuDNN's attention its products,
+a library's workspace and an async collective's operands nothing extra. (tests/test_gpu_plan.py:
+the planner's roofline of a GPU-compiled Parti step.)"""
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ def test_a_scanned_stack_counts_each_layer_once_and_reads_each_slice_once():
   # counting the whole stack where a fusion reads one layer's slice of it would make that
   # LAYERS times the stack.
   assert stack <= r.bytes < LAYERS * stack / 2, (r.bytes, stack)
+  assert r.loops_counted_once == 0  # the compiler knows a scan's trip count
   assert r.seconds(peak_flops=1e15, bandwidth=1e9) == pytest.approx(r.bytes / 1e9, rel=0.05)
   assert r.seconds(peak_flops=1e3, bandwidth=1e15) == pytest.approx(r.flops / 1e3, rel=1e-6)
 
@@ -44,7 +46,8 @@ def test_a_donated_buffer_updated_in_place_costs_the_update():
   row = jax.ShapeDtypeStruct((), jnp.int32)
   r = roofline.of_hlo(compiled_text(write, buffer, update, row, donate_argnums=0))
   update_bytes = 8 * WIDTH * 4
-  assert r.bytes <= 3 * update_bytes, r.bytes  # read the update, write it; not the buffer
+  # Read the update and write it, not the buffer.
+  assert 2 * update_bytes <= r.bytes <= 3 * update_bytes, r.bytes
   assert r.flops == 0
 
 
@@ -56,11 +59,12 @@ def test_array_bytes_of_hlo_shapes():
 
 
 # A GPU program as XLA's GPU compiler writes it: cuDNN's attention forward and backward for
-# queries [B, S, H, D] = [2, 128, 4, 64] over 256 keys, and a cuBLAS product whose left
-# operand has its contracting dimension given in the call's backend config.
+# queries [B, S, H, D] = [2, 128, 4, 64] over 256 keys, a cuBLAS product whose left operand
+# has its contracting dimension given in the call's backend config (and a 4 MiB workspace),
+# and an all-gather of its result over 8 devices, started and awaited.
 GPU_HLO = """HloModule step
 
-ENTRY %main (q: bf16[2,128,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], a: bf16[64,512], b: bf16[512,32]) -> (bf16[2,128,4,64], bf16[2,128,4,64], f32[64,32]) {
+ENTRY %main (q: bf16[2,128,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], a: bf16[64,512], b: bf16[512,32]) -> (bf16[2,128,4,64], bf16[2,128,4,64], f32[512,32]) {
   %q = bf16[2,128,4,64]{3,2,1,0} parameter(0)
   %k = bf16[2,256,4,64]{3,2,1,0} parameter(1)
   %v = bf16[2,256,4,64]{3,2,1,0} parameter(2)
@@ -70,22 +74,28 @@ ENTRY %main (q: bf16[2,128,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], a: b
   %out = bf16[2,128,4,64]{3,2,1,0} get-tuple-element(%fwd), index=0
   %bwd = (bf16[2,128,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v, %out), custom_call_target="__cudnn$fmhaSoftmaxBackward"
   %dq = bf16[2,128,4,64]{3,2,1,0} get-tuple-element(%bwd), index=0
-  %gemm = (f32[64,32]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %gemm = (f32[64,32]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
   %c = f32[64,32]{1,0} get-tuple-element(%gemm), index=0
-  ROOT %t = (bf16[2,128,4,64]{3,2,1,0}, bf16[2,128,4,64]{3,2,1,0}, f32[64,32]{1,0}) tuple(%out, %dq, %c)
+  %gather = ((f32[64,32]{1,0}), f32[512,32]{1,0}) all-gather-start(%c), dimensions={0}, replica_groups={{0,1,2,3,4,5,6,7}}
+  %gathered = f32[512,32]{1,0} all-gather-done(%gather)
+  ROOT %t = (bf16[2,128,4,64]{3,2,1,0}, bf16[2,128,4,64]{3,2,1,0}, f32[512,32]{1,0}) tuple(%out, %dq, %gathered)
 }
 """
 
 
 def test_cudnn_attention_and_cublas_products_are_counted():
   kernels = {k.name: k for k in roofline.of_hlo(GPU_HLO).kernels}
-  assert set(kernels) == {"fwd", "bwd", "gemm"}  # parameters and tuples run no kernel
+  # Parameters, tuples and an async operation's "done" run no kernel.
+  assert set(kernels) == {"fwd", "bwd", "gemm", "gather"}
   products = 2 * 2 * 128 * 256 * 4 * 64  # one [S x D] by [D x T] product per batch and head
   assert kernels["fwd"].flops == 2 * products  # scores, then values
   assert kernels["bwd"].flops == 5 * products
   assert kernels["gemm"].flops == 2 * 64 * 512 * 32
   q, kv = 2 * 128 * 4 * 64 * 2, 2 * 256 * 4 * 64 * 2
   assert kernels["fwd"].bytes == q + 2 * kv + q + 2 * 4 * 128 * 4  # reads, then its outputs
+  result = 64 * 32 * 4
+  assert kernels["gemm"].bytes == 64 * 512 * 2 + 512 * 32 * 2 + result  # not the workspace
+  assert kernels["gather"].bytes == result + 8 * result  # its operand once, and the whole
 
 
 def test_only_the_dearer_branch_of_a_conditional_counts():
@@ -96,7 +106,7 @@ def test_only_the_dearer_branch_of_a_conditional_counts():
   assert r.flops == 2 * (2 * WIDTH ** 3)  # the two products of the heavy branch, once
 
 
-# A loop without the compiler's known trip count (its `i < 5` condition bounds it) around a
+# A loop without the compiler's known trip count (as a `lax.while_loop` on data) around a
 # conditional written with true/false computations.
 LOOP_HLO = """HloModule loop
 
@@ -137,8 +147,34 @@ ENTRY %main (x0: f32[64,64]) -> (s32[], f32[64,64]) {
 """
 
 
-def test_a_loop_without_a_known_trip_count_runs_to_its_bound():
-  kernels = roofline.of_hlo(LOOP_HLO).kernels
-  dot = next(k for k in kernels if k.opcode == "dot")
-  assert dot.runs == 5 and dot.flops == 2 * 64 ** 3  # the heavy branch, every iteration
-  assert not [k for k in kernels if k.opcode == "negate"]  # the cheaper branch is not added
+def test_a_loop_of_unknown_trip_count_is_counted_once_and_said_so():
+  r = roofline.of_hlo(LOOP_HLO)
+  assert r.loops_counted_once == 1
+  dot = next(k for k in r.kernels if k.opcode == "dot")
+  assert dot.runs == 1 and dot.flops == 2 * 64 ** 3  # the dearer branch
+  assert not [k for k in r.kernels if k.opcode == "negate"]  # the cheaper one is not added
+
+
+# A fusion that reads one row of a [1024, 256] table through a bitcast of it.
+VIEW_HLO = """HloModule view
+
+%fused_row (table: f32[1024,256], i: s32[]) -> f32[1,256] {
+  %table = f32[1024,256]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %flat = f32[1024,16,16]{2,1,0} bitcast(%table)
+  %zero = s32[] constant(0)
+  %row = f32[1,16,16]{2,1,0} dynamic-slice(%flat, %i, %zero, %zero), dynamic_slice_sizes={1,16,16}
+  ROOT %out = f32[1,256]{1,0} bitcast(%row)
+}
+
+ENTRY %main (t: f32[1024,256], j: s32[]) -> f32[1,256] {
+  %t = f32[1024,256]{1,0} parameter(0)
+  %j = s32[] parameter(1)
+  ROOT %f = f32[1,256]{1,0} fusion(%t, %j), kind=kLoop, calls=%fused_row
+}
+"""
+
+
+def test_a_fusion_slicing_through_a_bitcast_reads_the_slice():
+  (kernel,) = roofline.of_hlo(VIEW_HLO).kernels
+  assert kernel.bytes == 256 * 4 + 4 + 256 * 4  # the row and the index read, the row written
