@@ -104,8 +104,8 @@ class Trend:
       return None
     word = "risen" if self._sign == 1 else "fallen"
     trail = " -> ".join(f"{v:.4g} (step {s})" for s, v in self._values)
-    return (f"note: {self.metric} has {word} at {worse} evaluations in a row: {trail}; the "
-            "model may be overfitting its data")
+    return (f"note: {self.metric} has {word} at {worse} evaluation{'s' * (worse > 1)} in a "
+            f"row: {trail}; the model may be overfitting its data")
 
 
 class AtEvaluation:

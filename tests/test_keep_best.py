@@ -31,8 +31,11 @@ def overfitting(data, **train_fields):
                 spm_model=str(data / "spm.model"))
   c.num_train_steps = STEPS
   c.optimizer.learning_rate = 0.1
+  # A note at the first worse evaluation: the loss rises after its best in any such run,
+  # where 3 rises in a row depend on the CPU's arithmetic (seen on an AMD EPYC, not an Intel
+  # Xeon).
   c.train.update(log_every=4, eval_every=2, checkpoint_every=2, keep_checkpoints=STEPS,
-                 keep_best=True)
+                 keep_best=True, worse_evals_note=1)
   c.train.update(train_fields)
   return c
 
@@ -79,15 +82,14 @@ def test_the_best_evaluation_is_kept_and_a_rising_loss_noted(data, run):
                 for d in ("checkpoints_best", "checkpoints"))
   jax.tree.map(np.testing.assert_array_equal, kept, main)
   assert runs.checkpoint_dir(workdir)[1] == STEPS  # the latest is still the latest
-  # The note, when the loss rose at 3 evaluations in a row (and only then).
+  # The note at the first evaluation worse than the one before (there is one: the loss
+  # rose after its best), and none before it.
   steps = sorted(losses)
-  rises = [i for i in range(3, len(steps)) if all(
-      losses[steps[j]] > losses[steps[j - 1]] for j in range(i - 2, i + 1))]
-  assert rises, f"no 3 rises in a row: {losses}"
-  first = steps[rises[0]]
-  assert "note: eval/loss has risen at 3 evaluations in a row" in log
-  assert f"(step {first}); the model may be overfitting" in log
-  assert "the best so far is kept in" in log
+  first = next(s for before, s in zip(steps, steps[1:]) if losses[s] > losses[before])
+  notes = [line for line in log.splitlines() if line.startswith("note: eval/loss")]
+  assert notes and notes[0].startswith("note: eval/loss has risen at 1 evaluation in a row")
+  assert f"(step {first}); the model may be overfitting" in notes[0]
+  assert "the best so far is kept in" in notes[0]
 
 
 def test_a_resumed_run_keeps_the_same_best(data, run, tmp_path):
