@@ -14,7 +14,9 @@ under `jax.profiler.trace(DIR/trace)` and writes its compiled HLO to DIR/hlo.txt
 `--roofline GPU` (a100, h100, h200; `auto` with --capture: the card traced) prices each
 kernel of the compiled HLO at the card's spec, the least time its bytes and FLOPs take
 (parti_jax.roofline), and sums that by the same groups: with a trace, next to the measured
-time, so that each group's share of the card's speed shows; without one, as a forecast.
+time per run of the program (a --capture trace holds --steps runs; one given with --trace is
+taken as one run), so that each group's share of the card's speed shows; without one, as a
+forecast.
 
 What decides an operation's group is what the program says about it: its HLO opcode (a dot,
 a copy, an all-reduce, a fusion around a dot) and the Python functions that made it (the
