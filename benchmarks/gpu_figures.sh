@@ -8,7 +8,7 @@
 #    `model.attention_impl=auto` picks on NVIDIA GPUs) at BATCH (default 64, the largest that
 #    fit an H200 on 2026-11-27, as the planner also says), for MFU;
 # 2. train_dots: step 1 with remat=dots at the same batch: the planner's roofline of the
-#    compiled step (BENCHMARKS.md, 2026-12-03) has it move 440 GB a step instead of 742
+#    compiled step (BENCHMARKS.md, 2026-12-03) has it move 439 GB a step instead of 742
 #    (what it keeps for the backward pass is written, zero-filled and read again), at least
 #    157 ms instead of 218: whether the card sees that;
 # 3. profile: a jax.profiler trace of 3 step-1 train steps, summarised by
