@@ -288,8 +288,11 @@ class Block(nnx.Module):
     h = self.self_norm(x)
     q, k, v = self.self_attn.project(h, h, rotary)
     cache = tuple(_write_rows(c, new, layer, positions[:, 0]) for c, new in zip(cache, (k, v)))
-    # Decoding attends with XLA's kernel: a fused one gains nothing for a few queries. The
-    # few new tokens per row stay whole on every tensor shard (TOKENS): too short to split.
+    # Decoding attends with XLA's kernels, which read this layer's slice of the stacked
+    # cache where it lies. cuDNN's fused kernel would take it as a buffer of its own: the
+    # GPU compiler then copies both slices at every layer and step (350M, batch 64 guided:
+    # 24.0 GB a step instead of 10.0; BENCHMARKS.md). The few new tokens per row stay
+    # whole on every tensor shard (TOKENS): too short to split.
     x = x + self.self_attn.attend(q, cache[0][layer], cache[1][layer], self_mask, impl="xla")
     q = self.cross_attn.queries(self.cross_norm(x))
     x = x + self.cross_attn.attend(q, *cross_kv, cross_mask, impl="xla")
