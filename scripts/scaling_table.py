@@ -408,8 +408,10 @@ def gpu_lines(rows: list[dict]) -> list[str]:
       "kernel's bytes at its memory bandwidth and its matrix products at its bf16 peak",
       "(`parti_jax/roofline.py`), and the highest MFU that leaves. The search does not rank",
       "by it: the ranking's recomputation costs are a model of FLOPs, and on GPUs remat can",
-      "move fewer bytes than keeping the activations (350M on one H200: MFU at most 0.41",
-      "without remat, 0.57 with `dots`, BENCHMARKS.md). Measure step time on the machine",
+      "move fewer bytes than keeping the activations. Compiled again with remat `dots` at",
+      "the same mesh and micro-batches, every plan below has as high a ceiling or higher",
+      "(350M on 8 H200s: 0.55 instead of 0.37; BENCHMARKS.md, \"The step's roofline\"):",
+      "try `--config.model.remat=dots` first, and measure step time on the machine",
       "(`train.profile_steps`) before committing to a plan.",
       "",
       "| model | GPUs | hosts | mesh (data, fsdp, tensor) | remat | micro-batches | per GPU "
