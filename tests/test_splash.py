@@ -180,11 +180,13 @@ def _kept_by_scan(head_dim: int, capsys) -> set[str]:
 
 def test_qkv_up_keeps_the_kernels_residuals_only_for_heads_of_whole_lanes(capsys):
   """Tiny: 2 layers per stack, batch 2, 4 heads, 16 tokens padded to one 128-block. Heads
-  of 128 keep the kernel's output [B, H, 128, D] and log-sum-exp; heads of 16, which a TPU
-  would pad to 128 lanes, keep the output in the layer's layout [B, S, H, D] instead."""
+  of 128 keep the kernel's output [B, H, 128, D] and log-sum-exp; heads of 32, which a TPU
+  would pad to 128 lanes, keep the output in the layer's layout with heads merged,
+  [B, S, H x D], instead. Queries, keys and values are kept merged either way."""
   wide = _kept_by_scan(128, capsys)
   assert {"f32[2,2,4,128,128]", "f32[2,2,4,128]"} <= wide
-  assert "f32[2,2,16,4,128]" in wide  # queries, keys, values
-  narrow = _kept_by_scan(16, capsys)
-  assert "f32[2,2,16,4,16]" in narrow
+  assert "f32[2,2,16,512]" in wide  # queries, keys, values
+  narrow = _kept_by_scan(32, capsys)
+  assert "f32[2,2,16,128]" in narrow  # queries, keys, values and the attention's output
   assert not any(shape.startswith("f32[2,2,4,128") for shape in narrow), narrow
+  assert not any(shape.count(",") > 3 for shape in narrow), narrow  # nothing kept per head
