@@ -185,8 +185,10 @@ def test_every_plan_of_the_scaling_page_can_be_fed():
     layout = aot.input_layout(config, mesh)
     assert layout["valid"] and layout["rows_per_host"] * layout["row_sets"] == 8192
     replicas[model, name] = layout["hosts_per_row"]
-  # 20B on v4-512: the tensor axis (8 chips) spans 4 hosts, which read the same rows.
-  assert replicas["20b", "v4-512"] == 4 and replicas["20b", "v5p-256"] == 8
+  # The tensor axis spans hosts (4 chips each on v4), which read the same rows: 20B on
+  # v4-1024 (tensor 8) over 4 hosts, on v4-512 (tensor 4) over 2.
+  assert replicas["20b", "v4-1024"] == 4 and replicas["20b", "v4-512"] == 2
+  assert replicas["20b", "v5p-256"] == 8
   assert replicas["350m", "v4-16"] == 1  # pure data parallelism: every host its own rows
   assert sum(r > 1 for r in replicas.values()) == 6
 
