@@ -197,7 +197,7 @@ def keep_per_head(x, name: str):
   layout ([B, H, S, D], D minor) reaches back to what the scan keeps, heads of 64 are kept
   at twice their bytes. Merged, the minor dimension is H x D, d_model for the paper's
   sizes (a multiple of 128). 20B on v4-512, mesh (4, 8, 8), 16 micro-batches: 25.3 GiB per
-  chip with splash before, 21.0 after (BENCHMARKS.md). Elsewhere the reshapes are free.
+  chip with splash before, 20.9 after (BENCHMARKS.md). Elsewhere the reshapes are free.
   """
   b, s, heads, dim = x.shape
   return checkpoint_name(x.reshape(b, s, heads * dim), name).reshape(b, s, heads, dim)
