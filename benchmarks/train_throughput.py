@@ -9,12 +9,16 @@ device (the task's `train_step_flops`, 3x forward) / peak per device. The peak o
 is a float32 matrix product measured in this same run (shared between the host's simulated
 devices); on GPU/TPU it is the chip's bf16 spec, looked up by device kind (or --peak_tflops).
 Synthetic random tokens are used: the input pipeline is not part of this measurement.
+`--hlo_out FILE` keeps the compiled step's HLO text, e.g. to check that a change leaves the
+CPU's program as it was: diff two commits' files with the metadata left out (the `metadata=`
+fields and the table of source files and stack frames), which differs between checkouts.
 """
 
 import json
 import sys
 import time
 
+from etils import epath
 import jax
 import numpy as np
 import tqdm
@@ -28,6 +32,9 @@ FLAGS.integer("steps", 10, "Timed steps (after one warm-up step).")
 FLAGS.float("peak_tflops", None, "Peak TFLOP/s per device (overrides lookup).")
 FLAGS.bool("find_max_batch", False,
            "Double the global batch until it no longer fits; time the largest.")
+FLAGS.string("hlo_out", None,
+             "Write the compiled step that was reported (the largest batch that fit) as HLO "
+             "text to this path: to read it, or to diff two commits' programs.")
 
 
 def peak_tflops_per_device(flag_peak: float | None,
@@ -57,7 +64,8 @@ def synthetic_batch(setup, batch_size: int) -> dict:
                                      dict(text_tokens=text, image_tokens=image))
 
 
-def time_steps(config, steps: int) -> dict:
+def time_steps(config, steps: int) -> tuple[dict, str]:
+  """(Its figures, the compiled step's HLO text) for `steps` timed steps of `config`."""
   task = tasks.build(config, sharding.make_mesh(config))
   state = task.setup.init_state()
   batch = synthetic_batch(task.setup, config.global_batch_size)
@@ -75,7 +83,8 @@ def time_steps(config, steps: int) -> dict:
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     sys.exit(f"the benchmark produced a non-finite loss ({loss}); the figures would be meaningless")
-  return dict(step_time_s=float(np.median(times)), compile_s=compile_s, loss=loss)
+  return (dict(step_time_s=float(np.median(times)), compile_s=compile_s, loss=loss),
+          compiled.as_text())
 
 
 def log_trial(config, result: dict) -> None:
@@ -108,24 +117,26 @@ def main(argv=None):
 
   on_cpu = jax.devices()[0].platform == "cpu"
   cpu_peak_before = flops.cpu_matmul_peak_tflops() if on_cpu and not a.peak_tflops else None
-  result = time_steps(config, a.steps)
+  result, hlo = time_steps(config, a.steps)
   log_trial(config, result)
   while a.find_max_batch:
     bigger = config.copy_and_resolve_references()
     bigger.global_batch_size *= 2
     try:
-      trial = time_steps(bigger, a.steps)
+      trial, trial_hlo = time_steps(bigger, a.steps)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_out_of_memory(e):
         raise
       print(f"global batch {bigger.global_batch_size} does not fit; "
             f"keeping {config.global_batch_size}", file=sys.stderr)
       break
-    config, result = bigger, trial
+    config, result, hlo = bigger, trial, trial_hlo
     log_trial(config, result)
 
   if jax.process_index() != 0:
     return  # every process timed the same global steps; process 0 reports
+  if a.hlo_out:
+    epath.Path(a.hlo_out).write_text(hlo)
   m, n = config.model, jax.device_count()
   peak, peak_source = peak_tflops_per_device(a.peak_tflops, cpu_peak_before)
   model_tflops = task.train_step_flops(config) / result["step_time_s"] / n / 1e12

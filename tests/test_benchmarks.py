@@ -15,9 +15,10 @@ def _last_json(args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_train_throughput_reports_every_field_consistently():
+def test_train_throughput_reports_every_field_consistently(tmp_path):
   r = _last_json(["benchmarks/train_throughput.py", "--config", "configs/parti_tiny.py",
-                  "--steps", "2", "--config.mesh.fsdp=2", "--config.mesh.data=-1"])
+                  "--steps", "2", "--config.mesh.fsdp=2", "--config.mesh.data=-1",
+                  "--hlo_out", str(tmp_path / "step.hlo")])
   for key in ("image_tokens_per_s", "model_tflops_per_s_per_device", "peak_tflops_per_device",
               "mfu", "device_kind", "num_devices", "global_batch", "d_model", "num_heads",
               "mlp_dim", "encoder_layers", "decoder_layers", "text_len", "image_tokens",
@@ -28,6 +29,8 @@ def test_train_throughput_reports_every_field_consistently():
   assert r["image_tokens_per_s"] == pytest.approx(8 * 16 / r["step_time_s"])
   assert r["mfu"] == pytest.approx(r["model_tflops_per_s_per_device"] / r["peak_tflops_per_device"])
   assert 0 < r["mfu"] < 1
+  hlo = (tmp_path / "step.hlo").read_text()  # the step that was timed, compiled for 8 devices
+  assert hlo.startswith("HloModule") and "num_partitions=8" in hlo
 
 
 def test_benchmark_refuses_a_bad_config_with_the_field_named():
