@@ -64,8 +64,8 @@ def synthetic_batch(setup, batch_size: int) -> dict:
                                      dict(text_tokens=text, image_tokens=image))
 
 
-def time_steps(config, steps: int) -> tuple[dict, str]:
-  """(Its figures, the compiled step's HLO text) for `steps` timed steps of `config`."""
+def time_steps(config, steps: int, keep_hlo: bool = False) -> tuple[dict, str | None]:
+  """(Its figures, the compiled step's HLO text if `keep_hlo`) for `steps` timed steps."""
   task = tasks.build(config, sharding.make_mesh(config))
   state = task.setup.init_state()
   batch = synthetic_batch(task.setup, config.global_batch_size)
@@ -84,7 +84,7 @@ def time_steps(config, steps: int) -> tuple[dict, str]:
   if not np.isfinite(loss):
     sys.exit(f"the benchmark produced a non-finite loss ({loss}); the figures would be meaningless")
   return (dict(step_time_s=float(np.median(times)), compile_s=compile_s, loss=loss),
-          compiled.as_text())
+          compiled.as_text() if keep_hlo else None)
 
 
 def log_trial(config, result: dict) -> None:
@@ -117,13 +117,13 @@ def main(argv=None):
 
   on_cpu = jax.devices()[0].platform == "cpu"
   cpu_peak_before = flops.cpu_matmul_peak_tflops() if on_cpu and not a.peak_tflops else None
-  result, hlo = time_steps(config, a.steps)
+  result, hlo = time_steps(config, a.steps, keep_hlo=bool(a.hlo_out))
   log_trial(config, result)
   while a.find_max_batch:
     bigger = config.copy_and_resolve_references()
     bigger.global_batch_size *= 2
     try:
-      trial, trial_hlo = time_steps(bigger, a.steps)
+      trial, trial_hlo = time_steps(bigger, a.steps, keep_hlo=bool(a.hlo_out))
     except Exception as e:  # pylint: disable=broad-except
       if not _is_out_of_memory(e):
         raise
