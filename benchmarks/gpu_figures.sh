@@ -28,7 +28,10 @@
 # 7. train_dots_big: step 2 at batch DOTS_BATCH (default 256): the planner puts it at 102.8
 #    GiB of JAX's 95% of an H200, where without remat only 64 fits; whether the larger batch
 #    runs the same kernels faster;
-# 8. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
+# 8. train_combo: steps 6 and 7 together (remat dots at DOTS_BATCH with the levers): the
+#    configuration the planner puts at 93.0 GiB and the least roofline time per example;
+#    the MFU goal needs every lever that pays at once;
+# 9. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
 #    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; the flag
 #    is known to this jax's XLA: the planner compiles with it).
 # By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
@@ -45,7 +48,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_cudnn train_dots profile sampling profile_decode train_levers train_dots_big train_flags} "
+names=" ${*:-train_cudnn train_dots profile sampling profile_decode train_levers train_dots_big train_combo train_flags} "
 batch=${BATCH:-64}
 dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
@@ -105,6 +108,9 @@ bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.loss_chunk=128 --config.train.prng_impl=rbg
 bench train_dots_big 120 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots
+bench train_combo 110 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
+  --config.model.attention_impl=cudnn --config.model.remat=dots \
+  --config.model.logits_matmul=compute --config.model.loss_chunk=128 --config.train.prng_impl=rbg
 bench train_flags 100 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${train350m[@]}" \
   --config.global_batch_size="$batch" --config.model.attention_impl=cudnn
 bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
