@@ -168,6 +168,36 @@ def test_conv_mask_is_causal_and_local():
                                 np.tril(np.ones((25, 25), bool)))
 
 
+def test_the_dense_causal_mask_runs_as_the_causal_flag_and_computes_the_same(tiny, monkeypatch):
+  """The decoder's static lower-triangular mask goes to the attention kernel as `is_causal`
+  (cuDNN then skips the blocks above the diagonal); the logits are those of the mask."""
+  c, model = tiny
+  m = c.model.copy_and_resolve_references()
+  assert m.decoder_attention == "dense"
+  assert layers_lib.is_causal_mask(parti_model.decoder_mask(m))
+  conv = m.copy_and_resolve_references()
+  conv.decoder_attention, conv.conv_kernel_rows, conv.conv_kernel_cols = "conv", 2, 3
+  assert not layers_lib.is_causal_mask(parti_model.decoder_mask(conv))
+  tril = np.tril(np.ones((4, 4), bool))[None, None]
+  assert not layers_lib.is_causal_mask(jnp.asarray(tril))  # built while tracing: an array
+  assert not layers_lib.is_causal_mask(np.ones((1, 1, 4, 4), bool))
+  assert not layers_lib.is_causal_mask(np.tril(np.ones((2, 1, 4, 4), bool)))  # per row
+
+  calls = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, **k: calls.append(k.get("is_causal")) or real(*a, **k))
+  b = random_batch(c, batch_size=2)
+  forward = lambda: nnx.jit(lambda m, t, i: m(t, i))(model, b["text_tokens"], b["image_tokens"])
+  flagged = forward()
+  assert True in calls  # the decoder's self-attention
+  monkeypatch.setattr(layers_lib, "is_causal_mask", lambda mask: False)
+  calls.clear()
+  masked = forward()
+  assert True not in calls
+  np.testing.assert_allclose(flagged, masked, rtol=1e-5, atol=1e-5)
+
+
 def test_lowered_train_step_does_not_grow_with_depth():
   sizes = []
   for layers in (2, 8):
