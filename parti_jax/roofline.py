@@ -228,7 +228,8 @@ class _Program:
     q_dims, k_dims = ([int(d) for d in a[2].split(",") if d] for a in (q, k))
     if len(q_dims) != 4 or len(k_dims) != 4:
       return 0.0
-    causal = 0.5 if '"mask_type":"CAUSAL"' in i.attributes else 1.0  # skips the upper half
+    # Skips the blocks above the diagonal (the backend config is JSON, spaced or not).
+    causal = 0.5 if re.search(r'"mask_type":\s*"CAUSAL"', i.attributes) else 1.0
     return (10.0 if backward else 4.0) * causal * math.prod(q_dims) * k_dims[1]
 
   # -- the walk
@@ -263,7 +264,9 @@ class _Program:
       elif i.opcode in _NO_KERNEL or i.opcode.endswith("-done"):
         continue
       else:
-        called = self.called(i) if i.opcode == "fusion" else None
+        # An async fusion (fusion-start, as XLA:GPU schedules a scan's dynamic slices and
+        # in-place updates) moves what its fused computation does, as a fusion would.
+        called = self.called(i) if i.opcode in ("fusion", "fusion-start") else None
         out.append(Kernel(i.name, i.opcode,
                           self.fusion_bytes(called) if called else self.bytes(computation, i),
                           self.flops(computation, i), runs))

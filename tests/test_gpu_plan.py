@@ -7,6 +7,7 @@ extras) and are skipped without them.
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -190,6 +191,8 @@ def test_the_plan_bounds_the_step_time_by_its_roofline(tmp_path):
   ratio = r["flops"] / report["analytic_flops_per_device"]
   assert 1 - aot.FLOPS_TOLERANCE < ratio < 1 + aot.FLOPS_TOLERANCE, ratio
   assert "__cudnn$fmha" in hlo.read_text()
+  # The decoder's dense causal mask reaches cuDNN as its causal mask type, not as a bias.
+  assert re.search(r'"mask_type":\s*"CAUSAL"', hlo.read_text())
   done = subprocess.run(
       [sys.executable, "benchmarks/profile_summary.py", "--hlo", str(hlo), "--roofline", "h200"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -98,6 +98,50 @@ def test_cudnn_attention_and_cublas_products_are_counted():
   assert kernels["gather"].bytes == result + 8 * result  # its operand once, and the whole
 
 
+def test_causal_cudnn_attention_does_half_the_products():
+  """XLA prints the call's backend config as spaced JSON ("mask_type": "CAUSAL")."""
+  causal = GPU_HLO.replace(
+      'custom_call_target="__cudnn$fmhaSoftmax"',
+      'custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": '
+      '{"is_flash_attention": true, "mask_type": "CAUSAL"}}')
+  full = {k.name: k for k in roofline.of_hlo(GPU_HLO).kernels}
+  half = {k.name: k for k in roofline.of_hlo(causal).kernels}
+  assert half["fwd"].flops == full["fwd"].flops / 2
+  assert half["bwd"].flops == full["bwd"].flops  # no backend config given: the full square
+
+
+# An async fusion as XLA:GPU (jax 0.11.2, an H200) compiles a scan's write of one layer's
+# activations into the stacked buffer the backward pass reads: fusion-start/fusion-done
+# around a fused dynamic-update-slice, in place.
+ASYNC_FUSION_HLO = """HloModule step
+
+%fused_dynamic_update_slice (param_0: bf16[12,64,1024], param_1: s32[], param_2: bf16[64,1024]) -> bf16[12,64,1024] {
+  %param_0 = bf16[12,64,1024]{2,1,0} parameter(0)
+  %param_2 = bf16[64,1024]{1,0} parameter(2)
+  %bitcast = bf16[1,64,1024]{2,1,0} bitcast(%param_2)
+  %param_1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %dynamic_update_slice = bf16[12,64,1024]{2,1,0} dynamic-update-slice(%param_0, %bitcast, %param_1, %zero, %zero)
+}
+
+ENTRY %main (stack: bf16[12,64,1024], i: s32[], x: bf16[64,1024]) -> bf16[12,64,1024] {
+  %stack = bf16[12,64,1024]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = bf16[64,1024]{1,0} parameter(2)
+  %fusion-start = ((bf16[12,64,1024]{2,1,0}, s32[], bf16[64,1024]{1,0}), bf16[12,64,1024]{2,1,0}, u32[]) fusion-start(%stack, %i, %x), kind=kLoop, calls=%fused_dynamic_update_slice
+  ROOT %fusion-done = bf16[12,64,1024]{2,1,0} fusion-done(%fusion-start)
+}
+"""
+
+
+def test_an_async_fusion_costs_what_its_fused_computation_moves():
+  (kernel,) = roofline.of_hlo(ASYNC_FUSION_HLO).kernels
+  update = 64 * 1024 * 2
+  # The layer's slice read and written (and the index), not the 12 layers' buffer twice.
+  assert kernel.name == "fusion-start"
+  assert 2 * update <= kernel.bytes <= 2 * update + 8, kernel.bytes
+
+
 def test_only_the_dearer_branch_of_a_conditional_counts():
   def either(heavy, x):
     return jax.lax.cond(heavy, lambda x: jnp.tanh(x @ x.T) @ x, lambda x: x * 2, x)
