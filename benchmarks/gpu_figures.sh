@@ -11,7 +11,8 @@
 #    compiled step (BENCHMARKS.md, 2026-12-03) has it move 439 GB a step instead of 742
 #    (what it keeps for the backward pass is written, zero-filled and read again), at least
 #    157 ms instead of 218: whether the card sees that;
-# 3. profile: a jax.profiler trace of 3 step-1 train steps, summarised by
+# 3. profile: a jax.profiler trace of 3 step-2 train steps (remat dots, the faster one on
+#    2026-12-04), summarised by
 #    benchmarks/profile_summary.py into device time by group (matmuls, attention, layer norms,
 #    loss, optimizer, random bits, collectives, copies), each beside its roofline (the least
 #    time of its kernels at the card's spec, --roofline); the trace and the step's HLO stay
@@ -97,7 +98,7 @@ bench train_dots 110 "${train350m[@]}" --config.global_batch_size="$batch" \
 # A few steps: compiling 350M takes most of the cap, the trace itself seconds.
 bench profile 110 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
   --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3 \
-  --config.model.attention_impl=cudnn ${card:+--roofline "$card"}
+  --config.model.attention_impl=cudnn --config.model.remat=dots ${card:+--roofline "$card"}
 bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
   --trace "$out/profile_decode"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \

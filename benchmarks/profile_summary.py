@@ -14,8 +14,8 @@ under `jax.profiler.trace(DIR/trace)` and writes its compiled HLO to DIR/hlo.txt
 `--roofline GPU` (a100, h100, h200; `auto` with --capture: the card traced) prices each
 kernel of the compiled HLO at the card's spec, the least time its bytes and FLOPs take
 (parti_jax.roofline), and sums that by the same groups: with a trace, next to the measured
-time per run of the program (a --capture trace holds --steps runs; one given with --trace is
-taken as one run), so that each group's share of the card's speed shows; without one, as a
+time per run of the program (the trace holds --steps runs: by default 3 with --capture, 1
+with --trace), so that each group's share of the card's speed shows; without one, as a
 forecast.
 
 What decides an operation's group is what the program says about it: its HLO opcode (a dot,
@@ -61,6 +61,9 @@ _FUNCTIONS = [
       "Parti._logits"), "loss"),
     (("apply_gradients",), "optimizer"),
 ]
+# GPU library kernels in a command buffer, where only the kernel's name tells what it is:
+# cuDNN's fused attention (forward, backward and its helper kernels).
+_ATTENTION_KERNELS = re.compile(r"sdpa|flash|fmha|cudnn", re.I)
 _RANDOM = re.compile(r"random_bits|threefry|_bernoulli|_uniform|rng_bit_generator|"
                      r"rng-bit-generator|random_wrap|random_fold_in|random_split")
 
@@ -141,8 +144,10 @@ def group_of(op: str, instruction: Instruction | None, jax_name: str = "") -> st
   # scale is communication, a copy in the optimizer a copy.
   if opcode.startswith(_COLLECTIVES) or op.startswith(_COLLECTIVES):
     return "collectives"
-  if opcode.startswith(_COPIES) or re.match(r"(wrapped_)?copy", op):
+  if opcode.startswith(_COPIES) or re.match(r"(wrapped_)?copy|memcpy|memset", op, re.I):
     return "copies"
+  if instruction is None and _ATTENTION_KERNELS.search(op):
+    return "attention"  # a cuDNN attention kernel, named by the library, not the HLO
   for function in functions:  # innermost first: the most specific place
     for known, group in _FUNCTIONS:
       if function in known:
@@ -151,7 +156,7 @@ def group_of(op: str, instruction: Instruction | None, jax_name: str = "") -> st
     if any(k in names for k in known):
       return group
   if (instruction and instruction.matmul) or opcode in ("dot", "convolution") \
-      or re.search(r"gemm|cublas|matmul", op, re.I):
+      or re.search(r"gemm|cublas|matmul|nvjet|cutlass|xmma", op, re.I):
     return "matmuls"
   return "other"
 
@@ -169,7 +174,7 @@ def trace_file(directory: epath.Path) -> epath.Path:
 
 
 def op_events(path: epath.Path) -> tuple[str, list[tuple[str, str, float]]]:
-  """(where the times come from, [(HLO op name, JAX name, duration in ns)])."""
+  """(where the times come from, [(HLO op or kernel name, JAX name, duration in ns)])."""
   from jax.profiler import ProfileData  # jax's own reader of the XSpace protobuf
   size = path.stat().length
   if size > MAX_TRACE_BYTES:
@@ -178,16 +183,29 @@ def op_events(path: epath.Path) -> tuple[str, list[tuple[str, str, float]]]:
   planes = list(data.planes)
   device = [p for p in planes if p.name.startswith("/device:") and "CUSTOM" not in p.name]
   events = []
+  for plane in device:
+    lines = list(plane.lines)
+    ops = [line for line in lines if line.name == "XLA Ops"]
+    for line in ops:  # TPU: one event per HLO operation
+      for e in line.events:
+        stats = dict(e.stats)
+        events.append((str(stats.get("hlo_op", e.name)), str(stats.get("tf_op", "")),
+                       float(e.duration_ns)))
+    if ops:
+      continue
+    # GPU: one line per CUDA stream, one event per kernel, copy or memset. Inside a command
+    # buffer (a CUDA graph, XLA's default for runs of kernels) `hlo_op` names the buffer,
+    # not the operation: the kernel's own name says more (XLA names a fusion's kernel after
+    # the fusion; cuBLAS and cuDNN kernels after what they do).
+    for line in lines:
+      if not line.name.startswith("Stream"):
+        continue
+      for e in line.events:
+        op = str(dict(e.stats).get("hlo_op", ""))
+        events.append((e.name if not op or op.startswith("command_buffer") else op, "",
+                       float(e.duration_ns)))
   if device:
-    for plane in device:
-      for line in plane.lines:
-        if line.name != "XLA Ops":
-          continue
-        for e in line.events:
-          stats = dict(e.stats)
-          events.append((str(stats.get("hlo_op", e.name)), str(stats.get("tf_op", "")),
-                         float(e.duration_ns)))
-    return "device planes (XLA Ops)", events
+    return "device planes (XLA Ops, or GPU streams' kernels)", events
   for plane in planes:
     if plane.name != "/host:CPU":
       continue
@@ -203,10 +221,20 @@ def op_events(path: epath.Path) -> tuple[str, list[tuple[str, str, float]]]:
   return "host threads (XLA:CPU thunks)", events
 
 
+def hlo_name(op: str, hlo: dict[str, Instruction]) -> str:
+  """The HLO instruction a GPU kernel ran for, where its name says ("loop_add_fusion_11" is
+  XLA's kernel of fusion "loop_add_fusion.11"); else the name as it is."""
+  if op in hlo:
+    return op
+  dotted = re.sub(r"_(\d+)$", r".\1", op)
+  return dotted if dotted in hlo else op
+
+
 def summarise(events, hlo: dict[str, Instruction], top: int = 15) -> dict:
   by_group, by_op = collections.Counter(), collections.Counter()
   group_of_op = {}
   for op, jax_name, ns in events:
+    op = hlo_name(op, hlo)
     if op not in group_of_op:
       group_of_op[op] = group_of(op, hlo.get(op), jax_name)
     by_group[group_of_op[op]] += ns
@@ -291,7 +319,8 @@ FLAGS.string("trace", None, "A jax.profiler trace directory to summarise.")
 FLAGS.strings("hlo", [], "Compiled HLO text of a traced program (once per file).")
 FLAGS.string("capture", None, "Trace --steps train steps of --config into this directory "
              "first (DIR/trace, DIR/hlo.txt), then summarise them.")
-FLAGS.integer("steps", 3, "Train steps to trace with --capture.")
+FLAGS.integer("steps", None, "Runs of the program in the trace: with --capture, the train "
+              "steps traced (default 3); with --trace, how many it holds (default 1).")
 FLAGS.integer("top", 15, "Operations listed.")
 FLAGS.string("roofline", None, "Price the --hlo program's kernels at this GPU's spec (a100, "
              "h100, h200; auto: the card --capture ran on) and sum them by group.")
@@ -301,11 +330,12 @@ def main(argv=None):
   a = FLAGS.parse(argv)
   trace, hlo_files = a.trace, list(a.hlo)
   gpu = a.roofline
+  steps = a.steps or (3 if a.capture else 1)
   spec = gpu_spec(gpu) if gpu and gpu != "auto" else None  # a wrong name before any run
   if a.capture:
     if a.config is None:
       sys.exit("error: --capture needs --config")
-    capture(a.config, epath.Path(a.capture), a.steps)
+    capture(a.config, epath.Path(a.capture), steps)
     trace, hlo_files = str(epath.Path(a.capture) / "trace"), [str(epath.Path(a.capture) / "hlo.txt")]
     if gpu == "auto":
       import jax
@@ -351,7 +381,7 @@ def main(argv=None):
   s = summarise(events, hlo, a.top)
   print_summary(s, source)
   if least:
-    print_efficiency(s, least, a.steps if a.capture else 1)
+    print_efficiency(s, least, steps)
   print(json.dumps(dict(source=source, **s, roofline=least)))
 
 
