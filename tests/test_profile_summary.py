@@ -78,3 +78,40 @@ def test_a_directory_without_a_trace_is_refused_in_one_line(tmp_path):
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1] == \
       f"error: no *.xplane.pb under {tmp_path} (a jax.profiler trace directory)"
+
+
+H200_TRACE = ROOT / "tests" / "data" / "h200_trace"
+
+
+def test_a_gpu_trace_groups_its_kernels_by_what_they_ran(tmp_path):
+  """A real trace of one tiny bf16 train step on an H200 (jax 0.11.2, cuDNN attention;
+  tests/data/h200_trace/README.md). XLA:GPU runs most kernels inside command buffers, where
+  the trace names the buffer, not the operation: kernels are grouped by their own names
+  (XLA's fusions mapped back to the compiled HLO, cuDNN's attention and cuBLAS by name)."""
+  import lzma
+  run = tmp_path / "trace" / "plugins" / "profile" / "2026_12_04_17_06_21"
+  run.mkdir(parents=True)
+  (run / "vm.xplane.pb").write_bytes(
+      lzma.decompress((H200_TRACE / "tiny_step.xplane.pb.xz").read_bytes()))
+  hlo = tmp_path / "hlo.txt"
+  hlo.write_bytes(lzma.decompress((H200_TRACE / "tiny_step.hlo.txt.xz").read_bytes()))
+
+  _, alone = summary("--trace", str(tmp_path / "trace"))
+  assert alone["source"].startswith("device planes") and alone["total_ms"] > 0
+  groups = alone["groups"]
+  # By kernel name alone: cuDNN's fused attention, cuBLAS's and Triton's products, copies.
+  for group in ("attention", "matmuls", "copies"):
+    assert groups[group]["ms"] > 0, (group, groups)
+  assert sum(g["ms"] for g in groups.values()) == pytest.approx(alone["total_ms"])
+
+  text, s = summary("--trace", str(tmp_path / "trace"), "--hlo", str(hlo), "--roofline", "h200")
+  assert s["total_ms"] == pytest.approx(alone["total_ms"])  # the same kernels, regrouped
+  # With the HLO, fusion kernels are found as its instructions: the layer norms appear.
+  assert s["groups"]["layer norms"]["ms"] > 0 and groups["layer norms"]["ms"] == 0
+  assert s["groups"]["other"]["ms"] < groups["other"]["ms"]
+  assert any(t["op"].startswith("loop_") and "." in t["op"] for t in s["top"])  # HLO names
+  # The roofline of the traced program: its scans' async in-place writes (fusion-start)
+  # cost a layer's slice, so the least time stays under the measured one.
+  least = s["roofline"]
+  assert 0 < least["total_ms"] < s["total_ms"]
+  assert "least/measured" in text
