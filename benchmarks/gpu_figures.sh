@@ -3,11 +3,14 @@
 #
 #   bash benchmarks/gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]
 #
-# By default (the figures issue 22 still lacks; together within one 10-minute device call):
+# The benchmarks, in the order they run (by default steps 2, 3, 4, 5 and 7: what issue 22
+# still lacks after the H200 runs of 2026-12-04, together within one 10-minute device call;
+# steps 1, 6, 8 and 9 were measured then, BENCHMARKS.md, and run by name):
 # 1. train_cudnn: Parti 350M training in bf16 with cuDNN's fused attention (what
-#    `model.attention_impl=auto` picks on NVIDIA GPUs) at BATCH (default 64, the largest that
-#    fit an H200 on 2026-11-27, as the planner also says), for MFU;
-# 2. train_dots: step 1 with remat=dots at the same batch: the planner's roofline of the
+#    `model.attention_impl=auto` picks on NVIDIA GPUs) and no remat at BATCH (default 64, the
+#    largest that fit an H200 on 2026-11-27, as the planner also says), for MFU;
+# 2. train_dots: step 1 with remat=dots (what `model.remat=auto` picks on GPUs since
+#    2026-12-04) at the same batch: the planner's roofline of the
 #    compiled step (BENCHMARKS.md, 2026-12-03) has it move 439 GB a step instead of 742
 #    (what it keeps for the backward pass is written, zero-filled and read again), at least
 #    157 ms instead of 218: whether the card sees that;
@@ -35,9 +38,10 @@
 # 9. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
 #    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; the flag
 #    is known to this jax's XLA: the planner compiles with it).
-# By name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
+# Also by name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
 # 64: encode/decode images/s and the train step); train_xla (350M with XLA's attention at the
-# largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH).
+# largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH). The
+# two searches run the config's own remat, `auto`: dots on GPUs (none before 2026-12-04).
 # Each writes OUTDIR/NAME.log (everything printed) and OUTDIR/NAME.json (its result line).
 # Accelerator time is rationed, so the whole run keeps to TOTAL_SECONDS (default 560, one
 # device call of at most 600 s): each benchmark gets at most its own cap and never more than
@@ -49,7 +53,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_cudnn train_dots profile sampling profile_decode train_levers train_dots_big train_combo train_flags} "
+names=" ${*:-train_dots profile sampling profile_decode train_dots_big} "
 batch=${BATCH:-64}
 dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
@@ -92,7 +96,7 @@ case $(python3 -c 'import jax; print(jax.devices()[0].device_kind)' 2>/dev/null)
 esac
 train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
 bench train_cudnn 120 "${train350m[@]}" --config.global_batch_size="$batch" \
-  --config.model.attention_impl=cudnn
+  --config.model.attention_impl=cudnn --config.model.remat=none
 bench train_dots 110 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots
 # A few steps: compiling 350M takes most of the cap, the trace itself seconds.
@@ -105,15 +109,15 @@ bench profile_decode 30 python3 benchmarks/profile_summary.py \
   --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
 # Last: these get what the others leave (they have slack under their caps).
 bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
-  --config.model.attention_impl=cudnn --config.model.logits_matmul=compute \
-  --config.model.loss_chunk=128 --config.train.prng_impl=rbg
+  --config.model.attention_impl=cudnn --config.model.remat=none \
+  --config.model.logits_matmul=compute --config.model.loss_chunk=128 --config.train.prng_impl=rbg
 bench train_dots_big 120 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots
 bench train_combo 110 "${train350m[@]}" --config.global_batch_size="$dots_batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots \
   --config.model.logits_matmul=compute --config.model.loss_chunk=128 --config.train.prng_impl=rbg
 bench train_flags 100 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${train350m[@]}" \
-  --config.global_batch_size="$batch" --config.model.attention_impl=cudnn
+  --config.global_batch_size="$batch" --config.model.attention_impl=cudnn --config.model.remat=none
 bench tokenizer 150 python3 benchmarks/tokenizer_throughput.py \
   --config configs/vitvqgan_small.py --config.global_batch_size=64 --steps 10
 bench train_xla 300 "${train350m[@]}" --config.global_batch_size=16 --find_max_batch \

@@ -25,6 +25,7 @@ import tqdm
 
 from parti_jax import cli, distributed, flops, sharding, tasks
 from parti_jax import config as config_lib
+from parti_jax.models import layers
 
 FLAGS = cli.Flags(__doc__)
 FLAGS.config()
@@ -155,7 +156,7 @@ def main(argv=None):
       global_batch=config.global_batch_size,
       grad_accum_steps=config.grad_accum_steps,
       dtype=m.dtype,
-      remat=m.remat,
+      remat=layers.resolve_remat(m.remat, jax.devices()[0]),  # "auto" as it ran here
       d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
       text_len=m.text_len, image_tokens=m.image_grid ** 2,

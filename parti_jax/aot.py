@@ -39,6 +39,7 @@ from etils import epath
 
 from parti_jax import cli, flops, optim, roofline, sharding, tasks, topologies
 from parti_jax import config as config_lib
+from parti_jax.models import layers
 
 FITS, DOES_NOT_FIT, REFUSED = 0, 1, 2
 # Without remat, the compiler's count exceeds the analytic one by the elementwise work
@@ -121,7 +122,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
       memory_fraction=fraction, memory_fraction_source=fraction_source, mesh=dict(mesh.shape),
       global_batch_size=config.global_batch_size,
       grad_accum_steps=config.get("grad_accum_steps", 1),
-      remat=config.model.get("remat"),
+      # "auto" as the step is compiled for these devices.
+      remat=layers.resolve_remat(config.model.get("remat", "none"), devices[0]),
       sequence_parallel=bool(config.model.get("sequence_parallel", True)),
       input_layout=layout, memory={}, overflow=[],
       argument_bytes_estimate=_argument_bytes(program.args),

@@ -67,9 +67,11 @@ def base() -> ml_collections.ConfigDict:
   # tensor never exists at once (parti_jax/tasks/parti.py: chunked_cross_entropy). It must
   # divide image_grid ** 2. 0: the whole logits tensor, as the sampler makes it.
   m.loss_chunk = 0
-  # "none", "full", "dots" (keep matmul outputs, recompute the rest) or "qkv_up" (keep only
-  # what is split over the tensor axis: q/k/v, attention outputs, the MLP's hidden layer)
-  m.remat = "none"
+  # "none", "full", "dots" (keep matmul outputs, recompute the rest), "qkv_up" (keep only
+  # what is split over the tensor axis: q/k/v, attention outputs, the MLP's hidden layer) or
+  # "auto": "dots" on GPUs, where it measured fastest, "none" elsewhere
+  # (parti_jax/models/layers.py: resolve_remat).
+  m.remat = "auto"
   # Sequence parallelism: the residual stream between sublayers (what the backward pass keeps
   # of every layer) has its length split over the mesh axes of the "residual_length" rule
   # (tensor); False keeps it whole on every tensor shard (parti_jax/models/layers.py).
@@ -296,7 +298,7 @@ def vitvqgan(encoder: str, decoder: str) -> ml_collections.ConfigDict:
 
 MESH_AXES = ("data", "fsdp", "tensor")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "qkv_up")
+REMAT_POLICIES = ("auto", "none", "full", "dots", "qkv_up")
 PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
 SCHEDULES = ("warmup_exponential", "warmup_cosine", "warmup_constant", "warmup_rsqrt")
 VOCAB_MULTIPLE = 128  # vocabularies are padded so the logits tile evenly on TPU lanes

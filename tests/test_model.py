@@ -238,6 +238,26 @@ def test_auto_attention_is_cudnn_on_nvidia_gpus_with_16_bit_heads_that_fit_splas
   assert layers_lib.attention_impl(_changed(m, dict(attention_impl="cudnn")), cpu) == "cudnn"
 
 
+def test_auto_remat_is_dots_on_gpus_and_none_elsewhere():
+  device = lambda platform, kind: types.SimpleNamespace(platform=platform, device_kind=kind)
+  assert load_config("parti_350m").model.remat == "auto"
+  assert layers_lib.resolve_remat("auto", device("gpu", "NVIDIA H200")) == "dots"
+  for other in (device("cpu", "cpu"), device("tpu", "TPU v5 lite")):
+    assert layers_lib.resolve_remat("auto", other) == "none"
+  for policy in ("none", "full", "dots", "qkv_up"):  # a policy named is the one used
+    assert layers_lib.resolve_remat(policy, device("gpu", "NVIDIA H200")) == policy
+  # On this CPU `auto` compiles the program `none` does (tests/test_gpu_plan.py: on a GPU,
+  # the planner's step is the one with dots).
+  lowered = []
+  for policy in ("auto", "none"):
+    c = load_config("parti_tiny")
+    c.model.remat = policy
+    setup = setup_on(c, (1, 8, 1), 8)
+    lowered.append(parti_task.jit_train_step(setup).lower(
+        setup.abstract_state(), setup.abstract_batch()).as_text(debug_info=False))
+  assert lowered[0] == lowered[1]
+
+
 def _changed(m, change):
   m = m.copy_and_resolve_references()
   m.update(change)
