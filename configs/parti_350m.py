@@ -5,8 +5,8 @@ The paper trained it purely data parallel, as this config does. On a single host
   python benchmarks/train_throughput.py --config configs/parti_350m.py \
       --config.global_batch_size=64 --steps 20
 About 377M parameters (the image embedding is shared with the output projection). On an
-H200 it trains in bfloat16 at 258 TFLOP/s, MFU 0.26, at batch 64 with cuDNN attention
-(BENCHMARKS.md). At the paper's global batch of 8192 it fits v4-16 and v5e-16
+H200 it trains in bfloat16 at 338 TFLOP/s, MFU 0.34, at batch 64 with cuDNN attention and
+remat `dots`, which the default `model.remat=auto` picks on GPUs (BENCHMARKS.md, 2026-12-04). At the paper's global batch of 8192 it fits v4-16 and v5e-16
 (docs/scaling.md).
 """
 
