@@ -61,6 +61,10 @@ _FUNCTIONS = [
       "Parti._logits"), "loss"),
     (("apply_gradients",), "optimizer"),
 ]
+# Frames in installed libraries (flax's LayerNorm internals, optax's transforms), which
+# jax 0.11 keeps in the HLO's stack frames and jax 0.10 left out: the innermost of the
+# program's own functions says where an operation comes from.
+_LIBRARY = re.compile(r"(site|dist)-packages/(?!parti_jax/)|^<frozen |/lib/python3\.\d+/(?!site-)")
 # GPU library kernels in a command buffer, where only the kernel's name tells what it is:
 # cuDNN's fused attention (forward, backward and its helper kernels).
 _ATTENTION_KERNELS = re.compile(r"sdpa|flash|fmha|cudnn", re.I)
@@ -75,8 +79,9 @@ class Instruction(collections.namedtuple("Instruction", "opcode op_name function
 
 def parse_hlo(text: str) -> dict[str, Instruction]:
   """Compiled HLO text -> {instruction name: Instruction} (every computation's)."""
-  names = _table(text, "FunctionNames")
-  locations = {k: int(re.search(r"function_name_id=(\d+)", v)[1])
+  names, files = _table(text, "FunctionNames"), _table(text, "FileNames")
+  locations = {k: (re.search(r"function_name_id=(\d+)", v)[1],
+                   re.search(r"file_name_id=(\d+)", v)[1])
                for k, v in _table(text, "FileLocations").items()}
   frames = {k: (int(re.search(r"file_location_id=(\d+)", v)[1]),
                 int(re.search(r"parent_frame_id=(\d+)", v)[1]))
@@ -86,8 +91,14 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
     out, seen = [], set()
     while frame in frames and frame not in seen:
       seen.add(frame)
-      location, frame = frames[frame]
-      out.append(names.get(str(locations.get(str(location))), "").strip('"'))
+      location, parent = frames[frame]
+      name, file = locations.get(str(location), ("", ""))
+      if not _LIBRARY.search(files.get(file, "")):
+        out.append(names.get(name, "").strip('"'))
+      # The table names a frame's parent by the parent's key plus one: read so, every chain
+      # ends at the program's entry point (read as the key itself, a frame would be its own
+      # parent and a layer norm's chain would stop at the norm).
+      frame = parent - 1
     return tuple(out)
 
   frames = {int(k): v for k, v in frames.items()}
@@ -148,7 +159,9 @@ def group_of(op: str, instruction: Instruction | None, jax_name: str = "") -> st
     return "copies"
   if instruction is None and _ATTENTION_KERNELS.search(op):
     return "attention"  # a cuDNN attention kernel, named by the library, not the HLO
-  for function in functions:  # innermost first: the most specific place
+  # The innermost of the program's functions only: the most specific place. An outer one
+  # holds more than its group (Attention.attend also runs the output projection, a matmul).
+  for function in functions[:1]:
     for known, group in _FUNCTIONS:
       if function in known:
         return group

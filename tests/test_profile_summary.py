@@ -106,8 +106,11 @@ def test_a_gpu_trace_groups_its_kernels_by_what_they_ran(tmp_path):
 
   text, s = summary("--trace", str(tmp_path / "trace"), "--hlo", str(hlo), "--roofline", "h200")
   assert s["total_ms"] == pytest.approx(alone["total_ms"])  # the same kernels, regrouped
-  # With the HLO, fusion kernels are found as its instructions: the layer norms appear.
-  assert s["groups"]["layer norms"]["ms"] > 0 and groups["layer norms"]["ms"] == 0
+  # With the HLO, fusion kernels are found as its instructions, and their stack frames
+  # (jax 0.11 keeps flax's and optax's own frames inside ours) name the layer norms and
+  # the optimizer's update.
+  for group in ("layer norms", "optimizer"):
+    assert s["groups"][group]["ms"] > 0 and groups[group]["ms"] == 0, group
   assert s["groups"]["other"]["ms"] < groups["other"]["ms"]
   assert any(t["op"].startswith("loop_") and "." in t["op"] for t in s["top"])  # HLO names
   # The roofline of the traced program: its scans' async in-place writes (fusion-start)
@@ -115,3 +118,22 @@ def test_a_gpu_trace_groups_its_kernels_by_what_they_ran(tmp_path):
   least = s["roofline"]
   assert 0 < least["total_ms"] < s["total_ms"]
   assert "least/measured" in text
+
+
+def test_an_instructions_functions_are_its_whole_stack_of_the_programs_own_frames():
+  """parse_hlo follows each frame to its parent up to the entry point, and leaves out the
+  libraries' frames (jax 0.11 keeps flax's and optax's): a layer norm on the card is made by
+  `LayerNorm.__call__` inside the model, not by flax's `_normalize` alone."""
+  import importlib.util
+  import lzma
+  spec = importlib.util.spec_from_file_location("profile_summary", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  hlo = module.parse_hlo(
+      lzma.decompress((H200_TRACE / "tiny_step.hlo.txt.xz").read_bytes()).decode())
+  norms = [i for i in hlo.values() if i.functions[:1] == ("LayerNorm.__call__",)]
+  assert norms and all("Parti.__call__" in i.functions for i in norms)
+  updates = [i for i in hlo.values() if i.functions[:1] == ("apply_gradients",)]
+  assert updates and all("train_step" in i.functions for i in updates)
+  assert not any(f in ("_normalize", "scale_by_adam.<locals>.update_fn")
+                 for i in hlo.values() for f in i.functions)
