@@ -60,8 +60,8 @@ def resolve_remat(remat: str, device=None) -> str:
   "auto" is "dots" on GPUs: there, recomputing the elementwise work inside the backward
   pass's kernels costs less than writing it out in the forward pass and reading it back
   (350M on an H200 at batch 64: MFU 0.342 with dots against 0.284 with nothing
-  recomputed; BENCHMARKS.md, 2026-12-04). Elsewhere "none": a TPU plan picks its policy per slice to fit its memory
-  (docs/scaling.md), and on a CPU the small configs set theirs.
+  recomputed; BENCHMARKS.md, 2026-12-04). Elsewhere "none": a TPU plan picks its policy
+  per slice to fit its memory (docs/scaling.md), and on a CPU the small configs set theirs.
   """
   if remat != "auto":
     return remat
