@@ -298,14 +298,16 @@ def _results_bytes(i: _Instruction) -> float:
 
 def _sliced_bytes(name: str, users: dict) -> float | None:
   """The bytes of `name` a fusion reads if every use of it (through bitcasts and reshapes)
-  slices it, else None."""
+  slices it, else None. A slice sliced again counts as the inner slice (a layer's slice of
+  the stacked KV cache, of which a decode step's segment reads the first positions)."""
   uses = users.get(name, [])
   if not uses:
     return None
   total = 0.0
   for use, position in uses:
     if use.opcode in _SLICES and position == 0:
-      total += array_bytes(use.shape)
+      inner = _sliced_bytes(use.name, users)
+      total += array_bytes(use.shape) if inner is None else min(inner, array_bytes(use.shape))
     elif use.opcode in _VIEWS:
       inner = _sliced_bytes(use.name, users)
       if inner is None:

@@ -222,3 +222,31 @@ ENTRY %main (t: f32[1024,256], j: s32[]) -> f32[1,256] {
 def test_a_fusion_slicing_through_a_bitcast_reads_the_slice():
   (kernel,) = roofline.of_hlo(VIEW_HLO).kernels
   assert kernel.bytes == 256 * 4 + 4 + 256 * 4  # the row and the index read, the row written
+
+
+# A fusion that reads the first 128 positions of one layer's slice of a stacked cache
+# [4, 1024, 256], as a decode step's segment does (parti_jax.decoding).
+PREFIX_HLO = """HloModule prefix
+
+%fused_prefix (cache: f32[4,1024,256], layer: s32[]) -> f32[128,256] {
+  %cache = f32[4,1024,256]{2,1,0} parameter(0)
+  %layer = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %slab = f32[1,1024,256]{2,1,0} dynamic-slice(%cache, %layer, %zero, %zero), dynamic_slice_sizes={1,1024,256}
+  %flat = f32[1024,256]{1,0} bitcast(%slab)
+  %first = f32[128,256]{1,0} slice(%flat), slice={[0:128], [0:256]}
+  ROOT %out = f32[128,256]{1,0} negate(%first)
+}
+
+ENTRY %main (c: f32[4,1024,256], l: s32[]) -> f32[128,256] {
+  %c = f32[4,1024,256]{2,1,0} parameter(0)
+  %l = s32[] parameter(1)
+  ROOT %f = f32[128,256]{1,0} fusion(%c, %l), kind=kLoop, calls=%fused_prefix
+}
+"""
+
+
+def test_a_slice_of_a_slice_reads_the_inner_one():
+  (kernel,) = roofline.of_hlo(PREFIX_HLO).kernels
+  # The 128 positions read, the index, the 128 written: not the layer's 1,024 positions.
+  assert kernel.bytes == 128 * 256 * 4 + 4 + 128 * 256 * 4
