@@ -27,6 +27,7 @@ Another program plugs in as a mode: MODES[name](config, mesh) returns a Program,
 jitted function and its abstract arguments (ShapeDtypeStructs with shardings).
 """
 
+import functools
 import json
 import re
 import sys
@@ -62,13 +63,17 @@ def train_program(config: ml_collections.ConfigDict, mesh) -> Program:
                  task.step_flops)
 
 
-def sample_program(config: ml_collections.ConfigDict, mesh) -> Program:
+def sample_program(config: ml_collections.ConfigDict, mesh,
+                   attend_length: int | None = None) -> Program:
   """The sampler's decode step (`parti_jax.decoding`) for `global_batch_size` prompts with
   classifier-free guidance (twice the rows) and its full-length KV cache; the donated
-  decoding state is what the cache costs per chip."""
+  decoding state is what the cache costs per chip. Its self-attention reads the whole
+  cache, as the generation's last segment does, or its first `attend_length` positions,
+  as the segment ending there does."""
   from parti_jax import decoding  # the sampler's programs, only when asked
   step, args = decoding.decode_step_and_args(config, mesh, config.global_batch_size,
-                                             decoding.Settings())  # guided by default
+                                             decoding.Settings(),  # guided by default
+                                             attend_length=attend_length)
   return Program(step, args)
 
 
@@ -77,15 +82,20 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
-         num_slices: int | None = None, hlo_out: str | None = None) -> dict:
+         num_slices: int | None = None, hlo_out: str | None = None,
+         attend_length: int | None = None) -> dict:
   """Compiles `mode` of `config` for the machine named `topology`; the report as a dict.
 
   `num_slices` such TPU slices joined over DCN (default: config.mesh.num_slices, which a
-  number given here replaces); `hlo_out`, a path to write the compiled program's text to.
+  number given here replaces); `hlo_out`, a path to write the compiled program's text to;
+  `attend_length`, for mode "sample" only: the cache positions the step attends.
   Raises topologies.UnknownTopology and config_lib.ConfigError before compiling,
   topologies.NoCompiler where the machine's compiler is not installed,
   topologies.BadEnvironment for an unusable memory fraction.
   """
+  if attend_length is not None and mode != "sample":
+    raise config_lib.ConfigError(f"attend_length is the decode step's (--mode sample), "
+                                 f"not the {mode} program's")
   machine = topologies.get(topology)
   gpu = isinstance(machine, topologies.GpuMachine)
   # On a GPU, JAX's share of the card: the environment is checked before anything is built.
@@ -113,7 +123,13 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
         f"{'x'.join(map(str, machine.grid))}: every mesh axis (the data axis divided by "
         f"mesh.num_slices) must be a product of torus dimensions ({_first_line(e)})") from e
   layout = input_layout(config, mesh) if mode == "train" else None
-  program = MODES[mode](config, mesh)
+  make = MODES[mode]
+  if attend_length is not None:
+    make = functools.partial(make, attend_length=attend_length)
+  try:
+    program = make(config, mesh)
+  except ValueError as e:  # an attend_length outside the cache
+    raise config_lib.ConfigError(str(e)) from e
   report = dict(
       mode=mode, topology=machine.name, compiler_topology=machine.topology,
       num_slices=slices, chips=chips, platform="gpu" if gpu else "tpu",
@@ -125,7 +141,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
       # "auto" as the step is compiled for these devices.
       remat=layers.resolve_remat(config.model.get("remat", "none"), devices[0]),
       sequence_parallel=bool(config.model.get("sequence_parallel", True)),
-      input_layout=layout, memory={}, overflow=[],
+      input_layout=layout, memory={}, overflow=[], attend_length=attend_length,
       argument_bytes_estimate=_argument_bytes(program.args),
       momentum_bytes_per_device=(
           _argument_bytes(optim.momentum_leaves(program.args[0].opt_state))
@@ -299,7 +315,10 @@ def print_report(r: dict, config_name: str) -> None:
               f"({r['memory_fraction_source']}) (CUDA plugin topology")
   else:
     memory = f"{gib(r['hbm_bytes'])} HBM each (libtpu topology"
-  print(f"{config_name} ({r['mode']}) on {where}: {r['chips']} chips of "
+  mode = r["mode"]
+  if r.get("attend_length"):
+    mode += f", attending the cache's first {r['attend_length']} positions"
+  print(f"{config_name} ({mode}) on {where}: {r['chips']} chips of "
         f"{r['device_kind']}, {memory} {r['compiler_topology']})")
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   micro = r["global_batch_size"] // r["grad_accum_steps"]
@@ -365,6 +384,9 @@ FLAGS.integer("num_slices", None, "Slices of --topology joined over DCN, the dat
               "across them (default: the config's mesh.num_slices).")
 FLAGS.bool("json", False, "Print one JSON object instead of the report.")
 FLAGS.string("hlo_out", None, "Write the compiled program's HLO text to this path.")
+FLAGS.integer("attend_length", None, "--mode sample: the decode step's self-attention reads "
+              "the cache's first N positions, as the generation's segment ending at N does "
+              "(default: the whole cache).")
 
 
 def main(argv=None):
@@ -375,7 +397,7 @@ def main(argv=None):
   if config is None or not f.topology:
     sys.exit("error: --config and --topology are required")
   try:
-    report = plan(config, f.topology, f.mode, f.num_slices, f.hlo_out)
+    report = plan(config, f.topology, f.mode, f.num_slices, f.hlo_out, f.attend_length)
   except (topologies.UnknownTopology, topologies.NoCompiler, topologies.BadEnvironment,
           config_lib.ConfigError) as e:
     if f.json:

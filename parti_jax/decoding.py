@@ -7,8 +7,12 @@
 The encoder runs once per prompt (`prefill`), which also computes every decoder layer's
 cross-attention keys and values; self-attention keys and values go into a fixed-size cache.
 `step` extends every row by one token (or, with speculative Jacobi decoding, by however
-many of its window it accepts), and `generate` is prefill then a `lax.while_loop` of
-steps, one jitted program. Rows are sharded over the batch mesh axes and heads over
+many of its window it accepts), and `generate` is prefill then `lax.while_loop`s of
+steps, one jitted program. The loop runs in segments of `CACHE_BLOCK` positions (`Sampler`'s `cache_block`): while
+every active row's window ends within the first E positions, a step's self-attention reads
+only those E (`Parti.decode_cached`'s `attend_length`), not the whole fixed-size cache, so
+a generation reads about half the cache bytes a whole-cache step would (the program holds
+one step per segment). Rows are sharded over the batch mesh axes and heads over
 `tensor`, by the model's logical axis names.
 
 Classifier-free guidance doubles the rows: row 2i holds prompt i, row 2i+1 the
@@ -40,6 +44,7 @@ forwards a batch of 8 needs by a sixth to a fifth.
 """
 
 import dataclasses
+import functools
 import zlib
 from typing import Any
 
@@ -148,6 +153,12 @@ def log_probs(logits, s: Settings, num_codes: int):
 # and speculative decoding), each SJD forward's verification and resampling, first drafts.
 _TOKENS, _SJD, _FIRST_DRAFTS = 0, 1, 2
 
+# Cache positions per segment of the generation loop. Each segment compiles the step again,
+# so shorter ones read fewer bytes but compile longer: 350M's 1,024 image tokens take 8
+# segments, which read 56% of the cache a whole-cache step reads; models of up to 128
+# image tokens (the tests', the demo's) keep one.
+CACHE_BLOCK = 128
+
 
 def _stream(keys, stream: int, index):
   """Key of each row [B] for (stream, index [B]) from its key data [B, ...]."""
@@ -174,11 +185,17 @@ class Sampler:
   B must be a multiple of the batch shards (data x fsdp); pad the rows otherwise.
   """
 
-  def __init__(self, setup, settings: Settings, batch_size: int):
+  def __init__(self, setup, settings: Settings, batch_size: int,
+               cache_block: int = CACHE_BLOCK):
     m = setup.config.model
     self.setup, self.settings, self.batch_size = setup, settings, batch_size
+    if cache_block < 1:
+      raise ValueError(f"cache_block={cache_block}: a segment needs at least one position")
+    self.cache_block = cache_block
     self.image_len = m.image_grid ** 2
     self.window = min(settings.sjd_window, self.image_len)
+    # A window may run up to W - 1 positions past the last token.
+    self.cache_length = self.image_len + max(self.window - 1, 0)
     self.num_codes = settings.num_codes or m.codebook_size
     if self.num_codes > m.codebook_size:
       raise ValueError(f"num_codes={self.num_codes} exceeds the model's codebook "
@@ -199,13 +216,23 @@ class Sampler:
     params = setup.param_shardings
     self.prefill = jax.jit(self._traced(self._prefill), in_shardings=(params, batch, batch),
                            out_shardings=self.state_shardings)
-    self.step = jax.jit(self._traced(self._step), in_shardings=(params, self.state_shardings),
-                        out_shardings=self.state_shardings, donate_argnums=1)
+    self.step = self.jit_step()
     self.generate = jax.jit(self._traced(self._generate), in_shardings=(params, batch, batch),
                             out_shardings=Output(batch, self._replicated, batch))
 
   def __call__(self, params, text_tokens, keys) -> Output:
     return jax.device_get(self.generate(params, text_tokens, keys))
+
+  def jit_step(self, attend_length: int | None = None):
+    """`step`, jitted, its self-attention reading the cache's first `attend_length`
+    positions (default all), as the generation's segment that ends there does."""
+    if attend_length is not None and not 0 < attend_length <= self.cache_length:
+      raise ValueError(f"attend_length={attend_length} is outside the cache's "
+                       f"1..{self.cache_length} positions")
+    step = functools.partial(self._step, attend_length=attend_length)
+    return jax.jit(self._traced(step), in_shardings=(self.setup.param_shardings,
+                                                     self.state_shardings),
+                   out_shardings=self.state_shardings, donate_argnums=1)
 
   # --------------------------------------------------------------- abstract arguments
 
@@ -253,8 +280,7 @@ class Sampler:
       uncond = jnp.broadcast_to(text_lib.unconditional(text_tokens.shape[1]), text_tokens.shape)
       text_tokens = jnp.stack([text_tokens, uncond], 1).reshape(2 * b, -1)
     encoded, text_mask = model.encode(text_tokens)
-    # A window may run up to W - 1 positions past the last token.
-    cache = model.init_cache(encoded, text_mask, self.image_len + max(w - 1, 0))
+    cache = model.init_cache(encoded, text_mask, self.cache_length)
     state = DecodeState(
         cache=cache, tokens=jnp.zeros((b, self.image_len + max(w, 1)), jnp.int32),
         pos=jnp.zeros(b, jnp.int32), keys=keys, forwards=jnp.zeros((), jnp.int32),
@@ -274,16 +300,19 @@ class Sampler:
     last = _at(state.tokens, jnp.maximum(state.pos - 1, 0))
     return jnp.where(state.pos == 0, bos, last)[:, None]
 
-  def _step(self, params, state):
+  def _step(self, params, state, attend_length=None):
+    """One step; self-attention reads the cache's first `attend_length` positions (static;
+    default all), which must hold every active row's window."""
     # The model is merged here, inside whatever loop runs the step: NNX modules may not
     # cross into a lax loop from the trace outside it.
     model = self.setup.model(params)
-    return self._sjd_step(model, state) if self.window else self._token_step(model, state)
+    step = self._sjd_step if self.window else self._token_step
+    return step(model, state, attend_length)
 
-  def _token_step(self, model, state):
+  def _token_step(self, model, state, attend_length):
     active = state.pos < self.image_len
     logits, cache = model.decode_cached(self._rows(self._last_tokens(state)),
-                                        self._rows(state.pos), state.cache)
+                                        self._rows(state.pos), state.cache, attend_length)
     token = _categorical(_stream(state.keys, _TOKENS, state.pos),
                          self._log_probs(logits[:, 0]))
     rows = jnp.arange(token.shape[0])
@@ -298,10 +327,11 @@ class Sampler:
     return state.replace(cache=cache, tokens=tokens, pos=jnp.minimum(pos, self.image_len),
                          forwards=forwards, done_at=done_at)
 
-  def _sjd_step(self, model, state):
+  def _sjd_step(self, model, state, attend_length):
     w, active = self.window, state.pos < self.image_len
     inputs = jnp.concatenate([self._last_tokens(state), state.drafts[:, :w - 1]], 1)
-    logits, cache = model.decode_cached(self._rows(inputs), self._rows(state.pos), state.cache)
+    logits, cache = model.decode_cached(self._rows(inputs), self._rows(state.pos), state.cache,
+                                        attend_length)
     logp = self._log_probs(logits)  # [B, W, V]
     p, q, drafts = jnp.exp(logp), state.proposals, state.drafts
 
@@ -344,10 +374,19 @@ class Sampler:
                           proposals=jnp.where(active[:, None, None], next_q, q))
     return self._advance(state, cache, tokens, count, active)
 
+  def segment_ends(self) -> list[int]:
+    """The cache positions each segment of the generation loop attends: multiples of
+    `cache_block`, then the whole cache."""
+    return [*range(self.cache_block, self.cache_length, self.cache_block), self.cache_length]
+
   def _generate(self, params, text_tokens, keys):
     state = self._prefill(params, text_tokens, keys)
-    state = jax.lax.while_loop(lambda s: jnp.any(s.pos < self.image_len),
-                               lambda s: self._step(params, s), state)
+    span = max(self.window, 1)  # the positions a step writes from a row's `pos`
+    for end in self.segment_ends():
+      def more(s, end=end):  # some row is active, and every active row's window fits
+        active = s.pos < self.image_len
+        return jnp.any(active) & (jnp.max(jnp.where(active, s.pos, 0)) + span <= end)
+      state = jax.lax.while_loop(more, lambda s, end=end: self._step(params, s, end), state)
     return Output(state.tokens[:, :self.image_len], state.forwards, state.done_at)
 
 
@@ -362,15 +401,17 @@ def _batch_ways(batch_sharding: NamedSharding) -> int:
   return sharding.shards(batch_sharding.mesh, axes)
 
 
-def decode_step_and_args(config, mesh, batch_size: int, settings: Settings = Settings()):
-  """The jitted decode step of `config` on `mesh` and its abstract (params, state).
+def decode_step_and_args(config, mesh, batch_size: int, settings: Settings = Settings(),
+                         attend_length: int | None = None):
+  """The jitted decode step of `config` on `mesh` and its abstract (params, state); its
+  self-attention reads the cache's first `attend_length` positions (default all).
 
   For ahead-of-time compilation: `step.lower(*args).compile()` with a mesh of abstract
   devices (e.g. a TPU topology) gives the real compiler's memory and cost analyses.
   """
   from parti_jax.tasks import parti  # the task's Setup, for inference
   sampler = Sampler(parti.Setup(config, mesh, training=False), settings, batch_size)
-  return sampler.step, sampler.abstract_step_args()
+  return sampler.jit_step(attend_length), sampler.abstract_step_args()
 
 
 def cast_params(params, dtype):

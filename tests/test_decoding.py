@@ -55,13 +55,16 @@ def keys_of(seed, prompts, samples):
   return decoding.row_keys(seed, [decoding.prompt_id(p) for p in prompts], samples)
 
 
-@pytest.mark.parametrize("image_rope,text_rope,unroll", [(False, False, 1), (True, True, 2)])
+@pytest.mark.parametrize("image_rope,text_rope,unroll,prefix",
+                         [(False, False, 1, False), (True, True, 2, True)])
 def test_cached_logits_equal_the_full_forward_with_rows_at_their_own_positions(
-    image_rope, text_rope, unroll):
+    image_rope, text_rope, unroll, prefix):
   """Rows advance by different amounts per forward, with garbage past what they accept
   (as rejected drafts leave), under the conv-shaped mask (the dense one is the trained
   model's, checked by the greedy test), with and without rotary embeddings (the cache
-  holds rotated keys) and with the layer loop scanned or unrolled."""
+  holds rotated keys) and with the layer loop scanned or unrolled. With `prefix`, forwards
+  whose active rows' windows end within the first 8 positions attend only those (as the
+  sampler's segments do)."""
   c = load_config("parti_tiny").model
   c.decoder_attention, c.conv_kernel_rows, c.conv_kernel_cols = "conv", 2, 3
   c.image_rope, c.text_rope, c.scan_unroll = image_rope, text_rope, unroll
@@ -74,21 +77,27 @@ def test_cached_logits_equal_the_full_forward_with_rows_at_their_own_positions(
   inputs = np.concatenate([np.full((3, 1), c.codebook_size), image[:, :-1]], 1)
   window, advance = 4, np.array([1, 2, 4])  # rows accept 1, 2 and 4 tokens a forward
   cache = nnx.jit(lambda m, t: m.init_cache(*m.encode(t), 16 + window - 1))(model, text)
-  decode = nnx.jit(lambda m, chunk, start, cache: m.decode_cached(chunk, start, cache))
+  decode = nnx.jit(lambda m, chunk, start, cache, attend: m.decode_cached(
+      chunk, start, cache, attend), static_argnums=4)
   start = np.zeros(3, np.int32)
+  attended = set()
   while (start < 16).any():
     # Past each row's accepted part the window holds garbage, as rejected drafts would.
     chunk = rng.integers(0, c.codebook_size, (3, window)).astype(np.int32)
     for r in range(3):
       real = inputs[r, start[r]:start[r] + advance[r]]
       chunk[r, :len(real)] = real
-    logits, cache = decode(model, chunk, jnp.asarray(start), cache)
+    fits = (np.where(start < 16, start, 0) + window <= 8).all()
+    attend = 8 if prefix and fits else None
+    attended.add(attend)
+    logits, cache = decode(model, chunk, jnp.asarray(start), cache, attend)
     for r in range(3):
       for s in range(min(advance[r], 16 - start[r])):
         # Equal up to float rounding: XLA may sum in another order for another shape
         # (bitwise equal on one CPU, 1e-6 apart on another).
         np.testing.assert_allclose(logits[r, s], full[r, start[r] + s], rtol=1e-5, atol=1e-5)
     start = np.minimum(start + advance, 16)
+  assert attended == ({8, None} if prefix else {None})
 
 
 @pytest.mark.parametrize("weights", ["trained", "perturbed"])
@@ -114,6 +123,32 @@ def test_cached_greedy_decoding_picks_the_uncached_argmax_tokens(run, samplers, 
   jacobi = samplers(sjd(GREEDY), 8)(params, text, keys)
   np.testing.assert_array_equal(jacobi.tokens, expected)
   assert int(jacobi.forwards) <= 16 and (jacobi.done_at <= jacobi.forwards).all()
+
+
+@pytest.mark.parametrize("settings", [GREEDY, FILTERED, sjd(GREEDY), sjd(FILTERED, 4)],
+                         ids=["greedy", "filtered", "sjd_greedy", "sjd_filtered"])
+def test_segments_attending_part_of_the_cache_draw_the_same_tokens(run, samplers, settings):
+  """A generation in segments of 4 cache positions (each step's self-attention reads only
+  its segment's first positions) draws the tokens of one whole-cache segment, with the same
+  forwards: the positions it leaves unread are those the mask hides."""
+  text, keys = text_of(run, PROMPTS), keys_of(1, PROMPTS, np.arange(8))
+  segmented = decoding.Sampler(run.setup, settings, 8, cache_block=4)
+  assert segmented.segment_ends()[:4] == [4, 8, 12, 16]
+  whole = samplers(settings, 8)
+  assert whole.segment_ends() == [whole.cache_length]  # CACHE_BLOCK > the tiny 16 tokens
+  got, expected = segmented(run.params, text, keys), whole(run.params, text, keys)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  assert int(got.forwards) == int(expected.forwards)
+  np.testing.assert_array_equal(got.done_at, expected.done_at)
+
+
+def test_a_step_attending_outside_the_cache_is_refused(run):
+  sampler = decoding.Sampler(run.setup, GREEDY, 8)
+  for bad in (0, sampler.cache_length + 1):
+    with pytest.raises(ValueError, match=f"attend_length={bad} is outside the cache"):
+      sampler.jit_step(bad)
+  with pytest.raises(ValueError, match="cache_block=0"):
+    decoding.Sampler(run.setup, GREEDY, 8, cache_block=0)
 
 
 def homogeneity_p(a, b) -> float:

@@ -211,3 +211,24 @@ def test_the_plan_bounds_the_step_time_by_its_roofline(tmp_path):
   config = tiny_bf16()
   config.model.remat = "none"
   assert aot.plan(config, "h200-1")["roofline"]["bytes"] > r["bytes"]
+
+
+@needs_cuda_plugin
+def test_a_decode_step_attending_half_the_cache_reads_half_its_self_attention_cache():
+  """The generation's segments (parti_jax.decoding) as the GPU compiler builds them: a step
+  whose self-attention reads the cache's first 8 of 16 positions moves, by the roofline,
+  at least half the self-attention cache's bytes fewer than a whole-cache step: the other
+  half is not read. (More: the scores over fewer positions are smaller too, and at the tiny
+  model's shapes the compiler fuses the shorter attention differently.)"""
+  config = tiny_bf16()
+  whole = aot.plan(config, "h200-1", mode="sample")
+  half = aot.plan(config, "h200-1", mode="sample", attend_length=8)
+  assert half["attend_length"] == 8 and whole["attend_length"] is None
+  m, rows = config.model, 2 * config.global_batch_size  # guided: twice the rows
+  self_cache = 2 * m.decoder_layers * rows * 16 * m.d_model * 2  # keys and values, bf16
+  saved = whole["roofline"]["bytes"] - half["roofline"]["bytes"]
+  assert saved >= self_cache / 2, (saved, self_cache)
+  with pytest.raises(config_lib.ConfigError, match="attend_length=17 is outside"):
+    aot.plan(config, "h200-1", mode="sample", attend_length=17)
+  with pytest.raises(config_lib.ConfigError, match="--mode sample"):
+    aot.plan(config, "h200-1", attend_length=8)

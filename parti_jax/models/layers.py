@@ -326,9 +326,9 @@ class Block(nnx.Module):
     Their keys and values are first written into `cache` = (keys, values), each
     [layers, B, cache_length, H, D], at (`layer`, row, positions); a row's positions are
     consecutive and must fit in the cache (a start past cache_length - S is moved back,
-    which only a finished row may see). The queries then
-    attend over the whole cache row, `self_mask` [B, 1, S, cache_length] choosing what
-    each sees. `cross_kv`: this layer's keys and values of the encoder output; `rotary`:
+    which only a finished row may see). The queries then attend over the first
+    A = `self_mask.shape[-1]` positions of the cache row (at most cache_length), the mask
+    [B, 1, S, A] choosing what each sees: positions past A are not read. `cross_kv`: this layer's keys and values of the encoder output; `rotary`:
     the 2-D rotary (cos, sin) [B, S, D/2] of `positions`, if the model uses them (the
     cache holds rotated keys). Returns (x, cache). Dropout is off: this is inference.
     """
@@ -340,7 +340,9 @@ class Block(nnx.Module):
     # GPU compiler then copies both slices at every layer and step (350M, batch 64 guided:
     # 24.0 GB a step instead of 10.0; BENCHMARKS.md). The few new tokens per row stay
     # whole on every tensor shard (TOKENS): too short to split.
-    x = x + self.self_attn.attend(q, cache[0][layer], cache[1][layer], self_mask, impl="xla")
+    attend = self_mask.shape[-1]
+    keys, values = (c[layer][:, :attend] for c in cache)
+    x = x + self.self_attn.attend(q, keys, values, self_mask, impl="xla")
     q = self.cross_attn.queries(self.cross_norm(x))
     x = x + self.cross_attn.attend(q, *cross_kv, cross_mask, impl="xla")
     x = x + self.mlp(self.mlp_norm(x))

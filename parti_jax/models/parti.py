@@ -154,23 +154,31 @@ class Parti(nnx.Module):
     return dict(self_k=empty, self_v=empty, cross_k=constrain(cross_k, *CACHE_AXES),
                 cross_v=constrain(cross_v, *CACHE_AXES), text_mask=text_mask)
 
-  def decode_cached(self, inputs, start, cache: dict):
+  def decode_cached(self, inputs, start, cache: dict, attend_length: int | None = None):
     """Decoder inputs [B, S] at positions start[b] .. start[b] + S - 1 of each row.
 
     Returns float32 logits [B, S, V] (what `decode` gives at those positions) and the
     cache with the inputs' keys and values added. Each row has its own `start` [B], so
     rows may advance at different speeds. Positions past the image (up to the cache
     length) are allowed and their logits meaningless: they let a window run off the end.
+    `attend_length` (static; default the whole cache): the self-attention reads only the
+    cache's first positions, which must hold every position an active row can see
+    (start[b] + S <= attend_length); a shorter one reads fewer bytes (the sampler's
+    segments, `parti_jax.decoding`).
     """
     m, s = self.config, inputs.shape[1]
     n, cache_length = m.image_grid ** 2, cache["self_k"].shape[2]
+    attend_length = cache_length if attend_length is None else attend_length
+    if not 0 < attend_length <= cache_length:
+      raise ValueError(f"attend_length {attend_length} is outside the cache's "
+                       f"1..{cache_length} positions")
     positions = start[:, None] + jnp.arange(s)[None, :]
     table = constrain(self._image_positions(), None, None)  # gathered whole, as in _lookup
     pos = jnp.take(table, jnp.minimum(positions, n - 1), axis=0)
     rotary = self._rotary(jnp.minimum(positions, n - 1))
     x = constrain((embedding_lookup(self.image_embed, inputs) + pos).astype(self.dtype),
                   "batch", "length", "embed")
-    mask = _visible(m, positions[:, :, None], jnp.arange(cache_length)[None, None, :])
+    mask = _visible(m, positions[:, :, None], jnp.arange(attend_length)[None, None, :])
     x, (self_k, self_v) = self.decoder.decode_cached(
         x, (cache["self_k"], cache["self_v"]), positions, mask[:, None],
         (cache["cross_k"], cache["cross_v"]), cache["text_mask"], rotary)
