@@ -9,8 +9,10 @@ and guidance off (scale 1) and on (`--guidance`, rows doubled), token-by-token d
 gives ms per decode step ((generate - prefill) / image tokens), image tokens/s and
 images/s, next to the memory-bandwidth floor of a step: every weight and the whole KV
 cache (self- and cross-attention) read once, at the chip's HBM bandwidth (the spec of a
-known accelerator, measured on a CPU, or --hbm_gbps), and the bytes XLA's cost analysis
-counts for one compiled step against the floor's bytes. Speculative Jacobi decoding runs
+known accelerator, measured on a CPU, or --hbm_gbps); next to the filled floor, the same
+with only the self-attention cache filled so far, on average over a generation (which
+the sampler's segments approach by reading only a prefix of the cache); and the bytes
+XLA's cost analysis counts for one compiled whole-cache step against the floor's bytes. Speculative Jacobi decoding runs
 `--sjd_images` images in batches of the same size and reports the forward passes each
 image took (a batch takes as many as its slowest row; `row_forwards_per_image` is what
 each row needed on its own) and its wall time relative to token-by-token decoding.
@@ -139,17 +141,29 @@ def setup_for(config, batch_size: int, workdir: str | None):
 
 
 def floor(setup, params, batch_size: int, guided: bool, bandwidth_gbps: float) -> dict:
-  """The bytes one device reads in a decode step, at least, and the time that takes."""
+  """The bytes one device reads in a decode step, at least, and the time that takes.
+
+  Two floors: the whole KV cache read at every step (the figures since 2026-11-27), and
+  the cache filled so far, which is all a step needs: step t of N reads t + 1 positions of
+  the self-attention cache, (N + 1) / 2 on average, and the whole cross-attention cache.
+  The sampler's segments (parti_jax.decoding) read between the two.
+  """
   m, n = setup.config.model, setup.mesh.size
   weights = sum(x.nbytes for x in jax.tree.leaves(params))  # replicated: every device reads all
   rows = batch_size * (2 if guided else 1)
   itemsize = jnp.dtype(m.dtype).itemsize
   per_layer = 2 * rows * config_lib.head_dim(m) * m.num_heads * itemsize  # keys and values
-  kv = m.decoder_layers * per_layer * (m.image_grid ** 2 + m.text_len) // n
-  ms = (weights + kv) / (bandwidth_gbps * 1e9) * 1e3
+  image = m.image_grid ** 2
+  kv = m.decoder_layers * per_layer * (image + m.text_len) // n
+  filled = m.decoder_layers * per_layer * ((image + 1) / 2 + m.text_len) / n
+  ms, filled_ms = ((weights + b) / (bandwidth_gbps * 1e9) * 1e3 for b in (kv, filled))
   return dict(floor_ms_per_step=ms, weight_bytes=weights, kv_cache_bytes_per_device=kv,
               floor_arithmetic=f"(weights {weights / 1e9:.4g} GB + KV cache {kv / 1e9:.4g} GB) "
-                               f"/ {bandwidth_gbps:.4g} GB/s = {ms:.4g} ms")
+                               f"/ {bandwidth_gbps:.4g} GB/s = {ms:.4g} ms",
+              filled_floor_ms_per_step=filled_ms, filled_kv_cache_bytes_per_device=filled,
+              filled_floor_arithmetic=(
+                  f"(weights {weights / 1e9:.4g} GB + filled KV cache {filled / 1e9:.4g} GB) "
+                  f"/ {bandwidth_gbps:.4g} GB/s = {filled_ms:.4g} ms"))
 
 
 def compiled(setup, params, settings: decoding.Settings, batch_size: int, step_bytes=True):
@@ -198,6 +212,7 @@ def run_batch(a, config, batch_size: int, prompts: np.ndarray, bandwidth: float)
                  compile_s=compile_s)
     entry |= floor(setup, params, batch_size, guidance != 1.0, bandwidth)
     entry["step_over_floor"] = step_ms / entry["floor_ms_per_step"]
+    entry["step_over_filled_floor"] = step_ms / entry["filled_floor_ms_per_step"]
     entry["xla_step_bytes"] = step_bytes
     entry["xla_step_bytes_over_floor_bytes"] = step_bytes / (
         entry["weight_bytes"] + entry["kv_cache_bytes_per_device"])
@@ -263,6 +278,7 @@ def main(argv=None):
     tag = f"b{r['batch']}_{'guided' if r['guidance'] != 1 else 'unguided'}"
     goals[f"sjd_forward_ratio_{tag}"] = r["sjd"]["forward_ratio"]
     goals[f"step_over_floor_{tag}"] = r["step_over_floor"]
+    goals[f"step_over_filled_floor_{tag}"] = r["step_over_filled_floor"]
   print(json.dumps(dict(
       device_kind=jax.devices()[0].device_kind, num_devices=jax.device_count(),
       weights=f"{a.workdir} (trained)" if a.workdir else "random init",

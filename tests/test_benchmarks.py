@@ -110,6 +110,12 @@ def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently(tmp_path):
     rows = run["batch"] * (2 if run["guidance"] != 1.0 else 1)
     # 2 layers x rows x (keys, values) x 4 heads of 16 x float32 x (16 image + 16 text tokens)
     assert run["kv_cache_bytes_per_device"] * run["devices"] == 2 * rows * 2 * 64 * 4 * (16 + 16)
+    # The filled floor: on average (16 + 1) / 2 image positions of the self-attention cache.
+    assert run["filled_kv_cache_bytes_per_device"] * run["devices"] == pytest.approx(
+        2 * rows * 2 * 64 * 4 * (8.5 + 16))
+    assert run["step_over_filled_floor"] == pytest.approx(
+        run["ms_per_step"] / run["filled_floor_ms_per_step"])
+    assert run["filled_floor_ms_per_step"] < run["floor_ms_per_step"]
     assert run["xla_step_bytes"] > 0
     assert run["xla_step_bytes_over_floor_bytes"] == pytest.approx(
         run["xla_step_bytes"] / (run["weight_bytes"] + run["kv_cache_bytes_per_device"]))
@@ -118,6 +124,7 @@ def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently(tmp_path):
     assert sjd["forward_ratio"] == pytest.approx(n / sjd["forwards_per_image"])
     tag = f"b{run['batch']}_{'guided' if run['guidance'] != 1.0 else 'unguided'}"
     assert r["goals"][f"step_over_floor_{tag}"] == run["step_over_floor"]
+    assert r["goals"][f"step_over_filled_floor_{tag}"] == run["step_over_filled_floor"]
 
 
 def test_gpu_figures_script_keeps_to_its_time_budget_and_named_benchmarks(tmp_path):
