@@ -12,10 +12,11 @@ cache (self- and cross-attention) read once, at the chip's HBM bandwidth (the sp
 known accelerator, measured on a CPU, or --hbm_gbps); next to the filled floor, the same
 with only the self-attention cache filled so far, on average over a generation (which
 the sampler's segments approach by reading only a prefix of the cache); and the bytes
-XLA's cost analysis counts for one compiled whole-cache step against the floor's bytes. Speculative Jacobi decoding runs
-`--sjd_images` images in batches of the same size and reports the forward passes each
-image took (a batch takes as many as its slowest row; `row_forwards_per_image` is what
-each row needed on its own) and its wall time relative to token-by-token decoding.
+XLA's cost analysis counts for one compiled whole-cache step against the floor's bytes.
+Speculative Jacobi decoding runs `--sjd_images` images in batches of the same size and
+reports the forward passes each image took (a batch takes as many as its slowest row;
+`row_forwards_per_image` is what each row needed on its own) and its wall time relative
+to token-by-token decoding.
 
 SJD forward counts only mean something for a trained model: pass `--workdir` (prompts
 are then the captions of the run's token shards; with `--config` alone they are random

@@ -8,12 +8,13 @@ The encoder runs once per prompt (`prefill`), which also computes every decoder 
 cross-attention keys and values; self-attention keys and values go into a fixed-size cache.
 `step` extends every row by one token (or, with speculative Jacobi decoding, by however
 many of its window it accepts), and `generate` is prefill then `lax.while_loop`s of
-steps, one jitted program. The loop runs in segments of `CACHE_BLOCK` positions (`Sampler`'s `cache_block`): while
-every active row's window ends within the first E positions, a step's self-attention reads
-only those E (`Parti.decode_cached`'s `attend_length`), not the whole fixed-size cache, so
-a generation reads about half the cache bytes a whole-cache step would (the program holds
-one step per segment). Rows are sharded over the batch mesh axes and heads over
-`tensor`, by the model's logical axis names.
+steps, one jitted program. The loop runs in segments of `CACHE_BLOCK` cache positions
+(`Sampler`'s `cache_block`): while every active row's window ends within the first E
+positions, a step's self-attention reads only those E (`Parti.decode_cached`'s
+`attend_length`), not the whole fixed-size cache, so a generation reads little more than
+half the cache bytes a whole-cache step would (the program holds one step per segment).
+Rows are sharded over the batch mesh axes and heads over `tensor`, by the model's logical
+axis names.
 
 Classifier-free guidance doubles the rows: row 2i holds prompt i, row 2i+1 the
 unconditional input that caption dropout trained (`[END, PAD, ...]`), so the two halves
@@ -155,8 +156,8 @@ _TOKENS, _SJD, _FIRST_DRAFTS = 0, 1, 2
 
 # Cache positions per segment of the generation loop. Each segment compiles the step again,
 # so shorter ones read fewer bytes but compile longer: 350M's 1,024 image tokens take 8
-# segments, which read 56% of the cache a whole-cache step reads; models of up to 128
-# image tokens (the tests', the demo's) keep one.
+# segments, which read 56% of the cache a whole-cache step reads; a cache of at most 128
+# positions (the tests', the demo's) keeps one segment.
 CACHE_BLOCK = 128
 
 

@@ -328,9 +328,9 @@ class Block(nnx.Module):
     consecutive and must fit in the cache (a start past cache_length - S is moved back,
     which only a finished row may see). The queries then attend over the first
     A = `self_mask.shape[-1]` positions of the cache row (at most cache_length), the mask
-    [B, 1, S, A] choosing what each sees: positions past A are not read. `cross_kv`: this layer's keys and values of the encoder output; `rotary`:
-    the 2-D rotary (cos, sin) [B, S, D/2] of `positions`, if the model uses them (the
-    cache holds rotated keys). Returns (x, cache). Dropout is off: this is inference.
+    [B, 1, S, A] choosing what each sees: positions past A are not read. `cross_kv`: this
+    layer's keys and values of the encoder output; `rotary`: the 2-D rotary (cos, sin)
+    [B, S, D/2] of `positions`, if the model uses them (the cache holds rotated keys). Returns (x, cache). Dropout is off: this is inference.
     """
     h = self.self_norm(x)
     q, k, v = self.self_attn.project(h, h, rotary)
