@@ -11,8 +11,8 @@ many of its window it accepts), and `generate` is prefill then `lax.while_loop`s
 steps, one jitted program. The loop runs in segments of `CACHE_BLOCK` cache positions
 (`Sampler`'s `cache_block`): while every active row's window ends within the first E
 positions, a step's self-attention reads only those E (`Parti.decode_cached`'s
-`attend_length`), not the whole fixed-size cache, so a generation reads little more than
-half the cache bytes a whole-cache step would (the program holds one step per segment).
+`attend_length`), not the whole fixed-size cache (1,024 image tokens: 56% of the cache
+bytes of whole-cache steps; the program holds one step per segment).
 Rows are sharded over the batch mesh axes and heads over `tensor`, by the model's logical
 axis names.
 

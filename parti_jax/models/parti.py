@@ -170,7 +170,7 @@ class Parti(nnx.Module):
     n, cache_length = m.image_grid ** 2, cache["self_k"].shape[2]
     attend_length = cache_length if attend_length is None else attend_length
     if not 0 < attend_length <= cache_length:
-      raise ValueError(f"attend_length {attend_length} is outside the cache's "
+      raise ValueError(f"attend_length={attend_length} is outside the cache's "
                        f"1..{cache_length} positions")
     positions = start[:, None] + jnp.arange(s)[None, :]
     table = constrain(self._image_positions(), None, None)  # gathered whole, as in _lookup
