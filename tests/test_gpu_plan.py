@@ -232,3 +232,25 @@ def test_a_decode_step_attending_half_the_cache_reads_half_its_self_attention_ca
     aot.plan(config, "h200-1", mode="sample", attend_length=17)
   with pytest.raises(config_lib.ConfigError, match="--mode sample"):
     aot.plan(config, "h200-1", attend_length=8)
+
+
+@needs_cuda_plugin
+def test_remat_still_recomputes_with_every_layer_unrolled():
+  """`model.scan_unroll` = the stacks' depth leaves no loop between the forward and the
+  backward pass. Remat must still recompute there: without the barrier (prevent_cse), XLA
+  merged the recomputed forward into the first one, and `dots` compiled to the program
+  without remat."""
+  plans = {}
+  for remat in ("none", "dots"):
+    config = tiny_bf16()
+    config.model.update(remat=remat, scan_unroll=config.model.decoder_layers)
+    assert config.model.encoder_layers == config.model.decoder_layers
+    plans[remat] = aot.plan(config, "h200-1")
+  none, dots = plans["none"], plans["dots"]
+  # cuDNN's attention, counted once per layer now: the encoder's self-attention and the
+  # decoder's self- and cross-attention, forward and backward, 2 layers each (12 calls);
+  # `dots` keeps only matrix products, so it calls the forward kernels again (6 more).
+  assert none["cudnn_attention_kernels"] == 12
+  assert dots["cudnn_attention_kernels"] == 18
+  assert dots["roofline"]["flops"] > none["roofline"]["flops"]
+  assert dots["memory"]["temporaries"] < none["memory"]["temporaries"]

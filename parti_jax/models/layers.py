@@ -392,7 +392,12 @@ class Stack(nnx.Module):
 
     remat = resolve_remat(self.remat)
     if remat != "none":
-      layer = nnx.remat(layer, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+      # Inside a loop the forward and backward passes are separate loops, so XLA cannot
+      # merge the recomputed forward into the first one and no barrier is needed. With every
+      # layer unrolled the loops are gone: without the barrier XLA's common-subexpression
+      # pass would drop the recomputation and keep the whole forward, as without remat.
+      layer = nnx.remat(layer, policy=_REMAT_POLICIES[remat],
+                        prevent_cse=self.unroll >= self.num_layers)
     keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
     x = constrain(x, *self.residual)
     if context is not None:  # the encoder output: gathered once here, not in every layer
