@@ -3,41 +3,43 @@
 #
 #   bash benchmarks/gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]
 #
-# The benchmarks, in the order they run (by default steps 2, 3, 4, 5 and 7: what issue 22
-# still lacks after the H200 runs of 2026-12-04, together within one 10-minute device call;
-# steps 1, 6, 8 and 9 were measured then, BENCHMARKS.md, and run by name):
-# 1. train_cudnn: Parti 350M training in bf16 with cuDNN's fused attention (what
-#    `model.attention_impl=auto` picks on NVIDIA GPUs) and no remat at BATCH (default 64, the
-#    largest that fit an H200 on 2026-11-27, as the planner also says), for MFU;
-# 2. train_dots: step 1 with remat=dots (what `model.remat=auto` picks on GPUs since
-#    2026-12-04) at the same batch: the planner's roofline of the
-#    compiled step (BENCHMARKS.md, 2026-12-03) has it move 439 GB a step instead of 742
-#    (what it keeps for the backward pass is written, zero-filled and read again), at least
-#    157 ms instead of 218: whether the card sees that;
-# 3. profile: a jax.profiler trace of 3 step-2 train steps (remat dots, the faster one on
-#    2026-12-04), summarised by
-#    benchmarks/profile_summary.py into device time by group (matmuls, attention, layer norms,
-#    loss, optimizer, random bits, collectives, copies), each beside its roofline (the least
-#    time of its kernels at the card's spec, --roofline); the trace and the step's HLO stay
-#    in OUTDIR/profile_train;
-# 4. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
-#    bandwidth floor, and a trace of one guided generation;
-# 5. profile_decode: that trace summarised as in step 3 (is attention what dominates a step?
-#    A generation loops until its rows finish, a trip count no compiler knows: its roofline
-#    is the planner's for one step, `python -m parti_jax.aot --mode sample`, BENCHMARKS.md);
-# 6. train_levers: step 1 with the output projection in bf16 (model.logits_matmul=compute),
-#    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg):
-#    against step 1's line, whether these become GPU defaults (the roofline counts rbg's
-#    bits as bytes and cannot price threefry's arithmetic: only the card can tell);
-# 7. train_dots_big: step 2 at batch DOTS_BATCH (default 256): the planner puts it at 102.8
-#    GiB of JAX's 95% of an H200, where without remat only 64 fits; whether the larger batch
-#    runs the same kernels faster;
-# 8. train_combo: steps 6 and 7 together (remat dots at DOTS_BATCH with the levers): the
-#    configuration the planner puts at 93.0 GiB and the least roofline time per example;
-#    the MFU goal needs every lever that pays at once;
-# 9. train_flags: step 1 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
-#    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; the flag
-#    is known to this jax's XLA: the planner compiles with it).
+# The benchmarks, in the order they run (by default steps 1 to 5, what issue 22 still lacks
+# after the H200 runs of 2026-12-04, within one 10-minute device call, then step 6 if time is
+# left; the others were measured then, BENCHMARKS.md, and run by name):
+# 1. train_unrolled: Parti 350M training in bf16 with cuDNN's fused attention (what
+#    `model.attention_impl=auto` picks on NVIDIA GPUs), remat=dots (what `model.remat=auto`
+#    picks on GPUs) and every layer of each stack in one iteration
+#    (model.scan_unroll=12) at BATCH (default 64). The planner's roofline (BENCHMARKS.md,
+#    2026-12-05) has it move 366 GB a step instead of the scanned step's 439, at least 133.7
+#    ms instead of 149.0: the scan's slices of the stacked buffers (15 ms of copies on the
+#    card) are gone. Compiling 350M unrolled takes about 46 s on a 2-core host;
+# 2. train_unrolled_none: step 1 without remat (340 GB, at least 128.1 ms by the planner,
+#    54 GB of temporaries: 64 still fits);
+# 3. sampling: Parti 350M sampling at batch 64, with and without guidance, against its
+#    bandwidth floors, and a trace of one guided generation (the generation in segments,
+#    b602ffb, not yet timed on a card);
+# 4. sampling_unrolled: step 3 with the decoder's 12 layers unrolled in each decode step (the
+#    planner: a guided step's mean 1.372 ms instead of 1.478); no trace, two timed
+#    repetitions and a small SJD batch, to fit;
+# 5. profile_decode: step 3's trace summarised by benchmarks/profile_summary.py into device
+#    time by group (matmuls, attention, layer norms, loss, optimizer, random bits,
+#    collectives, copies). A generation loops until its rows finish, a trip count no
+#    compiler knows: its roofline is the planner's for one step, `python -m parti_jax.aot
+#    --mode sample`, BENCHMARKS.md;
+# 6. train_dots: the scanned step (model.scan_unroll=1, the default), remat=dots: the
+#    baseline of steps 1 and 2 in the same call (259.3 ms on 2026-12-04);
+# 7. profile: a jax.profiler trace of 3 step-6 train steps, summarised as in step 5, each
+#    group beside its roofline (the least time of its kernels at the card's spec,
+#    --roofline); the trace and the step's HLO stay in OUTDIR/profile_train;
+# 8. train_cudnn: step 6 without remat;
+# 9. train_levers: step 8 with the output projection in bf16 (model.logits_matmul=compute),
+#    the chunked loss (model.loss_chunk=128) and rbg dropout bits (train.prng_impl=rbg)
+#    (slower together on 2026-12-04: not GPU defaults);
+# 10. train_dots_big: step 6 at batch DOTS_BATCH (default 256; 2% over 64 on 2026-12-04);
+# 11. train_combo: steps 9 and 10 together;
+# 12. train_flags: step 8 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (cuBLAS for every
+#    matmul instead of XLA's Triton fusions, as MaxText and JAX-Toolbox set on GPUs; no
+#    difference on 2026-12-04).
 # Also by name only (measured before, BENCHMARKS.md): tokenizer (ViT-VQGAN Small at 256 px, batch
 # 64: encode/decode images/s and the train step); train_xla (350M with XLA's attention at the
 # largest batch that fits, doubling from 16); train_search (cuDNN, doubling from BATCH). The
@@ -53,7 +55,7 @@ set -uo pipefail
 out=${1:?usage: gpu_figures.sh OUTDIR [TOTAL_SECONDS [NAME...]]}
 deadline=$((SECONDS + ${2:-560}))
 shift $(($# < 2 ? $# : 2))
-names=" ${*:-train_dots profile sampling profile_decode train_dots_big} "
+names=" ${*:-train_unrolled train_unrolled_none sampling sampling_unrolled profile_decode train_dots} "
 batch=${BATCH:-64}
 dots_batch=${DOTS_BATCH:-256}
 mkdir -p "$out"
@@ -95,18 +97,25 @@ case $(python3 -c 'import jax; print(jax.devices()[0].device_kind)' 2>/dev/null)
   *H200*) card=h200 ;; *H100*) card=h100 ;; *A100*) card=a100 ;; *) card= ;;
 esac
 train350m=(python3 benchmarks/train_throughput.py --config configs/parti_350m.py --steps 10)
-bench train_cudnn 120 "${train350m[@]}" --config.global_batch_size="$batch" \
-  --config.model.attention_impl=cudnn --config.model.remat=none
+unrolled=(--config.model.scan_unroll=12)  # 350M's stacks are 12 layers deep
+bench train_unrolled 130 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn --config.model.remat=dots "${unrolled[@]}"
+bench train_unrolled_none 120 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn --config.model.remat=none "${unrolled[@]}"
+bench sampling 150 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
+  --trace "$out/profile_decode"
+bench sampling_unrolled 120 python3 benchmarks/sampling.py --config configs/parti_350m.py \
+  --batch_sizes 64 --sjd_images 8 --reps 2 "${unrolled[@]}"
+bench profile_decode 30 python3 benchmarks/profile_summary.py \
+  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
 bench train_dots 110 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots
 # A few steps: compiling 350M takes most of the cap, the trace itself seconds.
 bench profile 110 python3 benchmarks/profile_summary.py --capture "$out/profile_train" \
   --config configs/parti_350m.py --config.global_batch_size="$batch" --steps 3 \
   --config.model.attention_impl=cudnn --config.model.remat=dots ${card:+--roofline "$card"}
-bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
-  --trace "$out/profile_decode"
-bench profile_decode 30 python3 benchmarks/profile_summary.py \
-  --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
+bench train_cudnn 120 "${train350m[@]}" --config.global_batch_size="$batch" \
+  --config.model.attention_impl=cudnn --config.model.remat=none
 # Last: these get what the others leave (they have slack under their caps).
 bench train_levers 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.remat=none \

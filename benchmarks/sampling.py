@@ -286,6 +286,7 @@ def main(argv=None):
       hbm_gbps=bandwidth, hbm_source=bandwidth_source, dtype=m.dtype,
       d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers, text_len=m.text_len,
+      scan_unroll=m.get("scan_unroll", 1),
       image_tokens=m.image_grid ** 2, codebook=m.codebook_size, guidance=a.guidance,
       temperature=TEMPERATURE, goals=goals, runs=results)))
 

@@ -159,6 +159,8 @@ def main(argv=None):
       remat=layers.resolve_remat(m.remat, jax.devices()[0]),  # "auto" as it ran here
       d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
+      scan_unroll=m.get("scan_unroll", 1),
+      attention_impl=layers.attention_impl(m, jax.devices()[0]),  # "auto" as it ran here
       text_len=m.text_len, image_tokens=m.image_grid ** 2,
       text_vocab=m.text_vocab_size, image_vocab=m.codebook_size)))
 
