@@ -78,7 +78,10 @@ def base() -> ml_collections.ConfigDict:
   m.sequence_parallel = True
   # Layers per iteration of each scanned stack. 1 keeps compile time flat in depth; a tiny
   # model on a CPU steps about a third faster with all its layers in one iteration (the
-  # demo's Parti: 55 ms against 81; configs/demo_parti.py).
+  # demo's Parti: 55 ms against 81; configs/demo_parti.py). On an H200 the planner's
+  # roofline puts 350M's train step with every layer unrolled 10% lower with remat dots
+  # (the scans' slices and zero-filled buffers go) and its decode step 7% lower, for more
+  # compile time (3-5x); not yet timed on a card (BENCHMARKS.md, 2026-12-05).
   m.scan_unroll = 1
   # "auto": the Pallas splash kernel on TPUs (parti_jax/models/splash.py); cuDNN's fused
   # attention on NVIDIA GPUs where it applies (16-bit matmuls, heads at most 128 wide in
