@@ -19,8 +19,9 @@
 #    bandwidth floors, and a trace of one guided generation (the generation in segments,
 #    b602ffb, not yet timed on a card);
 # 4. sampling_unrolled: step 3 with the decoder's 12 layers unrolled in each decode step (the
-#    planner: a guided step's mean 1.372 ms instead of 1.478); no trace, two timed
-#    repetitions and a small SJD batch, to fit;
+#    planner: a guided step's mean 1.372 ms instead of 1.478): the guided run alone, two
+#    timed repetitions, no SJD and no trace, to fit (each of the generation's 8 segment
+#    steps compiles in about 5 s unrolled on a 2-core host, 1.6 s scanned);
 # 5. profile_decode: step 3's trace summarised by benchmarks/profile_summary.py into device
 #    time by group (matmuls, attention, layer norms, loss, optimizer, random bits,
 #    collectives, copies). A generation loops until its rows finish, a trip count no
@@ -105,7 +106,7 @@ bench train_unrolled_none 120 "${train350m[@]}" --config.global_batch_size="$bat
 bench sampling 150 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
   --trace "$out/profile_decode"
 bench sampling_unrolled 120 python3 benchmarks/sampling.py --config configs/parti_350m.py \
-  --batch_sizes 64 --sjd_images 8 --reps 2 "${unrolled[@]}"
+  --batch_sizes 64 --nounguided --sjd_images 0 --reps 2 "${unrolled[@]}"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \
   --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
 bench train_dots 110 "${train350m[@]}" --config.global_batch_size="$batch" \

@@ -5,7 +5,8 @@
   python benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64   # a GPU
 
 The last line printed is one JSON object. For each batch size (1, 8, 64: those that fit)
-and guidance off (scale 1) and on (`--guidance`, rows doubled), token-by-token decoding
+and guidance off (scale 1; not with --nounguided) and on (`--guidance`, rows doubled),
+token-by-token decoding
 gives ms per decode step ((generate - prefill) / image tokens), image tokens/s and
 images/s, next to the memory-bandwidth floor of a step: every weight and the whole KV
 cache (self- and cross-attention) read once, at the chip's HBM bandwidth (the spec of a
@@ -13,10 +14,10 @@ known accelerator, measured on a CPU, or --hbm_gbps); next to the filled floor, 
 with only the self-attention cache filled so far, on average over a generation (which
 the sampler's segments approach by reading only a prefix of the cache); and the bytes
 XLA's cost analysis counts for one compiled whole-cache step against the floor's bytes.
-Speculative Jacobi decoding runs `--sjd_images` images in batches of the same size and
-reports the forward passes each image took (a batch takes as many as its slowest row;
-`row_forwards_per_image` is what each row needed on its own) and its wall time relative
-to token-by-token decoding.
+Speculative Jacobi decoding runs `--sjd_images` images (0: none) in batches of the same
+size and reports the forward passes each image took (a batch takes as many as its slowest
+row; `row_forwards_per_image` is what each row needed on its own) and its wall time
+relative to token-by-token decoding.
 
 SJD forward counts only mean something for a trained model: pass `--workdir` (prompts
 are then the captions of the run's token shards; with `--config` alone they are random
@@ -53,7 +54,9 @@ FLAGS.strings("batch_sizes", ["1", "8", "64"],
               "Batch sizes (prompts), comma-separated or repeated")
 FLAGS.float("guidance", 3.0, "The guidance scale of the guided runs.")
 FLAGS.integer("sjd_window", 16, "Draft tokens per SJD forward.")
-FLAGS.integer("sjd_images", 64, "Images SJD statistics are taken over.")
+FLAGS.integer("sjd_images", 64, "Images SJD statistics are taken over (0: no SJD run).")
+FLAGS.bool("unguided", True, "Also time guidance off (scale 1); --nounguided: the guided "
+           "runs only, half the compiles where device time is short.")
 FLAGS.integer("reps", 3, "Timed repetitions (median) after one warm-up.")
 FLAGS.float("hbm_gbps", None, "HBM bandwidth per device in GB/s (overrides).")
 FLAGS.string("trace", None, "Trace one guided generation per batch size into this directory.")
@@ -197,7 +200,7 @@ def run_batch(a, config, batch_size: int, prompts: np.ndarray, bandwidth: float)
   setup, params = setup_for(config, batch_size, a.workdir)
   n = config.model.image_grid ** 2
   results = []
-  for guidance in (1.0, a.guidance):
+  for guidance in (1.0, a.guidance) if a.unguided else (a.guidance,):
     text = prompts[:batch_size]
     keys = decoding.row_keys(0, np.arange(batch_size), np.zeros(batch_size))
     generate, prefill, compile_s, step_bytes = compiled(
@@ -218,30 +221,41 @@ def run_batch(a, config, batch_size: int, prompts: np.ndarray, bandwidth: float)
     entry["xla_step_bytes_over_floor_bytes"] = step_bytes / (
         entry["weight_bytes"] + entry["kv_cache_bytes_per_device"])
 
-    settings = decoding.Settings(guidance=guidance, temperature=TEMPERATURE,
-                                 sjd_window=a.sjd_window)
-    generate = compiled(setup, params, settings, batch_size, step_bytes=False)[0]
-    jax.block_until_ready(generate(params, text, keys))  # warm-up
-    forwards, row_forwards, times = [], [], []
-    for b in range(max(1, a.sjd_images // batch_size)):
-      rows = np.arange(b * batch_size, (b + 1) * batch_size) % len(prompts)
-      keys = decoding.row_keys(0, rows, np.zeros(batch_size))
-      start = time.perf_counter()
-      out = jax.device_get(generate(params, prompts[rows], keys))
-      times.append(time.perf_counter() - start)
-      forwards.append(int(out.forwards))
-      row_forwards += list(out.done_at)
-    per_image = float(np.mean(forwards))
-    entry["sjd"] = dict(
-        window=a.sjd_window, images=len(row_forwards), forwards_per_image=per_image,
-        token_forwards_per_image=n, forward_ratio=n / per_image,
-        row_forwards_per_image=float(np.mean(row_forwards)),
-        wall_ms_per_batch=float(np.mean(times)) * 1e3,
-        ms_per_forward=(float(np.mean(times)) - prefill_s) / per_image * 1e3,
-        wall_vs_token=float(np.mean(times)) / gen_s)
+    if a.sjd_images > 0:
+      entry["sjd"] = sjd_figures(a, setup, params, batch_size, guidance, prompts, prefill_s,
+                                 gen_s)
     results.append(entry)
     print(json.dumps(entry), file=sys.stderr)
   return results
+
+
+def sjd_figures(a, setup, params, batch_size: int, guidance: float, prompts: np.ndarray,
+                prefill_s: float, gen_s: float) -> dict:
+  """Speculative Jacobi decoding of `a.sjd_images` images in batches of `batch_size`, against
+  token-by-token decoding's prefill and generation times (seconds)."""
+  n = setup.config.model.image_grid ** 2
+  settings = decoding.Settings(guidance=guidance, temperature=TEMPERATURE,
+                               sjd_window=a.sjd_window)
+  generate = compiled(setup, params, settings, batch_size, step_bytes=False)[0]
+  warm_keys = decoding.row_keys(0, np.arange(batch_size), np.zeros(batch_size))
+  jax.block_until_ready(generate(params, prompts[:batch_size], warm_keys))  # warm-up
+  forwards, row_forwards, times = [], [], []
+  for b in range(max(1, a.sjd_images // batch_size)):
+    rows = np.arange(b * batch_size, (b + 1) * batch_size) % len(prompts)
+    keys = decoding.row_keys(0, rows, np.zeros(batch_size))
+    start = time.perf_counter()
+    out = jax.device_get(generate(params, prompts[rows], keys))
+    times.append(time.perf_counter() - start)
+    forwards.append(int(out.forwards))
+    row_forwards += list(out.done_at)
+  per_image = float(np.mean(forwards))
+  return dict(
+      window=a.sjd_window, images=len(row_forwards), forwards_per_image=per_image,
+      token_forwards_per_image=n, forward_ratio=n / per_image,
+      row_forwards_per_image=float(np.mean(row_forwards)),
+      wall_ms_per_batch=float(np.mean(times)) * 1e3,
+      ms_per_forward=(float(np.mean(times)) - prefill_s) / per_image * 1e3,
+      wall_vs_token=float(np.mean(times)) / gen_s)
 
 
 def trace(generate, args, out: epath.Path) -> None:
@@ -277,7 +291,8 @@ def main(argv=None):
   goals = {}
   for r in results:
     tag = f"b{r['batch']}_{'guided' if r['guidance'] != 1 else 'unguided'}"
-    goals[f"sjd_forward_ratio_{tag}"] = r["sjd"]["forward_ratio"]
+    if "sjd" in r:
+      goals[f"sjd_forward_ratio_{tag}"] = r["sjd"]["forward_ratio"]
     goals[f"step_over_floor_{tag}"] = r["step_over_floor"]
     goals[f"step_over_filled_floor_{tag}"] = r["step_over_filled_floor"]
   print(json.dumps(dict(

@@ -127,6 +127,16 @@ def test_sampling_benchmark_reports_steps_floors_and_sjd_consistently(tmp_path):
     assert r["goals"][f"step_over_filled_floor_{tag}"] == run["step_over_filled_floor"]
 
 
+def test_sampling_benchmark_can_time_the_guided_step_alone():
+  """--nounguided --sjd_images 0: one run per batch size, guided, and no SJD figures."""
+  r = _last_json(["benchmarks/sampling.py", "--config", "configs/parti_tiny.py",
+                  "--batch_sizes", "8", "--sjd_images", "0", "--reps", "1", "--nounguided",
+                  "--config.model.scan_unroll=2"])
+  assert [(run["batch"], run["guidance"]) for run in r["runs"]] == [(8, 3.0)]
+  assert "sjd" not in r["runs"][0] and r["scan_unroll"] == 2
+  assert sorted(r["goals"]) == ["step_over_filled_floor_b8_guided", "step_over_floor_b8_guided"]
+
+
 def test_gpu_figures_script_keeps_to_its_time_budget_and_named_benchmarks(tmp_path):
   """With no time left every named benchmark is reported skipped, and only those."""
   out = subprocess.run(["bash", "benchmarks/gpu_figures.sh", str(tmp_path), "0", "tokenizer",
