@@ -103,9 +103,9 @@ bench train_unrolled 130 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.remat=dots "${unrolled[@]}"
 bench train_unrolled_none 120 "${train350m[@]}" --config.global_batch_size="$batch" \
   --config.model.attention_impl=cudnn --config.model.remat=none "${unrolled[@]}"
-bench sampling 150 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
+bench sampling 170 python3 benchmarks/sampling.py --config configs/parti_350m.py --batch_sizes 64 \
   --trace "$out/profile_decode"
-bench sampling_unrolled 120 python3 benchmarks/sampling.py --config configs/parti_350m.py \
+bench sampling_unrolled 100 python3 benchmarks/sampling.py --config configs/parti_350m.py \
   --batch_sizes 64 --nounguided --sjd_images 0 --reps 2 "${unrolled[@]}"
 bench profile_decode 30 python3 benchmarks/profile_summary.py \
   --trace "$out/profile_decode/b64/trace" --hlo "$out/profile_decode/b64/hlo.txt"
