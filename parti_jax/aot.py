@@ -81,6 +81,18 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
     "train": train_program, "sample": sample_program}
 
 
+def _compile_uncached(lowered):
+  """`lowered.compile()` past JAX's persistent compilation cache: an executable compiled for
+  devices this host does not have cannot be loaded back from it (JAX warns and compiles
+  again), and a hit would make `compile_s` a cache read."""
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return lowered.compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+
+
 def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
          num_slices: int | None = None, hlo_out: str | None = None,
          attend_length: int | None = None) -> dict:
@@ -158,7 +170,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   report["attention"] = _attention(config, devices[0]) if mode == "train" else "xla"
   start = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    compiled = _compile_uncached(lowered)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

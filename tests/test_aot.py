@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import load_config
@@ -71,6 +72,25 @@ def test_the_sampler_decode_step_plans_the_same_way():
   assert report["mode"] == "sample" and report["fits"]
   assert 0 < report["memory"]["total"] <= report["hbm_bytes"]
   assert report["memory"]["aliased"] > 0  # the decoding state (the KV cache) is donated
+
+
+@needs_libtpu
+def test_the_plan_leaves_nothing_in_the_persistent_compilation_cache(tmp_path):
+  """An executable for chips this host lacks cannot be read back from JAX's persistent cache
+  (JAX warns, then compiles again): the planner neither writes one nor reads one."""
+  cache = tmp_path / "cache"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  done = subprocess.run([sys.executable, "-m", "parti_jax.aot", "--config=configs/parti_tiny.py",
+                         "--topology=v5e-8", "--mode=sample", "--json"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads(done.stdout.splitlines()[-1])["fits"]
+  assert not list(cache.glob("*-cache")), list(cache.iterdir())
+  # The setting is the caller's again afterwards.
+  assert aot.plan(load_config("parti_tiny"), "v5e-8", mode="sample")["fits"]
+  assert jax.config.jax_enable_compilation_cache
 
 
 @needs_libtpu
