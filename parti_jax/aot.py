@@ -82,15 +82,18 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, Any], Program]] = {
 
 
 def _compile_uncached(lowered):
-  """`lowered.compile()` past JAX's persistent compilation cache: an executable compiled for
-  devices this host does not have cannot be loaded back from it (JAX warns and compiles
-  again), and a hit would make `compile_s` a cache read."""
-  was = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
+  """`lowered.compile()`, kept out of JAX's persistent compilation cache: an executable for
+  chips this host does not have cannot be loaded back from it (a later plan read it, warned
+  and compiled again). Its entries are written only after compiles that took at least
+  `jax_persistent_cache_min_compile_time_secs`; turning the cache off instead would not do,
+  since JAX decides once per process whether it uses the cache."""
+  setting = "jax_persistent_cache_min_compile_time_secs"
+  was = getattr(jax.config, setting)
+  jax.config.update(setting, float("inf"))
   try:
     return lowered.compile()
   finally:
-    jax.config.update("jax_enable_compilation_cache", was)
+    jax.config.update(setting, was)
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
