@@ -290,19 +290,21 @@ def _dumped(value):
   return value.model_dump() if hasattr(value, "model_dump") else value
 
 
-def _remove_old_folders(files: epath.Path, every_s: float, age_s: float) -> None:
+def _remove_old_folders(files: epath.Path, every_s: float, age_s: float) -> threading.Event:
   """Removes request folders older than `age_s` every `every_s` (as Gradio's delete_cache
   does with its cache): a request's images are downloaded after its answer, so they
-  cannot go with it."""
+  cannot go with it. Setting the returned event stops it."""
+  stop = threading.Event()
+
   def loop():
-    while True:
-      time.sleep(every_s)
+    while not stop.wait(every_s):
       cutoff = time.time() - age_s
       for folder in files.iterdir():
         if folder.stat().mtime < cutoff:
           shutil.rmtree(folder, ignore_errors=True)
 
   threading.Thread(target=loop, name="old images", daemon=True).start()
+  return stop
 
 
 def _save(folder: epath.Path, entry, seed: int, picture) -> str:

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -194,9 +195,16 @@ def test_request_folders_go_a_day_after(tmp_path):
     folder.mkdir()
     (folder / "image.png").write_bytes(b"png")
   os.utime(old, (time.time() - 90_000,) * 2)
-  serve._remove_old_folders(epath.Path(tmp_path), every_s=0.05, age_s=86_400)
-  wait_until(lambda: not old.exists(), "the old folder removed", timeout_s=30)
-  assert (new / "image.png").exists()
+  before = set(threading.enumerate())
+  stop = serve._remove_old_folders(epath.Path(tmp_path), every_s=0.05, age_s=86_400)
+  (sweeper,) = [t for t in set(threading.enumerate()) - before if t.name == "old images"]
+  try:
+    wait_until(lambda: not old.exists(), "the old folder removed", timeout_s=30)
+    assert (new / "image.png").exists()
+  finally:
+    stop.set()
+  sweeper.join(timeout=5)  # it does not outlive the test in this worker
+  assert not sweeper.is_alive()
 
 
 @pytest.fixture(scope="module")
