@@ -32,6 +32,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -285,6 +286,11 @@ def build(run: sampling.Run, batcher: batcher_lib.Batcher, limits: web.Limits,
   return page
 
 
+def _stop_on_sigterm(signum, frame):
+  log("SIGTERM: stopping")
+  raise KeyboardInterrupt  # what Gradio's block_thread stops on
+
+
 def _dumped(value):
   """A component's postprocessed value as Gradio sends it (its models as plain data)."""
   return value.model_dump() if hasattr(value, "model_dump") else value
@@ -419,6 +425,7 @@ def main(argv=None):
                       upsample=upsampler is not None)
   from starlette.middleware import Middleware
   files = image_folder()
+  log(f"images go to {files} (removed when the server stops)")
   page = build(run, batcher, limits, a.sjd_window, a.max_users, files, scorer, upsampler)
   page.queue(max_size=a.queue_size, default_concurrency_limit=a.max_users)
   page.launch(server_name=a.host, server_port=a.port, show_error=True, prevent_thread_lock=True,
@@ -428,6 +435,9 @@ def main(argv=None):
               run_history=False,
               # No login (auth=): ImageFiles skips none.
               app_kwargs=dict(middleware=[Middleware(ImageFiles, folder=str(files))]))
+  # A container's or a job scheduler's stop is SIGTERM: stop as on Ctrl-C (Gradio closes the
+  # server, then the image folder goes at exit) instead of dying with the folder left behind.
+  signal.signal(signal.SIGTERM, _stop_on_sigterm)
   print(f"serving http://{a.host}:{a.port}", flush=True)
   page.block_thread()
 

@@ -3,6 +3,7 @@
 import contextlib
 import pathlib
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -45,13 +46,17 @@ def server(workdir, log_path: pathlib.Path, *flags: str):
       raise RuntimeError(f"the server stopped:\n{log_path.read_text()[-3000:]}")
     yield f"http://127.0.0.1:{port}", log_path
   finally:
-    process.terminate()
+    process.terminate()  # SIGTERM, as a container's stop sends it
     try:
       process.wait(timeout=30)
     except subprocess.TimeoutExpired:
       process.kill()
       process.wait()
     log.close()
+  # It stopped cleanly and took its images with it (they would pile up in /tmp).
+  assert process.returncode == 0, log_path.read_text()[-3000:]
+  (folder,) = re.findall(r"images go to (\S+) \(removed", log_path.read_text())
+  assert not pathlib.Path(folder).exists(), folder
 
 
 def pixels(path) -> np.ndarray:
