@@ -32,3 +32,15 @@ def _eight_devices():
   assert jax.device_count() == 8, (
       "the tests expect 8 simulated CPU devices: run them with "
       "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_in_pytests_tree(tmp_path_factory):
+  """Temporary files the tests' own process makes go under pytest's tree, which pytest
+  prunes, not into /tmp: gradio_client leaves an empty folder there for every file it
+  downloads (hundreds a run)."""
+  import tempfile
+  before = tempfile.tempdir
+  tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+  yield
+  tempfile.tempdir = before
