@@ -36,11 +36,16 @@ def _eight_devices():
 
 @pytest.fixture(autouse=True, scope="session")
 def _temporary_files_in_pytests_tree(tmp_path_factory):
-  """Temporary files the tests' own process makes go under pytest's tree, which pytest
-  prunes, not into /tmp: gradio_client leaves an empty folder there for every file it
-  downloads (hundreds a run)."""
+  """Temporary files go under pytest's tree, which pytest prunes, not into /tmp: those of
+  the tests' own process (gradio_client leaves an empty folder there for every file it
+  downloads, hundreds a run) and, through TMPDIR, those of the commands the tests start
+  (a test may look for what a command left in its temporary folder)."""
   import tempfile
-  before = tempfile.tempdir
-  tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+  before = tempfile.tempdir, os.environ.get("TMPDIR")
+  tempfile.tempdir = os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
   yield
-  tempfile.tempdir = before
+  tempfile.tempdir = before[0]
+  if before[1] is None:
+    del os.environ["TMPDIR"]
+  else:
+    os.environ["TMPDIR"] = before[1]
