@@ -424,6 +424,10 @@ def main(argv=None):
                       or run.setup.config.model.codebook_size, rerank=scorer is not None,
                       upsample=upsampler is not None)
   from starlette.middleware import Middleware
+  # A container's or a job scheduler's stop is SIGTERM: from here on (the image folder is
+  # made next) stop as on Ctrl-C (Gradio closes the server if it runs, then the folder goes
+  # at exit) instead of dying with the folder left behind.
+  signal.signal(signal.SIGTERM, _stop_on_sigterm)
   files = image_folder()
   log(f"images go to {files} (removed when the server stops)")
   page = build(run, batcher, limits, a.sjd_window, a.max_users, files, scorer, upsampler)
@@ -435,9 +439,6 @@ def main(argv=None):
               run_history=False,
               # No login (auth=): ImageFiles skips none.
               app_kwargs=dict(middleware=[Middleware(ImageFiles, folder=str(files))]))
-  # A container's or a job scheduler's stop is SIGTERM: stop as on Ctrl-C (Gradio closes the
-  # server, then the image folder goes at exit) instead of dying with the folder left behind.
-  signal.signal(signal.SIGTERM, _stop_on_sigterm)
   print(f"serving http://{a.host}:{a.port}", flush=True)
   page.block_thread()
 
