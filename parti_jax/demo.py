@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -51,10 +52,37 @@ def python(*args) -> list[str]:
   return [sys.executable, "-m", *map(str, args)]
 
 
+def run_stage_command(command: list[str], env: dict) -> tuple[int, bool]:
+  """Runs one stage's command to its end: (exit code, whether the demo was told to stop).
+  Ctrl-C or SIGTERM to the demo reaches the command as one SIGTERM, and the demo waits while
+  a trainer saves its checkpoint; a second one reaches it as Ctrl-C (a trainer then stops at
+  once). subprocess.run would kill the command 0.25 s after Ctrl-C, in the middle of its
+  save. The command has a session of its own, so a terminal's Ctrl-C goes to the demo alone
+  and the order of the two signals is the demo's."""
+  process = subprocess.Popen(command, env=env, start_new_session=True)
+  signals = []
+
+  def forward(signum, frame):
+    process.send_signal(signal.SIGINT if signals else signal.SIGTERM)
+    signals.append(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    return process.wait(), bool(signals)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
 class Demo:
 
   def __init__(self, a):
     del a.args  # the demo takes flags only
+    for flag in ("workdir", "configs"):
+      if records.is_bucket(getattr(a, flag)):
+        raise SystemExit(f"error: --{flag} {getattr(a, flag)}: the demo works in a local "
+                         "folder (its stages write there and read each other's output); "
+                         "the commands it prints take buckets")
     a.configs = pathlib.Path(a.configs)
     self.a = a
     self.dir = pathlib.Path(a.workdir).absolute()
@@ -159,12 +187,15 @@ class Demo:
       for command in commands:
         shown = " ".join(shlex.quote(c) for c in ["python", *command[1:]])
         print(f"\n[{number}/{len(STAGES)}] {stage}: {shown}", flush=True)
-        done = subprocess.run(command, env=self.env())
-        if done.returncode == PREEMPTED_EXIT_CODE:
+        returncode, stopped = run_stage_command(command, self.env())
+        if returncode == PREEMPTED_EXIT_CODE:
           sys.exit(f"demo: stage {stage} was stopped and saved a checkpoint; rerun the same "
                    "command to resume it")
-        if done.returncode:
-          sys.exit(f"demo: stage {stage} failed (exit {done.returncode}); fix the cause and "
+        if stopped:
+          sys.exit(f"demo: stopped during stage {stage} (exit {returncode}); rerun the same "
+                   "command: finished stages are skipped, training resumes")
+        if returncode:
+          sys.exit(f"demo: stage {stage} failed (exit {returncode}); fix the cause and "
                    "rerun the same command: finished stages are skipped, training resumes")
       times[stage] = time.perf_counter() - stage_start
       marker.write_text(json.dumps(dict(seconds=times[stage], commands=[

@@ -67,3 +67,47 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
   again = run_demo(tmp_path)
   assert again.returncode == 0, again.stderr[-4000:]
   assert again.stdout.count("skipped") == len(demo.STAGES)
+
+
+CHILD = """
+import pathlib, signal, sys, time
+def save(signum, frame):
+  time.sleep(1)  # a checkpoint being written
+  pathlib.Path(sys.argv[1], "saved").write_text(signal.Signals(signum).name)
+  sys.exit(75)
+signal.signal(signal.SIGTERM, save)
+pathlib.Path(sys.argv[1], "ready").touch()
+time.sleep(60)
+"""
+
+PARENT = """
+import json, os, sys
+from parti_jax import demo
+print(json.dumps(demo.run_stage_command([sys.executable, "-c", sys.argv[1], sys.argv[2]],
+                                        dict(os.environ))))
+"""
+
+
+def test_ctrl_c_to_the_demo_lets_the_stage_save_before_it_stops(tmp_path):
+  """A stage's trainer gets SIGTERM and the time to save (subprocess.run killed it 0.25 s
+  after Ctrl-C, mid-save)."""
+  import signal
+  import time
+  parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (tmp_path / "ready").exists() and time.time() < deadline:
+    time.sleep(0.1)
+  parent.send_signal(signal.SIGINT)
+  out, _ = parent.communicate(timeout=60)
+  assert json.loads(out.strip().splitlines()[-1]) == [75, True]
+  assert (tmp_path / "saved").read_text() == "SIGTERM"
+
+
+def test_a_bucket_workdir_is_refused_by_name(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "parti_jax.demo", "--workdir", "gs://b/demo"],
+                        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "--workdir gs://b/demo: the demo works in a local" in \
+      done.stderr
+  assert not (tmp_path / "gs:").exists()
