@@ -58,7 +58,8 @@ def run_stage_command(command: list[str], env: dict) -> tuple[int, bool]:
   a trainer saves its checkpoint; a second one reaches it as Ctrl-C (a trainer then stops at
   once). subprocess.run would kill the command 0.25 s after Ctrl-C, in the middle of its
   save. The command has a session of its own, so a terminal's Ctrl-C goes to the demo alone
-  and the order of the two signals is the demo's."""
+  and the order of the two signals is the demo's; a closed terminal (SIGHUP) stops it the
+  same way, as it no longer reaches the command itself."""
   process = subprocess.Popen(command, env=env, start_new_session=True)
   signals = []
 
@@ -66,7 +67,8 @@ def run_stage_command(command: list[str], env: dict) -> tuple[int, bool]:
     process.send_signal(signal.SIGINT if signals else signal.SIGTERM)
     signals.append(signum)
 
-  previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM,
+                                                      signal.SIGHUP)}
   try:
     return process.wait(), bool(signals)
   finally:
