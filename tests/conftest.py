@@ -41,11 +41,8 @@ def _temporary_files_in_pytests_tree(tmp_path_factory):
   downloads, hundreds a run) and, through TMPDIR, those of the commands the tests start
   (a test may look for what a command left in its temporary folder)."""
   import tempfile
-  before = tempfile.tempdir, os.environ.get("TMPDIR")
-  tempfile.tempdir = os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
-  yield
-  tempfile.tempdir = before[0]
-  if before[1] is None:
-    del os.environ["TMPDIR"]
-  else:
-    os.environ["TMPDIR"] = before[1]
+  folder = str(tmp_path_factory.mktemp("tmp"))
+  with pytest.MonkeyPatch.context() as patch:  # undone after the session
+    patch.setattr(tempfile, "tempdir", folder)
+    patch.setenv("TMPDIR", folder)
+    yield
