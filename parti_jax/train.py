@@ -10,6 +10,8 @@ refused. `--config.init_from=RUN_DIR` starts from another run's parameters.
 
 SIGTERM (a TPU preemption) or Ctrl-C: the step in flight finishes, a checkpoint is
 written and the process exits with status 75 (EX_TEMPFAIL: "stopped, start me again").
+One that arrives before the first step stops the run without a step; one during the
+last checkpoint's save waits for it to finish.
 With several processes, SIGTERM to any one reaches all through JAX's preemption service,
 and they save the same step. A restart on another number of processes or another global
 batch size goes on from the saved global data position.
@@ -27,6 +29,7 @@ the last write (`skipped_records/REASON`), skipped updates (in the window and in
 data-wait time, and evaluation loss and accuracy on `data.eval`.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -157,88 +160,87 @@ def train(config: ml_collections.ConfigDict, workdir, devices=None,
   t = config.train
   if config.data.eval:  # before anything is compiled, not at the first evaluation
     pipeline.check(config, train=False)
-  loader = pipeline.Loader(config, mesh, train=True)  # checks the data config
-  try:
+  # Whatever ends the run, what was opened is closed in reverse order; the last checkpoint's
+  # wait comes before the stop handler is given back, so a SIGTERM then cannot cut a save.
+  with contextlib.ExitStack() as cleanup:
+    loader = pipeline.Loader(config, mesh, train=True)  # checks the data config
+    cleanup.callback(loader.close)
     use_compilation_cache(t.compilation_cache, workdir)
     task = tasks.build(config, mesh)
     runs.write_config(workdir, config)
     ckpt = checkpoints.Checkpoints(workdir, config)
-  except BaseException:
-    loader.close()
-    raise
-  total = config.num_train_steps
-  writer = metrics_lib.Writer(workdir, total)
-  abstract_state = task.setup.abstract_state()
-  state, start = ckpt.restore_latest(abstract_state, loader, writer.log)
-  if state is None:
-    state = task.setup.init_state()
-    if config.init_from:
-      groups = tuple(config.get("init_from_groups", ()))
-      loaded = runs.load_init_params(config.init_from, abstract_state.params, groups)
-      state = state.replace(params={**state.params, **loaded})
-      writer.log(f"parameters {', '.join(groups) or 'all'} from {config.init_from}")
-  else:
-    writer.log(f"resumed from {ckpt.directory / str(start)}")
-  writer.progress(start)
+    cleanup.callback(ckpt.close)
+    total = config.num_train_steps
+    writer = metrics_lib.Writer(workdir, total)
+    cleanup.callback(writer.close)
+    stop = cleanup.enter_context(StopRequest(ckpt))
+    cleanup.callback(ckpt.wait)
+    abstract_state = task.setup.abstract_state()
+    state, start = ckpt.restore_latest(abstract_state, loader, writer.log)
+    if state is None:
+      state = task.setup.init_state()
+      if config.init_from:
+        groups = tuple(config.get("init_from_groups", ()))
+        loaded = runs.load_init_params(config.init_from, abstract_state.params, groups)
+        state = state.replace(params={**state.params, **loaded})
+        writer.log(f"parameters {', '.join(groups) or 'all'} from {config.init_from}")
+    else:
+      writer.log(f"resumed from {ckpt.directory / str(start)}")
+    writer.progress(start)
 
-  start_time = time.perf_counter()
-  train_step = task.train_step.lower(abstract_state, task.setup.abstract_batch()).compile()
-  writer.log(f"train step compiled in {time.perf_counter() - start_time:.1f} s")
-  peak, peak_source = peak_tflops_per_device()
-  replicated = NamedSharding(mesh, P())
-  count_skipped = jax.jit(lambda s: s.sum(0), out_shardings=replicated)
-  skipped_records = jnp.zeros(len(records.SKIP_REASONS), jnp.int32)
-  distributed.barrier("compiled")  # the first step's collectives start together
-  window, window_start, wait_start = [], time.perf_counter(), loader.data_wait_s
-  saved = start
-  profiler = Profiler(t.profile_steps, workdir)
-  last, eval_source, at_evaluation = {}, None, None
-  try:
+    start_time = time.perf_counter()
+    train_step = task.train_step.lower(abstract_state, task.setup.abstract_batch()).compile()
+    writer.log(f"train step compiled in {time.perf_counter() - start_time:.1f} s")
+    peak, peak_source = peak_tflops_per_device()
+    replicated = NamedSharding(mesh, P())
+    count_skipped = jax.jit(lambda s: s.sum(0), out_shardings=replicated)
+    skipped_records = jnp.zeros(len(records.SKIP_REASONS), jnp.int32)
+    if jax.process_count() == 1 and stop.requested:  # no step taken: nothing new to save
+      writer.log(f"stopped before step {start + 1}; the newest checkpoint stays as it was")
+      raise Preempted(start)
+    distributed.barrier("compiled")  # the first step's collectives start together
+    window, window_start, wait_start = [], time.perf_counter(), loader.data_wait_s
+    saved = start
+    profiler = Profiler(t.profile_steps, workdir)
+    cleanup.callback(profiler.stop)
+    last, eval_source = {}, None
     if config.data.eval:  # the best checkpoint (train.keep_best) and the trend of evaluations
       at_evaluation = keep_best.AtEvaluation(workdir, config, start,
                                              metrics_lib.read(workdir), writer.log)
-    with StopRequest(ckpt) as stop:
-      for step in range(start, total):
-        profiler.before(step)
-        batch = next(loader)
-        state, step_metrics = train_step(state, {k: batch[k] for k in task.inputs})
-        profiler.after(step, step_metrics)
-        skipped_records = skipped_records + count_skipped(batch["skipped"])
-        window.append(step_metrics)
-        done = step + 1
-        writer.progress(done)
-        if done % t.log_every == 0 or done == total or done == stop_after_step:
-          # Steps are dispatched ahead of the device: time the window to its last step's end.
-          jax.block_until_ready(step_metrics)
-          elapsed = time.perf_counter() - window_start
-          last = _report(config, task, writer, done, window, elapsed,
-                         loader.data_wait_s - wait_start, skipped_records, state, peak)
-          window, skipped_records = [], jnp.zeros_like(skipped_records)
-        if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
-          eval_source = eval_source or pipeline.Source(config.data.eval, config.data)
-          last |= evaluate(config, task, state.params, writer, done, eval_source)
-          writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
-          at_evaluation(done, state.params, last)
-        if ckpt.save(done, state, loader, force=done == total):
-          saved = done
-        if not window:  # a report was made: time the next window from here
-          window_start, wait_start = time.perf_counter(), loader.data_wait_s
-        if done == stop_after_step:
-          break
-        if stop.agreed(done):
-          if saved != done:
-            ckpt.save(done, state, loader, force=True)
-          ckpt.wait()
-          writer.log(f"stopped at step {done}; checkpoint saved in {ckpt.directory / str(done)}")
-          raise Preempted(done)
-  finally:
-    profiler.stop()
-    ckpt.wait()
-    ckpt.close()
-    if at_evaluation is not None:
-      at_evaluation.close()
-    loader.close()
-    writer.close()
+      cleanup.callback(at_evaluation.close)
+    for step in range(start, total):
+      profiler.before(step)
+      batch = next(loader)
+      state, step_metrics = train_step(state, {k: batch[k] for k in task.inputs})
+      profiler.after(step, step_metrics)
+      skipped_records = skipped_records + count_skipped(batch["skipped"])
+      window.append(step_metrics)
+      done = step + 1
+      writer.progress(done)
+      if done % t.log_every == 0 or done == total or done == stop_after_step:
+        # Steps are dispatched ahead of the device: time the window to its last step's end.
+        jax.block_until_ready(step_metrics)
+        elapsed = time.perf_counter() - window_start
+        last = _report(config, task, writer, done, window, elapsed,
+                       loader.data_wait_s - wait_start, skipped_records, state, peak)
+        window, skipped_records = [], jnp.zeros_like(skipped_records)
+      if config.data.eval and ((t.eval_every and done % t.eval_every == 0) or done == total):
+        eval_source = eval_source or pipeline.Source(config.data.eval, config.data)
+        last |= evaluate(config, task, state.params, writer, done, eval_source)
+        writer.scalars(done, {k: v for k, v in last.items() if k.startswith("eval/")})
+        at_evaluation(done, state.params, last)
+      if ckpt.save(done, state, loader, force=done == total):
+        saved = done
+      if not window:  # a report was made: time the next window from here
+        window_start, wait_start = time.perf_counter(), loader.data_wait_s
+      if done == stop_after_step:
+        break
+      if stop.agreed(done):
+        if saved != done:
+          ckpt.save(done, state, loader, force=True)
+        ckpt.wait()
+        writer.log(f"stopped at step {done}; checkpoint saved in {ckpt.directory / str(done)}")
+        raise Preempted(done)
   last["peak_tflops_source"] = peak_source
   return last
 

@@ -370,3 +370,47 @@ def test_a_second_unreadable_checkpoint_stops_the_run_instead_of_its_history(dat
                    r"\S*checkpoints/8 was set aside", run.stderr), run.stderr[-3000:]
   assert (tmp_path / "checkpoints_unreadable" / "8").is_dir()
   assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+
+@pytest.fixture
+def sigterm_default(monkeypatch):
+  """SIGTERM's default action (ending the process) recorded instead; the list of arrivals."""
+  arrivals = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: arrivals.append(True))
+  yield arrivals
+  signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_after(monkeypatch, owner, name):
+  """Makes `owner.name` send this process a SIGTERM (as a scheduler's stop) when called."""
+  original = getattr(owner, name)
+
+  def then_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, then_sigterm)
+
+
+def test_a_sigterm_during_the_last_save_does_not_cut_it(data, tmp_path, monkeypatch,
+                                                        sigterm_default):
+  """The final checkpoint is waited for with the trainer's stop handler still in place."""
+  config = tiny(data)
+  config.data.eval = ""
+  sigterm_after(monkeypatch, checkpoints.Checkpoints, "wait")  # called once: at the end
+  trainer.train(config, tmp_path)
+  assert not sigterm_default
+  assert final_params(tmp_path, config)[0] == 12  # complete and readable
+
+
+def test_a_sigterm_while_compiling_stops_before_the_first_step(data, tmp_path, monkeypatch,
+                                                               sigterm_default, capsys):
+  sigterm_after(monkeypatch, trainer, "peak_tflops_per_device")  # right after compiling
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(trainer.Preempted):
+    trainer.train(tiny(data), tmp_path)
+  assert not sigterm_default
+  assert "stopped before step 1" in capsys.readouterr().err
+  assert not list((tmp_path / "checkpoints").iterdir())
+  assert signal.getsignal(signal.SIGTERM) is handler  # given back
