@@ -426,3 +426,27 @@ def test_an_encode_killed_mid_shard_reruns_to_the_records_of_a_clean_run(data, t
   encode.main([*map(str, argv), "--out", str(tmp_path / "clean")])
   assert raw_records(out) == raw_records(tmp_path / "clean")
   assert sum(map(len, raw_records(out).values())) == 16 and leftovers(out) == []
+
+  # A rerun over the finished set, killed as it replaces the second shard (the first holds
+  # the rerun's records already): the set it leaves does not read as finished.
+  killed = killed_at_call("parti_jax.data.records", "ShardWriter.close", 2,
+                          "parti_jax.data.encode", *argv, "--out", out)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  with pytest.raises(records.DataError, match="is not a finished shard set"):
+    records.ShardSet.open(out)
+
+
+def test_an_encode_into_a_bucket_killed_mid_shard_leaves_its_files_to_the_rerun(data, gs_dir):
+  argv = ["--data", data / "shapes" / "validation", "--spm", data / "spm.model",
+          "--tokenizer", "color", "--resolution", "32", "--text_len", "16", "--batch_size",
+          "8", "--shards_per_process", "2", "--out", gs_dir / "tokens"]
+  staging = records.staging_dir(gs_dir / "tokens")  # local: a bucket holds whole objects only
+  killed = killed_at_call("parti_jax.data.records", "ShardWriter.write", 11,
+                          "parti_jax.data.encode", *argv)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  names = [records.shard_name("shapes-validation", j, 2) for j in range(2)]
+  assert [records.is_temp_of(p.name, names) for p in staging.iterdir()] == [True, True]
+
+  encode.main(list(map(str, argv)))
+  assert records.ShardSet.open(gs_dir / "tokens").meta["count"] == 16
+  assert not staging.exists()  # swept, then removed

@@ -21,7 +21,7 @@ from gcs import gcs_emulator, gs_dir, listing  # noqa: F401  (fixtures)
 import pytest
 from test_ingest import make_tar, noise, rgb, run, write
 
-from parti_jax.data import records, shard_writer
+from parti_jax.data import records
 
 
 def image_folder(root) -> None:
@@ -81,7 +81,7 @@ def assert_same_sets(a: records.ShardSet, b: records.ShardSet) -> None:
 
 def staged_leftovers(out) -> list[str]:
   """What is in the local folder where shards for OUT are staged before their upload."""
-  staging = shard_writer._staging_dir(epath.Path(out))
+  staging = records.staging_dir(epath.Path(out))
   return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
 
 
@@ -196,7 +196,7 @@ def test_a_bucket_that_does_not_exist_is_named_in_one_line(gcs_emulator, tmp_pat
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert cli.returncode == 1 and one_line_naming(f"{missing}/set", cli.stderr.strip(), "error: ")
   assert not epath.Path(missing).exists()  # not made on the way
-  assert not shard_writer._staging_dir(epath.Path(f"{missing}/set")).exists()  # nor a local folder
+  assert not records.staging_dir(epath.Path(f"{missing}/set")).exists()  # nor a local folder
 
   for argv, path in [(["folder", "--images", f"{missing}/images"], f"{missing}/images"),
                      (["folder", "--images", tmp_path / "images", "--captions",

@@ -14,12 +14,15 @@ bytes of the grid, row-major). Training reads them with `config.data.kind = "tok
 in, `color:patch=8,levels=4`), `vitvqgan:RUN_DIR` or `MODULE:FUNCTION`.
 
 DIR, OUT and the SentencePiece model may be in buckets (gs://...). A shard in a bucket is
-uploaded whole when it is finished, and metadata.json after every shard. A rerun encodes
-everything again (it does not resume), replacing the shards: a run killed part-way leaves
-no shard that reads as finished (each is renamed into place, or uploaded, once whole) and
-no metadata.json, and the rerun deletes the temporary files it left beside OUT's shards.
+staged in a local folder named after OUT (`records.staging_dir`) and uploaded whole when it
+is finished; metadata.json is written after all shards. A rerun encodes everything again (it
+does not resume), replacing the shards, and removes an earlier metadata.json before it
+replaces the first one: a run killed part-way leaves no shard that reads as finished (each
+is renamed into place, or uploaded, once whole) and no metadata.json, and the rerun deletes
+the temporary files it left beside OUT's shards or in OUT's staging folder.
 """
 
+import contextlib
 import sys
 
 import jax
@@ -83,7 +86,7 @@ def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokeniz
   total = n * shards_per_process
   names = [records.shard_name(name, p * shards_per_process + j, total)
            for j in range(shards_per_process)]
-  _remove_temps(out_dir, names)
+  records.remove_temps(out_dir, names)  # what a killed run left of this process's shards
   writers = [records.ShardWriter(out_dir / shard) for shard in names]
   skipped = np.zeros(len(records.SKIP_REASONS), np.int64)
   num_batches = -(-len(source) // batch_size)
@@ -105,8 +108,17 @@ def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokeniz
   finally:
     loader.close()
   with buckets.reported(out_dir):  # in a bucket, each shard is uploaded here
+    # A rerun replaces a finished set's shards: the old metadata.json goes first, so that a
+    # set killed while its shards are replaced never reads as finished.
+    if p == 0:
+      (out_dir / records.METADATA).unlink(missing_ok=True)
+    distributed.barrier("encode_old_metadata_removed")
     for w in writers:
       w.close()
+  staging = records.staging_dir(out_dir)
+  if staging is not None:  # every shard of this process is uploaded: nothing left to stage
+    with contextlib.suppress(OSError):  # another process's shards may still be in it
+      staging.rmdir()
   # Every process's counts, in shard order, without reading a shard back (which, in a
   # bucket, would go through a FUSE mount that may not see a new object yet).
   counts = multihost_utils.process_allgather(np.array([w.count for w in writers])).reshape(-1)
@@ -120,17 +132,6 @@ def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokeniz
                   codebook_size=tokenizer.codebook_size, text_len=text_tokenizer.length,
                   text_vocab_size=text_tokenizer.vocab_size,
                   spm_model=text_tokenizer.model_path))
-
-
-def _remove_temps(out_dir: epath.Path, shard_names: list[str]) -> None:
-  """Deletes what a killed run left of these shards (this process's own: another may be
-  writing its own now). In a bucket there is nothing: a shard is written locally, then
-  uploaded whole."""
-  if records.is_bucket(out_dir):
-    return
-  for leftover in out_dir.iterdir():
-    if records.is_temp_of(leftover.name, shard_names):
-      leftover.unlink(missing_ok=True)
 
 
 def _text_tokenizer(model_path, length: int) -> spm.Tokenizer:

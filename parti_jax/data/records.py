@@ -31,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import errno
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -187,23 +188,45 @@ def atomic_write_text(path, text: str) -> None:
     raise
 
 
+def staging_dir(out) -> pathlib.Path | None:
+  """Where shards bound for a bucket directory OUT are written before their upload: a local
+  folder named after OUT, so that a rerun finds what a killed run left there, and only
+  that. None for a local OUT, whose shards are written beside their final names."""
+  out = epath.Path(out)
+  if not is_bucket(out):
+    return None
+  digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+  return pathlib.Path(tempfile.gettempdir()) / "parti_jax_staging" / f"{out.name}-{digest}"
+
+
+def remove_temps(directory, final_names) -> None:
+  """Deletes what killed writers left of `final_names` (only those: another process may be
+  writing its own now): beside them on local disk; for a bucket directory, in its staging
+  folder, since a bucket only ever holds whole objects."""
+  staging = staging_dir(directory)
+  local = epath.Path(directory) if staging is None else staging
+  if not local.is_dir():
+    return
+  for leftover in local.iterdir():
+    if is_temp_of(leftover.name, final_names):
+      leftover.unlink(missing_ok=True)
+
+
 class ShardWriter:
   """Writes one ArrayRecord shard under a temporary name; `close()` renames it into place.
 
-  In a bucket the temporary file is local and `close()` uploads it as the final object;
-  `staging` names a local directory for it (default: the system's temp dir), where it is
-  named as `temp_path` names it, so that `is_temp_of` finds what a killed writer left.
-  Used as a context manager, a shard whose writing raised is deleted, never renamed.
+  In a bucket the temporary file is local, in `staging_dir` of the shard's directory, and
+  `close()` uploads it as the final object. Either way it is named as `temp_path` names it,
+  so that `is_temp_of` finds what a killed writer left. Used as a context manager, a shard
+  whose writing raised is deleted, never renamed.
   """
 
-  def __init__(self, path, staging=None):
+  def __init__(self, path):
     self.path = epath.Path(path)
-    if is_bucket(self.path) and staging is not None:
-      self._tmp = temp_path(pathlib.Path(staging) / self.path.name)  # a local dir of our own
-    elif is_bucket(self.path):
-      handle, name = tempfile.mkstemp(suffix=".array_record.tmp")
-      os.close(handle)
-      self._tmp = pathlib.Path(name)
+    if is_bucket(self.path):
+      staging = staging_dir(self.path.parent)
+      staging.mkdir(parents=True, exist_ok=True)  # our own local folder, not a user path
+      self._tmp = temp_path(staging / self.path.name)
     else:
       self._tmp = temp_path(pathlib.Path(self.path))
     self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
@@ -257,12 +280,9 @@ def _upload(source, path: epath.Path) -> None:
   out.close()
 
 
-def write_shard(path, records, staging=None) -> int:
-  """Writes `records` (dicts) to one ArrayRecord shard atomically; returns the count.
-
-  `staging`: see ShardWriter.
-  """
-  with ShardWriter(path, staging) as writer:
+def write_shard(path, records) -> int:
+  """Writes `records` (dicts) to one ArrayRecord shard atomically; returns the count."""
+  with ShardWriter(path) as writer:
     for record in records:
       writer.write(record)
   return writer.count

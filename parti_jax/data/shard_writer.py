@@ -21,11 +21,8 @@ import contextlib
 import fnmatch
 import functools
 import glob
-import hashlib
 import json
 import os
-import pathlib
-import tempfile
 
 import numpy as np
 import tqdm
@@ -54,16 +51,6 @@ def _names_in(directory: epath.Path) -> set[str]:
     if records.is_bucket(directory):
       return {p.name for p in directory.glob("*")}
     return set(os.listdir(directory))
-
-
-def _staging_dir(out: epath.Path) -> pathlib.Path | None:
-  """Where shards bound for a bucket are written before their upload: a local folder named
-  after OUT, so that a rerun finds what a killed run left there, and only that. None for a
-  local OUT, whose shards are written beside their final names."""
-  if not records.is_bucket(out):
-    return None
-  digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
-  return pathlib.Path(tempfile.gettempdir()) / "parti_jax_ingest" / f"{out.name}-{digest}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,17 +92,15 @@ def write(plan: Plan, out, name: str, *, process_index: int = 0, num_processes: 
           progress: bool = True) -> dict | None:
   """Writes this process's unfinished shards; returns the metadata once all K exist."""
   out = epath.Path(out)
-  staging = _staging_dir(out)
+  staging = records.staging_dir(out)
   if staging is None:  # a bucket has no folders to make (and makedirs would make a bucket)
     (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
   names = _names_in(out)  # in a bucket the first request: a missing bucket is named here
-  if staging is not None:
-    staging.mkdir(parents=True, exist_ok=True)  # our own local folder, not a user path
   k = plan.num_shards
   own = [s for s in range(k) if s % num_processes == process_index]
   done = {s for s in range(k) if records.shard_name(name, s, k) in names}
   todo = [s for s in own if s not in done]
-  _remove_temps(out, staging, [records.shard_name(name, s, k) for s in own])
+  _remove_temps(out, [records.shard_name(name, s, k) for s in own])
   print(f"{plan.kind}: {plan.num_units} inputs -> {k} shards in {out}; process "
         f"{process_index} of {num_processes} writes {len(own)} of them")
   if done:
@@ -126,7 +111,7 @@ def write(plan: Plan, out, name: str, *, process_index: int = 0, num_processes: 
   with tqdm.tqdm(total=total, unit=" records", disable=not (progress and todo),
                  mininterval=1.0) as bar:
     for s in todo:
-      run_tally.add(_write_one(plan, out, staging, name, s, max_pixels, num_threads,
+      run_tally.add(_write_one(plan, out, name, s, max_pixels, num_threads,
                                max_bad_fraction, bar))
   if todo:
     print(f"this process wrote {len(todo)} shards:\n{run_tally.summary()}")
@@ -148,20 +133,16 @@ def _stats_path(out: epath.Path, name: str, shard: int, k: int) -> epath.Path:
                             + ".json")
 
 
-def _remove_temps(out: epath.Path, staging: pathlib.Path | None, shard_names: list[str]):
-  """Deletes temp files a killed run left for these shards or their stats: beside them on
-  local disk; for a bucket, in the local staging folder (a bucket only holds whole objects).
-
-  Only this process's own shards: another process may be writing its temp files now.
-  """
+def _remove_temps(out: epath.Path, shard_names: list[str]):
+  """Deletes temp files a killed run left for these shards (this process's own) or their
+  stats (local disk only: in a bucket, stats are written whole)."""
   finals = set(shard_names) | {n.removesuffix(".array_record") + ".json" for n in shard_names}
-  for directory in (out, out / STATS_DIR) if staging is None else (staging,):
-    for leftover in directory.iterdir():
-      if records.is_temp_of(leftover.name, finals):
-        leftover.unlink(missing_ok=True)
+  records.remove_temps(out, finals)
+  if not records.is_bucket(out):
+    records.remove_temps(out / STATS_DIR, finals)
 
 
-def _write_one(plan: Plan, out: epath.Path, staging: pathlib.Path | None, name: str, shard: int,
+def _write_one(plan: Plan, out: epath.Path, name: str, shard: int,
                max_pixels: int, num_threads: int, max_bad_fraction: float,
                bar) -> records.Tally:
   tally, errors = records.Tally(), []
@@ -199,7 +180,7 @@ def _write_one(plan: Plan, out: epath.Path, staging: pathlib.Path | None, name: 
     with buckets.reported(stats_path):  # the first write to OUT: no permission to write shows here
       records.atomic_write_text(stats_path, json.dumps(stats, indent=1))
 
-  records.write_shard(_shard_path(out, name, shard, k), checked(), staging)
+  records.write_shard(_shard_path(out, name, shard, k), checked())
   for error in errors:
     tqdm.tqdm.write(f"warning: {error}")
   return tally
