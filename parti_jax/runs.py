@@ -85,7 +85,7 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
   path = epath.Path(workdir) / "config.json"
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved = read_config_file(path, "a run's config.json").to_dict()
     changed = [f"{f}: {_lookup(saved, f)!r} in {path}, now {_lookup(current, f)!r}"
                for f in SHAPE_FIELDS if _lookup(saved, f) != _lookup(current, f)]
     if changed:
@@ -96,7 +96,8 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
     return
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    # Whole or not at all: a half-written one (a full disk) would stop every restart.
+    records.atomic_write_text(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
 def _lookup(config_dict: dict, dotted: str):

@@ -23,7 +23,7 @@ from orbax import checkpoint as ocp
 from test_ingest import write
 from test_trainer import assert_same_params, logged
 
-from parti_jax import checkpoints, metrics, sharding, workdir_lock
+from parti_jax import checkpoints, metrics, runs, sharding, workdir_lock
 from parti_jax import train as trainer
 from parti_jax.data import encode, ingest, records
 from parti_jax.tasks import parti as parti_task
@@ -308,19 +308,40 @@ def test_a_full_disk_under_checkpoints_is_named_and_the_run_resumes_when_freed(
                                                                        tiny(data)))
 
 
+def fill(disk):
+  """Fills the disk with the test's own file; returns it (delete it to free the space)."""
+  ballast = disk / "ballast"
+  with open(ballast, "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(b"\0" * 4096)
+    except OSError:
+      pass
+  return ballast
+
+
+def test_a_full_disk_leaves_no_half_written_config_json(data, small_disk):
+  disk = small_disk(256 << 10)
+  (disk / "run").mkdir()
+  ballast = fill(disk)
+  with pytest.raises(OSError, match="No space left"):
+    runs.write_config(disk / "run", tiny(data))
+  ballast.unlink()  # space freed: the restart writes it, as it would have the first time
+  runs.write_config(disk / "run", tiny(data))
+  assert runs.read_config(disk / "run").model.d_model == tiny(data).model.d_model
+
+  (disk / "run" / "config.json").write_text('{"model": {"d_model": 6')  # cut by other means
+  with pytest.raises(runs.RunError, match=f"{disk / 'run' / 'config.json'} is not a config"):
+    runs.write_config(disk / "run", tiny(data))
+
+
 def test_a_full_disk_under_metrics_keeps_what_was_written_and_writes_the_rest_later(
     small_disk, capsys):
   disk = small_disk(256 << 10)
   writer = metrics.Writer(disk / "run", 100, start_step=0, flush_secs=0)
   writer.scalars(1, {"loss": 1.0})
   wait_for(lambda: [r["step"] for r in metrics.read(disk / "run")] == [1], timeout=30)
-  ballast = disk / "ballast"
-  with open(ballast, "wb", buffering=0) as f:  # the test's own file: fill the disk
-    try:
-      while True:
-        f.write(b"\0" * 4096)
-    except OSError:
-      pass
+  ballast = fill(disk)
   said = ""
   for step in range(2, 41):
     writer.scalars(step, {"loss": 1.0})
