@@ -10,7 +10,8 @@ model/ (config.json and model.safetensors, or several files with an index past
 named in model.json), spm.model, README.md (the model card) and, with --preview, samples
 drawn from the folder itself. `python -m parti_jax.sample --model DIR` and the notebook read
 it without orbax or the run; `--config.init_from=DIR` fine-tunes from it
-(docs/sharing.md). RUN and DIR may be in buckets (gs://...).
+(docs/sharing.md). RUN and DIR may be in buckets (gs://...). An export cut short after
+model.json (in its preview or model card) is finished by running the same command again.
 """
 
 import sys

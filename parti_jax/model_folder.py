@@ -33,6 +33,7 @@ from parti_jax import runs
 from parti_jax.data import records, spm
 
 MANIFEST = "model.json"
+CARD = "README.md"  # the model card, written last
 FORMAT = "parti_jax model folder"
 FORMAT_VERSION = 1
 MODEL, IMAGE_TOKENIZER = "model", "image_tokenizer"  # the stages' folders
@@ -317,12 +318,12 @@ def export(workdir, out, step: int | str | None = None, tokenizer: str | None = 
   """Writes the model folder of a run's checkpoint `step` (default: the latest; `best`)
   into `out`: its parameters and config, its image tokenizer and SentencePiece model (a
   Parti run's), `preview` prompts sampled from the written folder, and a model card.
-  model.json is written after the files it lists, so an export cut short is no folder."""
+  model.json is written after the files it lists, so an export cut short before it is no
+  folder; the model card is written last, and an export cut short after model.json (in its
+  preview or card) is finished by running it again."""
   from parti_jax import model_card, sampling  # sampling reads folders through this module
   out = epath.Path(out) if "://" in str(out) else epath.Path(out).resolve()
-  if (out / MANIFEST).exists():
-    raise FolderError(f"{out / MANIFEST} exists: {out} already holds a model folder; "
-                      "choose another --out or remove it")
+  unfinished = _unfinished(out)
   run = runs.prepare(workdir, step, devices=jax.local_devices())
   config, stages, files = run.config, {}, {}
   task = config.get("task", "parti")
@@ -331,40 +332,63 @@ def export(workdir, out, step: int | str | None = None, tokenizer: str | None = 
       spec, resolution, spm_path = sampling.run_tokenizers(config, tokenizer, spm_model)
     except sampling.SampleError as e:
       raise FolderError(f"{workdir}: {e}") from None
-  log(f"exporting {workdir} step {run.step} to {out}")
-  stages[MODEL] = _write_run_stage(out / MODEL, workdir, run, run.load_params(),
-                                   max_shard_bytes, progress)
-  if task == "parti":
-    stages[IMAGE_TOKENIZER] = _tokenizer_stage(out / IMAGE_TOKENIZER, spec, resolution,
-                                               max_shard_bytes, progress)
-    try:
-      data = records.read_limited(spm_path, spm.MAX_MODEL_BYTES, "a SentencePiece model")
-    except (OSError, records.DataError) as e:
-      raise FolderError(f"cannot read the SentencePiece model {spm_path}: {e}; pass --spm") \
-          from None
-    (out / SPM_MODEL).write_bytes(data)
-  for stage in stages.values():
-    for name in [stage.get("config"), *stage.get("weights", ()), stage.get("index")]:
-      if name:
-        files[name] = (out / name).stat().length
-  if task == "parti":
-    files[SPM_MODEL] = len(data)
-  manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, task=task, step=run.step,
-                  source=dict(workdir=str(workdir), checkpoint=str(run.path), step=run.step,
-                              chosen="best" if step == runs.BEST else
-                              ("latest" if step is None else "step")),
-                  stages=stages, files=files)
-  if task == "parti":
-    manifest["spm_model"] = SPM_MODEL
-  (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+  if unfinished is not None:
+    manifest = unfinished.manifest
+    exported = manifest.get("source", {}).get("checkpoint")
+    if exported != str(run.path):
+      raise FolderError(f"{out} holds an unfinished export of {exported}, not of {run.path}; "
+                        "choose another --out or remove it")
+    log(f"finishing the export of {run.path} to {out}, which stopped before its model card")
+  else:
+    log(f"exporting {workdir} step {run.step} to {out}")
+    stages[MODEL] = _write_run_stage(out / MODEL, workdir, run, run.load_params(),
+                                     max_shard_bytes, progress)
+    if task == "parti":
+      stages[IMAGE_TOKENIZER] = _tokenizer_stage(out / IMAGE_TOKENIZER, spec, resolution,
+                                                 max_shard_bytes, progress)
+      try:
+        data = records.read_limited(spm_path, spm.MAX_MODEL_BYTES, "a SentencePiece model")
+      except (OSError, records.DataError) as e:
+        raise FolderError(f"cannot read the SentencePiece model {spm_path}: {e}; pass "
+                          "--spm") from None
+      (out / SPM_MODEL).write_bytes(data)
+    for stage in stages.values():
+      for name in [stage.get("config"), *stage.get("weights", ()), stage.get("index")]:
+        if name:
+          files[name] = (out / name).stat().length
+    if task == "parti":
+      files[SPM_MODEL] = len(data)
+    manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, task=task, step=run.step,
+                    source=dict(workdir=str(workdir), checkpoint=str(run.path), step=run.step,
+                                chosen="best" if step == runs.BEST else
+                                ("latest" if step is None else "step")),
+                    stages=stages, files=files)
+    if task == "parti":
+      manifest["spm_model"] = SPM_MODEL
+    records.atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
   previewed = None
   if preview and task == "parti":
     previewed = _preview(out, list(preview), preview_samples, progress, log)
-  (out / "README.md").write_text(model_card.text(out, manifest, config, workdir, previewed))
+  records.atomic_write_text(out / CARD, model_card.text(out, manifest, config, workdir,
+                                                        previewed))
   sizes = [f"{name} {stage['parameters']:,} parameters" for name, stage in stages.items()
            if "parameters" in stage]
   log(f"wrote {out}: {', '.join(sizes)}")
   return open_folder(out)
+
+
+def _unfinished(out: epath.Path) -> Folder | None:
+  """The folder an export cut short after model.json left in `out` (its files checked
+  against it), or None when `out` holds no model.json; a finished folder is refused."""
+  if not (out / MANIFEST).exists():
+    return None
+  if (out / CARD).exists():
+    raise FolderError(f"{out / MANIFEST} exists: {out} already holds a model folder; "
+                      "choose another --out or remove it")
+  folder = open_folder(out)
+  for name in folder.manifest["files"]:
+    folder.checked_file(name, None)
+  return folder
 
 
 def _write_run_stage(directory: epath.Path, workdir, run, params, max_shard_bytes,

@@ -232,3 +232,35 @@ def test_export_refuses_what_it_cannot_write(workdir, folder, tmp_path):
   with pytest.raises(SystemExit, match="--step='last' is not a step"):
     export.main(["--workdir", str(workdir), "--out", str(tmp_path / "x"), "--step", "last"])
   assert not (tmp_path / "x" / "model.json").exists()
+
+
+def test_an_export_cut_short_after_model_json_is_finished_by_running_it_again(
+    workdir, tmp_path, monkeypatch):
+  from parti_jax import model_card
+  out, card = tmp_path / "cut", model_card.text
+
+  def cut_short(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while the card (or the preview before it) is made
+
+  monkeypatch.setattr(model_card, "text", cut_short)
+  with pytest.raises(KeyboardInterrupt):
+    model_folder.export(workdir, out, progress=False)
+  assert (out / "model.json").exists() and not (out / "README.md").exists()
+  weights = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+
+  monkeypatch.setattr(model_card, "text", card)
+  said = []
+  model_folder.export(workdir, out, progress=False, log=said.append)
+  assert said[0].startswith(f"finishing the export of {workdir / 'checkpoints'}")
+  assert f"step {STEPS}" in (out / "README.md").read_text()
+  assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == weights  # kept
+  with pytest.raises(model_folder.FolderError, match="already holds a model folder"):
+    model_folder.export(workdir, out, progress=False)
+
+  (out / "README.md").unlink()  # cut short again, but model.json names another checkpoint
+  manifest = json.loads((out / "model.json").read_text())
+  manifest["source"]["checkpoint"] = "elsewhere/checkpoints/7"
+  (out / "model.json").write_text(json.dumps(manifest))
+  with pytest.raises(model_folder.FolderError,
+                     match="holds an unfinished export of elsewhere/checkpoints/7, not of"):
+    model_folder.export(workdir, out, progress=False)
