@@ -36,10 +36,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
-from etils import epath
 
 from parti_jax import cli, flops, optim, roofline, sharding, tasks, topologies
 from parti_jax import config as config_lib
+from parti_jax.data import records
 from parti_jax.models import layers
 
 FITS, DOES_NOT_FIT, REFUSED = 0, 1, 2
@@ -183,7 +183,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, mode: str = "train",
   report["compile_s"] = time.perf_counter() - start
   text = compiled.as_text()
   if hlo_out:
-    epath.Path(hlo_out).write_text(text)
+    records.atomic_write_text(hlo_out, text)
   if gpu:  # cuDNN's fused attention (forward, backward): custom calls once partitioned
     report["cudnn_attention_kernels"] = text.count('custom_call_target="__cudnn$fmha')
     report["roofline"] = _roofline(text, machine.spec, report["analytic_flops_per_device"])

@@ -200,7 +200,8 @@ class Demo:
           sys.exit(f"demo: stage {stage} failed (exit {returncode}); fix the cause and "
                    "rerun the same command: finished stages are skipped, training resumes")
       times[stage] = time.perf_counter() - stage_start
-      marker.write_text(json.dumps(dict(seconds=times[stage], commands=[
+      # Whole or not at all: a cut-off marker would stop every rerun at its JSON.
+      records.atomic_write_text(marker, json.dumps(dict(seconds=times[stage], commands=[
           " ".join(shlex.quote(c) for c in ["python", *c[1:]]) for c in commands])))
     report = self.report(times)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s (this run); "
@@ -238,8 +239,8 @@ class Demo:
         stage_seconds=times, total_seconds=sum(times.values()),
         settings=dict(vars(self.a), workdir=str(self.dir), configs=str(self.a.configs)),
         grids={split: self.overview(split) for split in ("validation", "heldout")})
-    (self.dir / "report.json").write_text(json.dumps(report, indent=1))
-    (self.dir / "report.md").write_text(self.markdown(report))
+    records.atomic_write_text(self.dir / "report.json", json.dumps(report, indent=1))
+    records.atomic_write_text(self.dir / "report.md", self.markdown(report))
     return report
 
   def overview(self, split: str, count: int = 32) -> str:

@@ -452,7 +452,7 @@ def _write(out: epath.Path, report: dict, images, upsampled=None) -> None:
   out.mkdir(parents=True, exist_ok=True)
 
   def save(name, pixels):
-    with (out / name).open("wb") as f:
+    with records.atomic_output(out / name) as f:  # never a cut-off PNG under a final name
       Image.fromarray(pixels).save(f, format="PNG")
 
   for j, (entry, pictures) in enumerate(zip(report["prompts"], images)):
@@ -464,7 +464,7 @@ def _write(out: epath.Path, report: dict, images, upsampled=None) -> None:
     if upsampled is not None:
       for name, picture in zip(entry["upsampled"], upsampled[j]):
         save(name, picture)
-  (out / "samples.json").write_text(json.dumps(report, indent=1) + "\n")
+  records.atomic_write_text(out / "samples.json", json.dumps(report, indent=1) + "\n")
 
 
 def check_out(out) -> None:

@@ -148,7 +148,7 @@ def upsample_folder(upsampler: Upsampler, images_dir, out_dir, max_pixels: int,
     nonlocal done
     group = pending.pop(shape)
     for (name, _), big in zip(group, upsampler(np.stack([x for _, x in group]))):
-      with buckets.reported(out_dir), (out_dir / names[name]).open("wb") as f:
+      with buckets.reported(out_dir), records.atomic_output(out_dir / names[name]) as f:
         Image.fromarray(big).save(f, format="PNG")
     done += len(group)
     bar.update(len(group))

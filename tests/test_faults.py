@@ -335,6 +335,26 @@ def test_a_full_disk_leaves_no_half_written_config_json(data, small_disk):
     runs.write_config(disk / "run", tiny(data))
 
 
+def test_an_output_cut_short_leaves_the_file_before_it_and_nothing_else(small_disk, gs_dir):
+  """records.atomic_output, through which the commands write samples, reports and weights."""
+  disk = small_disk(256 << 10)
+  for path in (disk / "samples.json", gs_dir / "samples.json"):
+    path.write_bytes(b"before")
+    ballast = fill(disk) if path.parent == disk else None
+    with pytest.raises(OSError if ballast else KeyboardInterrupt):
+      with records.atomic_output(path) as f:
+        f.write(b"after" * (20 << 10))  # a disk full mid-file, or an interrupt before the end
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"before"
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["samples.json"] + (["ballast"] if ballast else []))
+    if ballast:
+      ballast.unlink()
+    with records.atomic_output(path) as f:
+      f.write(b"after")
+    assert path.read_bytes() == b"after"
+
+
 def test_a_full_disk_under_metrics_keeps_what_was_written_and_writes_the_rest_later(
     small_disk, capsys):
   disk = small_disk(256 << 10)

@@ -24,6 +24,7 @@ from etils import epath
 
 from parti_jax import cli
 from parti_jax.convert import torch_file
+from parti_jax.data import records
 from parti_jax.eval import inception
 
 # npz field -> the batch norm tensor it comes from.
@@ -81,10 +82,8 @@ def convert(pytorch_fid_path, out_path) -> dict[str, np.ndarray]:
   arrays = convert_state(torch_file.load(pytorch_fid_path), pytorch_fid_path)
   out_path = epath.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.parent / f".{out_path.name}.tmp"
-  with tmp.open("wb") as f:  # a file object: np.savez would add ".npz" to a name
+  with records.atomic_output(out_path) as f:  # a file object: np.savez would add ".npz" to a name
     np.savez(f, **arrays)
-  tmp.replace(out_path)
   return arrays
 
 

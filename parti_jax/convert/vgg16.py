@@ -24,6 +24,7 @@ from etils import epath
 
 from parti_jax import cli
 from parti_jax.convert import torch_file
+from parti_jax.data import records
 from parti_jax.models import perceptual
 
 # Index of each convolution in torchvision's `vgg16().features` (ReLUs and pools between).
@@ -82,7 +83,7 @@ def convert(vgg16_path, out_path, lpips_path=None) -> dict[str, np.ndarray]:
   arrays["format_version"] = np.array(perceptual.FORMAT_VERSION, np.int32)
   out_path = epath.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  with out_path.open("wb") as f:
+  with records.atomic_output(out_path) as f:  # whole or not at all
     np.savez(f, **arrays)
   return arrays
 

@@ -28,6 +28,7 @@ it, gs:// paths go to ArrayRecord's own GCS reader as they are.
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -179,12 +180,31 @@ def atomic_write_text(path, text: str) -> None:
   if is_bucket(path):
     path.write_text(text)  # an object is replaced whole when its upload completes
     return
+  with atomic_output(path) as f:
+    f.write(text.encode())
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+  """A binary file whose contents replace `path` whole when the block ends; when it raises
+  (a full disk, Ctrl-C) `path` stays as it was and nothing else is left behind.
+
+  On a disk the file is a `temp_path` beside `path`, renamed into place; for a bucket it is
+  an anonymous local file, uploaded when the block ends (an object appears only whole)."""
+  path = epath.Path(path)
+  if is_bucket(path):
+    with tempfile.TemporaryFile() as f:
+      yield f
+      f.seek(0)
+      _upload(f, path)
+    return
   tmp = temp_path(pathlib.Path(path))
   try:
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:  # our own temporary file, beside the user's path
+      yield f
     os.replace(tmp, path)
   except BaseException:
-    tmp.unlink(missing_ok=True)  # a full disk: nothing half-written left behind
+    tmp.unlink(missing_ok=True)
     raise
 
 

@@ -89,7 +89,7 @@ def main(argv=None):
     report = score(scorer, a.images)
     if a.out:
       with buckets.reported(a.out):
-        epath.Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+        records.atomic_write_text(a.out, json.dumps(report, indent=1) + "\n")
   except (AlignmentError, eval_lib.SamplesError, rerank.RerankError, runs.RunError,
           records.DataError) as e:
     sys.exit(f"error: {e}")
