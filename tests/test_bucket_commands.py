@@ -63,6 +63,7 @@ def test_the_data_commands_write_to_a_bucket_what_they_write_locally(data, shard
   # Whole objects and the metadata: no temporary names left in the bucket.
   assert [p.name for p in listing(remote.directory)] == sorted(
       [p.name for p in remote.paths] + [records.METADATA])
+  assert not records.staging_dir(remote.directory).exists()  # nor a local folder they waited in
 
 
 def test_sentencepiece_model_and_vocabulary_are_uploaded_whole(data):

@@ -22,7 +22,6 @@ is renamed into place, or uploaded, once whole) and no metadata.json, and the re
 the temporary files it left beside OUT's shards or in OUT's staging folder.
 """
 
-import contextlib
 import sys
 
 import jax
@@ -115,10 +114,7 @@ def encode(data_dir, out_dir, tokenizer: tokenizers.ImageTokenizer, text_tokeniz
     distributed.barrier("encode_old_metadata_removed")
     for w in writers:
       w.close()
-  staging = records.staging_dir(out_dir)
-  if staging is not None:  # every shard of this process is uploaded: nothing left to stage
-    with contextlib.suppress(OSError):  # another process's shards may still be in it
-      staging.rmdir()
+  records.remove_staging_dir(out_dir)  # this process's shards are all uploaded
   # Every process's counts, in shard order, without reading a shard back (which, in a
   # bucket, would go through a FUSE mount that may not see a new object yet).
   counts = multihost_utils.process_allgather(np.array([w.count for w in writers])).reshape(-1)

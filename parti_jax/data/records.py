@@ -219,6 +219,15 @@ def staging_dir(out) -> pathlib.Path | None:
   return pathlib.Path(tempfile.gettempdir()) / "parti_jax_staging" / f"{out.name}-{digest}"
 
 
+def remove_staging_dir(out) -> None:
+  """Removes OUT's staging folder once nothing waits in it; one that still holds another
+  process's file (or what a killed run of another process index left) stays for that one."""
+  staging = staging_dir(out)
+  if staging is not None:
+    with contextlib.suppress(OSError):
+      staging.rmdir()
+
+
 def remove_temps(directory, final_names) -> None:
   """Deletes what killed writers left of `final_names` (only those: another process may be
   writing its own now): beside them on local disk; for a bucket directory, in its staging
@@ -326,8 +335,11 @@ def write_shard_set(directory, name: str, kind: str, records, num_shards: int, m
   directory.mkdir(parents=True, exist_ok=True)
   records = list(records)
   bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
-  counts = [write_shard(directory / shard_name(name, i, num_shards), records[a:b])
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+  names = [shard_name(name, i, num_shards) for i in range(num_shards)]
+  remove_temps(directory, names)  # what a killed run left
+  counts = [write_shard(directory / shard, records[a:b])
+            for shard, a, b in zip(names, bounds, bounds[1:])]
+  remove_staging_dir(directory)
   return write_metadata(directory, name=name, kind=kind, shard_counts=counts, fields=fields,
                         made_by=made_by, **extra)
 

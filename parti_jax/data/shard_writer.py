@@ -17,7 +17,6 @@ a local disk.
 
 import collections
 import concurrent.futures
-import contextlib
 import fnmatch
 import functools
 import glob
@@ -92,8 +91,7 @@ def write(plan: Plan, out, name: str, *, process_index: int = 0, num_processes: 
           progress: bool = True) -> dict | None:
   """Writes this process's unfinished shards; returns the metadata once all K exist."""
   out = epath.Path(out)
-  staging = records.staging_dir(out)
-  if staging is None:  # a bucket has no folders to make (and makedirs would make a bucket)
+  if not records.is_bucket(out):  # a bucket has no folders (and makedirs would make a bucket)
     (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
   names = _names_in(out)  # in a bucket the first request: a missing bucket is named here
   k = plan.num_shards
@@ -116,11 +114,8 @@ def write(plan: Plan, out, name: str, *, process_index: int = 0, num_processes: 
   if todo:
     print(f"this process wrote {len(todo)} shards:\n{run_tally.summary()}")
   meta = _finish(plan, out, name, command)
-  if staging is not None and meta is not None:
-    # The set is complete: nothing will be staged for it. A folder still holding a killed
-    # run's file of another process index is left (rmdir fails) for that one's rerun.
-    with contextlib.suppress(OSError):
-      staging.rmdir()
+  if meta is not None:  # the set is complete: nothing more will be staged for it
+    records.remove_staging_dir(out)
   return meta
 
 
