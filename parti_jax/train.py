@@ -10,8 +10,8 @@ refused. `--config.init_from=RUN_DIR` starts from another run's parameters.
 
 SIGTERM (a TPU preemption) or Ctrl-C: the step in flight finishes, a checkpoint is
 written and the process exits with status 75 (EX_TEMPFAIL: "stopped, start me again").
-One that arrives before the first step stops the run without a step; one during the
-last checkpoint's save waits for it to finish.
+On one process, one that arrives before the first step stops the run without a step; one
+during the last checkpoint's save waits for it to finish.
 With several processes, SIGTERM to any one reaches all through JAX's preemption service,
 and they save the same step. A restart on another number of processes or another global
 batch size goes on from the saved global data position.
