@@ -372,9 +372,8 @@ def test_a_second_unreadable_checkpoint_stops_the_run_instead_of_its_history(dat
   assert (tmp_path / "checkpoints" / "4").is_dir()
 
 
-
 @pytest.fixture
-def sigterm_default(monkeypatch):
+def sigterm_default():
   """SIGTERM's default action (ending the process) recorded instead; the list of arrivals."""
   arrivals = []
   previous = signal.signal(signal.SIGTERM, lambda *_: arrivals.append(True))

@@ -63,8 +63,8 @@ def read_text(path) -> str:
 
 def write_bytes(path, data: bytes) -> None:
   """Writes a file whole (a bucket object appears when its upload completes)."""
-  with reported(path), records.atomic_output(path) as f:
-    f.write(data)
+  with reported(path):
+    records.atomic_write_bytes(path, data)
 
 
 def exists(path) -> bool:

@@ -176,12 +176,17 @@ def allow_open_files(needed: int, what: str) -> None:
 
 def atomic_write_text(path, text: str) -> None:
   """Readers see the old text or the new, never part of it."""
+  atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+  """Readers see the old contents or the new, never part of them."""
   path = epath.Path(path)
   if is_bucket(path):
-    path.write_text(text)  # an object is replaced whole when its upload completes
+    path.write_bytes(data)  # an object is replaced whole when its upload completes
     return
   with atomic_output(path) as f:
-    f.write(text.encode())
+    f.write(data)
 
 
 @contextlib.contextmanager
